@@ -1,0 +1,14 @@
+"""fastdfd: fast generative data-free knowledge distillation (Luo, Sandler et al., 2020)."""
+
+from . import models
+from .backends import backend
+from .nn import GeneratorEnsemble, MomentMatcher
+from .ops import KINDS, bn_moment_loss
+from .train import Distiller, GeneratorTrainer, NonFiniteLossError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KINDS", "Distiller", "GeneratorEnsemble", "GeneratorTrainer", "MomentMatcher", "NonFiniteLossError",
+    "backend", "bn_moment_loss", "models", "__version__",
+]

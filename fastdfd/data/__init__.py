@@ -1,0 +1,22 @@
+"""Evaluation datasets for fastdfd; everything is read from disk, nothing is downloaded."""
+
+from .cifar import CIFAR, CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
+from .digits import DigitsSplit, load_digits_split
+from .folders import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, ImageFolder
+from .loaders import SPEC_FORMS, make_eval_loader
+
+__all__ = [
+    "CIFAR",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "CIFAR100_MEAN",
+    "CIFAR100_STD",
+    "DigitsSplit",
+    "load_digits_split",
+    "IMAGE_EXTENSIONS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ImageFolder",
+    "SPEC_FORMS",
+    "make_eval_loader",
+]

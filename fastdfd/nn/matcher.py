@@ -1,0 +1,220 @@
+"""MomentMatcher: the drop-in replacement for DeepInversion-style BN forward hooks.
+
+    with MomentMatcher(teacher, kind="kl") as matcher:
+        logits = teacher(images)
+        loss = matcher.loss() + F.cross_entropy(logits, labels)
+
+Attaching swaps every BatchNorm1d/2d/3d of the teacher for a :class:`BNTap` that computes
+the eval-mode BN output and the layer's moment sums in one op. After a forward, all
+layers' sums are packed into one [G, C_total] buffer and every distance is evaluated by
+one ``moment_finalize`` call; no per-layer loop of small ops in the loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..ops import KINDS, PackedLayout, check_kind, check_running_stats, moment_finalize
+from .tap import BNTap
+
+SCOPES = ("ensemble", "generator")
+
+
+def _batchnorm_layers(teacher: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
+    """Unique BN modules in registration order (a module used twice is one layer)."""
+    seen: dict[int, tuple[str, nn.Module]] = {}
+    for name, module in teacher.named_modules():
+        if isinstance(module, BNTap):
+            raise RuntimeError(f"a MomentMatcher is already attached to this teacher (layer {name!r})")
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and id(module) not in seen:
+            seen[id(module)] = (name, module)
+    return list(seen.values())
+
+
+class MomentMatcher:
+    """Moment-matching loss over every BN layer of ``teacher``.
+
+    Args:
+        teacher: any module with BatchNorm layers that carry running statistics.
+        kind: moment distance, one of ``kl`` (default), ``kl_reverse``, ``l2``, ``mse``.
+        scope: ``ensemble`` (one set of statistics over the whole batch) or ``generator``
+            (the batch split into ``groups`` contiguous segments, one loss per segment).
+        groups: number of segments for ``scope="generator"``; may also be set later via
+            the ``groups`` attribute (e.g. when the number of generators per step changes).
+        layer_weights: per-layer weights, a sequence in layer order or a mapping from the
+            BN module's qualified name; missing names weigh 1.
+        first_layer_multiplier: extra factor on the first BN layer (DeepInversion uses 10).
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        *,
+        kind: str = "kl",
+        scope: str = "ensemble",
+        groups: int | None = None,
+        layer_weights: Sequence[float] | Mapping[str, float] | None = None,
+        first_layer_multiplier: float = 1.0,
+    ):
+        self.kind = check_kind(kind)
+        if scope not in SCOPES:
+            raise ValueError(f"unknown scope {scope!r}; expected one of {SCOPES}")
+        if scope == "ensemble" and groups not in (None, 1):
+            raise ValueError("groups only applies to scope='generator'")
+        self.scope = scope
+        self.groups = groups
+        self.enabled = True
+        self.teacher = teacher
+
+        layers = _batchnorm_layers(teacher)
+        if not layers:
+            raise ValueError(
+                f"{type(teacher).__name__} has no BatchNorm layer: moment matching needs the running "
+                "statistics stored in BatchNorm1d/2d/3d layers"
+            )
+        for name, bn in layers:
+            check_running_stats(bn.running_mean, bn.running_var, name)
+        self.layer_names = [name for name, _ in layers]
+        self.weights = self._layer_weights(layer_weights, first_layer_multiplier)
+        self._stats = [(bn.running_mean, bn.running_var, float(bn.eps)) for _, bn in layers]
+        self._cache: dict[tuple, tuple[PackedLayout, torch.Tensor, torch.Tensor]] = {}
+        self._sums: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
+        self._result: tuple[torch.Tensor, tuple[int, ...]] | None = None
+
+        self._swaps: list[tuple[nn.Module, str, BNTap]] = []
+        taps = {id(bn): BNTap(bn, slot, self) for slot, (_, bn) in enumerate(layers)}
+        for parent in teacher.modules():
+            for child_name, child in list(parent._modules.items()):
+                if child is not None and id(child) in taps:
+                    parent._modules[child_name] = taps[id(child)]
+                    self._swaps.append((parent, child_name, taps[id(child)]))
+        self._hook = teacher.register_forward_pre_hook(self._start_forward)
+
+    # ------------------------------------------------------------------ set-up
+    def _layer_weights(self, layer_weights, first_layer_multiplier: float) -> torch.Tensor:
+        n = len(self.layer_names)
+        if layer_weights is None:
+            w = [1.0] * n
+        elif isinstance(layer_weights, Mapping):
+            unknown = sorted(set(layer_weights) - set(self.layer_names))
+            if unknown:
+                raise ValueError(f"layer_weights names unknown BN layers {unknown}; layers are {self.layer_names}")
+            w = [float(layer_weights.get(name, 1.0)) for name in self.layer_names]
+        else:
+            w = [float(v) for v in layer_weights]
+            if len(w) != n:
+                raise ValueError(f"layer_weights has {len(w)} entries but the teacher has {n} BN layers")
+        w[0] *= float(first_layer_multiplier)
+        return torch.tensor(w, dtype=torch.float64)
+
+    # --------------------------------------------------------------- recording
+    @property
+    def active_groups(self) -> int:
+        if self.scope == "ensemble":
+            return 1
+        if self.groups is None:
+            raise RuntimeError("scope='generator' needs matcher.groups (the number of generators in the batch)")
+        return int(self.groups)
+
+    def _start_forward(self, _module, _inputs) -> None:
+        self._sums = {}
+        self._result = None
+
+    def _record(self, slot: int, s1: torch.Tensor, s2: torch.Tensor, count: int) -> None:
+        self._sums[slot] = (s1, s2, count)
+        self._result = None
+
+    def _packed(self, slots: tuple[int, ...], counts: tuple[int, ...], like: torch.Tensor):
+        key = (slots, counts, like.dtype, like.device)
+        hit = self._cache.get(key)
+        if hit is None:
+            stats = [self._stats[s] for s in slots]
+            layout = PackedLayout.build(
+                [m.to(like.device) for m, _, _ in stats], [v.to(like.device) for _, v, _ in stats],
+                [e for _, _, e in stats], dtype=like.dtype,
+            )
+            weights = self.weights[list(slots)].to(device=like.device, dtype=like.dtype)
+            hit = (layout, layout.counts(counts), weights)
+            if len(self._cache) > 64:  # shapes vary (e.g. the last, smaller batch); keep it bounded
+                self._cache.clear()
+            self._cache[key] = hit
+        return hit
+
+    def _finalize(self) -> tuple[torch.Tensor, tuple[int, ...]]:
+        if self._result is None:
+            if not self._sums:
+                raise RuntimeError("no teacher forward recorded since attaching: call teacher(x) before loss()")
+            slots = tuple(sorted(self._sums))
+            s1 = torch.cat([self._sums[s][0] for s in slots], dim=1)
+            s2 = torch.cat([self._sums[s][1] for s in slots], dim=1)
+            layout, count, weights = self._packed(slots, tuple(self._sums[s][2] for s in slots), s1)
+            per_layer = moment_finalize(s1, s2, count, layout, self.kind)  # [L, G]
+            self._result = (per_layer, slots, weights)
+        return self._result
+
+    # ------------------------------------------------------------------ losses
+    def loss(self) -> torch.Tensor:
+        """Weighted moment loss of the last teacher forward: a scalar, or [groups] for scope='generator'."""
+        per_layer, _, weights = self._finalize()
+        total = (weights.unsqueeze(1) * per_layer).sum(dim=0)
+        return total[0] if self.scope == "ensemble" else total
+
+    def layer_losses(self) -> dict[str, torch.Tensor]:
+        """Unweighted distance per BN layer of the last forward (scalar, or [groups] per layer)."""
+        per_layer, slots, _ = self._finalize()
+        return {
+            self.layer_names[s]: (per_layer[i, 0] if self.scope == "ensemble" else per_layer[i])
+            for i, s in enumerate(slots)
+        }
+
+    def packed_sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last forward's [G, C_total] power sums (for all-reducing across ranks)."""
+        slots = tuple(sorted(self._sums))
+        return (
+            torch.cat([self._sums[s][0] for s in slots], dim=1),
+            torch.cat([self._sums[s][1] for s in slots], dim=1),
+        )
+
+    # ---------------------------------------------------------------- lifetime
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Teacher forwards inside compute plain eval-mode BN and record nothing."""
+        previous, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = previous
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._swaps)
+
+    def remove(self) -> None:
+        """Put the original BN modules back (idempotent)."""
+        for parent, child_name, tap in reversed(self._swaps):
+            parent._modules[child_name] = tap.restore()
+        self._swaps = []
+        self._sums = {}
+        self._result = None
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def __enter__(self) -> "MomentMatcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return (
+            f"MomentMatcher(kind={self.kind!r}, scope={self.scope!r}, layers={len(self.layer_names)}, "
+            f"attached={self.attached})"
+        )
+
+
+__all__ = ["KINDS", "SCOPES", "MomentMatcher"]

@@ -1,0 +1,49 @@
+"""The packed layout of many BN layers' statistics, for one finalize over all layers.
+
+A teacher has 20-60 BN layers with a few hundred channels each. Their per-(segment,
+channel) power sums are concatenated along the channel axis into one [G, C_total]
+buffer; this layout carries, per packed channel, what the distance needs (running
+mean/var, eps, which layer it belongs to). It is built once per teacher (the running
+statistics are constant while attached) and reused every step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    running_mean: torch.Tensor  # [C_total], accumulation dtype
+    running_var: torch.Tensor  # [C_total]
+    eps: torch.Tensor  # [C_total], each channel's layer eps
+    layer: torch.Tensor  # [C_total] int64, index of the owning layer
+    channels: torch.Tensor  # [L], channel count per layer (accumulation dtype, for means)
+    num_layers: int
+
+    @staticmethod
+    def build(
+        means: Sequence[torch.Tensor],
+        variances: Sequence[torch.Tensor],
+        eps: Sequence[float],
+        dtype: torch.dtype = torch.float32,
+    ) -> "PackedLayout":
+        """Pack per-layer running statistics (detached copies; the teacher is never touched)."""
+        if not (len(means) == len(variances) == len(eps)) or not means:
+            raise ValueError("need the same, non-zero number of means, variances and eps values")
+        device = means[0].device
+        sizes = [int(m.numel()) for m in means]
+        mean = torch.cat([m.detach().reshape(-1).to(dtype) for m in means])
+        var = torch.cat([v.detach().reshape(-1).to(dtype) for v in variances])
+        eps_c = torch.cat([torch.full((n,), float(e), dtype=dtype, device=device) for n, e in zip(sizes, eps)])
+        layer = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
+        channels = torch.tensor(sizes, dtype=dtype, device=device)
+        return PackedLayout(mean, var, eps_c, layer, channels, len(sizes))
+
+    def counts(self, per_layer: Sequence[int]) -> torch.Tensor:
+        """Per-channel element counts from per-layer counts (one small host-to-device copy)."""
+        c = torch.tensor(per_layer, dtype=self.running_mean.dtype).to(self.running_mean.device)
+        return c[self.layer]

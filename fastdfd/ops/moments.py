@@ -1,0 +1,128 @@
+"""Public moment ops: one function per op, the backend chosen by :mod:`fastdfd.backends`.
+
+``moment_sums`` / ``moment_tap`` / ``moment_finalize`` are the building blocks the
+MomentMatcher runs in a training step; ``bn_moment_loss`` is the one-call drop-in loss.
+Shapes and values are checked here, once, so every backend sees valid input.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..backends import resolve
+from . import reference  # noqa: F401  (registers the torch backend)
+from .layout import PackedLayout
+from .reference import KINDS
+
+REDUCTIONS = ("sum", "mean", "none")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_moment_input(x: torch.Tensor, channels: int, groups: int, what: str = "x") -> None:
+    """Shape/dtype checks that need no device synchronisation."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{what} must be a floating tensor (fp16, bf16, fp32 or fp64), got {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"{what} must be [N, C, *spatial], got shape {tuple(x.shape)}")
+    if x.shape[1] != channels:
+        raise ValueError(f"{what} has {x.shape[1]} channels but the running statistics have {channels}")
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    if x.shape[0] % groups != 0 or x.shape[0] == 0:
+        raise ValueError(f"batch size {x.shape[0]} is not a positive multiple of groups={groups}")
+
+
+def check_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, name: str = "") -> None:
+    """Value checks on running statistics (synchronises; call once, not per step)."""
+    where = f" of {name}" if name else ""
+    if running_mean is None or running_var is None:
+        raise ValueError(f"BatchNorm layer{where} has no running statistics (track_running_stats=False)")
+    if running_mean.shape != running_var.shape or running_mean.dim() != 1:
+        raise ValueError(
+            f"running_mean{where} {tuple(running_mean.shape)} and running_var {tuple(running_var.shape)} "
+            "must be 1-D of the same length"
+        )
+    if not bool(torch.isfinite(running_mean).all()) or not bool(torch.isfinite(running_var).all()):
+        raise ValueError(f"running statistics{where} contain NaN or Inf")
+    if bool((running_var < 0).any()):
+        raise ValueError(f"running_var{where} has negative entries; a variance cannot be negative")
+
+
+def check_kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise ValueError(f"unknown moment distance kind {kind!r}; expected one of {KINDS}")
+    return kind
+
+
+def moment_sums(x: torch.Tensor, shift: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shifted power sums S1 = sum(x - shift), S2 = sum((x - shift)^2) per (segment, channel).
+
+    Returns two [groups, C] tensors in fp32 (fp64 for fp64 input), differentiable in x.
+    """
+    check_moment_input(x, shift.numel(), groups)
+    return resolve("moment_sums", x.device)[1](x, shift, groups)
+
+
+def moment_tap(
+    x: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    groups: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eval-mode BN output y (x's dtype) and the running-mean-shifted sums, from one read of x."""
+    check_moment_input(x, running_mean.numel(), groups)
+    return resolve("moment_tap", x.device)[1](x, running_mean, running_var, weight, bias, eps, groups)
+
+
+def moment_finalize(
+    s1: torch.Tensor, s2: torch.Tensor, count: torch.Tensor, layout: PackedLayout, kind: str = "kl"
+) -> torch.Tensor:
+    """Every packed layer's distance at once: [G, C_total] sums -> [L, G] losses."""
+    check_kind(kind)
+    return resolve("moment_finalize", s1.device)[1](s1, s2, count, layout, kind)
+
+
+def bn_moment_loss(
+    x: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    *,
+    kind: str = "kl",
+    groups: int = 1,
+    eps: float = 1e-5,
+    reduction: str = "sum",
+) -> torch.Tensor:
+    """Distance between the batch statistics of ``x`` and stored BN running statistics.
+
+    Args:
+        x: the BN layer's *input*, [N, C, *spatial] (BatchNorm1d/2d/3d; spatial may be empty).
+        running_mean, running_var: the layer's stored statistics, [C].
+        kind: ``kl`` (default, KL(N(batch) || N(running)) per channel, summed), ``kl_reverse``,
+            ``l2`` (DeepInversion: ||var_r - var_b||_2 + ||mu_r - mu_b||_2) or ``mse``.
+        groups: split N into this many contiguous equal segments, statistics per segment.
+        eps: the BN layer's eps (used by the KL kinds).
+        reduction: ``sum`` or ``mean`` over segments, or ``none`` for a [groups] tensor.
+
+    Statistics are biased (as BN's) and accumulated in fp32 for fp16/bf16/fp32 input.
+    """
+    check_kind(kind)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
+    if not isinstance(running_mean, torch.Tensor) or not isinstance(running_var, torch.Tensor):
+        raise TypeError("running_mean and running_var must be tensors")
+    check_moment_input(x, running_mean.numel(), groups)
+    check_running_stats(running_mean, running_var)
+    s1, s2 = moment_sums(x, running_mean, groups)
+    layout = PackedLayout.build([running_mean], [running_var], [eps], dtype=s1.dtype)
+    count = x.numel() // (x.shape[1] * groups)
+    per_group = moment_finalize(s1, s2, s1.new_full((s1.shape[1],), float(count)), layout, kind)[0]
+    if reduction == "sum":
+        return per_group.sum()
+    if reduction == "mean":
+        return per_group.mean()
+    return per_group

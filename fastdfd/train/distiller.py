@@ -1,0 +1,143 @@
+"""Distiller: trains a student on images freshly sampled from a generator ensemble.
+
+    images, _ = ensemble.sample(batch_size, chunk)      no gradients, generators as trained
+    loss = KL(softmax(T(x)/tau) || softmax(S(x)/tau)) * tau^2
+
+The teacher runs frozen in eval mode; the student in train mode (its BN layers learn
+statistics of the generated images). Losses are read back every ``log_every`` steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from ..nn.ensemble import GeneratorEnsemble
+from .evaluate import evaluate_accuracy
+from .generator_trainer import frozen_eval
+from .loop import StepLoop
+from .losses import distillation_kl
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+class Distiller(StepLoop):
+    """KL distillation of ``student`` from ``teacher`` on images sampled from ``ensemble``.
+
+    Args (beyond the three networks):
+        temperature: softening tau of both distributions (loss scaled by tau^2).
+        batch_size: images per generator per step; generators_per_step: how many
+            generators are sampled per step (default all), visited evenly.
+        optimizer ("sgd" with Nesterov momentum, or "adam"), lr, momentum, weight_decay.
+        total_steps: cosine decay of the rate to zero over this many steps (else constant).
+        seed, log_path, log_every, checkpoint_*: as for :class:`GeneratorTrainer`.
+    """
+
+    FORMAT = "fastdfd.distiller"
+    TERMS = ("kd", "agreement")
+    FINITE = ("kd",)
+    DESC = "distill"
+    WHAT = "distiller"
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        ensemble: GeneratorEnsemble,
+        *,
+        temperature: float = 4.0,
+        batch_size: int = 32,
+        generators_per_step: int | None = None,
+        optimizer: str = "sgd",
+        lr: float = 0.05,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        total_steps: int | None = None,
+        seed: int = 0,
+        log_path: str | os.PathLike | None = None,
+        log_every: int = 10,
+        progress: bool = True,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int = 0,
+        keep_checkpoints: int = 3,
+    ):
+        if temperature <= 0 or batch_size < 1 or lr <= 0:
+            raise ValueError("temperature, batch_size and lr must be positive")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {OPTIMIZERS}")
+        self.teacher, self.student, self.ensemble = teacher, student, ensemble
+        self.temperature, self.batch_size = float(temperature), int(batch_size)
+        self.optimizer_name, self.lr = optimizer, float(lr)
+        params = [p for p in student.parameters() if p.requires_grad]
+        if optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True)
+        else:
+            self.optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        self.total_steps = total_steps
+        # cosine decay to zero over total_steps when given, else a constant rate
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            (lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))) if total_steps else (lambda s: 1.0),
+        )
+        self.hparams = {"momentum": momentum, "weight_decay": weight_decay}
+        self._init_loop(
+            device=ensemble.fc_z.device, num_generators=ensemble.num_generators,
+            generators_per_step=generators_per_step, seed=seed, log_path=log_path, log_every=log_every,
+            progress=progress, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+            keep_checkpoints=keep_checkpoints,
+        )
+
+    def config(self) -> dict:
+        return {
+            "temperature": self.temperature, "batch_size": self.batch_size, "generators_per_step": self.schedule.chunk,
+            "optimizer": self.optimizer_name, "lr": self.lr, "total_steps": self.total_steps, "seed": self.seed,
+            **self.hparams,
+        }
+
+    @contextlib.contextmanager
+    def _run(self) -> Iterator[None]:
+        was_training = self.student.training
+        self.student.train()
+        try:
+            with frozen_eval(self.teacher):
+                yield None
+        finally:
+            self.student.train(was_training)
+
+    def _step(self, _ctx) -> torch.Tensor:
+        chunk = self.schedule.next()
+        x, _ = self.ensemble.sample(self.batch_size, chunk, rng=self.rng)
+        with torch.no_grad():
+            t_logits = self.teacher(x)
+        s_logits = self.student(x)
+        loss = distillation_kl(s_logits, t_logits, self.temperature)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        agree = (s_logits.argmax(1) == t_logits.argmax(1)).float().mean()
+        return torch.stack([loss.detach(), agree])
+
+    def evaluate(self, loader: Iterable) -> float:
+        """The student's top-1 accuracy on ``loader``."""
+        return evaluate_accuracy(self.student, loader, self.device)
+
+    def _model_state(self) -> dict:
+        return {
+            "student": {k: v.detach().cpu().clone() for k, v in self.student.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def _load_model_state(self, state: dict, path) -> None:
+        try:
+            self.student.load_state_dict(state["student"])
+        except RuntimeError as e:
+            raise ValueError(f"checkpoint {path} holds another student architecture: {e}") from e
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])

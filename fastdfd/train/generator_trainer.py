@@ -1,0 +1,187 @@
+"""GeneratorTrainer: trains a GeneratorEnsemble from nothing but a teacher.
+
+Per step, for the k generators of this step (all, or a chunk of ``generators_per_step``):
+
+    x      = ensemble(z, y)                       one batched pass, [k*B, C, S, S]
+    logits = teacher(x)                           BN layers tapped by a MomentMatcher
+    L_k    = moment_weight * D_k + ce_weight * CE_k + tv_weight * TV_k
+    loss   = sum_k L_k                            (scope="generator": D_k from generator k's images)
+             k * moment_weight * D + sum_k (...)  (scope="ensemble": one D over the whole batch)
+
+Summing (not averaging) over generators keeps each generator's gradient what it would be
+if it trained alone, and StackedAdam keeps one Adam per generator: with
+scope="generator", K generators in one batched step are K independent trainings. With
+scope="ensemble" every generator's loss carries the shared moment term, hence the k.
+
+The loss values are read back to the host only every ``log_every`` steps (no device
+sync per step); a NaN/Inf is then reported with the exact step and term, and no
+checkpoint is written past it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn.ensemble import GeneratorEnsemble, ensemble_forward
+from ..nn.matcher import SCOPES, MomentMatcher
+from ..ops import check_kind
+from ..checkpoint import check_config
+from .loop import StepLoop
+from .losses import total_variation
+from .optim import StackedAdam
+
+
+@contextlib.contextmanager
+def frozen_eval(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode and no parameter gradients inside; the model's flags restored after."""
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+class GeneratorTrainer(StepLoop):
+    """Moment matching + cross-entropy (+ total variation) training of every generator.
+
+    Args (beyond teacher and ensemble):
+        kind, scope, layer_weights, first_layer_multiplier: the MomentMatcher's settings.
+        moment_weight, ce_weight, tv_weight: loss weights (digits study: 10 / 1 / 0).
+        batch_size: images per generator per step.
+        generators_per_step: generators trained per step (default all); chunks visit
+            every generator evenly and each keeps its own Adam state.
+        lr, betas: Adam's (per generator).
+        seed: seeds this trainer's own RNG (latents, labels, chunks); global RNG untouched.
+        log_path: per-step metrics, ``.csv`` or JSON lines; ``log_every``: host sync period.
+        checkpoint_dir, checkpoint_every, keep_checkpoints: periodic rotating checkpoints.
+    """
+
+    FORMAT = "fastdfd.generator_trainer"
+    TERMS = ("loss", "moment", "ce", "tv", "teacher_acc")
+    FINITE = ("moment", "ce", "tv", "loss")  # the culprit term is named before the total
+    DESC = "generators"
+    WHAT = "generator trainer"
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        ensemble: GeneratorEnsemble,
+        *,
+        kind: str = "kl",
+        scope: str = "generator",
+        layer_weights: Sequence[float] | Mapping[str, float] | None = None,
+        first_layer_multiplier: float = 1.0,
+        moment_weight: float = 10.0,
+        ce_weight: float = 1.0,
+        tv_weight: float = 0.0,
+        batch_size: int = 32,
+        generators_per_step: int | None = None,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.5, 0.999),
+        seed: int = 0,
+        log_path: str | os.PathLike | None = None,
+        log_every: int = 10,
+        progress: bool = True,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int = 0,
+        keep_checkpoints: int = 3,
+    ):
+        check_kind(kind)
+        if scope not in SCOPES:
+            raise ValueError(f"unknown scope {scope!r}; expected one of {SCOPES}")
+        if batch_size < 1:
+            raise ValueError("batch_size must be positive")
+        if min(moment_weight, ce_weight, tv_weight) < 0:
+            raise ValueError("loss weights must be non-negative")
+        self.teacher, self.ensemble = teacher, ensemble
+        self.kind, self.scope = kind, scope
+        self.layer_weights, self.first_layer_multiplier = layer_weights, float(first_layer_multiplier)
+        self.moment_weight, self.ce_weight, self.tv_weight = float(moment_weight), float(ce_weight), float(tv_weight)
+        self.batch_size = int(batch_size)
+        self.lr, self.betas = float(lr), tuple(betas)
+        self.optimizer = StackedAdam(dict(ensemble.named_parameters()), lr=lr, betas=self.betas)
+        self._init_loop(
+            device=ensemble.fc_z.device, num_generators=ensemble.num_generators,
+            generators_per_step=generators_per_step, seed=seed, log_path=log_path, log_every=log_every,
+            progress=progress, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+            keep_checkpoints=keep_checkpoints,
+        )
+
+    def config(self) -> dict:
+        """Hyperparameters that must match for a checkpoint to resume this run exactly."""
+        lw = self.layer_weights
+        return {
+            "kind": self.kind, "scope": self.scope, "batch_size": self.batch_size,
+            "generators_per_step": self.schedule.chunk, "moment_weight": self.moment_weight,
+            "ce_weight": self.ce_weight, "tv_weight": self.tv_weight, "lr": self.lr, "betas": list(self.betas),
+            "first_layer_multiplier": self.first_layer_multiplier, "seed": self.seed,
+            "layer_weights": dict(lw) if isinstance(lw, Mapping) else (None if lw is None else list(lw)),
+        }
+
+    @contextlib.contextmanager
+    def _run(self) -> Iterator[MomentMatcher]:
+        with frozen_eval(self.teacher), MomentMatcher(
+            self.teacher, kind=self.kind, scope=self.scope, layer_weights=self.layer_weights,
+            first_layer_multiplier=self.first_layer_multiplier,
+        ) as matcher:
+            yield matcher
+
+    def objective(self, params, z, y, local, matcher: MomentMatcher):
+        """The summed loss of k generators on latents z [k, B, latent] and labels y [k, B].
+
+        Returns (total, moment [k] or scalar, ce [k], tv [k], logits).
+        """
+        k, b = z.shape[0], z.shape[1]
+        x = ensemble_forward(params, self.ensemble.spec, z, local)
+        x = x.reshape(k * b, *x.shape[2:])
+        matcher.groups = k if self.scope == "generator" else None
+        logits = self.teacher(x)
+        moment = matcher.loss()
+        ce = F.cross_entropy(logits.float(), y.reshape(-1), reduction="none").view(k, b).mean(1)
+        tv = total_variation(x).view(k, b).mean(1) if self.tv_weight else ce.new_zeros(k)
+        rest = self.ce_weight * ce + self.tv_weight * tv
+        if self.scope == "generator":
+            total = (self.moment_weight * moment + rest).sum()
+        else:
+            total = k * self.moment_weight * moment + rest.sum()
+        return total, moment, ce, tv, logits
+
+    def _step(self, matcher: MomentMatcher) -> torch.Tensor:
+        chunk = self.schedule.next()
+        rows = None if chunk is None else torch.tensor(chunk, device=self.device)
+        params = self.ensemble.stacked(rows)
+        k = self.ensemble.num_generators if rows is None else rows.numel()
+        z, y, local = self.ensemble.draw(self.batch_size, rows, self.rng)
+        total, moment, ce, tv, logits = self.objective(params, z, y, local, matcher)
+        grads = torch.autograd.grad(total, list(params.values()))
+        self.optimizer.step(dict(zip(params, grads)), rows)
+        acc = (logits.argmax(1) == y.reshape(-1)).float().mean()
+        return torch.stack([total.detach() / k, moment.detach().mean(), ce.detach().mean(), tv.detach().mean(), acc])
+
+    def _model_state(self) -> dict:
+        return {
+            "ensemble_config": self.ensemble.config(),
+            "ensemble": {k: v.detach().cpu().clone() for k, v in self.ensemble.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+        }
+
+    def _check_models(self, state: dict, path) -> None:
+        check_config(path, state["ensemble_config"], self.ensemble.config(), "generator ensemble")
+
+    def _load_model_state(self, state: dict, path) -> None:
+        with torch.no_grad():
+            for name, p in self.ensemble.named_parameters():
+                p.copy_(state["ensemble"][name])
+        self.optimizer.load_state_dict(state["optimizer"])

@@ -1,0 +1,144 @@
+"""StepLoop: what the generator trainer and the distiller share.
+
+A run is ``fit(steps)`` over a ``_step`` that returns a small tensor of loss terms. The
+terms are collected on the device and read back once per ``log_every`` steps (no host
+sync per step); each window is checked for NaN/Inf *before* any checkpoint is written,
+so the newest checkpoint on disk is always a good one. Checkpoints carry the step, the
+private RNG and the generator schedule, so ``resume`` continues bit-for-bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import ContextManager
+
+import torch
+from tqdm.auto import tqdm
+
+from ..checkpoint import CheckpointRotation, atomic_save, check_config, load_file
+from .metrics import MetricsLog, check_finite
+from .schedule import ChunkSchedule
+
+
+class StepLoop:
+    FORMAT: str = ""
+    TERMS: tuple[str, ...] = ()
+    FINITE: tuple[str, ...] = ()  # terms that must stay finite
+    DESC: str = ""
+    WHAT: str = ""  # configuration name used in error messages
+
+    def _init_loop(
+        self,
+        *,
+        device: torch.device,
+        num_generators: int,
+        generators_per_step: int | None,
+        seed: int,
+        log_path: str | os.PathLike | None,
+        log_every: int,
+        progress: bool,
+        checkpoint_dir: str | os.PathLike | None,
+        checkpoint_every: int,
+        keep_checkpoints: int,
+    ) -> None:
+        if log_every < 1 or checkpoint_every < 0:
+            raise ValueError("log_every must be positive and checkpoint_every >= 0")
+        if checkpoint_every and checkpoint_dir is None:
+            raise ValueError("checkpoint_every needs a checkpoint_dir")
+        self.device, self.seed = device, int(seed)
+        self.schedule = ChunkSchedule(num_generators, generators_per_step, seed)
+        self.rng = torch.Generator(device=device).manual_seed(self.seed)
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        self.log = MetricsLog(log_path)
+        self.log_every, self.progress = int(log_every), progress
+        self.checkpoint_every = int(checkpoint_every)
+        self.rotation = CheckpointRotation(checkpoint_dir, keep_checkpoints) if checkpoint_dir is not None else None
+
+    # ---------------------------------------------------- for subclasses
+    def config(self) -> dict:
+        raise NotImplementedError
+
+    def _run(self) -> ContextManager:
+        """Set-up and tear-down around a fit; its value is passed to every ``_step``."""
+        return contextlib.nullcontext()
+
+    def _step(self, ctx) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _model_state(self) -> dict:
+        raise NotImplementedError
+
+    def _load_model_state(self, state: dict, path) -> None:
+        raise NotImplementedError
+
+    def _check_models(self, state: dict, path) -> None:
+        """Refuse a checkpoint of other models (checked before the hyperparameters)."""
+
+    # ------------------------------------------------------------- loop
+    def fit(self, steps: int) -> list[dict[str, float]]:
+        """Train ``steps`` more steps; returns the metrics rows of these steps."""
+        if steps < 0:
+            raise ValueError("steps must be >= 0")
+        start = len(self.history)
+        pending: list[tuple[int, torch.Tensor]] = []
+        bar = tqdm(total=steps, disable=not self.progress, desc=self.DESC, leave=False)
+        try:
+            with self._run() as ctx:
+                for i in range(steps):
+                    pending.append((self.step + 1, self._step(ctx)))
+                    self.step += 1
+                    due = self.checkpoint_every and self.step % self.checkpoint_every == 0
+                    if len(pending) >= self.log_every or due or i == steps - 1:
+                        self._flush(pending, bar)
+                        pending = []
+                    if due:
+                        self.rotation.save(self.state_dict(), self.step)
+        finally:
+            bar.close()
+        return self.history[start:]
+
+    def _flush(self, pending: list[tuple[int, torch.Tensor]], bar) -> None:
+        values = torch.stack([v for _, v in pending]).tolist()  # the one host sync per window
+        rows = [{"step": s, **dict(zip(self.TERMS, v))} for (s, _), v in zip(pending, values)]
+        check_finite(rows, self.FINITE)
+        self.history.extend(rows)
+        self.log.write(rows)
+        bar.update(len(rows))
+        bar.set_postfix({t: f"{rows[-1][t]:.4g}" for t in self.TERMS[:3]})
+
+    # ------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        return {
+            "format": self.FORMAT,
+            "version": 1,
+            "config": self.config(),
+            "step": self.step,
+            "schedule": self.schedule.state_dict(),
+            "rng": self.rng.get_state(),
+            "history": list(self.history),
+            **self._model_state(),
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        atomic_save(self.state_dict(), path)
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Restore a checkpoint of the same configuration; training then continues exactly."""
+        state = load_file(path, self.FORMAT)
+        self._check_models(state, path)
+        check_config(path, state["config"], self.config(), self.WHAT)
+        self._load_model_state(state, path)
+        self.schedule.load_state_dict(state["schedule"])
+        self.rng.set_state(state["rng"])
+        self.step = int(state["step"])
+        self.history = list(state["history"])
+
+    def resume(self) -> bool:
+        """Load the newest checkpoint of ``checkpoint_dir`` if there is one."""
+        latest = self.rotation.latest() if self.rotation is not None else None
+        if latest is None:
+            return False
+        self.load(latest)
+        return True

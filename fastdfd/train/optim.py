@@ -1,0 +1,83 @@
+"""StackedAdam: Adam with independent state per generator of a stacked ensemble.
+
+Each parameter carries a leading generator axis K. A step updates only the rows
+(generators) trained in that step, each with its own step count and bias correction,
+so K generators trained in chunks are exactly K independent ``torch.optim.Adam`` runs:
+a generator that sat out a step keeps its parameters *and* its moments untouched (a
+global Adam would keep moving it with stale momentum).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+
+class StackedAdam:
+    def __init__(
+        self,
+        params: Mapping[str, torch.Tensor],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ):
+        if lr <= 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1) or eps < 0 or weight_decay < 0:
+            raise ValueError(f"invalid Adam settings lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}")
+        self.params = dict(params)
+        self.lr, self.betas, self.eps, self.weight_decay = float(lr), tuple(betas), float(eps), float(weight_decay)
+        first = next(iter(self.params.values()))
+        self.num_rows = first.shape[0]
+        self.exp_avg = {n: torch.zeros_like(p) for n, p in self.params.items()}
+        self.exp_avg_sq = {n: torch.zeros_like(p) for n, p in self.params.items()}
+        # float64 step counts: bias corrections as torch.optim.Adam computes them (in double)
+        self.steps = torch.zeros(self.num_rows, dtype=torch.float64, device=first.device)
+
+    @torch.no_grad()
+    def step(self, grads: Mapping[str, torch.Tensor], rows: torch.Tensor | None = None) -> None:
+        """Apply one Adam step to ``rows`` (all rows when None); ``grads`` are [len(rows), ...]."""
+        b1, b2 = self.betas
+        if rows is None:
+            self.steps += 1
+            t = self.steps
+        else:
+            t = self.steps.index_select(0, rows) + 1
+            self.steps.index_copy_(0, rows, t)
+        step_size = (self.lr / (1 - b1**t)).float()
+        bc2_sqrt = (1 - b2**t).sqrt().float()
+        for name, p in self.params.items():
+            g = grads[name]
+            m = self.exp_avg[name] if rows is None else self.exp_avg[name].index_select(0, rows)
+            v = self.exp_avg_sq[name] if rows is None else self.exp_avg_sq[name].index_select(0, rows)
+            w = p if rows is None else p.index_select(0, rows)
+            if self.weight_decay:
+                g = g.add(w, alpha=self.weight_decay)
+            m.mul_(b1).add_(g, alpha=1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            denom = (v.sqrt() / bc2_sqrt.view(shape)).add_(self.eps)
+            w.sub_(step_size.view(shape) * m / denom)
+            if rows is not None:
+                p.index_copy_(0, rows, w)
+                self.exp_avg[name].index_copy_(0, rows, m)
+                self.exp_avg_sq[name].index_copy_(0, rows, v)
+
+    def state_dict(self) -> dict:
+        return {
+            "exp_avg": {n: t.clone() for n, t in self.exp_avg.items()},
+            "exp_avg_sq": {n: t.clone() for n, t in self.exp_avg_sq.items()},
+            "steps": self.steps.clone(),
+            "hparams": {"lr": self.lr, "betas": list(self.betas), "eps": self.eps, "weight_decay": self.weight_decay},
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        for key in ("exp_avg", "exp_avg_sq"):
+            if set(state[key]) != set(self.params):
+                raise ValueError(f"optimizer state holds {sorted(state[key])}, expected {sorted(self.params)}")
+            for n, t in state[key].items():
+                if t.shape != self.params[n].shape:
+                    raise ValueError(f"optimizer state {key}[{n}] has shape {tuple(t.shape)}, expected "
+                                     f"{tuple(self.params[n].shape)}")
+                getattr(self, key)[n].copy_(t)
+        self.steps.copy_(state["steps"])

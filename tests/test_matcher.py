@@ -1,0 +1,234 @@
+"""MomentMatcher against DeepInversion-style forward hooks written here, on CIFAR ResNets."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastdfd
+from fastdfd import MomentMatcher
+from fastdfd.models import create_model
+from fastdfd.nn import BNTap
+
+from .conftest import randomize_bn_stats
+
+
+def hook_distance(x, module, kind):
+    """The distance a forward hook would compute, in float64, straight from design.md."""
+    x = x.double()
+    nch = x.shape[1]
+    dims = [0] + list(range(2, x.dim()))
+    mean = x.mean(dims)
+    var = x.transpose(0, 1).contiguous().view(nch, -1).var(1, unbiased=False)
+    rm, rv, eps = module.running_mean.double(), module.running_var.double(), module.eps
+    if kind == "l2":  # DeepInversion's r_feature, verbatim
+        return torch.norm(rv - var, 2) + torch.norm(rm - mean, 2)
+    if kind == "mse":
+        return ((mean - rm) ** 2).mean() + ((var - rv) ** 2).mean()
+    vb, vr = var + eps, rv + eps
+    if kind == "kl":
+        return (0.5 * torch.log(vr / vb) + (vb + (mean - rm) ** 2) / (2 * vr) - 0.5).sum()
+    return (0.5 * torch.log(vb / vr) + (vr + (mean - rm) ** 2) / (2 * vb) - 0.5).sum()
+
+
+class HookLoss:
+    """DeepInversion's pattern: a forward hook per BN layer storing its r_feature."""
+
+    def __init__(self, model, kind, first_bn_multiplier=1.0):
+        self.values, self.kind, self.handles = [], kind, []
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                self.handles.append(m.register_forward_hook(self.hook))
+        self.rescale = first_bn_multiplier
+
+    def hook(self, module, inputs, output):
+        self.values.append(hook_distance(inputs[0], module, self.kind))
+
+    def loss(self):
+        return self.rescale * self.values[0] + sum(self.values[1:])
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+@pytest.fixture(scope="module")
+def resnets():
+    return {name: randomize_bn_stats(create_model(name, num_classes=10), seed=i)
+            for i, name in enumerate(["resnet18", "resnet34"])}
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet34"])
+@pytest.mark.parametrize("kind", fastdfd.KINDS)
+def test_matches_hooks_value_and_input_gradient(resnets, name, kind):
+    teacher = resnets[name]
+    x = (0.2 + torch.randn(6, 3, 32, 32)).requires_grad_(True)
+    y = torch.randint(0, 10, (6,))
+
+    hooks = HookLoss(teacher, kind, first_bn_multiplier=3.0)
+    ref_logits = teacher(x)
+    ref = hooks.loss()
+    (ref_grad,) = torch.autograd.grad(ref + F.cross_entropy(ref_logits, y), x)
+    hooks.remove()
+
+    with MomentMatcher(teacher, kind=kind, first_layer_multiplier=3.0) as matcher:
+        logits = teacher(x)
+        loss = matcher.loss()
+        (grad,) = torch.autograd.grad(loss + F.cross_entropy(logits, y), x)
+        assert len(matcher.layer_losses()) == len(hooks.values)
+
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-4, atol=1e-4)
+    # norm-wise: the fp32 backward through ~20 layers rounds small entries differently
+    err = float((grad.double() - ref_grad).norm() / ref_grad.norm())
+    assert err < 1e-4, err
+
+
+def test_teacher_state_is_bit_identical_and_restored(resnets):
+    teacher = resnets["resnet18"]
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    modules_before = dict(teacher.named_modules())
+    teacher.train()  # even in train mode, tapped BN layers must not update their statistics
+    with MomentMatcher(teacher) as matcher:
+        assert sum(isinstance(m, BNTap) for m in teacher.modules()) == 20
+        assert list(teacher.state_dict()) == list(before)  # same keys while attached
+        (teacher(torch.randn(4, 3, 32, 32)).sum() + matcher.loss()).backward()
+    teacher.eval()
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert dict(teacher.named_modules()).keys() == modules_before.keys()
+    for name, m in teacher.named_modules():
+        assert m is modules_before[name]
+    teacher.zero_grad(set_to_none=True)
+
+
+def test_bn_layers_compute_with_running_statistics():
+    teacher = randomize_bn_stats(create_model("digits_teacher"))
+    x = torch.randn(5, 1, 16, 16)
+    want = teacher.eval()(x)
+    teacher.train()
+    with MomentMatcher(teacher):
+        got = teacher(x)
+    teacher.eval()
+    torch.testing.assert_close(got, want)
+
+
+def test_generator_scope_gives_one_loss_per_segment(digits_teacher):
+    xs = [torch.randn(4, 1, 16, 16) + i for i in range(3)]
+    per = []
+    with MomentMatcher(digits_teacher, scope="ensemble") as m:
+        for x in xs:
+            digits_teacher(x)
+            per.append(m.loss())
+    with MomentMatcher(digits_teacher, scope="generator", groups=3) as m:
+        digits_teacher(torch.cat(xs))
+        got = m.loss()
+        assert got.shape == (3,)
+        assert all(v.shape == (3,) for v in m.layer_losses().values())
+    torch.testing.assert_close(got, torch.stack(per), rtol=1e-5, atol=1e-5)
+
+
+def test_layer_weights_by_name_and_sequence(digits_teacher):
+    x = torch.randn(8, 1, 16, 16)
+    with MomentMatcher(digits_teacher) as m:
+        digits_teacher(x)
+        layers = m.layer_losses()
+        names = list(layers)
+        plain = m.loss()
+    torch.testing.assert_close(plain, sum(layers.values()))
+    weights = [0.5 * (i + 1) for i in range(len(names))]
+    with MomentMatcher(digits_teacher, layer_weights=weights, first_layer_multiplier=4.0) as m:
+        digits_teacher(x)
+        want = 4.0 * weights[0] * layers[names[0]] + sum(w * layers[n] for w, n in zip(weights[1:], names[1:]))
+        torch.testing.assert_close(m.loss(), want)
+    with MomentMatcher(digits_teacher, layer_weights={names[1]: 0.0}) as m:
+        digits_teacher(x)
+        torch.testing.assert_close(m.loss(), plain - layers[names[1]])
+
+
+def test_channels_last_teacher(resnets):
+    teacher = resnets["resnet18"]
+    x = torch.randn(4, 3, 32, 32)
+    with MomentMatcher(teacher) as m:
+        teacher(x)
+        want = m.loss()
+    teacher.to(memory_format=torch.channels_last)
+    try:
+        with MomentMatcher(teacher) as m:
+            teacher(x.to(memory_format=torch.channels_last))
+            torch.testing.assert_close(m.loss(), want, rtol=1e-4, atol=1e-4)
+    finally:
+        teacher.to(memory_format=torch.contiguous_format)
+
+
+def test_batchnorm1d_and_3d_and_shared_layers():
+    bn = nn.BatchNorm1d(6)
+    model = nn.Sequential(nn.Linear(4, 6), bn, nn.ReLU(), nn.Linear(6, 6), bn)  # one BN used twice
+    model3 = nn.Sequential(nn.Conv3d(2, 3, 1), nn.BatchNorm3d(3))
+    randomize_bn_stats(model)
+    randomize_bn_stats(model3)
+    with MomentMatcher(model) as m:
+        model(torch.randn(5, 4))
+        assert len(m.layer_names) == 1 and torch.isfinite(m.loss())
+    assert model[1] is bn and model[4] is bn
+    with MomentMatcher(model3, kind="mse") as m:
+        x = torch.randn(2, 2, 3, 4, 5)
+        model3(x)
+        torch.testing.assert_close(
+            m.loss().double(), hook_distance(model3[0](x), model3[1], "mse"), rtol=1e-5, atol=1e-6)
+
+
+def test_to_while_attached_hands_new_tensors_back(digits_teacher):
+    with MomentMatcher(digits_teacher) as m:
+        digits_teacher.double()
+        digits_teacher(torch.randn(2, 1, 16, 16, dtype=torch.float64))
+        assert m.loss().dtype == torch.float64
+    bn = digits_teacher.net[1] if hasattr(digits_teacher, "net") else next(
+        x for x in digits_teacher.modules() if isinstance(x, nn.BatchNorm2d))
+    assert bn.running_mean.dtype == torch.float64 and bn.weight.dtype == torch.float64
+
+
+def test_paused_records_nothing(digits_teacher):
+    with MomentMatcher(digits_teacher) as m:
+        with m.paused():
+            digits_teacher(torch.randn(2, 1, 16, 16))
+        with pytest.raises(RuntimeError, match="call teacher"):
+            m.loss()
+
+
+# ----------------------------------------------------------------- bad input
+def test_teacher_without_batchnorm_is_refused():
+    with pytest.raises(ValueError, match="no BatchNorm"):
+        MomentMatcher(nn.Sequential(nn.Linear(3, 3), nn.ReLU()))
+
+
+def test_negative_running_var_is_refused_and_nothing_changes():
+    model = randomize_bn_stats(nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2), nn.BatchNorm2d(2)))
+    model[2].running_var[0] = -1.0
+    with pytest.raises(ValueError, match="negative"):
+        MomentMatcher(model)
+    assert not any(isinstance(m, BNTap) for m in model.modules())
+
+
+def test_double_attach_and_bad_settings(digits_teacher):
+    with MomentMatcher(digits_teacher):
+        with pytest.raises(RuntimeError, match="already attached"):
+            MomentMatcher(digits_teacher)
+    with pytest.raises(ValueError, match="scope"):
+        MomentMatcher(digits_teacher, scope="class")
+    with pytest.raises(ValueError, match="kind"):
+        MomentMatcher(digits_teacher, kind="js")
+    with pytest.raises(ValueError, match="layer_weights"):
+        MomentMatcher(digits_teacher, layer_weights=[1.0])
+    with pytest.raises(ValueError, match="unknown BN layers"):
+        MomentMatcher(digits_teacher, layer_weights={"nope": 1.0})
+    assert not any(isinstance(m, BNTap) for m in digits_teacher.modules())
+
+
+def test_generator_scope_batch_must_split(digits_teacher):
+    with MomentMatcher(digits_teacher, scope="generator", groups=3):
+        with pytest.raises(ValueError, match="multiple of groups=3"):
+            digits_teacher(torch.randn(4, 1, 16, 16))
+    with MomentMatcher(digits_teacher, scope="generator"):
+        with pytest.raises(RuntimeError, match="matcher.groups"):
+            digits_teacher(torch.randn(4, 1, 16, 16))

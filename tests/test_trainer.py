@@ -1,0 +1,252 @@
+"""GeneratorTrainer, StackedAdam, the chunk schedule, checkpoints and the Distiller."""
+
+import pytest
+import torch
+from torch import nn
+
+from fastdfd import Distiller, GeneratorEnsemble, GeneratorTrainer, MomentMatcher, NonFiniteLossError
+from fastdfd.models import create_model
+from fastdfd.train import CheckpointError, ChunkSchedule, StackedAdam
+
+from .conftest import randomize_bn_stats
+
+
+def small_ensemble(k=3, num_classes=3, seed=0):
+    torch.manual_seed(seed)
+    classes = None if num_classes % k == 0 else [[c for c in range(num_classes) if c % k == i][:num_classes // k]
+                                                 for i in range(k)]
+    return GeneratorEnsemble(k, num_classes, image_size=16, channels=1, latent_dim=8, widths=(8, 4),
+                             output_bn=False, classes=classes)
+
+
+def trainer(teacher, ens, **kw):
+    kw = {"batch_size": 4, "lr": 1e-2, "progress": False, "log_every": 2, **kw}
+    return GeneratorTrainer(teacher, ens, **kw)
+
+
+# ------------------------------------------------------------- StackedAdam
+def test_stacked_adam_equals_independent_adams():
+    k = 4
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(k, 3, 2, generator=g)
+    ours = StackedAdam({"w": p}, lr=1e-2, betas=(0.5, 0.99), weight_decay=0.01)
+    theirs = [torch.nn.Parameter(p[i].clone()) for i in range(k)]
+    opts = [torch.optim.Adam([t], lr=1e-2, betas=(0.5, 0.99), weight_decay=0.01) for t in theirs]
+    for step in range(12):
+        rows = None if step % 3 == 0 else torch.randperm(k, generator=g)[:2].sort().values
+        idx = list(range(k)) if rows is None else rows.tolist()
+        grads = torch.randn(len(idx), 3, 2, generator=g)
+        ours.step({"w": grads}, rows)
+        for j, i in enumerate(idx):
+            theirs[i].grad = grads[j].clone()
+            opts[i].step()
+    for i in range(k):
+        torch.testing.assert_close(p[i], theirs[i].detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_chunk_schedule_is_even_and_has_no_repeats():
+    s = ChunkSchedule(7, 3, seed=1)
+    counts = [0] * 7
+    for _ in range(50):
+        chunk = s.next()
+        assert len(chunk) == 3 == len(set(chunk))
+        for c in chunk:
+            counts[c] += 1
+        assert max(counts) - min(counts) <= 2
+    assert ChunkSchedule(5, None).next() is None
+    with pytest.raises(ValueError, match="generators_per_step"):
+        ChunkSchedule(5, 6)
+
+
+# ------------------------------------------------------------------ trainer
+def test_batched_generator_scope_equals_independent_trainings(digits_teacher):
+    """Per-generator gradients of one batched step == each generator trained alone."""
+    ens = small_ensemble(3, 3).double()
+    teacher = digits_teacher.double()
+    tr = trainer(teacher, ens, tv_weight=0.5, moment_weight=3.0)
+    z, y, local = ens.draw(4, None, torch.Generator().manual_seed(3))
+    z = z.double()
+    params = ens.stacked()
+    with tr._run() as matcher:
+        total = tr.objective(params, z, y, local, matcher)[0]
+        batched = torch.autograd.grad(total, list(params.values()))
+    for k, gen in enumerate(ens.unbind()):
+        alone = GeneratorEnsemble.stack([gen], num_classes=3).double()
+        tr1 = trainer(teacher, alone, tv_weight=0.5, moment_weight=3.0)
+        p1 = alone.stacked()
+        with tr1._run() as matcher:
+            t1 = tr1.objective(p1, z[k:k + 1], y[k:k + 1], local[k:k + 1] * 0, matcher)[0]
+            single = torch.autograd.grad(t1, list(p1.values()))
+        for name, gb, gs in zip(params, batched, single):
+            torch.testing.assert_close(gb[k], gs[0], rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("scope", ["generator", "ensemble"])
+def test_training_reduces_the_loss_and_leaves_the_teacher_alone(digits_teacher, scope):
+    teacher = digits_teacher
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    flags = [p.requires_grad for p in teacher.parameters()]
+    teacher.train()
+    ens = small_ensemble(2, 10) if scope == "ensemble" else small_ensemble(3, 3)
+    tr = trainer(teacher, ens, scope=scope, lr=5e-2)
+    hist = tr.fit(40)
+    assert len(hist) == 40 and tr.step == 40
+    first = hist[0]["loss"]
+    last = sum(r["loss"] for r in hist[-5:]) / 5
+    assert last < 0.7 * first
+    assert teacher.training and [p.requires_grad for p in teacher.parameters()] == flags
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.grad is None for p in teacher.parameters())
+    assert not any(type(m).__name__ == "BNTap" for m in teacher.modules())
+
+
+def test_chunked_training_touches_only_the_chunk(digits_teacher):
+    ens = small_ensemble(4, 4)
+    before = {n: p.detach().clone() for n, p in ens.named_parameters()}
+    tr = trainer(digits_teacher, ens, generators_per_step=2)
+    chunk_state = tr.schedule.state_dict()
+    tr.fit(1)
+    probe = ChunkSchedule(4, 2, seed=0)
+    probe.load_state_dict(chunk_state)
+    chunk = probe.next()
+    for n, p in ens.named_parameters():
+        for k in range(4):
+            changed = not torch.equal(p[k], before[n][k])
+            if n != "fc_y" or k in chunk:
+                assert changed == (k in chunk), (n, k)
+
+
+def test_checkpoint_resume_is_exact(digits_teacher, tmp_path):
+    def run(steps_before_save, total):
+        ens = small_ensemble(4, 4)
+        tr = trainer(digits_teacher, ens, generators_per_step=3, checkpoint_dir=tmp_path / "ck")
+        tr.fit(steps_before_save)
+        if steps_before_save == total:
+            return ens
+        tr.save(tmp_path / "mid.pt")
+        ens2 = small_ensemble(4, 4, seed=99)  # other init: everything must come from the file
+        tr2 = trainer(digits_teacher, ens2, generators_per_step=3)
+        tr2.load(tmp_path / "mid.pt")
+        assert tr2.step == steps_before_save
+        tr2.fit(total - steps_before_save)
+        assert [r["step"] for r in tr2.history] == list(range(1, total + 1))
+        return ens2
+
+    straight = run(7, 7)
+    resumed = run(3, 7)
+    for (n, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_periodic_checkpoints_rotate_and_resume(digits_teacher, tmp_path):
+    tr = trainer(digits_teacher, small_ensemble(), checkpoint_dir=tmp_path, checkpoint_every=2, keep_checkpoints=2)
+    tr.fit(7)
+    assert sorted(p.name for p in tmp_path.glob("step_*.pt")) == ["step_00000004.pt", "step_00000006.pt"]
+    tr2 = trainer(digits_teacher, small_ensemble(seed=5), checkpoint_dir=tmp_path)
+    assert tr2.resume() and tr2.step == 6
+
+
+def test_checkpoint_from_another_configuration_is_refused(digits_teacher, tmp_path):
+    tr = trainer(digits_teacher, small_ensemble(3, 3))
+    tr.fit(1)
+    tr.save(tmp_path / "a.pt")
+    other = trainer(digits_teacher, small_ensemble(4, 4))
+    with pytest.raises(CheckpointError, match="num_generators: checkpoint 3 vs current 4"):
+        other.load(tmp_path / "a.pt")
+    other_lr = trainer(digits_teacher, small_ensemble(3, 3), lr=0.5)
+    with pytest.raises(CheckpointError, match="lr"):
+        other_lr.load(tmp_path / "a.pt")
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        tr.load(tmp_path / "bad.pt")
+    torch.save({"format": "something.else"}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a fastdfd.generator_trainer"):
+        tr.load(tmp_path / "other.pt")
+
+
+class NaNAfter(nn.Module):
+    """A teacher whose logits turn to NaN from the n-th forward on."""
+
+    def __init__(self, net, n):
+        super().__init__()
+        self.net, self.n, self.calls = net, n, 0
+
+    def forward(self, x):
+        self.calls += 1
+        out = self.net(x)
+        return out * float("nan") if self.calls >= self.n else out
+
+
+def test_non_finite_loss_stops_with_step_and_term_and_keeps_last_checkpoint(digits_teacher, tmp_path):
+    teacher = NaNAfter(digits_teacher, n=5)
+    tr = trainer(teacher, small_ensemble(), checkpoint_dir=tmp_path, checkpoint_every=2, log_every=1)
+    with pytest.raises(NonFiniteLossError, match="non-finite ce loss .* at step 5") as err:
+        tr.fit(10)
+    assert err.value.step == 5 and err.value.term == "ce"
+    assert sorted(p.name for p in tmp_path.glob("step_*.pt")) == ["step_00000002.pt", "step_00000004.pt"]
+    good = trainer(digits_teacher, small_ensemble(seed=3), checkpoint_dir=tmp_path)
+    assert good.resume() and good.step == 4
+    assert all(torch.isfinite(p).all() for p in good.ensemble.parameters())
+    assert not any(type(m).__name__ == "BNTap" for m in teacher.modules())
+
+
+def test_bad_trainer_settings(digits_teacher):
+    ens = small_ensemble()
+    with pytest.raises(ValueError, match="scope"):
+        trainer(digits_teacher, ens, scope="class")
+    with pytest.raises(ValueError, match="kind"):
+        trainer(digits_teacher, ens, kind="js")
+    with pytest.raises(ValueError, match="generators_per_step"):
+        trainer(digits_teacher, ens, generators_per_step=9)
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        trainer(digits_teacher, ens, checkpoint_every=5)
+    with pytest.raises(ValueError, match="no BatchNorm"):
+        trainer(nn.Sequential(nn.Flatten(), nn.Linear(256, 3)), ens).fit(1)
+
+
+# ----------------------------------------------------------------- distiller
+def distiller(teacher, ens, student, **kw):
+    kw = {"batch_size": 8, "lr": 0.05, "progress": False, "log_every": 5, **kw}
+    return Distiller(teacher, student, ens, **kw)
+
+
+def test_distiller_reduces_kd_and_resumes_exactly(tmp_path):
+    ens = small_ensemble(3, 3)
+    teacher = randomize_bn_stats(create_model("digits_teacher", num_classes=3))
+    torch.manual_seed(1)
+    student = create_model("digits_student", num_classes=3)
+    d = distiller(teacher, ens, student, total_steps=40)
+    hist = d.fit(40)
+    assert sum(r["kd"] for r in hist[-5:]) < 0.5 * sum(r["kd"] for r in hist[:5])
+    assert not teacher.training and student.training
+
+    def run(split):
+        torch.manual_seed(1)
+        s = create_model("digits_student", num_classes=3)
+        dd = distiller(teacher, ens, s, total_steps=10, generators_per_step=2)
+        dd.fit(split)
+        if split < 10:
+            dd.save(tmp_path / "d.pt")
+            torch.manual_seed(7)
+            s = create_model("digits_student", num_classes=3)
+            dd = distiller(teacher, ens, s, total_steps=10, generators_per_step=2)
+            dd.load(tmp_path / "d.pt")
+            dd.fit(10 - split)
+        return s
+
+    a, b = run(10), run(4)
+    for (n, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), n
+    other = distiller(teacher, ens, create_model("digits_teacher", num_classes=3), total_steps=10,
+                      generators_per_step=2)
+    with pytest.raises(ValueError, match="another student"):
+        other.load(tmp_path / "d.pt")
+
+
+def test_distiller_evaluate():
+    teacher = randomize_bn_stats(create_model("digits_teacher", num_classes=3))
+    d = distiller(teacher, small_ensemble(), teacher)
+    x = torch.randn(10, 1, 16, 16)
+    y = teacher(x).argmax(1)
+    assert d.evaluate([(x[:6], y[:6]), (x[6:], y[6:])]) == 1.0
