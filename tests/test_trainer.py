@@ -154,9 +154,12 @@ def test_checkpoint_from_another_configuration_is_refused(digits_teacher, tmp_pa
     other = trainer(digits_teacher, small_ensemble(4, 4))
     with pytest.raises(CheckpointError, match="num_generators: checkpoint 3 vs current 4"):
         other.load(tmp_path / "a.pt")
-    other_lr = trainer(digits_teacher, small_ensemble(3, 3), lr=0.5)
+    other_lr = trainer(digits_teacher, small_ensemble(3, 3, seed=4), lr=0.5)
+    before = {n: p.clone() for n, p in other_lr.ensemble.named_parameters()}
     with pytest.raises(CheckpointError, match="lr"):
         other_lr.load(tmp_path / "a.pt")
+    assert other_lr.step == 0  # a refused checkpoint changes nothing
+    assert all(torch.equal(p, before[n]) for n, p in other_lr.ensemble.named_parameters())
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="unreadable"):
         tr.load(tmp_path / "bad.pt")

@@ -53,7 +53,7 @@ class DemoSettings:
     @classmethod
     def quick(cls, **kw) -> "DemoSettings":
         """A run of a few seconds that exercises every stage (for tests)."""
-        return replace(cls(), teacher_epochs=1, real_epochs=1, generator_steps=3, generator_batch=4,
+        return replace(cls(), teacher_epochs=3, real_epochs=1, generator_steps=3, generator_batch=4,
                        distill_steps=3, distill_batch=4, **kw)
 
 

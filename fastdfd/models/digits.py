@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .init import kaiming_init_
 from .registry import register_model
 
 
@@ -30,9 +31,7 @@ class DigitsNet(nn.Module):
             nn.AdaptiveAvgPool2d(1),
         )
         self.fc = nn.Linear(w4, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        kaiming_init_(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.features(x), 1))

@@ -190,10 +190,17 @@ class GeneratorEnsemble(nn.Module):
         return {name: p.index_select(0, rows) for name, p in self.named_parameters()}
 
     def _rows(self, generators) -> torch.Tensor | None:
+        """Generator indices as a device tensor; a Python sequence is checked without a device sync."""
         if generators is None:
             return None
-        rows = torch.as_tensor(generators, dtype=torch.long, device=self.class_table.device).reshape(-1)
-        if rows.numel() == 0 or int(rows.min()) < 0 or int(rows.max()) >= self.num_generators:
+        if isinstance(generators, torch.Tensor):
+            rows = generators.to(self.class_table.device, torch.long).reshape(-1)
+            lo, hi = (int(rows.min()), int(rows.max())) if rows.numel() else (0, -1)
+        else:
+            idx = [int(g) for g in generators]
+            lo, hi = (min(idx), max(idx)) if idx else (0, -1)
+            rows = torch.tensor(idx, dtype=torch.long, device=self.class_table.device)
+        if rows.numel() == 0 or lo < 0 or hi >= self.num_generators:
             raise ValueError(f"generator indices must lie in [0, {self.num_generators})")
         return rows
 
