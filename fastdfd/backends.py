@@ -36,8 +36,8 @@ PREFERENCE: dict[str, tuple[str, ...]] = {
 @dataclass(frozen=True)
 class _Impl:
     fn: Callable
-    # Returns None when the backend can run on this device, else a reason string.
-    check: Callable[[torch.device], str | None]
+    # Returns None when the backend can serve this input tensor, else a reason string.
+    check: Callable[[torch.Tensor], str | None]
 
 
 _REGISTRY: dict[str, dict[str, _Impl]] = {}
@@ -45,11 +45,11 @@ _OVERRIDE: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastdfd_
 _WARNED: set[tuple[str, str]] = set()
 
 
-def _always(_device: torch.device) -> str | None:
+def _always(_x: torch.Tensor) -> str | None:
     return None
 
 
-def register(op: str, backend_name: str, check: Callable[[torch.device], str | None] = _always):
+def register(op: str, backend_name: str, check: Callable[[torch.Tensor], str | None] = _always):
     """Decorator: register ``fn`` as ``backend_name``'s implementation of ``op``."""
     if backend_name not in BACKENDS:
         raise ValueError(f"unknown backend {backend_name!r}; expected one of {BACKENDS}")
@@ -93,26 +93,26 @@ def _warn_once(name: str, reason: str) -> None:
         warnings.warn(f"fastdfd: backend {name!r} unavailable ({reason}); falling back", RuntimeWarning, stacklevel=3)
 
 
-def resolve(op: str, device: torch.device) -> tuple[str, Callable]:
-    """Pick the implementation of ``op`` for tensors on ``device``: (backend name, fn)."""
+def resolve(op: str, x: torch.Tensor) -> tuple[str, Callable]:
+    """Pick the implementation of ``op`` for input ``x`` (its device and dtype): (backend name, fn)."""
     impls = _REGISTRY.get(op)
     if not impls:
         raise KeyError(f"no implementation registered for op {op!r}")
     wanted = requested_backend()
     if wanted is not None:
         impl = impls.get(wanted)
-        reason = f"no {op} implementation" if impl is None else impl.check(device)
+        reason = f"no {op} implementation" if impl is None else impl.check(x)
         if reason is None:
             return wanted, impl.fn
         _warn_once(wanted, reason)
-    for name in PREFERENCE.get(device.type, ("torch",)):
+    for name in PREFERENCE.get(x.device.type, ("torch",)):
         impl = impls.get(name)
-        if impl is not None and impl.check(device) is None:
+        if impl is not None and impl.check(x) is None:
             return name, impl.fn
     return "torch", impls["torch"].fn
 
 
-def available(op: str, device: torch.device | str = "cpu") -> list[str]:
-    """Backends that can run ``op`` on ``device`` right now."""
-    device = torch.device(device)
-    return [n for n, impl in _REGISTRY.get(op, {}).items() if impl.check(device) is None]
+def available(op: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> list[str]:
+    """Backends that can run ``op`` on inputs of this device and dtype right now."""
+    probe = torch.empty(0, device=device, dtype=dtype)
+    return [n for n, impl in _REGISTRY.get(op, {}).items() if impl.check(probe) is None]

@@ -1,6 +1,13 @@
+import os
+
 import pytest
 import torch
 from torch import nn
+
+# Without a GPU the Triton kernels run on CPU tensors in Triton's interpreter. It must be
+# switched on before triton is first imported (nothing imports it at collection time).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def randomize_bn_stats(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -8,7 +8,7 @@ from fastdfd import backends
 
 
 def test_default_cpu_backend_is_available():
-    name, _ = backends.resolve("moment_sums", torch.device("cpu"))
+    name, _ = backends.resolve("moment_sums", torch.zeros(1))
     assert name in backends.available("moment_sums", "cpu")
 
 
@@ -17,7 +17,7 @@ def test_context_manager_selects_and_restores(monkeypatch):
     assert backends.requested_backend() is None
     with fastdfd.backend("torch"):
         assert backends.requested_backend() == "torch"
-        assert backends.resolve("moment_tap", torch.device("cpu"))[0] == "torch"
+        assert backends.resolve("moment_tap", torch.zeros(1))[0] == "torch"
         with fastdfd.backend(None):
             assert backends.requested_backend() is None
     assert backends.requested_backend() is None
@@ -44,9 +44,9 @@ def test_unavailable_backend_falls_back_with_one_warning(monkeypatch):
     backends._WARNED.discard(("cpp", "not built"))
     with fastdfd.backend("cpp"):
         with pytest.warns(RuntimeWarning, match="not built"):
-            assert backends.resolve("demo_op", torch.device("cpu"))[1]() == "torch"
+            assert backends.resolve("demo_op", torch.zeros(1))[1]() == "torch"
         import warnings
 
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            assert backends.resolve("demo_op", torch.device("cpu"))[0] == "torch"  # warned once only
+            assert backends.resolve("demo_op", torch.zeros(1))[0] == "torch"  # warned once only

@@ -22,6 +22,7 @@ class PackedLayout:
     eps: torch.Tensor  # [C_total], each channel's layer eps
     layer: torch.Tensor  # [C_total] int64, index of the owning layer
     channels: torch.Tensor  # [L], channel count per layer (accumulation dtype, for means)
+    offsets: torch.Tensor  # [L + 1] int32, first packed channel of each layer (for kernels)
     num_layers: int
 
     @staticmethod
@@ -41,7 +42,8 @@ class PackedLayout:
         eps_c = torch.cat([torch.full((n,), float(e), dtype=dtype, device=device) for n, e in zip(sizes, eps)])
         layer = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
         channels = torch.tensor(sizes, dtype=dtype, device=device)
-        return PackedLayout(mean, var, eps_c, layer, channels, len(sizes))
+        offsets = torch.tensor([0] + sizes, dtype=torch.int64).cumsum(0).to(device=device, dtype=torch.int32)
+        return PackedLayout(mean, var, eps_c, layer, channels, offsets, len(sizes))
 
     def counts(self, per_layer: Sequence[int]) -> torch.Tensor:
         """Per-channel element counts from per-layer counts (one small host-to-device copy)."""

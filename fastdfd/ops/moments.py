@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..backends import resolve
-from . import reference  # noqa: F401  (registers the torch backend)
+from . import reference, triton_backend  # noqa: F401  (register the torch and triton backends)
 from .layout import PackedLayout
 from .reference import KINDS
 
@@ -62,7 +62,7 @@ def moment_sums(x: torch.Tensor, shift: torch.Tensor, groups: int = 1) -> tuple[
     Returns two [groups, C] tensors in fp32 (fp64 for fp64 input), differentiable in x.
     """
     check_moment_input(x, shift.numel(), groups)
-    return resolve("moment_sums", x.device)[1](x, shift, groups)
+    return resolve("moment_sums", x)[1](x, shift, groups)
 
 
 def moment_tap(
@@ -76,7 +76,7 @@ def moment_tap(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eval-mode BN output y (x's dtype) and the running-mean-shifted sums, from one read of x."""
     check_moment_input(x, running_mean.numel(), groups)
-    return resolve("moment_tap", x.device)[1](x, running_mean, running_var, weight, bias, eps, groups)
+    return resolve("moment_tap", x)[1](x, running_mean, running_var, weight, bias, eps, groups)
 
 
 def moment_finalize(
@@ -84,7 +84,7 @@ def moment_finalize(
 ) -> torch.Tensor:
     """Every packed layer's distance at once: [G, C_total] sums -> [L, G] losses."""
     check_kind(kind)
-    return resolve("moment_finalize", s1.device)[1](s1, s2, count, layout, kind)
+    return resolve("moment_finalize", s1)[1](s1, s2, count, layout, kind)
 
 
 def bn_moment_loss(

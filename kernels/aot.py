@@ -1,0 +1,146 @@
+"""Ahead-of-time compilation of every kernel configuration, without a GPU.
+
+    python -m fastdfd.kernels.aot [--arch 80 --arch 90] [--json report.json]
+
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` runs the whole
+Triton -> PTX -> cubin pipeline for the target chip. It rejects what the interpreter lets
+through (unsupported casts, layouts, register-file overflows), and the cubin tells the
+resources each configuration needs: registers, spill bytes, shared memory (read with the
+cuobjdump that ships with Triton). Configurations are those the launchers pick at the
+layer shapes of CIFAR ResNet-34 and ImageNet ResNet-50, in NCHW and channels_last, for
+every dtype and flag. Run it in a process *without* TRITON_INTERPRET (the interpreter
+replaces jitted functions); exits non-zero if anything fails to compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+# (N, C, P) of BN inputs: CIFAR ResNet-34 at batch 256, ImageNet ResNet-50 at batch 64,
+# a BatchNorm1d head, and the digits demo under per-generator statistics.
+LAYER_SHAPES = [
+    (256, 64, 1024), (256, 128, 256), (256, 256, 64), (256, 512, 16),
+    (64, 64, 12544), (64, 64, 3136), (64, 256, 3136), (64, 128, 784), (64, 512, 784),
+    (64, 256, 196), (64, 1024, 196), (64, 512, 49), (64, 2048, 49),
+    (256, 512, 1), (320, 32, 256), (320, 128, 16),
+]
+DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
+
+
+def _tap_configs(programs: int) -> list[tuple[bool, int, int]]:
+    from fastdfd.kernels.moment_tap import tap_config
+
+    seen = set()
+    for n, c, p in LAYER_SHAPES:
+        for channels_last in (False, True):
+            cfg = tap_config(n, c, p, 1, channels_last and c > 1, programs)
+            seen.add((channels_last and c > 1, cfg["BLOCK_C"], cfg["BLOCK_J"]))
+    return sorted(seen)
+
+
+def _jobs(programs: int = 528):
+    from fastdfd.kernels import moment_finalize as fin
+    from fastdfd.kernels import moment_tap as tap
+
+    for channel_contig, block_c, block_j in _tap_configs(programs):
+        layout = "channels_last" if channel_contig else "nchw"
+        unit = {"stride_c": 1} if channel_contig else {"stride_p": 1}
+        for dt, ptr in DTYPES.items():
+            for write_y in (True, False):
+                sig = {
+                    "x_ptr": ptr, "y_ptr": ptr, "part1_ptr": "*fp32", "part2_ptr": "*fp32", "mean_ptr": "*fp32",
+                    "var_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32", "C": "i32", "P": "i32",
+                    "rows_per_group": "i32", "chunk": "i32", "stride_n": "i64", "stride_c": "i32", "stride_p": "i32",
+                    "eps": "fp32", "SPLIT": "i32",
+                }
+                const = {"WRITE_Y": write_y, "HAS_W": True, "HAS_B": True, "BLOCK_C": block_c, "BLOCK_J": block_j}
+                yield (f"tap_fwd {layout} {dt} y={int(write_y)} {block_c}x{block_j}", tap._tap_fwd_kernel,
+                       sig, {**const, **unit}, tap.NUM_WARPS)
+            for has_dy in (True, False):
+                sig = {
+                    "x_ptr": ptr, "dy_ptr": ptr, "dx_ptr": ptr, "ds1_ptr": "*fp32", "ds2_ptr": "*fp32",
+                    "mean_ptr": "*fp32", "var_ptr": "*fp32", "w_ptr": "*fp32", "C": "i32", "P": "i32",
+                    "rows_per_group": "i32", "chunk": "i32", "stride_n": "i64", "stride_c": "i32", "stride_p": "i32",
+                    "eps": "fp32", "SPLIT": "i32",
+                }
+                const = {"HAS_DY": has_dy, "HAS_W": True, "BLOCK_C": block_c, "BLOCK_J": block_j}
+                yield (f"tap_bwd {layout} {dt} dy={int(has_dy)} {block_c}x{block_j}", tap._tap_bwd_kernel,
+                       sig, {**const, **unit}, tap.NUM_WARPS)
+    for kind, kid in fin.KIND_IDS.items():
+        base = {"s1_ptr": "*fp32", "s2_ptr": "*fp32", "count_ptr": "*fp32", "var_ptr": "*fp32", "eps_ptr": "*fp32",
+                "offsets_ptr": "*i32"}
+        yield (f"finalize_fwd {kind}", fin._finalize_fwd_kernel,
+               {**base, "out_ptr": "*fp32", "C_total": "i32"}, {"KIND": kid, "BLOCK": fin.BLOCK}, 4)
+        yield (f"finalize_bwd {kind}", fin._finalize_bwd_kernel,
+               {**base, "dout_ptr": "*fp32", "ds1_ptr": "*fp32", "ds2_ptr": "*fp32", "C_total": "i32"},
+               {"KIND": kid, "BLOCK": fin.BLOCK}, 4)
+
+
+def _resources(cubin: bytes) -> dict:
+    """Registers / stack / shared / local bytes from cuobjdump's resource usage of a cubin."""
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
+    found = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out))
+    return {k.lower(): int(v) for k, v in found.items()}
+
+
+def compile_all(archs: list[int]) -> list[dict]:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    rows = []
+    for arch in archs:
+        target = GPUTarget("cuda", arch, 32)
+        for name, fn, sig, const, warps in _jobs():
+            full_sig = {**sig, **{k: "constexpr" for k in const}}
+            row = {"arch": f"sm_{arch}", "kernel": name}
+            try:
+                compiled = triton.compile(ASTSource(fn, full_sig, constexprs=const), target=target,
+                                          options={"num_warps": warps})
+                row.update(ok=True, num_warps=compiled.metadata.num_warps, **_resources(compiled.asm["cubin"]))
+                row.setdefault("shared", compiled.metadata.shared)
+            except Exception as e:  # report every failure, not just the first
+                row.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, action="append", help="compute capability x10 (default 80 and 90)")
+    parser.add_argument("--json", help="write the report here")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("unset TRITON_INTERPRET: ahead-of-time compilation needs the real JIT", file=sys.stderr)
+        return 2
+    rows = compile_all(args.arch or [80, 90])
+    for r in rows:
+        if r["ok"]:
+            print(f"{r['arch']}  {r['kernel']:<44} regs {r.get('reg', '?'):>3}  spill/local {r.get('local', '?'):>4} B"
+                  f"  stack {r.get('stack', '?'):>4} B  shared {r.get('shared', '?'):>6} B  warps {r['num_warps']}")
+        else:
+            print(f"{r['arch']}  {r['kernel']:<44} FAILED  {r['error']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    failed = [r for r in rows if not r["ok"]]
+    print(f"{len(rows) - len(failed)} compiled, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

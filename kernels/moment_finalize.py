@@ -1,0 +1,170 @@
+"""Triton finalize: every BN layer's moment distance from one packed buffer, in one launch.
+
+The layers' shifted sums sit side by side in S1, S2 [G, C_total]; layer l owns channels
+offsets[l] .. offsets[l+1]. Program (l, g) computes layer l's distance for segment g;
+one launch covers a whole teacher (20-60 layers), forward and backward.
+
+Per channel, with M the element count, d = S1/M (= mu_b - mu_r), var_b = S2/M - d^2,
+v_b = var_b + eps, v_r = var_r + eps, dv = var_b - var_r::
+
+    kl (KIND 0)          sum_c 0.5 log(v_r/v_b) + (v_b + d^2)/(2 v_r) - 0.5
+    kl_reverse (KIND 1)  sum_c 0.5 log(v_b/v_r) + (v_r + d^2)/(2 v_b) - 0.5
+    l2 (KIND 2)          sqrt(sum_c dv^2) + sqrt(sum_c d^2)
+    mse (KIND 3)         (sum_c d^2 + sum_c dv^2) / C_l
+
+Backward: with a = dD/dd and b = dD/dvar_b per channel (vb = S2/M - d^2 couples them),
+    dS1 = (a - 2 d b) / M,   dS2 = b / M,   times the upstream dD[l, g]:
+    kl:          a = d / v_r                 b = 0.5 (1/v_r - 1/v_b)
+    kl_reverse:  a = d / v_b                 b = 0.5/v_b - (v_r + d^2) / (2 v_b^2)
+    l2:          a = d / ||d||               b = dv / ||dv||         (0 where a norm is 0)
+    mse:         a = 2 d / C_l               b = 2 dv / C_l
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+KIND_IDS = {"kl": 0, "kl_reverse": 1, "l2": 2, "mse": 3}
+
+
+@triton.jit
+def _channel_stats(s1_ptr, s2_ptr, count_ptr, var_ptr, eps_ptr, row, offs, mask):
+    m = tl.load(count_ptr + offs, mask=mask, other=1.0)
+    d = tl.load(s1_ptr + row + offs, mask=mask, other=0.0) / m
+    var_b = tl.load(s2_ptr + row + offs, mask=mask, other=0.0) / m - d * d
+    var_r = tl.load(var_ptr + offs, mask=mask, other=1.0)
+    eps = tl.load(eps_ptr + offs, mask=mask, other=1.0)
+    return m, d, var_b, var_r, eps
+
+
+@triton.jit
+def _finalize_fwd_kernel(
+    s1_ptr,  # *fp32 [G, C_total] shifted first-order sums
+    s2_ptr,  # *fp32 [G, C_total] shifted second-order sums
+    count_ptr,  # *fp32 [C_total] elements per (segment, channel)
+    var_ptr,  # *fp32 [C_total] running variances
+    eps_ptr,  # *fp32 [C_total] each channel's BN eps
+    offsets_ptr,  # *i32 [L + 1] first channel of each layer
+    out_ptr,  # *fp32 [L, G] distances
+    C_total,
+    KIND: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    layer = tl.program_id(0)
+    g = tl.program_id(1)
+    G = tl.num_programs(1)
+    start = tl.load(offsets_ptr + layer)
+    end = tl.load(offsets_ptr + layer + 1)
+    row = g * C_total
+    acc1 = tl.zeros([BLOCK], dtype=tl.float32)  # kl terms, or sum dv^2
+    acc2 = tl.zeros([BLOCK], dtype=tl.float32)  # sum d^2 (l2, mse)
+    for c0 in range(start, end, BLOCK):
+        offs = c0 + tl.arange(0, BLOCK)
+        mask = offs < end
+        m, d, var_b, var_r, eps = _channel_stats(s1_ptr, s2_ptr, count_ptr, var_ptr, eps_ptr, row, offs, mask)
+        vb = var_b + eps
+        vr = var_r + eps
+        if KIND == 0:
+            t = 0.5 * tl.log(vr / vb) + (vb + d * d) / (2.0 * vr) - 0.5
+            acc1 += tl.where(mask, t, 0.0)
+        elif KIND == 1:
+            t = 0.5 * tl.log(vb / vr) + (vr + d * d) / (2.0 * vb) - 0.5
+            acc1 += tl.where(mask, t, 0.0)
+        else:
+            dv = var_b - var_r
+            acc1 += tl.where(mask, dv * dv, 0.0)
+            acc2 += tl.where(mask, d * d, 0.0)
+    if KIND == 2:
+        out = tl.sqrt(tl.sum(acc1, axis=0)) + tl.sqrt(tl.sum(acc2, axis=0))
+    elif KIND == 3:
+        out = (tl.sum(acc1, axis=0) + tl.sum(acc2, axis=0)) / (end - start).to(tl.float32)
+    else:
+        out = tl.sum(acc1, axis=0)
+    tl.store(out_ptr + layer * G + g, out)
+
+
+@triton.jit
+def _finalize_bwd_kernel(
+    s1_ptr,  # *fp32 [G, C_total]
+    s2_ptr,  # *fp32 [G, C_total]
+    count_ptr,  # *fp32 [C_total]
+    var_ptr,  # *fp32 [C_total]
+    eps_ptr,  # *fp32 [C_total]
+    offsets_ptr,  # *i32 [L + 1]
+    dout_ptr,  # *fp32 [L, G] upstream gradient of the distances
+    ds1_ptr,  # *fp32 [G, C_total] output
+    ds2_ptr,  # *fp32 [G, C_total] output
+    C_total,
+    KIND: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    layer = tl.program_id(0)
+    g = tl.program_id(1)
+    G = tl.num_programs(1)
+    start = tl.load(offsets_ptr + layer)
+    end = tl.load(offsets_ptr + layer + 1)
+    row = g * C_total
+    up = tl.load(dout_ptr + layer * G + g)
+    inv_dv = 0.0
+    inv_d = 0.0
+    if KIND == 2:  # the norms first: each channel's gradient divides by them
+        acc1 = tl.zeros([BLOCK], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK], dtype=tl.float32)
+        for c0 in range(start, end, BLOCK):
+            offs = c0 + tl.arange(0, BLOCK)
+            mask = offs < end
+            m, d, var_b, var_r, eps = _channel_stats(s1_ptr, s2_ptr, count_ptr, var_ptr, eps_ptr, row, offs, mask)
+            dv = var_b - var_r
+            acc1 += tl.where(mask, dv * dv, 0.0)
+            acc2 += tl.where(mask, d * d, 0.0)
+        n_dv = tl.sqrt(tl.sum(acc1, axis=0))
+        n_d = tl.sqrt(tl.sum(acc2, axis=0))
+        inv_dv = tl.where(n_dv > 0, 1.0 / n_dv, 0.0)
+        inv_d = tl.where(n_d > 0, 1.0 / n_d, 0.0)
+    for c0 in range(start, end, BLOCK):
+        offs = c0 + tl.arange(0, BLOCK)
+        mask = offs < end
+        m, d, var_b, var_r, eps = _channel_stats(s1_ptr, s2_ptr, count_ptr, var_ptr, eps_ptr, row, offs, mask)
+        vb = var_b + eps
+        vr = var_r + eps
+        if KIND == 0:
+            a = d / vr
+            b = 0.5 * (1.0 / vr - 1.0 / vb)
+        elif KIND == 1:
+            a = d / vb
+            b = 0.5 / vb - (vr + d * d) / (2.0 * vb * vb)
+        elif KIND == 2:
+            a = d * inv_d
+            b = (var_b - var_r) * inv_dv
+        else:
+            inv_c = 2.0 / (end - start).to(tl.float32)
+            a = d * inv_c
+            b = (var_b - var_r) * inv_c
+        tl.store(ds1_ptr + row + offs, up * (a - 2.0 * d * b) / m, mask=mask)
+        tl.store(ds2_ptr + row + offs, up * b / m, mask=mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+BLOCK = 256
+
+
+def finalize_forward(s1, s2, count, var, eps, offsets, kind: str):
+    """[G, C_total] sums -> [L, G] distances, one launch for every layer."""
+    import torch
+
+    num_layers, groups = offsets.numel() - 1, s1.shape[0]
+    out = torch.empty((num_layers, groups), device=s1.device, dtype=torch.float32)
+    _finalize_fwd_kernel[(num_layers, groups)](
+        s1, s2, count, var, eps, offsets, out, s1.shape[1], KIND=KIND_IDS[kind], BLOCK=BLOCK)
+    return out
+
+
+def finalize_backward(s1, s2, count, var, eps, offsets, dout, kind: str):
+    """Gradients of the [L, G] distances with respect to S1 and S2."""
+    import torch
+
+    ds1, ds2 = torch.empty_like(s1), torch.empty_like(s2)
+    _finalize_bwd_kernel[(offsets.numel() - 1, s1.shape[0])](
+        s1, s2, count, var, eps, offsets, dout, ds1, ds2, s1.shape[1], KIND=KIND_IDS[kind], BLOCK=BLOCK)
+    return ds1, ds2

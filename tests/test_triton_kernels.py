@@ -1,0 +1,183 @@
+"""The triton backend against the float64 torch reference (interpreter on CPU, real kernels on GPU)."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastdfd
+from fastdfd.models import create_model
+from fastdfd.ops import PackedLayout, moment_finalize, moment_sums, moment_tap, triton_backend
+
+from .conftest import randomize_bn_stats
+
+pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(
+    triton_backend.check(torch.empty(0, device=DEVICE)) is not None,
+    reason="triton backend unavailable here (needs CUDA or TRITON_INTERPRET=1)",
+)
+
+SHAPES = [(1, 1, 1, 1), (3, 5, 7, 9), (2, 63, 1, 1), (5, 17, 33, 31), (4, 6), (3, 4, 10)]
+
+
+def make(shape, groups, dtype=torch.float32, channels_last=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n, c = shape[0] * groups, shape[1]
+    x = 0.3 + 1.5 * torch.randn((n,) + tuple(shape[1:]), generator=g)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    stats = [0.5 * torch.randn(c, generator=g), 0.5 + torch.rand(c, generator=g),
+             1 + 0.2 * torch.randn(c, generator=g), 0.1 * torch.randn(c, generator=g)]
+    return x.to(DEVICE, dtype), [s.to(DEVICE) for s in stats]
+
+
+def reference64(x, rm, rv, w, b, eps, groups):
+    """y, S1, S2 in float64 straight from the definitions."""
+    x = x.double()
+    n, c = x.shape[:2]
+    shape = (1, c) + (1,) * (x.dim() - 2)
+    d = x - rm.double().view(shape)
+    y = d * torch.rsqrt(rv.double().view(shape) + eps) * w.double().view(shape) + b.double().view(shape)
+    dg = d.reshape(groups, n // groups, c, -1)
+    return y, dg.sum((1, 3)), (dg * dg).sum((1, 3))
+
+
+@pytest.fixture(params=[False, True], ids=["one-split", "many-splits"])
+def splits(request, monkeypatch):
+    """Also run with many programs, so the two-level (split) reduction is exercised."""
+    if request.param:
+        monkeypatch.setattr(triton_backend, "programs_for", lambda x: 64)
+    return request.param
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("groups", [1, 2, 5])
+def test_tap_forward_and_gradients_match_float64(shape, groups, splits):
+    x, (rm, rv, w, b) = make(shape, groups)
+    x.requires_grad_(True)
+    with fastdfd.backend("triton"):
+        y, s1, s2 = moment_tap(x, rm, rv, w, b, 1e-3, groups)
+    ry, r1, r2 = reference64(x.detach(), rm, rv, w, b, 1e-3, groups)
+    assert y.dtype == x.dtype and s1.dtype == torch.float32 and s1.shape == (groups, shape[1])
+    torch.testing.assert_close(y.double(), ry, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s1.double(), r1, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(s2.double(), r2, rtol=1e-5, atol=1e-4)
+    # gradient of an arbitrary function of all three outputs
+    gy = torch.randn_like(y)
+    g1, g2 = torch.randn_like(s1), torch.randn_like(s2)
+    (dx,) = torch.autograd.grad((y * gy).sum() + (s1 * g1).sum() + (s2 * g2).sum(), x)
+    x64 = x.detach().double().requires_grad_(True)
+    ry, r1, r2 = reference64(x64, rm, rv, w, b, 1e-3, groups)
+    (rdx,) = torch.autograd.grad((ry * gy.double()).sum() + (r1 * g1.double()).sum() + (r2 * g2.double()).sum(), x64)
+    torch.testing.assert_close(dx.double(), rdx, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", fastdfd.KINDS)
+def test_moment_loss_and_gradient_match_torch_backend(kind, splits):
+    x, (rm, rv, _, _) = make((5, 17, 9, 7), groups=5)
+    x.requires_grad_(True)
+    got = {}
+    for backend in ("torch", "triton"):
+        with fastdfd.backend(backend):
+            loss = fastdfd.bn_moment_loss(x, rm, rv, kind=kind, groups=5, reduction="none")
+            got[backend] = (loss, *torch.autograd.grad(loss.sum(), x))
+    x64 = x.detach().double().requires_grad_(True)
+    with fastdfd.backend("torch"):
+        ref = fastdfd.bn_moment_loss(x64, rm.double(), rv.double(), kind=kind, groups=5, reduction="none")
+        (rgrad,) = torch.autograd.grad(ref.sum(), x64)
+    torch.testing.assert_close(got["triton"][0].double(), ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got["triton"][1].double(), rgrad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got["triton"][0], got["torch"][0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_layouts_and_half_precision(channels_last, dtype):
+    x, (rm, rv, w, b) = make((4, 6, 5, 7), groups=2, dtype=dtype, channels_last=channels_last)
+    x.requires_grad_(True)
+    with fastdfd.backend("triton"):
+        y, s1, s2 = moment_tap(x, rm, rv, w, b, 1e-5, 2)
+        (dx,) = torch.autograd.grad(y.float().sum() + s2.sum(), x)
+    assert y.dtype == dtype and dx.dtype == dtype and dx.stride() == x.stride() == y.stride()
+    ry, r1, r2 = reference64(x.detach(), rm, rv, w, b, 1e-5, 2)  # statistics of the rounded input
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(y.double(), ry, rtol=tol, atol=tol)
+    torch.testing.assert_close(s2.double(), r2, rtol=1e-5, atol=1e-4)
+    with fastdfd.backend("torch"):
+        ry, _, rs2 = moment_tap(x, rm, rv, w, b, 1e-5, 2)
+        (rdx,) = torch.autograd.grad(ry.float().sum() + rs2.sum(), x)
+    torch.testing.assert_close(dx.float(), rdx.float(), rtol=tol, atol=tol)
+
+
+def test_sums_only_tap_and_unflattenable_strides():
+    x, (rm, _, _, _) = make((6, 5, 8, 8), groups=3)
+    xt = x.transpose(2, 3)  # spatial axes no longer flatten to one stride: the launcher copies
+    with fastdfd.backend("triton"):
+        s1, s2 = moment_sums(xt, rm, 3)
+    with fastdfd.backend("torch"):
+        r1, r2 = moment_sums(xt, rm, 3)
+    torch.testing.assert_close(s1, r1, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(s2, r2, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", fastdfd.KINDS)
+def test_finalize_all_layers_in_one_launch(kind):
+    g = torch.Generator().manual_seed(1)
+    sizes, groups = [3, 300, 1, 17], 4
+    means = [torch.randn(c, generator=g) for c in sizes]
+    variances = [0.5 + torch.rand(c, generator=g) for c in sizes]
+    layout = PackedLayout.build([m.to(DEVICE) for m in means], [v.to(DEVICE) for v in variances],
+                                [1e-5, 1e-3, 0.1, 1e-5])
+    count = layout.counts([8, 20, 3, 50])
+    s1 = (torch.randn(groups, sum(sizes), generator=g) * 2).to(DEVICE).requires_grad_(True)
+    s2 = (count.cpu() * (0.5 + torch.rand(groups, sum(sizes), generator=g)) + s1.detach().cpu() ** 2 / count.cpu())
+    s2 = s2.to(DEVICE).requires_grad_(True)
+    up = torch.randn(len(sizes), groups, generator=g).to(DEVICE)
+    out = {}
+    for backend in ("triton", "torch"):
+        with fastdfd.backend(backend):
+            d = moment_finalize(s1, s2, count, layout, kind)
+            out[backend] = (d, *torch.autograd.grad((d * up).sum(), (s1, s2)))
+    for a, b in zip(out["triton"], out["torch"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_matcher_on_resnet18_same_loss_and_input_gradient_as_torch_backend():
+    teacher = randomize_bn_stats(create_model("resnet18", num_classes=10)).to(DEVICE)
+    x = (0.2 + torch.randn(4, 3, 16, 16)).to(DEVICE).requires_grad_(True)
+    y = torch.tensor([1, 2, 3, 4], device=DEVICE)
+    got = {}
+    for backend in ("torch", "triton"):
+        with fastdfd.backend(backend), fastdfd.MomentMatcher(teacher, scope="generator", groups=2) as m:
+            logits = teacher(x)
+            loss = m.loss()
+            (grad,) = torch.autograd.grad(loss.sum() + F.cross_entropy(logits, y), x)
+            got[backend] = (logits, loss, grad)
+    torch.testing.assert_close(got["triton"][0], got["torch"][0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got["triton"][1], got["torch"][1], rtol=1e-4, atol=1e-4)
+    err = float((got["triton"][2] - got["torch"][2]).norm() / got["torch"][2].norm())
+    assert err < 1e-4, err
+
+
+def test_unsupported_dtype_falls_back_with_a_warning():
+    x, (rm, rv, _, _) = make((2, 3, 4, 4), groups=1)
+    with fastdfd.backend("triton"), pytest.warns(RuntimeWarning, match="float64"):
+        fastdfd.bn_moment_loss(x.double(), rm, rv)
+
+
+def test_every_kernel_compiles_ahead_of_time_for_sm80_and_sm90():
+    """The GPU compiler rejects what the interpreter lets through; no GPU needed."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "fastdfd.kernels.aot", "--arch", "80", "--arch", "90"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    report = "\n".join(line for line in proc.stdout.splitlines() if line.startswith("sm_") or "compiled" in line)
+    print(report)  # registers, spills and shared memory per kernel, in the -rA / -s output
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert " 0 failed" in proc.stdout
+    spills = re.findall(r"spill/local\s+(\d+) B", proc.stdout)
+    assert spills and all(int(v) == 0 for v in spills), "register spills:\n" + report
