@@ -16,7 +16,6 @@ a missing optional extension must never stop a training run.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
 import warnings
 from dataclasses import dataclass
@@ -41,7 +40,9 @@ class _Impl:
 
 
 _REGISTRY: dict[str, dict[str, _Impl]] = {}
-_OVERRIDE: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastdfd_backend", default=None)
+# Innermost ``backend()`` choice. A plain process-wide stack (not a ContextVar) so that
+# torch.compile can trace dispatch: dynamo reads (and guards on) module globals.
+_OVERRIDE: list[str | None] = [None]
 _WARNED: set[tuple[str, str]] = set()
 
 
@@ -70,7 +71,7 @@ def _validate_name(name: str, source: str) -> str:
 
 def requested_backend() -> str | None:
     """The backend asked for by context manager or environment, or None for automatic."""
-    name = _OVERRIDE.get()
+    name = _OVERRIDE[-1]
     if name is not None:
         return name
     env = os.environ.get("FASTDFD_BACKEND", "").strip()
@@ -80,11 +81,11 @@ def requested_backend() -> str | None:
 @contextlib.contextmanager
 def backend(name: str | None) -> Iterator[None]:
     """Run the enclosed ops on backend ``name`` (None restores automatic choice)."""
-    token = _OVERRIDE.set(None if name is None else _validate_name(name, "fastdfd.backend"))
+    _OVERRIDE.append(None if name is None else _validate_name(name, "fastdfd.backend"))
     try:
         yield
     finally:
-        _OVERRIDE.reset(token)
+        _OVERRIDE.pop()
 
 
 def _warn_once(name: str, reason: str) -> None:

@@ -28,13 +28,18 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+_MISSING: list[str | None] = []  # memo (a plain global: torch.compile traces dispatch through here)
+
+
 def _triton_missing() -> str | None:
-    try:
-        import triton  # noqa: F401
-    except Exception as e:  # not installed, or broken for this platform
-        return f"triton is not importable ({type(e).__name__}: {e})"
-    return None
+    if not _MISSING:
+        try:
+            import triton  # noqa: F401
+
+            _MISSING.append(None)
+        except Exception as e:  # not installed, or broken for this platform
+            _MISSING.append(f"triton is not importable ({type(e).__name__}: {e})")
+    return _MISSING[0]
 
 
 def check(x: Tensor) -> str | None:
