@@ -1,5 +1,33 @@
+"""After ``make bench``: each provider's median as a ratio against the ``hooks`` anchor."""
+
 import torch
 
 
 def pytest_configure(config):
     torch.manual_seed(0)
+
+
+def _provider(param: str) -> str:
+    # parametrize ids look like "c64s32-hooks-compiled" or "fastdfd-torch" or "batched"
+    for name in ("hooks-compiled", "hooks", "fastdfd-torch", "fastdfd-triton", "python-loop", "batched"):
+        if param.endswith(name):
+            return name
+    return param
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    session = getattr(config, "_benchmarksession", None)
+    if session is None or not session.benchmarks:
+        return
+    groups: dict[str, dict[str, float]] = {}
+    for bench in session.benchmarks:
+        provider = _provider(bench.param or bench.name)
+        groups.setdefault(bench.group, {})[provider] = bench.stats.median
+    tr = terminalreporter
+    tr.write_sep("=", "speed-up against the anchor (median time of anchor / provider; same process, same inputs)")
+    for group, times in groups.items():
+        anchor = "hooks" if "hooks" in times else ("python-loop" if "python-loop" in times else None)
+        if anchor is None:
+            continue
+        cells = "  ".join(f"{p}: {times[anchor] / t:5.2f}x" for p, t in times.items() if p != anchor)
+        tr.write_line(f"{group:<45} {cells}   (anchor {anchor}: {times[anchor] * 1e3:.2f} ms)")

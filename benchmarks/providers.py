@@ -1,51 +1,155 @@
 """Benchmark providers: the same work done the field's way and fastdfd's way.
 
-``hooks``: DeepInversion's pattern -- eval BN, and a forward hook computing mean,
-permute/contiguous/var and the norms (extra passes over every BN input).
-``fastdfd-torch``: the MomentMatcher on the torch backend (tap + one packed finalize).
-Later steps add ``hooks-compiled``, ``fastdfd-triton``, ``fastdfd-cuda`` here.
+Every provider builds a step function over identical inputs and returns the same
+quantities, so that results can be checked against each other before they are timed.
+
+- ``hooks``: DeepInversion's pattern in eager PyTorch -- the teacher's BN in eval mode and
+  a forward hook per BN layer computing mean, permute/contiguous/var and the norms (extra
+  passes over every BN input, and their backward).
+- ``hooks-compiled``: the same under ``torch.compile`` (inductor).
+- ``fastdfd-torch`` / ``fastdfd-triton`` (/ ``fastdfd-cuda`` once step 3 lands): the
+  MomentMatcher on that backend (one tap per BN layer, one packed finalize).
+
+Two workloads: one BN layer forward+backward (the upstream gradient dy of the BN output
+is given, as inside a network), and a whole generator-training step (ensemble -> teacher
+-> moment loss + cross-entropy -> gradients of every generator parameter).
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fastdfd
+from fastdfd import GeneratorEnsemble, MomentMatcher
+from fastdfd.nn import ensemble_forward
+
+PROVIDERS = ("hooks", "hooks-compiled", "fastdfd-torch", "fastdfd-triton")
 
 
-def hook_r_feature(module: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+def r_feature(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """DeepInversion's per-layer loss, verbatim (fp32 statistics of the layer input)."""
     nch = x.shape[1]
+    x = x.float()
     mean = x.mean([0, 2, 3])
     var = x.permute(1, 0, 2, 3).contiguous().view([nch, -1]).var(1, unbiased=False)
     return torch.norm(module.running_var.data - var, 2) + torch.norm(module.running_mean.data - mean, 2)
 
 
-def bn_layer_hooks(bn: nn.BatchNorm2d):
-    """One BN layer forward+backward with DeepInversion's hook; returns a step function."""
+class HookLoss:
+    """DeepInversion's forward hooks on every BN layer of a model."""
 
-    def step(x: torch.Tensor) -> torch.Tensor:
-        y = bn(x)
-        loss = hook_r_feature(bn, x) + y.float().square().mean()
-        (g,) = torch.autograd.grad(loss, x)
-        return g
+    def __init__(self, model: nn.Module):
+        self.values: list[torch.Tensor] = []
+        self.handles = [m.register_forward_hook(self._hook) for m in model.modules()
+                        if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
-    return step
+    def _hook(self, module, inputs, output):
+        self.values.append(r_feature(module, inputs[0]))
 
+    def pop(self) -> torch.Tensor:
+        total = torch.stack(self.values).sum()
+        self.values = []
+        return total
 
-def bn_layer_fastdfd(bn: nn.BatchNorm2d):
-    """The same work through a MomentMatcher attached to a one-layer 'teacher'."""
-    wrapper = nn.Sequential(bn)
-    matcher = fastdfd.MomentMatcher(wrapper, kind="l2")
-
-    def step(x: torch.Tensor) -> torch.Tensor:
-        y = wrapper(x)
-        loss = matcher.loss() + y.float().square().mean()
-        (g,) = torch.autograd.grad(loss, x)
-        return g
-
-    step.matcher = matcher
-    return step
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
-PROVIDERS = {"hooks": bn_layer_hooks, "fastdfd-torch": bn_layer_fastdfd}
+def _backend_of(provider: str) -> str | None:
+    return provider.split("-", 1)[1] if provider.startswith("fastdfd-") else None
+
+
+# ------------------------------------------------------------------------- one BN layer
+def bn_layer_step(provider: str, bn: nn.BatchNorm2d) -> tuple[Callable, Callable]:
+    """Returns (step(x, dy) -> (moment loss, dx), cleanup)."""
+    model = nn.Sequential(bn).eval()
+    if provider.startswith("hooks"):
+        hooks = HookLoss(model)
+
+        def forward(x):
+            y = model(x)
+            return hooks.pop(), y
+
+        if provider == "hooks-compiled":
+            forward = torch.compile(forward)
+        cleanup = hooks.remove
+    else:
+        matcher = MomentMatcher(model, kind="l2")
+        backend = _backend_of(provider)
+
+        def forward(x):
+            with fastdfd.backend(backend):
+                y = model(x)
+                return matcher.loss(), y
+
+        cleanup = matcher.remove
+
+    def step(x, dy):
+        loss, y = forward(x)
+        (dx,) = torch.autograd.grad([loss, y], [x], [torch.ones_like(loss), dy])
+        return loss.detach(), dx
+
+    return step, cleanup
+
+
+# ------------------------------------------------------------------- generator step
+def generator_step(provider: str, teacher: nn.Module, ensemble: GeneratorEnsemble, batch: int,
+                   seed: int = 0) -> tuple[Callable, Callable]:
+    """Returns (step() -> (loss, grads), cleanup): one generator-training step, fixed inputs.
+
+    The loss is DeepInversion's (l2 moments over the whole batch) plus cross-entropy, so
+    that every provider computes the same number.
+    """
+    gen = torch.Generator(device=ensemble.fc_z.device).manual_seed(seed)
+    z, y, local = ensemble.draw(batch, None, gen)
+    params = ensemble.stacked()
+    names = list(params)
+    k = ensemble.num_generators
+
+    def images():
+        x = ensemble_forward(params, ensemble.spec, z, local)
+        return x.reshape(k * batch, *x.shape[2:])
+
+    if provider.startswith("hooks"):
+        hooks = HookLoss(teacher)
+
+        def forward():
+            logits = teacher(images())
+            return hooks.pop() + F.cross_entropy(logits.float(), y.reshape(-1))
+
+        if provider == "hooks-compiled":
+            forward = torch.compile(forward)
+        cleanup = hooks.remove
+    else:
+        matcher = MomentMatcher(teacher, kind="l2")
+        backend = _backend_of(provider)
+
+        def forward():
+            with fastdfd.backend(backend):
+                logits = teacher(images())
+                return matcher.loss() + F.cross_entropy(logits.float(), y.reshape(-1))
+
+        cleanup = matcher.remove
+
+    def step():
+        loss = forward()
+        grads = torch.autograd.grad(loss, [params[n] for n in names])
+        return loss.detach(), grads
+
+    return step, cleanup
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Plausible running statistics (a trained teacher's stand-in), in place; eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(0.2 * torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+    return model.eval()

@@ -136,3 +136,13 @@ def test_channels_last(name: str) -> None:
         out = model(x.contiguous(memory_format=torch.channels_last))
     assert out.shape == ref.shape
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name,params", [("resnet18_imagenet", 11_689_512), ("resnet50_imagenet", 25_557_032)])
+def test_imagenet_resnets_match_torchvision_layout(name: str, params: int) -> None:
+    # torchvision's resnet18 / resnet50 (1000 classes) have exactly these parameter counts
+    model = create_model(name)
+    assert sum(p.numel() for p in model.parameters()) == params
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+    with pytest.raises(ValueError, match="stem"):
+        resnet_cifar.ResNet(resnet_cifar.BasicBlock, (1, 1, 1, 1), stem="tiny")

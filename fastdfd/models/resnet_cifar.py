@@ -63,7 +63,12 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    """ResNet with four stages of 64/128/256/512 base widths and strides 1,2,2,2."""
+    """ResNet with four stages of 64/128/256/512 base widths and strides 1,2,2,2.
+
+    ``stem="cifar"``: 3x3 stride-1 conv, no max-pool (32 px inputs). ``stem="imagenet"``:
+    torchvision's 7x7 stride-2 conv + 3x3 stride-2 max-pool (224 px inputs); with the
+    Bottleneck stride on the 3x3 conv this is torchvision's ResNet-50 (v1.5) layer for layer.
+    """
 
     def __init__(
         self,
@@ -71,10 +76,18 @@ class ResNet(nn.Module):
         num_blocks: tuple[int, int, int, int],
         num_classes: int = 10,
         in_channels: int = 3,
+        stem: str = "cifar",
     ) -> None:
         super().__init__()
+        if stem not in ("cifar", "imagenet"):
+            raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
         self.in_planes = 64
-        self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+        if stem == "cifar":
+            self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+            self.maxpool = nn.Identity()
+        else:
+            self.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
         self.layer1 = self._make_layer(block, 64, num_blocks[0], 1)
@@ -95,7 +108,7 @@ class ResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
@@ -116,3 +129,15 @@ def resnet34(num_classes: int = 10, **kwargs) -> ResNet:
 def resnet50(num_classes: int = 10, **kwargs) -> ResNet:
     """CIFAR ResNet-50 (~23.5M params for 10 classes)."""
     return ResNet(Bottleneck, (3, 4, 6, 3), num_classes=num_classes, **kwargs)
+
+
+@register_model("resnet18_imagenet")
+def resnet18_imagenet(num_classes: int = 1000, **kwargs) -> ResNet:
+    """ImageNet ResNet-18 (torchvision layout, ~11.7M params for 1000 classes)."""
+    return ResNet(BasicBlock, (2, 2, 2, 2), num_classes=num_classes, stem="imagenet", **kwargs)
+
+
+@register_model("resnet50_imagenet")
+def resnet50_imagenet(num_classes: int = 1000, **kwargs) -> ResNet:
+    """ImageNet ResNet-50 (torchvision layout, ~25.6M params for 1000 classes)."""
+    return ResNet(Bottleneck, (3, 4, 6, 3), num_classes=num_classes, stem="imagenet", **kwargs)

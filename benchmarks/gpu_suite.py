@@ -1,0 +1,264 @@
+"""The GPU suite: correctness at real sizes first, then every provider timed, in one run.
+
+    python benchmarks/gpu_suite.py [--out benchmarks/results] [--skip-compiled]
+
+Budget: under 4 minutes on one H100. Sections, each written to the JSON as it finishes
+(a run cut short still leaves its data):
+
+1. device-to-device copy bandwidth (the roofline every GB/s figure is set against);
+2. correctness: the moment loss and dx of one BN layer at the layer shapes of CIFAR
+   ResNet-34 (batch 256) and ImageNet ResNet-50 (batch 64, 224 px), fp32 and bf16, for
+   every provider against the float64 torch reference (bf16 rule: |ours - ref64| <=
+   2 |torch_bf16 - ref64| + atol, as flash-attention's tests);
+3. timing of one BN layer forward+backward per provider: median ms, effective GB/s
+   (5 x activation bytes: the fused design's forward read+write and backward 2 reads +
+   1 write) and its share of the copy bandwidth, speed-up against ``hooks``;
+4. a whole generator-training step: 64 generators x 32 images with a CIFAR ResNet-34
+   teacher, and 8 x 16 images at 224 px with an ImageNet ResNet-50 teacher (bf16
+   autocast): ms, images/s, peak memory, and the loss against ``hooks``.
+
+``--tiny`` runs the same code at toy sizes on the CPU (Triton interpreter) so the script
+itself is tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.providers import PROVIDERS, bn_layer_step, generator_step, randomize_bn  # noqa: E402
+
+CIFAR_R34 = [(256, 64, 32), (256, 128, 16), (256, 256, 8), (256, 512, 4)]
+IMAGENET_R50 = [(64, 64, 112), (64, 64, 56), (64, 256, 56), (64, 128, 28), (64, 512, 28),
+                (64, 256, 14), (64, 1024, 14), (64, 512, 7), (64, 2048, 7)]
+TINY = [(4, 3, 5), (6, 8, 3)]
+
+
+# ------------------------------------------------------------------------------ helpers
+def bench(fn, device: torch.device, warmup: int = 3, reps: int = 20) -> float:
+    """Median milliseconds of fn() (CUDA events on the GPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device, numel: int) -> float:
+    src = torch.empty(numel, device=device, dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src), device, warmup=5, reps=30)
+    return 2 * numel * 4 / (ms * 1e-3) / 1e9
+
+
+def machine_info(device: torch.device) -> dict:
+    import triton
+
+    info = {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(card=props.name, sms=props.multi_processor_count, memory_gib=round(props.total_memory / 2**30, 1),
+                    cuda=torch.version.cuda)
+        with contextlib.suppress(Exception):
+            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                            capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
+    else:
+        info.update(card=f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} threads)")
+    return info
+
+
+def make_layer(n, c, s, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    bn = randomize_bn(torch.nn.BatchNorm2d(c), seed).to(device)
+    with torch.no_grad():
+        bn.weight.copy_(1 + 0.2 * torch.randn(c, generator=g))
+        bn.bias.copy_(0.1 * torch.randn(c, generator=g))
+    x = (0.2 + torch.randn(n, c, s, s, generator=g)).to(device, dtype).requires_grad_(True)
+    dy = torch.randn(n, c, s, s, generator=g).to(device, dtype)
+    return bn, x, dy
+
+
+def reference64(bn, x, dy):
+    bn64 = torch.nn.BatchNorm2d(bn.num_features).to(x.device).double().eval()
+    bn64.load_state_dict(bn.state_dict())
+    step, cleanup = bn_layer_step("fastdfd-torch", bn64)
+    loss, dx = step(x.detach().double().requires_grad_(True), dy.double())
+    cleanup()
+    return loss, dx
+
+
+def rel(a, b) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+# ----------------------------------------------------------------------------- sections
+def check_layers(shapes, dtypes, providers, device, report):
+    rows = []
+    for n, c, s in shapes:
+        for dtype in dtypes:
+            bn, x, dy = make_layer(n, c, s, dtype, device)
+            ref_loss, ref_dx = reference64(bn, x, dy)
+            errs = {}
+            for p in providers:
+                step, cleanup = bn_layer_step(p, bn)
+                loss, dx = step(x, dy)
+                errs[p] = (abs(float(loss) - float(ref_loss)) / abs(float(ref_loss)), rel(dx, ref_dx))
+                cleanup()
+            for p in providers:
+                if dtype == torch.float32:
+                    ok = errs[p][0] < 1e-3 and errs[p][1] < 1e-4
+                else:  # low precision: no worse than twice eager torch in the same dtype, plus slack
+                    base = errs.get("fastdfd-torch", errs["hooks"])
+                    ok = errs[p][0] <= 2 * base[0] + 1e-3 and errs[p][1] <= 2 * base[1] + 1e-3
+                rows.append({"shape": [n, c, s, s], "dtype": str(dtype).replace("torch.", ""), "provider": p,
+                             "loss_rel_err": errs[p][0], "dx_rel_err": errs[p][1], "ok": bool(ok)})
+        report["correctness"] = rows
+    return rows
+
+
+def time_layers(shapes, dtypes, providers, device, copy_gbps, report, reps):
+    rows = []
+    for n, c, s in shapes:
+        for dtype in dtypes:
+            bn, x, dy = make_layer(n, c, s, dtype, device)
+            ideal_bytes = 5 * x.numel() * x.element_size()
+            times = {}
+            for p in providers:
+                step, cleanup = bn_layer_step(p, bn)
+                times[p] = bench(lambda: step(x, dy), device, reps=reps)
+                cleanup()
+            for p, ms in times.items():
+                gbps = ideal_bytes / (ms * 1e-3) / 1e9
+                rows.append({"shape": [n, c, s, s], "dtype": str(dtype).replace("torch.", ""), "provider": p,
+                             "ms": ms, "gbps": gbps, "copy_fraction": gbps / copy_gbps,
+                             "speedup_vs_hooks": times["hooks"] / ms})
+            report["layers"] = rows
+    return rows
+
+
+def time_steps(cases, providers, device, report, reps):
+    from fastdfd import GeneratorEnsemble
+    from fastdfd.models import create_model
+
+    rows = []
+    for name, teacher_name, num_classes, channels, k, b, size, widths, autocast in cases:
+        torch.manual_seed(0)
+        teacher = randomize_bn(create_model(teacher_name, num_classes=num_classes)).to(device)
+        ens = GeneratorEnsemble(k, num_classes, image_size=size, channels=channels, widths=widths,
+                                classes=[[i % num_classes] for i in range(k)]).to(device)
+        results = {}
+        for p in providers:
+            step, cleanup = generator_step(p, teacher, ens, b)
+            ctx = torch.autocast(device.type, torch.bfloat16) if autocast else contextlib.nullcontext()
+            with ctx:
+                loss, _ = step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats(device)
+                ms = bench(step, device, warmup=2, reps=reps)
+                peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+            results[p] = (ms, float(loss), peak)
+            cleanup()
+        for p, (ms, loss, peak) in results.items():
+            rows.append({"case": name, "provider": p, "ms": ms, "images_per_s": k * b / (ms * 1e-3),
+                         "speedup_vs_hooks": results["hooks"][0] / ms, "loss": loss,
+                         "loss_rel_diff_vs_hooks": abs(loss - results["hooks"][1]) / abs(results["hooks"][1]),
+                         "peak_gib": peak})
+        report["steps"] = rows
+    return rows
+
+
+# --------------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--tiny", action="store_true", help="toy sizes on the CPU (Triton interpreter)")
+    parser.add_argument("--skip-compiled", action="store_true", help="leave out hooks-compiled (saves compile time)")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    device = torch.device("cpu" if args.tiny else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: run with --tiny for the CPU smoke run", file=sys.stderr)
+        return 2
+    providers = [p for p in PROVIDERS if not (p == "hooks-compiled" and (args.skip_compiled or args.tiny))]
+    torch._dynamo.config.cache_size_limit = 64
+    info = machine_info(device)
+    slug = re.sub(r"[^a-z0-9]+", "-", info["card"].lower()).strip("-")
+    out = Path(args.out) / f"gpu-suite-{slug}{'-tiny' if args.tiny else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = {"machine": info, "providers": providers}
+
+    def save():
+        out.write_text(json.dumps(report, indent=1))
+
+    started = time.perf_counter()
+    report["copy_gbps"] = copy_bandwidth(device, 2**16 if args.tiny else 2**28)
+    save()
+    print(f"{info['card']}: device copy {report['copy_gbps']:.0f} GB/s; torch {info['torch']}, triton {info['triton']}")
+
+    shapes = TINY if args.tiny else CIFAR_R34 + IMAGENET_R50
+    dtypes = [torch.float32] if args.tiny else [torch.float32, torch.bfloat16]
+    checks = check_layers(shapes, dtypes, providers, device, report)
+    save()
+    bad = [r for r in checks if not r["ok"]]
+    print(f"correctness: {len(checks) - len(bad)}/{len(checks)} provider x case checks within tolerance")
+    for r in bad:
+        print(f"  FAIL {r['provider']} {r['shape']} {r['dtype']}: loss {r['loss_rel_err']:.2e} dx {r['dx_rel_err']:.2e}")
+
+    layers = time_layers(shapes, dtypes, providers, device, report["copy_gbps"], report, reps=3 if args.tiny else 20)
+    save()
+    print(f"\none BN layer, forward+backward (median ms; GB/s as a share of copy bandwidth; speed-up vs hooks)")
+    for r in layers:
+        print(f"  {str(r['shape']):<22} {r['dtype']:<9} {r['provider']:<15} {r['ms']:8.3f} ms "
+              f"{r['gbps']:8.0f} GB/s {100 * r['copy_fraction']:5.1f}%  {r['speedup_vs_hooks']:5.2f}x")
+
+    if args.tiny:
+        cases = [("tiny digits-like", "digits_teacher", 10, 1, 4, 3, 16, (8, 4), False)]
+    else:  # (name, teacher, classes, channels, generators, images each, size, widths, bf16 autocast)
+        cases = [("cifar-r34 64 gens x 32 img, 32 px, bf16", "resnet34", 10, 3, 64, 32, 32, (128, 64), True),
+                 ("imagenet-r50 8 gens x 16 img, 224 px, bf16", "resnet50_imagenet", 1000, 3, 8, 16, 224,
+                  (128, 64), True)]
+    steps = time_steps(cases, providers, device, report, reps=2 if args.tiny else 10)
+    save()
+    print("\ngenerator-training step (ms, images/s, peak GiB, loss vs hooks)")
+    for r in steps:
+        peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
+        print(f"  {r['case']:<44} {r['provider']:<15} {r['ms']:9.2f} ms {r['images_per_s']:9.0f} img/s "
+              f"{peak:>6} GiB  {r['speedup_vs_hooks']:5.2f}x  loss diff {r['loss_rel_diff_vs_hooks']:.1e}")
+    report["seconds"] = time.perf_counter() - started
+    save()
+    print(f"\nwrote {out} ({report['seconds']:.0f} s)")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+"""The benchmark scripts themselves, at toy sizes on the CPU, so they cannot rot unseen."""
+
+import json
+
+import pytest
+
+pytest.importorskip("triton")
+
+
+def test_gpu_suite_runs_end_to_end_in_tiny_mode(tmp_path):
+    from benchmarks import gpu_suite
+
+    assert gpu_suite.main(["--tiny", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("gpu-suite-*-tiny.json")
+    report = json.loads(path.read_text())
+    assert report["copy_gbps"] > 0 and report["machine"]["torch"]
+    assert report["correctness"] and all(r["ok"] for r in report["correctness"])
+    providers = {r["provider"] for r in report["layers"]}
+    assert {"hooks", "fastdfd-torch", "fastdfd-triton"} <= providers
+    for row in report["steps"]:
+        assert row["loss_rel_diff_vs_hooks"] < 1e-4, row
