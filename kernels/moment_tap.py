@@ -159,17 +159,6 @@ TILE = 2048  # elements per (BLOCK_C x BLOCK_J) tile: two fp32 accumulators stay
 NUM_WARPS = 8  # 8 elements per thread per tile: ~70 registers, room for several programs per SM
 
 
-def flat_strides(x) -> tuple[int, int, int] | None:
-    """(stride_n, stride_c, stride_p) when x's spatial dims flatten to one strided axis, else None."""
-    sizes, strides = x.shape, x.stride()
-    spatial = [(s, st) for s, st in zip(sizes[2:], strides[2:]) if s != 1]
-    for (_, outer), (size, inner) in zip(spatial, spatial[1:]):
-        if outer != inner * size:
-            return None
-    stride_p = spatial[-1][1] if spatial else 1
-    return strides[0], strides[1], stride_p
-
-
 def tap_config(n: int, c: int, p: int, groups: int, channel_contiguous: bool, programs: int) -> dict:
     """Tile shape and split count so that about ``programs`` programs share the work."""
     total = (n // groups) * p
@@ -190,10 +179,9 @@ def tap_forward(x, mean, var, weight, bias, eps: float, groups: int, write_y: bo
     """Launch the forward; returns (y or None, S1 [G, C], S2 [G, C])."""
     import torch
 
-    strides = flat_strides(x)
-    if strides is None:
-        x = x.contiguous()
-        strides = flat_strides(x)
+    from fastdfd.ops.layout import kernel_layout
+
+    x, strides = kernel_layout(x)
     n, c = x.shape[0], x.shape[1]
     p = x.numel() // max(1, n * c)
     cfg = tap_config(n, c, p, groups, strides[1] == 1 and c > 1, programs)
@@ -216,10 +204,9 @@ def tap_backward(x, dy, ds1, ds2, mean, var, weight, eps: float, groups: int, pr
     """Launch the backward; returns dx with x's strides."""
     import torch
 
-    strides = flat_strides(x)
-    if strides is None:
-        x = x.contiguous()
-        strides = flat_strides(x)
+    from fastdfd.ops.layout import kernel_layout
+
+    x, strides = kernel_layout(x)
     if dy is not None and dy.stride() != x.stride():
         dy = torch.empty_like(x).copy_(dy)
     n, c = x.shape[0], x.shape[1]

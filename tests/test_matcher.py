@@ -77,7 +77,8 @@ def test_matches_hooks_value_and_input_gradient(resnets, name, kind):
         (grad,) = torch.autograd.grad(loss + F.cross_entropy(logits, y), x)
         assert len(matcher.layer_losses()) == len(hooks.values)
 
-    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    # BN computed as (x - mu) * scale + shift vs torch's fused x * a + b: fp32 rounding through 34 layers
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(loss.double(), ref, rtol=1e-4, atol=1e-4)
     # norm-wise: the fp32 backward through ~20 layers rounds small entries differently
     err = float((grad.double() - ref_grad).norm() / ref_grad.norm())

@@ -49,3 +49,27 @@ class PackedLayout:
         """Per-channel element counts from per-layer counts (one small host-to-device copy)."""
         c = torch.tensor(per_layer, dtype=self.running_mean.dtype).to(self.running_mean.device)
         return c[self.layer]
+
+
+def flat_strides(x: torch.Tensor) -> tuple[int, int, int] | None:
+    """(stride_n, stride_c, stride_p) when x's spatial dims flatten to one strided axis, else None.
+
+    Kernels address element (n, c, p) of an [N, C, *spatial] tensor at
+    n*stride_n + c*stride_c + p*stride_p: NCHW has stride_p == 1, channels_last stride_c == 1.
+    """
+    sizes, strides = x.shape, x.stride()
+    spatial = [(s, st) for s, st in zip(sizes[2:], strides[2:]) if s != 1]
+    for (_, outer), (size, inner) in zip(spatial, spatial[1:]):
+        if outer != inner * size:
+            return None
+    stride_p = spatial[-1][1] if spatial else 1
+    return strides[0], strides[1], stride_p
+
+
+def kernel_layout(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """x (copied to contiguous only if its strides cannot be flattened) and its flat strides."""
+    strides = flat_strides(x)
+    if strides is None:
+        x = x.contiguous()
+        strides = flat_strides(x)
+    return x, strides

@@ -1,4 +1,8 @@
-"""The triton backend against the float64 torch reference (interpreter on CPU, real kernels on GPU)."""
+"""The fused backends (triton, cpp) against the float64 torch reference.
+
+Triton runs in its interpreter on the CPU and as real kernels on a GPU; the cpp backend is
+built on first use. A backend that cannot run here is skipped with its reason.
+"""
 
 import os
 import re
@@ -11,16 +15,26 @@ import torch.nn.functional as F
 
 import fastdfd
 from fastdfd.models import create_model
+from fastdfd.backends import _REGISTRY
 from fastdfd.ops import PackedLayout, moment_finalize, moment_sums, moment_tap, triton_backend
 
 from .conftest import randomize_bn_stats
 
-pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(
-    triton_backend.check(torch.empty(0, device=DEVICE)) is not None,
-    reason="triton backend unavailable here (needs CUDA or TRITON_INTERPRET=1)",
-)
+FUSED = ["triton", "cpp", "cuda"]
+
+
+def _skip_reason(name: str) -> str | None:
+    return _REGISTRY["moment_tap"][name].check(torch.empty(0, device=DEVICE)) if name in _REGISTRY["moment_tap"] \
+        else "not registered"
+
+
+@pytest.fixture(params=FUSED)
+def backend(request):
+    why = _skip_reason(request.param)
+    if why is not None:
+        pytest.skip(f"{request.param} backend unavailable here: {why}")
+    return request.param
 
 SHAPES = [(1, 1, 1, 1), (3, 5, 7, 9), (2, 63, 1, 1), (5, 17, 33, 31), (4, 6), (3, 4, 10)]
 
@@ -48,19 +62,21 @@ def reference64(x, rm, rv, w, b, eps, groups):
 
 
 @pytest.fixture(params=[False, True], ids=["one-split", "many-splits"])
-def splits(request, monkeypatch):
-    """Also run with many programs, so the two-level (split) reduction is exercised."""
+def splits(request, monkeypatch, backend):
+    """For triton, also run with many programs, so the two-level (split) reduction is exercised."""
     if request.param:
+        if backend != "triton":
+            pytest.skip("split count is a triton launch parameter")
         monkeypatch.setattr(triton_backend, "programs_for", lambda x: 64)
     return request.param
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("groups", [1, 2, 5])
-def test_tap_forward_and_gradients_match_float64(shape, groups, splits):
+def test_tap_forward_and_gradients_match_float64(shape, groups, backend, splits):
     x, (rm, rv, w, b) = make(shape, groups)
     x.requires_grad_(True)
-    with fastdfd.backend("triton"):
+    with fastdfd.backend(backend):
         y, s1, s2 = moment_tap(x, rm, rv, w, b, 1e-3, groups)
     ry, r1, r2 = reference64(x.detach(), rm, rv, w, b, 1e-3, groups)
     assert y.dtype == x.dtype and s1.dtype == torch.float32 and s1.shape == (groups, shape[1])
@@ -78,34 +94,36 @@ def test_tap_forward_and_gradients_match_float64(shape, groups, splits):
 
 
 @pytest.mark.parametrize("kind", fastdfd.KINDS)
-def test_moment_loss_and_gradient_match_torch_backend(kind, splits):
+def test_moment_loss_and_gradient_match_torch_backend(kind, backend, splits):
     x, (rm, rv, _, _) = make((5, 17, 9, 7), groups=5)
     x.requires_grad_(True)
     got = {}
-    for backend in ("torch", "triton"):
-        with fastdfd.backend(backend):
+    for name in ("torch", backend):
+        with fastdfd.backend(name):
             loss = fastdfd.bn_moment_loss(x, rm, rv, kind=kind, groups=5, reduction="none")
-            got[backend] = (loss, *torch.autograd.grad(loss.sum(), x))
+            got[name] = (loss, *torch.autograd.grad(loss.sum(), x))
     x64 = x.detach().double().requires_grad_(True)
     with fastdfd.backend("torch"):
         ref = fastdfd.bn_moment_loss(x64, rm.double(), rv.double(), kind=kind, groups=5, reduction="none")
         (rgrad,) = torch.autograd.grad(ref.sum(), x64)
-    torch.testing.assert_close(got["triton"][0].double(), ref, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(got["triton"][1].double(), rgrad, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(got["triton"][0], got["torch"][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got[backend][0].double(), ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got[backend][1].double(), rgrad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got[backend][0], got["torch"][0], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_layouts_and_half_precision(channels_last, dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_layouts_and_half_precision(channels_last, dtype, backend):
+    if dtype == torch.bfloat16 and backend == "triton" and DEVICE == "cpu":
+        pytest.skip("Triton's interpreter has no bf16 arithmetic")
     x, (rm, rv, w, b) = make((4, 6, 5, 7), groups=2, dtype=dtype, channels_last=channels_last)
     x.requires_grad_(True)
-    with fastdfd.backend("triton"):
+    with fastdfd.backend(backend):
         y, s1, s2 = moment_tap(x, rm, rv, w, b, 1e-5, 2)
         (dx,) = torch.autograd.grad(y.float().sum() + s2.sum(), x)
     assert y.dtype == dtype and dx.dtype == dtype and dx.stride() == x.stride() == y.stride()
     ry, r1, r2 = reference64(x.detach(), rm, rv, w, b, 1e-5, 2)  # statistics of the rounded input
-    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
     torch.testing.assert_close(y.double(), ry, rtol=tol, atol=tol)
     torch.testing.assert_close(s2.double(), r2, rtol=1e-5, atol=1e-4)
     with fastdfd.backend("torch"):
@@ -114,10 +132,10 @@ def test_layouts_and_half_precision(channels_last, dtype):
     torch.testing.assert_close(dx.float(), rdx.float(), rtol=tol, atol=tol)
 
 
-def test_sums_only_tap_and_unflattenable_strides():
+def test_sums_only_tap_and_unflattenable_strides(backend):
     x, (rm, _, _, _) = make((6, 5, 8, 8), groups=3)
     xt = x.transpose(2, 3)  # spatial axes no longer flatten to one stride: the launcher copies
-    with fastdfd.backend("triton"):
+    with fastdfd.backend(backend):
         s1, s2 = moment_sums(xt, rm, 3)
     with fastdfd.backend("torch"):
         r1, r2 = moment_sums(xt, rm, 3)
@@ -126,7 +144,7 @@ def test_sums_only_tap_and_unflattenable_strides():
 
 
 @pytest.mark.parametrize("kind", fastdfd.KINDS)
-def test_finalize_all_layers_in_one_launch(kind):
+def test_finalize_all_layers_in_one_launch(kind, backend):
     g = torch.Generator().manual_seed(1)
     sizes, groups = [3, 300, 1, 17], 4
     means = [torch.randn(c, generator=g) for c in sizes]
@@ -139,32 +157,34 @@ def test_finalize_all_layers_in_one_launch(kind):
     s2 = s2.to(DEVICE).requires_grad_(True)
     up = torch.randn(len(sizes), groups, generator=g).to(DEVICE)
     out = {}
-    for backend in ("triton", "torch"):
-        with fastdfd.backend(backend):
+    for name in (backend, "torch"):
+        with fastdfd.backend(name):
             d = moment_finalize(s1, s2, count, layout, kind)
-            out[backend] = (d, *torch.autograd.grad((d * up).sum(), (s1, s2)))
-    for a, b in zip(out["triton"], out["torch"]):
+            out[name] = (d, *torch.autograd.grad((d * up).sum(), (s1, s2)))
+    for a, b in zip(out[backend], out["torch"]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_matcher_on_resnet18_same_loss_and_input_gradient_as_torch_backend():
+def test_matcher_on_resnet18_same_loss_and_input_gradient_as_torch_backend(backend):
     teacher = randomize_bn_stats(create_model("resnet18", num_classes=10)).to(DEVICE)
     x = (0.2 + torch.randn(4, 3, 16, 16)).to(DEVICE).requires_grad_(True)
     y = torch.tensor([1, 2, 3, 4], device=DEVICE)
     got = {}
-    for backend in ("torch", "triton"):
-        with fastdfd.backend(backend), fastdfd.MomentMatcher(teacher, scope="generator", groups=2) as m:
+    for name in ("torch", backend):
+        with fastdfd.backend(name), fastdfd.MomentMatcher(teacher, scope="generator", groups=2) as m:
             logits = teacher(x)
             loss = m.loss()
             (grad,) = torch.autograd.grad(loss.sum() + F.cross_entropy(logits, y), x)
-            got[backend] = (logits, loss, grad)
-    torch.testing.assert_close(got["triton"][0], got["torch"][0], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(got["triton"][1], got["torch"][1], rtol=1e-4, atol=1e-4)
-    err = float((got["triton"][2] - got["torch"][2]).norm() / got["torch"][2].norm())
+            got[name] = (logits, loss, grad)
+    torch.testing.assert_close(got[backend][0], got["torch"][0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[backend][1], got["torch"][1], rtol=1e-4, atol=1e-4)
+    err = float((got[backend][2] - got["torch"][2]).norm() / got["torch"][2].norm())
     assert err < 1e-4, err
 
 
 def test_unsupported_dtype_falls_back_with_a_warning():
+    if _skip_reason("triton") is not None:
+        pytest.skip("triton unavailable")
     x, (rm, rv, _, _) = make((2, 3, 4, 4), groups=1)
     with fastdfd.backend("triton"), pytest.warns(RuntimeWarning, match="float64"):
         fastdfd.bn_moment_loss(x.double(), rm, rv)
@@ -172,6 +192,7 @@ def test_unsupported_dtype_falls_back_with_a_warning():
 
 def test_every_kernel_compiles_ahead_of_time_for_sm80_and_sm90():
     """The GPU compiler rejects what the interpreter lets through; no GPU needed."""
+    pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "fastdfd.kernels.aot", "--arch", "80", "--arch", "90"],
                           capture_output=True, text=True, env=env, timeout=600)
@@ -183,8 +204,8 @@ def test_every_kernel_compiles_ahead_of_time_for_sm80_and_sm90():
     assert spills and all(int(v) == 0 for v in spills), "register spills:\n" + report
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_generator_step_compiles_fullgraph(backend):
+@pytest.mark.parametrize("name", ["torch", "fused"])
+def test_generator_step_compiles_fullgraph(name, backend):
     """torch.compile(fullgraph=True) of a generator step with a MomentMatcher: no graph breaks."""
     from fastdfd import GeneratorEnsemble, MomentMatcher
     from fastdfd.nn import ensemble_forward
@@ -195,7 +216,8 @@ def test_generator_step_compiles_fullgraph(backend):
     z, y, local = ens.draw(4, None, torch.Generator(device=DEVICE).manual_seed(0))
     params = ens.stacked()
 
-    with fastdfd.backend(backend), MomentMatcher(teacher, scope="generator", groups=2) as matcher:
+    with fastdfd.backend(backend if name == "fused" else "torch"), \
+            MomentMatcher(teacher, scope="generator", groups=2) as matcher:
         def step(z, local, y):
             x = ensemble_forward(params, ens.spec, z, local).reshape(-1, 1, 16, 16)
             logits = teacher(x)

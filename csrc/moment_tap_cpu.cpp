@@ -1,0 +1,351 @@
+// The `cpp` backend of fastdfd: the moment tap and the all-layers finalize on the CPU.
+//
+// Same contract as the Triton kernels (kernels/moment_tap.py, kernels/moment_finalize.py);
+// the math is stated in fastdfd/ops/reference.py. x is addressed as [N, C, P] with strides
+// (sn, sc, sp), normalised by the Python side to NCHW (sp == 1) or channels_last (sc == 1).
+//
+// Forward, one read of x: y = (x - mu_r) * gamma * rsqrt(var_r + eps) + beta (optional) and,
+// per (segment g, channel c), S1 = sum (x - mu_r), S2 = sum (x - mu_r)^2.
+// Backward, one pass: dx = dy * gamma * rsqrt(var_r + eps) + dS1[g, c] + 2 (x - mu_r) dS2[g, c].
+//
+// Parallelism (ATen's parallel_for): NCHW splits over (segment, channel) pairs, each row of P
+// contiguous values a vectorisable inner loop; channels_last splits each segment's positions
+// into chunks whose per-channel partial sums (contiguous over C, vectorisable) are added up
+// afterwards in double. Accumulation is in float for fp32/fp16/bf16 input (double for fp64).
+#include <torch/extension.h>
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+template <typename T>
+struct Acc {
+  using type = float;
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
+
+struct Geometry {
+  int64_t N, C, P, G, rows;  // rows = N / G, the images of one segment
+  int64_t sn, sc, sp;
+  bool channels_last() const { return sc == 1 && C > 1; }
+};
+
+Geometry geometry(const at::Tensor& x, int64_t groups, int64_t sn, int64_t sc, int64_t sp) {
+  TORCH_CHECK(x.dim() >= 2, "x must be [N, C, *spatial]");
+  TORCH_CHECK(groups >= 1 && x.size(0) % groups == 0, "batch must split into groups");
+  const int64_t n = x.size(0), c = x.size(1);
+  const int64_t p = (n * c) == 0 ? 0 : x.numel() / (n * c);
+  return {n, c, p, groups, n / groups, sn, sc, sp};
+}
+
+// Per-channel affine of the eval BN: y = d * scale + shift with d = x - mu_r.
+template <typename A>
+void bn_affine(const A* var, const A* w, const A* b, double eps, int64_t C, std::vector<A>& scale,
+               std::vector<A>& shift) {
+  scale.resize(C);
+  shift.resize(C);
+  for (int64_t c = 0; c < C; ++c) {
+    scale[c] = static_cast<A>(1.0 / std::sqrt(static_cast<double>(var[c]) + eps)) * (w ? w[c] : A(1));
+    shift[c] = b ? b[c] : A(0);
+  }
+}
+
+// Chunks per segment for the channels_last split: enough for every thread, never empty.
+int64_t chunks_for(const Geometry& g) {
+  const int64_t positions = g.rows * g.P;
+  const int64_t want = std::max<int64_t>(1, 4 * at::get_num_threads() / std::max<int64_t>(1, g.G));
+  return std::max<int64_t>(1, std::min(positions, want));
+}
+
+template <typename T>
+void tap_forward_impl(const T* x, T* y, typename Acc<T>::type* s1, typename Acc<T>::type* s2,
+                      const typename Acc<T>::type* mean, const typename Acc<T>::type* var,
+                      const typename Acc<T>::type* w, const typename Acc<T>::type* b, const Geometry& g, double eps) {
+  using A = typename Acc<T>::type;
+  std::vector<A> scale, shift;
+  if (y) bn_affine(var, w, b, eps, g.C, scale, shift);
+  if (!g.channels_last()) {
+    at::parallel_for(0, g.G * g.C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t gc = begin; gc < end; ++gc) {
+        const int64_t grp = gc / g.C, c = gc % g.C;
+        const A mu = mean[c];
+        double a1 = 0, a2 = 0;
+        for (int64_t n = grp * g.rows; n < (grp + 1) * g.rows; ++n) {
+          const T* xr = x + n * g.sn + c * g.sc;
+          A r1 = 0, r2 = 0;
+          if (y) {
+            T* yr = y + n * g.sn + c * g.sc;
+            const A sc = scale[c], sh = shift[c];
+#pragma omp simd reduction(+ : r1, r2)
+            for (int64_t p = 0; p < g.P; ++p) {
+              const A d = static_cast<A>(xr[p]) - mu;
+              r1 += d;
+              r2 += d * d;
+              yr[p] = static_cast<T>(d * sc + sh);
+            }
+          } else {
+#pragma omp simd reduction(+ : r1, r2)
+            for (int64_t p = 0; p < g.P; ++p) {
+              const A d = static_cast<A>(xr[p]) - mu;
+              r1 += d;
+              r2 += d * d;
+            }
+          }
+          a1 += r1;
+          a2 += r2;
+        }
+        s1[grp * g.C + c] = static_cast<A>(a1);
+        s2[grp * g.C + c] = static_cast<A>(a2);
+      }
+    });
+    return;
+  }
+  const int64_t chunks = chunks_for(g), positions = g.rows * g.P;
+  std::vector<A> part1(g.G * chunks * g.C, A(0)), part2(g.G * chunks * g.C, A(0));
+  at::parallel_for(0, g.G * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t grp = t / chunks, k = t % chunks;
+      A* p1 = part1.data() + t * g.C;
+      A* p2 = part2.data() + t * g.C;
+      for (int64_t j = k * positions / chunks; j < (k + 1) * positions / chunks; ++j) {
+        const int64_t n = grp * g.rows + j / g.P, p = j % g.P;
+        const T* xr = x + n * g.sn + p * g.sp;
+        if (y) {
+          T* yr = y + n * g.sn + p * g.sp;
+#pragma omp simd
+          for (int64_t c = 0; c < g.C; ++c) {
+            const A d = static_cast<A>(xr[c]) - mean[c];
+            p1[c] += d;
+            p2[c] += d * d;
+            yr[c] = static_cast<T>(d * scale[c] + shift[c]);
+          }
+        } else {
+#pragma omp simd
+          for (int64_t c = 0; c < g.C; ++c) {
+            const A d = static_cast<A>(xr[c]) - mean[c];
+            p1[c] += d;
+            p2[c] += d * d;
+          }
+        }
+      }
+    }
+  });
+  for (int64_t grp = 0; grp < g.G; ++grp) {
+    for (int64_t c = 0; c < g.C; ++c) {
+      double a1 = 0, a2 = 0;
+      for (int64_t k = 0; k < chunks; ++k) {
+        a1 += part1[(grp * chunks + k) * g.C + c];
+        a2 += part2[(grp * chunks + k) * g.C + c];
+      }
+      s1[grp * g.C + c] = static_cast<A>(a1);
+      s2[grp * g.C + c] = static_cast<A>(a2);
+    }
+  }
+}
+
+template <typename T>
+void tap_backward_impl(const T* x, const T* dy, T* dx, const typename Acc<T>::type* ds1,
+                       const typename Acc<T>::type* ds2, const typename Acc<T>::type* mean,
+                       const typename Acc<T>::type* var, const typename Acc<T>::type* w, const Geometry& g,
+                       double eps) {
+  using A = typename Acc<T>::type;
+  std::vector<A> scale, shift;
+  bn_affine(var, w, static_cast<const A*>(nullptr), eps, g.C, scale, shift);
+  if (!g.channels_last()) {
+    at::parallel_for(0, g.G * g.C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t gc = begin; gc < end; ++gc) {
+        const int64_t grp = gc / g.C, c = gc % g.C;
+        const A mu = mean[c], g1 = ds1[grp * g.C + c], g2 = 2 * ds2[grp * g.C + c], sc = scale[c];
+        for (int64_t n = grp * g.rows; n < (grp + 1) * g.rows; ++n) {
+          const int64_t off = n * g.sn + c * g.sc;
+          const T* xr = x + off;
+          T* dxr = dx + off;
+          if (dy) {
+            const T* dyr = dy + off;
+#pragma omp simd
+            for (int64_t p = 0; p < g.P; ++p)
+              dxr[p] = static_cast<T>(static_cast<A>(dyr[p]) * sc + g1 + (static_cast<A>(xr[p]) - mu) * g2);
+          } else {
+#pragma omp simd
+            for (int64_t p = 0; p < g.P; ++p) dxr[p] = static_cast<T>(g1 + (static_cast<A>(xr[p]) - mu) * g2);
+          }
+        }
+      }
+    });
+    return;
+  }
+  const int64_t positions = g.rows * g.P;
+  at::parallel_for(0, g.G * positions, 64, [&](int64_t begin, int64_t end) {
+    std::vector<A> g2(g.C);
+    int64_t last_grp = -1;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t grp = t / positions, j = t % positions;
+      if (grp != last_grp) {
+        for (int64_t c = 0; c < g.C; ++c) g2[c] = 2 * ds2[grp * g.C + c];
+        last_grp = grp;
+      }
+      const A* g1 = ds1 + grp * g.C;
+      const int64_t off = (grp * g.rows + j / g.P) * g.sn + (j % g.P) * g.sp;
+      const T* xr = x + off;
+      T* dxr = dx + off;
+      if (dy) {
+        const T* dyr = dy + off;
+#pragma omp simd
+        for (int64_t c = 0; c < g.C; ++c)
+          dxr[c] = static_cast<T>(static_cast<A>(dyr[c]) * scale[c] + g1[c] + (static_cast<A>(xr[c]) - mean[c]) * g2[c]);
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < g.C; ++c)
+          dxr[c] = static_cast<T>(g1[c] + (static_cast<A>(xr[c]) - mean[c]) * g2[c]);
+      }
+    }
+  });
+}
+
+at::ScalarType acc_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+template <typename A>
+const A* opt_ptr(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<A>() : nullptr;
+}
+
+std::vector<at::Tensor> tap_forward(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
+                                    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                                    double eps, int64_t groups, bool write_y, int64_t sn, int64_t sc, int64_t sp) {
+  const Geometry g = geometry(x, groups, sn, sc, sp);
+  auto opts = x.options().dtype(acc_type(x));
+  at::Tensor s1 = at::empty({groups, g.C}, opts), s2 = at::empty({groups, g.C}, opts);
+  at::Tensor y = write_y ? at::empty_like(x) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastdfd_tap_forward", [&] {
+    using A = typename Acc<scalar_t>::type;
+    tap_forward_impl<scalar_t>(x.data_ptr<scalar_t>(), write_y ? y.data_ptr<scalar_t>() : nullptr, s1.data_ptr<A>(),
+                               s2.data_ptr<A>(), mean.data_ptr<A>(), var.data_ptr<A>(), opt_ptr<A>(weight),
+                               opt_ptr<A>(bias), g, eps);
+  });
+  return {write_y ? y : at::empty({0}, x.options()), s1, s2};
+}
+
+at::Tensor tap_backward(const at::Tensor& x, const c10::optional<at::Tensor>& dy, const at::Tensor& ds1,
+                        const at::Tensor& ds2, const at::Tensor& mean, const at::Tensor& var,
+                        const c10::optional<at::Tensor>& weight, double eps, int64_t groups, int64_t sn, int64_t sc,
+                        int64_t sp) {
+  const Geometry g = geometry(x, groups, sn, sc, sp);
+  at::Tensor dx = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastdfd_tap_backward", [&] {
+    using A = typename Acc<scalar_t>::type;
+    tap_backward_impl<scalar_t>(x.data_ptr<scalar_t>(), dy.has_value() ? dy->data_ptr<scalar_t>() : nullptr,
+                                dx.data_ptr<scalar_t>(), ds1.data_ptr<A>(), ds2.data_ptr<A>(), mean.data_ptr<A>(),
+                                var.data_ptr<A>(), opt_ptr<A>(weight), g, eps);
+  });
+  return dx;
+}
+
+// ------------------------------------------------------------------------------ finalize
+enum Kind { KL = 0, KL_REVERSE = 1, L2 = 2, MSE = 3 };
+
+int kind_id(const std::string& kind) {
+  if (kind == "kl") return KL;
+  if (kind == "kl_reverse") return KL_REVERSE;
+  if (kind == "l2") return L2;
+  if (kind == "mse") return MSE;
+  TORCH_CHECK(false, "unknown moment distance kind ", kind);
+}
+
+template <typename A>
+void finalize_impl(const A* s1, const A* s2, const A* count, const A* var, const A* eps, const int32_t* offsets,
+                   int64_t L, int64_t G, int64_t Ct, int kind, const A* dout, A* out, A* ds1, A* ds2) {
+  at::parallel_for(0, L * G, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t lg = begin; lg < end; ++lg) {
+      const int64_t l = lg / G, grp = lg % G, lo = offsets[l], hi = offsets[l + 1];
+      const A* r1 = s1 + grp * Ct;
+      const A* r2 = s2 + grp * Ct;
+      double acc1 = 0, acc2 = 0;  // kl terms or sum dv^2; sum d^2
+      for (int64_t c = lo; c < hi; ++c) {
+        const double d = r1[c] / count[c], vb = r2[c] / count[c] - d * d;
+        const double vbe = vb + eps[c], vre = var[c] + eps[c], dv = vb - var[c];
+        if (kind == KL) acc1 += 0.5 * std::log(vre / vbe) + (vbe + d * d) / (2 * vre) - 0.5;
+        else if (kind == KL_REVERSE) acc1 += 0.5 * std::log(vbe / vre) + (vre + d * d) / (2 * vbe) - 0.5;
+        else {
+          acc1 += dv * dv;
+          acc2 += d * d;
+        }
+      }
+      const double n_dv = std::sqrt(acc1), n_d = std::sqrt(acc2), width = static_cast<double>(hi - lo);
+      if (out) {
+        double v = acc1;
+        if (kind == L2) v = n_dv + n_d;
+        if (kind == MSE) v = (acc1 + acc2) / width;
+        out[l * G + grp] = static_cast<A>(v);
+        continue;
+      }
+      const double up = dout[l * G + grp];
+      for (int64_t c = lo; c < hi; ++c) {
+        const double m = count[c], d = r1[c] / m, vb = r2[c] / m - d * d;
+        const double vbe = vb + eps[c], vre = var[c] + eps[c], dv = vb - var[c];
+        double a, b;  // dD/dd and dD/dvar_b
+        if (kind == KL) {
+          a = d / vre;
+          b = 0.5 * (1 / vre - 1 / vbe);
+        } else if (kind == KL_REVERSE) {
+          a = d / vbe;
+          b = 0.5 / vbe - (vre + d * d) / (2 * vbe * vbe);
+        } else if (kind == L2) {
+          a = n_d > 0 ? d / n_d : 0;
+          b = n_dv > 0 ? dv / n_dv : 0;
+        } else {
+          a = 2 * d / width;
+          b = 2 * dv / width;
+        }
+        ds1[grp * Ct + c] = static_cast<A>(up * (a - 2 * d * b) / m);
+        ds2[grp * Ct + c] = static_cast<A>(up * b / m);
+      }
+    }
+  });
+}
+
+at::Tensor finalize_forward(const at::Tensor& s1, const at::Tensor& s2, const at::Tensor& count,
+                            const at::Tensor& var, const at::Tensor& eps, const at::Tensor& offsets,
+                            const std::string& kind) {
+  const int64_t L = offsets.numel() - 1, G = s1.size(0), Ct = s1.size(1);
+  at::Tensor out = at::empty({L, G}, s1.options());
+  AT_DISPATCH_FLOATING_TYPES(s1.scalar_type(), "fastdfd_finalize_forward", [&] {
+    finalize_impl<scalar_t>(s1.data_ptr<scalar_t>(), s2.data_ptr<scalar_t>(), count.data_ptr<scalar_t>(),
+                            var.data_ptr<scalar_t>(), eps.data_ptr<scalar_t>(), offsets.data_ptr<int32_t>(), L, G,
+                            Ct, kind_id(kind), nullptr, out.data_ptr<scalar_t>(), nullptr, nullptr);
+  });
+  return out;
+}
+
+std::vector<at::Tensor> finalize_backward(const at::Tensor& s1, const at::Tensor& s2, const at::Tensor& count,
+                                          const at::Tensor& var, const at::Tensor& eps, const at::Tensor& offsets,
+                                          const at::Tensor& dout, const std::string& kind) {
+  const int64_t L = offsets.numel() - 1, G = s1.size(0), Ct = s1.size(1);
+  at::Tensor ds1 = at::empty_like(s1), ds2 = at::empty_like(s2);
+  AT_DISPATCH_FLOATING_TYPES(s1.scalar_type(), "fastdfd_finalize_backward", [&] {
+    finalize_impl<scalar_t>(s1.data_ptr<scalar_t>(), s2.data_ptr<scalar_t>(), count.data_ptr<scalar_t>(),
+                            var.data_ptr<scalar_t>(), eps.data_ptr<scalar_t>(), offsets.data_ptr<int32_t>(), L, G,
+                            Ct, kind_id(kind), dout.data_ptr<scalar_t>(), nullptr, ds1.data_ptr<scalar_t>(),
+                            ds2.data_ptr<scalar_t>());
+  });
+  return {ds1, ds2};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastdfd cpp backend: fused BN moment tap and all-layers finalize on the CPU";
+  m.def("tap_forward", &tap_forward);
+  m.def("tap_backward", &tap_backward);
+  m.def("finalize_forward", &finalize_forward);
+  m.def("finalize_backward", &finalize_backward);
+}

@@ -1,0 +1,128 @@
+"""Build the csrc/ extensions on first use: torch.utils.cpp_extension + ninja, cached.
+
+The build folder is keyed by a hash of the sources, the flags, the compiler and the
+torch/Python versions, so a changed source or toolchain rebuilds and an unchanged one
+loads in milliseconds. Before building, the tools are checked (ninja, a C++ compiler,
+nvcc for CUDA) so that a machine without them gets a clear reason instead of a compiler
+log. Any failure returns ``None`` with the reason; the caller falls back to another
+backend, and one warning says why. ``FASTDFD_NO_EXT=1`` turns the extensions off (silently:
+that is the user's choice). ``FASTDFD_EXT_DIR`` moves the cache (default
+``~/.cache/fastdfd/extensions``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+
+def csrc_dir() -> Path:
+    """csrc/ of the source tree (editable installs), else the copy installed inside the package."""
+    here = Path(__file__).resolve().parent.parent  # fastdfd/
+    for candidate in (here.parent / "csrc", here / "csrc"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError("fastdfd's csrc/ sources are not installed")
+
+
+@dataclass
+class ExtensionSpec:
+    name: str
+    sources: list[str]  # relative to csrc/
+    cflags: list[str] = field(default_factory=list)
+    cuda_cflags: list[str] = field(default_factory=list)
+    needs_cuda: bool = False
+
+
+SPECS = {
+    "cpu": ExtensionSpec("fastdfd_cpu", ["moment_tap_cpu.cpp"], cflags=["-O3", "-fopenmp-simd"]),
+    "cuda": ExtensionSpec("fastdfd_cuda", ["moment_tap_cuda_binding.cpp", "moment_tap_cuda.cu"],
+                          cflags=["-O3"], cuda_cflags=["-O3", "--use_fast_math"], needs_cuda=True),
+}
+
+_LOADED: dict[str, tuple[ModuleType | None, str | None]] = {}
+_WARNED: set[str] = set()
+
+
+def _tool_version(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        return (out.stdout or out.stderr).strip().splitlines()[0]
+    except Exception:
+        return "unknown"
+
+
+def missing_tools(spec: ExtensionSpec) -> str | None:
+    """Why this machine cannot build ``spec``, or None."""
+    if shutil.which("ninja") is None:
+        return "ninja is not on PATH (pip install ninja)"
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return f"no C++ compiler ({cxx}) on PATH"
+    if spec.needs_cuda:
+        from torch.utils.cpp_extension import CUDA_HOME
+
+        if torch.version.cuda is None:
+            return "this torch build has no CUDA"
+        if CUDA_HOME is None:
+            return "nvcc / CUDA_HOME not found"
+    return None
+
+
+def build_key(spec: ExtensionSpec) -> str:
+    h = hashlib.sha256()
+    root = csrc_dir()
+    for src in sorted(set(spec.sources) | {p.name for p in root.glob("*.h")} | {p.name for p in root.glob("*.cuh")}):
+        h.update(src.encode())
+        h.update((root / src).read_bytes())
+    h.update(" ".join(spec.cflags + spec.cuda_cflags).encode())
+    h.update(_tool_version([os.environ.get("CXX", "c++"), "--version"]).encode())
+    h.update(f"{torch.__version__}|{sys.version}|{platform.machine()}".encode())
+    return h.hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FASTDFD_EXT_DIR", Path.home() / ".cache" / "fastdfd" / "extensions"))
+
+
+def load(which: str, verbose: bool = False) -> tuple[ModuleType | None, str | None]:
+    """The built extension ``which`` ("cpu" or "cuda"), building it if needed: (module, None) or (None, why)."""
+    if which in _LOADED:
+        return _LOADED[which]
+    if os.environ.get("FASTDFD_NO_EXT", "").strip() not in ("", "0"):
+        return None, "FASTDFD_NO_EXT is set"
+    spec = SPECS[which]
+    why = missing_tools(spec)
+    module = None
+    if why is None:
+        try:
+            from torch.utils.cpp_extension import load as cpp_load
+
+            key = build_key(spec)
+            build = cache_dir() / f"{spec.name}-{key}"
+            build.mkdir(parents=True, exist_ok=True)
+            root = csrc_dir()
+            module = cpp_load(
+                name=f"{spec.name}_{key}", sources=[str(root / s) for s in spec.sources],
+                extra_cflags=spec.cflags, extra_cuda_cflags=spec.cuda_cflags, build_directory=str(build),
+                verbose=verbose,
+            )
+        except Exception as e:  # compiler error, missing headers, ...
+            lines = [ln for ln in str(e).splitlines() if ln.strip()]
+            why = f"building {spec.name} failed: {lines[-1] if lines else type(e).__name__}"
+    if why is not None and which not in _WARNED:
+        _WARNED.add(which)
+        warnings.warn(f"fastdfd: the {which} extension is unavailable ({why}); using the next backend",
+                      RuntimeWarning, stacklevel=3)
+    _LOADED[which] = (module, why)
+    return _LOADED[which]
