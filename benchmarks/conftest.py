@@ -9,7 +9,8 @@ def pytest_configure(config):
 
 def _provider(param: str) -> str:
     # parametrize ids look like "c64s32-hooks-compiled" or "fastdfd-torch" or "batched"
-    for name in ("hooks-compiled", "hooks", "fastdfd-torch", "fastdfd-triton", "python-loop", "batched"):
+    for name in ("hooks-compiled", "hooks", "fastdfd-torch", "fastdfd-triton", "fastdfd-cpp", "fastdfd-cuda",
+                 "python-loop", "batched"):
         if param.endswith(name):
             return name
     return param

@@ -27,7 +27,7 @@ import fastdfd
 from fastdfd import GeneratorEnsemble, MomentMatcher
 from fastdfd.nn import ensemble_forward
 
-PROVIDERS = ("hooks", "hooks-compiled", "fastdfd-torch", "fastdfd-triton")
+PROVIDERS = ("hooks", "hooks-compiled", "fastdfd-torch", "fastdfd-triton", "fastdfd-cpp", "fastdfd-cuda")
 
 
 def r_feature(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
@@ -66,8 +66,8 @@ def _backend_of(provider: str) -> str | None:
 
 # ------------------------------------------------------------------------- one BN layer
 def bn_layer_step(provider: str, bn: nn.BatchNorm2d) -> tuple[Callable, Callable]:
-    """Returns (step(x, dy) -> (moment loss, dx), cleanup)."""
-    model = nn.Sequential(bn).eval()
+    """Returns (step(x, dy) -> (moment loss, dx), cleanup). The BN layer is frozen, as a teacher's is."""
+    model = nn.Sequential(bn).eval().requires_grad_(False)
     if provider.startswith("hooks"):
         hooks = HookLoss(model)
 
@@ -103,8 +103,9 @@ def generator_step(provider: str, teacher: nn.Module, ensemble: GeneratorEnsembl
     """Returns (step() -> (loss, grads), cleanup): one generator-training step, fixed inputs.
 
     The loss is DeepInversion's (l2 moments over the whole batch) plus cross-entropy, so
-    that every provider computes the same number.
+    that every provider computes the same number. The teacher is frozen, as in training.
     """
+    teacher.eval().requires_grad_(False)
     gen = torch.Generator(device=ensemble.fc_z.device).manual_seed(seed)
     z, y, local = ensemble.draw(batch, None, gen)
     params = ensemble.stacked()

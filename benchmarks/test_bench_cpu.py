@@ -1,7 +1,8 @@
 """CPU benchmarks (``make bench``): providers compared in one process on the same inputs.
 
 Read the ratios printed at the end, not the absolute times: this is a shared 2-core machine.
-The Triton provider is not timed here (on a CPU it runs in Triton's interpreter).
+The Triton provider is not timed here (on a CPU it runs in Triton's interpreter); the cpp
+provider is fastdfd's CPU default.
 """
 
 import pytest
@@ -13,9 +14,10 @@ from fastdfd.models import create_model
 
 from .providers import bn_layer_step, generator_step, randomize_bn
 
-CPU_PROVIDERS = ["hooks", "hooks-compiled", "fastdfd-torch"]
-# (channels, spatial) of CIFAR ResNet-34 BN inputs; the issue's batch is 256, kept at 64 here
+CPU_PROVIDERS = ["hooks", "hooks-compiled", "fastdfd-torch", "fastdfd-cpp"]
+# (channels, spatial) of CIFAR ResNet-34 BN inputs at batch 256
 LAYERS = [(64, 32), (128, 16), (256, 8), (512, 4)]
+BATCH = 256
 
 
 @pytest.mark.parametrize("provider", CPU_PROVIDERS)
@@ -23,11 +25,11 @@ LAYERS = [(64, 32), (128, 16), (256, 8), (512, 4)]
 def test_bn_layer_forward_backward(benchmark, provider, channels, size):
     bn = randomize_bn(nn.BatchNorm2d(channels))
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(64, channels, size, size, generator=g).requires_grad_(True)
-    dy = torch.randn(64, channels, size, size, generator=g)
+    x = torch.randn(BATCH, channels, size, size, generator=g).requires_grad_(True)
+    dy = torch.randn(BATCH, channels, size, size, generator=g)
     step, cleanup = bn_layer_step(provider, bn)
-    step(x, dy)  # warm-up (and compilation for hooks-compiled)
-    benchmark.group = f"bn-layer c{channels} s{size} b64"
+    step(x, dy)  # warm-up (and compilation for hooks-compiled, the extension build for fastdfd-cpp)
+    benchmark.group = f"bn-layer c{channels} s{size} b{BATCH}"
     benchmark(step, x, dy)
     cleanup()
 

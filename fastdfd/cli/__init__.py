@@ -18,6 +18,23 @@ def _demo(args: argparse.Namespace) -> dict:
     return metrics
 
 
+def _build_ext(args: argparse.Namespace) -> dict:
+    import time
+
+    from ..ops import extensions
+
+    status = {}
+    unknown = sorted(set(args.which) - set(extensions.SPECS))
+    if unknown:
+        raise ValueError(f"unknown extension(s) {unknown}; expected cpu and/or cuda")
+    for which in args.which or ["cpu", "cuda"]:
+        start = time.perf_counter()
+        module, why = extensions.load(which, verbose=args.verbose)
+        status[which] = "built" if module is not None else f"unavailable: {why}"
+        print(f"{which:5} {status[which]} ({time.perf_counter() - start:.1f} s; cache {extensions.cache_dir()})")
+    return status
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .commands import add_commands
 
@@ -30,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_demo)
+    p = sub.add_parser("build-ext", help="build the C++/CUDA extensions ahead of time (else built on first use)")
+    p.add_argument("which", nargs="*", help="cpu and/or cuda (default: both)")
+    p.add_argument("--verbose", action="store_true", help="show the compiler's output")
+    p.set_defaults(func=_build_ext)
     add_commands(sub)
     return parser
 

@@ -45,7 +45,8 @@ class ExtensionSpec:
 
 
 SPECS = {
-    "cpu": ExtensionSpec("fastdfd_cpu", ["moment_tap_cpu.cpp"], cflags=["-O3", "-fopenmp-simd"]),
+    # -march=native: built on first use on the machine that runs it (the CPU is in the cache key)
+    "cpu": ExtensionSpec("fastdfd_cpu", ["moment_tap_cpu.cpp"], cflags=["-O3", "-march=native", "-fopenmp-simd"]),
     "cuda": ExtensionSpec("fastdfd_cuda", ["moment_tap_cuda_binding.cpp", "moment_tap_cuda.cu"],
                           cflags=["-O3"], cuda_cflags=["-O3", "--use_fast_math"], needs_cuda=True),
 }
@@ -79,6 +80,14 @@ def missing_tools(spec: ExtensionSpec) -> str | None:
     return None
 
 
+def _cpu_fingerprint() -> str:
+    try:
+        flags = [ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith(("flags", "model name"))]
+        return "|".join(sorted(set(flags)))
+    except OSError:
+        return platform.processor()
+
+
 def build_key(spec: ExtensionSpec) -> str:
     h = hashlib.sha256()
     root = csrc_dir()
@@ -87,7 +96,7 @@ def build_key(spec: ExtensionSpec) -> str:
         h.update((root / src).read_bytes())
     h.update(" ".join(spec.cflags + spec.cuda_cflags).encode())
     h.update(_tool_version([os.environ.get("CXX", "c++"), "--version"]).encode())
-    h.update(f"{torch.__version__}|{sys.version}|{platform.machine()}".encode())
+    h.update(f"{torch.__version__}|{sys.version}|{platform.machine()}|{_cpu_fingerprint()}".encode())
     return h.hexdigest()[:16]
 
 

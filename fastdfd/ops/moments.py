@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..backends import resolve
-from . import cpp_backend, reference, triton_backend  # noqa: F401  (register the backends)
+from . import cpp_backend, cuda_backend, reference, triton_backend  # noqa: F401  (register the backends)
 from .layout import PackedLayout
 from .reference import KINDS
 

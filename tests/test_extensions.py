@@ -1,0 +1,57 @@
+"""Building the csrc/ extensions: cache, opt-out, and a failed build that falls back with one warning."""
+
+import warnings
+
+import pytest
+import torch
+
+import fastdfd
+from fastdfd import backends
+from fastdfd.cli import main
+from fastdfd.ops import extensions
+
+
+@pytest.fixture
+def fresh_loader(monkeypatch):
+    """Forget built extensions and warnings for the duration of a test."""
+    monkeypatch.setattr(extensions, "_LOADED", {})
+    monkeypatch.setattr(extensions, "_WARNED", set())
+    monkeypatch.setattr(backends, "_WARNED", set())
+
+
+def test_cpp_is_the_cpu_default_when_it_builds():
+    module, why = extensions.load("cpu")
+    if module is None:
+        pytest.skip(f"cpu extension unavailable here: {why}")
+    assert backends.resolve("moment_tap", torch.zeros(1, 1))[0] == "cpp"
+    assert (extensions.cache_dir() / f"fastdfd_cpu-{extensions.build_key(extensions.SPECS['cpu'])}").is_dir()
+
+
+def test_no_ext_switch_falls_back_silently(monkeypatch, fresh_loader):
+    monkeypatch.setenv("FASTDFD_NO_EXT", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backends.resolve("moment_tap", torch.zeros(1, 1))[0] == "torch"
+        x = torch.randn(4, 3, 2, 2)
+        fastdfd.bn_moment_loss(x, torch.zeros(3), torch.ones(3))
+
+
+def test_failed_build_warns_once_with_the_reason_and_falls_back(monkeypatch, fresh_loader, tmp_path):
+    broken = extensions.ExtensionSpec("fastdfd_broken", ["does_not_exist.cpp"])
+    monkeypatch.setitem(extensions.SPECS, "cpu", broken)
+    monkeypatch.setenv("FASTDFD_EXT_DIR", str(tmp_path))
+    with pytest.warns(RuntimeWarning, match="cpu extension is unavailable"):
+        assert backends.resolve("moment_tap", torch.zeros(1, 1))[0] == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        assert backends.resolve("moment_tap", torch.zeros(1, 1))[0] == "torch"
+
+
+def test_missing_tools_are_named(monkeypatch):
+    monkeypatch.setattr(extensions.shutil, "which", lambda name: None)
+    assert "ninja" in extensions.missing_tools(extensions.SPECS["cpu"])
+
+
+def test_build_ext_command(capsys):
+    assert main(["build-ext", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith("cpu")
