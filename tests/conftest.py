@@ -10,18 +10,36 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def randomize_bn_stats(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Plausible, non-trivial running statistics and affine parameters on every BN layer."""
+def randomize_bn_stats(model: nn.Module, seed: int = 0, calibrate: torch.Tensor | None = None) -> nn.Module:
+    """Plausible, non-trivial running statistics and affine parameters on every BN layer.
+
+    With ``calibrate`` (an input batch), the statistics are first measured on it, as a
+    trained teacher's would be, then perturbed: a deep network then stays well-conditioned
+    (purely random statistics make a ResNet-34's activations explode, and any two fp32
+    computations of it disagree in the third digit).
+    """
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                n = m.num_features
+        bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        for m in bns:
+            if m.affine:
+                m.weight.copy_(1 + 0.2 * torch.randn(m.num_features, generator=g))
+                m.bias.copy_(0.1 * torch.randn(m.num_features, generator=g))
+        if calibrate is not None:
+            for m in bns:
+                m.reset_running_stats()
+                m.momentum = None  # cumulative average over the calibration pass
+            model.train()(calibrate)
+            for m in bns:
+                m.momentum = 0.1
+        for m in bns:
+            n = m.num_features
+            if calibrate is None:
                 m.running_mean.copy_(0.5 * torch.randn(n, generator=g))
                 m.running_var.copy_(0.5 + torch.rand(n, generator=g))
-                if m.affine:
-                    m.weight.copy_(1 + 0.2 * torch.randn(n, generator=g))
-                    m.bias.copy_(0.1 * torch.randn(n, generator=g))
+            else:
+                m.running_mean.add_(0.1 * m.running_var.sqrt() * torch.randn(n, generator=g))
+                m.running_var.mul_(0.8 + 0.4 * torch.rand(n, generator=g))
     return model.eval()
 
 

@@ -1,5 +1,7 @@
 """MomentMatcher against DeepInversion-style forward hooks written here, on CIFAR ResNets."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -54,15 +56,19 @@ class HookLoss:
 
 @pytest.fixture(scope="module")
 def resnets():
-    return {name: randomize_bn_stats(create_model(name, num_classes=10), seed=i)
+    calib = torch.Generator().manual_seed(5)
+    return {name: randomize_bn_stats(create_model(name, num_classes=10), seed=i,
+                                     calibrate=torch.randn(16, 3, 32, 32, generator=calib))
             for i, name in enumerate(["resnet18", "resnet34"])}
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet34"])
 @pytest.mark.parametrize("kind", fastdfd.KINDS)
 def test_matches_hooks_value_and_input_gradient(resnets, name, kind):
-    teacher = resnets[name]
-    x = (0.2 + torch.randn(6, 3, 32, 32)).requires_grad_(True)
+    # float64 end to end: a random deep ReLU network amplifies any fp32 rounding difference
+    # (a flipped ReLU mask) into percent-level gradient differences, whoever is right
+    teacher = copy.deepcopy(resnets[name]).double()
+    x = (0.2 + torch.randn(6, 3, 32, 32, dtype=torch.float64)).requires_grad_(True)
     y = torch.randint(0, 10, (6,))
 
     hooks = HookLoss(teacher, kind, first_bn_multiplier=3.0)
@@ -77,12 +83,42 @@ def test_matches_hooks_value_and_input_gradient(resnets, name, kind):
         (grad,) = torch.autograd.grad(loss + F.cross_entropy(logits, y), x)
         assert len(matcher.layer_losses()) == len(hooks.values)
 
-    # BN computed as (x - mu) * scale + shift vs torch's fused x * a + b: fp32 rounding through 34 layers
-    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(loss.double(), ref, rtol=1e-4, atol=1e-4)
-    # norm-wise: the fp32 backward through ~20 layers rounds small entries differently
-    err = float((grad.double() - ref_grad).norm() / ref_grad.norm())
-    assert err < 1e-4, err
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-8, atol=1e-10 * float(ref_grad.abs().max()))
+
+
+@pytest.mark.parametrize("kind", fastdfd.KINDS)
+def test_fp32_error_no_worse_than_fp32_hooks(resnets, kind):
+    """fp32 against the float64 hooks. The loss by flash-attention's rule (our error <= 2x that
+    of the fp32 hook implementation + slack). The input gradient only to 1%: through a random
+    18-layer ReLU network any fp32 rounding difference flips some ReLU masks, and fp32
+    implementations then differ by 1e-3..1e-2 in norm, run to run (oneDNN's convolutions are
+    not bit-stable across processes); exactness is the float64 test's job above."""
+    teacher = resnets["resnet18"]
+    x = 0.2 + torch.randn(6, 3, 32, 32, dtype=torch.float64)
+
+    def hooks_run(model, inp):
+        hooks = HookLoss(model, kind)
+        inp = inp.clone().requires_grad_(True)
+        model(inp)
+        loss = hooks.loss()
+        hooks.remove()
+        return loss.double(), torch.autograd.grad(loss, inp)[0].double()
+
+    ref, ref_grad = hooks_run(copy.deepcopy(teacher).double(), x)
+    base, base_grad = hooks_run(teacher, x.float())
+    x32 = x.float().requires_grad_(True)
+    with MomentMatcher(teacher, kind=kind) as matcher:
+        teacher(x32)
+        loss = matcher.loss()
+        (grad,) = torch.autograd.grad(loss, x32)
+
+    def err(g):
+        return float((g.double() - ref_grad).norm() / ref_grad.norm())
+
+    assert abs(float(loss) - float(ref)) <= 2 * abs(float(base) - float(ref)) + 1e-5 * abs(float(ref))
+    assert err(grad) < 1e-2 and err(base_grad) < 1e-2, (err(grad), err(base_grad))
 
 
 def test_teacher_state_is_bit_identical_and_restored(resnets):
