@@ -32,6 +32,28 @@ import triton.language as tl
 
 
 @triton.jit
+def _program_tile(C, P, rows_per_group, chunk, SPLIT, BLOCK_C: tl.constexpr):
+    """This program's segment g, its channels, and its [j_start, j_end) of the segment's positions."""
+    gs = tl.program_id(1)
+    g = gs // SPLIT
+    s = gs % SPLIT
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    j_start = s * chunk
+    j_end = tl.minimum(j_start + chunk, rows_per_group * P)
+    return g, s, offs_c, offs_c < C, j_start, j_end
+
+
+@triton.jit
+def _tile_offsets(j0, j_end, base_n, P, offs_c, mask_c, stride_n, stride_c, stride_p, BLOCK_J: tl.constexpr):
+    """Element offsets and mask of the [BLOCK_C, BLOCK_J] tile starting at position j0."""
+    offs_j = j0 + tl.arange(0, BLOCK_J)
+    n = base_n + offs_j // P
+    p = offs_j % P
+    off = n.to(tl.int64)[None, :] * stride_n + offs_c.to(tl.int64)[:, None] * stride_c + p[None, :] * stride_p
+    return off, mask_c[:, None] & (offs_j < j_end)[None, :]
+
+
+@triton.jit
 def _tap_fwd_kernel(
     x_ptr,  # *T   input, element (n, c, p) at n*stride_n + c*stride_c + p*stride_p
     y_ptr,  # *T   output (same strides as x); unused when WRITE_Y is False
@@ -56,12 +78,7 @@ def _tap_fwd_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_J: tl.constexpr,
 ):
-    cb = tl.program_id(0)
-    gs = tl.program_id(1)
-    g = gs // SPLIT
-    s = gs % SPLIT
-    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
+    g, s, offs_c, mask_c, j_start, j_end = _program_tile(C, P, rows_per_group, chunk, SPLIT, BLOCK_C)
     mu = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0)
     if WRITE_Y:
         scale = tl.rsqrt(tl.load(var_ptr + offs_c, mask=mask_c, other=1.0) + eps)
@@ -72,19 +89,11 @@ def _tap_fwd_kernel(
         else:
             shift = tl.zeros([BLOCK_C], dtype=tl.float32)
 
-    total = rows_per_group * P
-    j_start = s * chunk
-    j_end = tl.minimum(j_start + chunk, total)
     acc1 = tl.zeros([BLOCK_C, BLOCK_J], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_C, BLOCK_J], dtype=tl.float32)
-    base_n = g * rows_per_group
     for j0 in range(j_start, j_end, BLOCK_J):
-        offs_j = j0 + tl.arange(0, BLOCK_J)
-        mask_j = offs_j < j_end
-        n = base_n + offs_j // P
-        p = offs_j % P
-        off = n.to(tl.int64)[None, :] * stride_n + offs_c.to(tl.int64)[:, None] * stride_c + p[None, :] * stride_p
-        mask = mask_c[:, None] & mask_j[None, :]
+        off, mask = _tile_offsets(j0, j_end, g * rows_per_group, P, offs_c, mask_c, stride_n, stride_c, stride_p,
+                                  BLOCK_J)
         x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
         d = tl.where(mask, x - mu[:, None], 0.0)
         acc1 += d
@@ -121,12 +130,7 @@ def _tap_bwd_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_J: tl.constexpr,
 ):
-    cb = tl.program_id(0)
-    gs = tl.program_id(1)
-    g = gs // SPLIT
-    s = gs % SPLIT
-    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
+    g, s, offs_c, mask_c, j_start, j_end = _program_tile(C, P, rows_per_group, chunk, SPLIT, BLOCK_C)
     mu = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0)
     g1 = tl.load(ds1_ptr + g * C + offs_c, mask=mask_c, other=0.0)
     g2 = 2.0 * tl.load(ds2_ptr + g * C + offs_c, mask=mask_c, other=0.0)
@@ -135,17 +139,9 @@ def _tap_bwd_kernel(
         if HAS_W:
             scale = scale * tl.load(w_ptr + offs_c, mask=mask_c, other=1.0)
 
-    total = rows_per_group * P
-    j_start = s * chunk
-    j_end = tl.minimum(j_start + chunk, total)
-    base_n = g * rows_per_group
     for j0 in range(j_start, j_end, BLOCK_J):
-        offs_j = j0 + tl.arange(0, BLOCK_J)
-        mask_j = offs_j < j_end
-        n = base_n + offs_j // P
-        p = offs_j % P
-        off = n.to(tl.int64)[None, :] * stride_n + offs_c.to(tl.int64)[:, None] * stride_c + p[None, :] * stride_p
-        mask = mask_c[:, None] & mask_j[None, :]
+        off, mask = _tile_offsets(j0, j_end, g * rows_per_group, P, offs_c, mask_c, stride_n, stride_c, stride_p,
+                                  BLOCK_J)
         x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
         dx = g1[:, None] + (x - mu[:, None]) * g2[:, None]
         if HAS_DY:
@@ -204,11 +200,10 @@ def tap_backward(x, dy, ds1, ds2, mean, var, weight, eps: float, groups: int, pr
     """Launch the backward; returns dx with x's strides."""
     import torch
 
-    from fastdfd.ops.layout import kernel_layout
+    from fastdfd.ops.layout import kernel_layout, like_strides
 
     x, strides = kernel_layout(x)
-    if dy is not None and dy.stride() != x.stride():
-        dy = torch.empty_like(x).copy_(dy)
+    dy = like_strides(dy, x)
     n, c = x.shape[0], x.shape[1]
     p = x.numel() // max(1, n * c)
     cfg = tap_config(n, c, p, groups, strides[1] == 1 and c > 1, programs)

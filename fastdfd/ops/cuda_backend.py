@@ -14,7 +14,7 @@ from torch import Tensor
 
 from . import extensions
 from .fused import LAUNCHERS, register_fused_backend
-from .layout import kernel_layout
+from .layout import kernel_layout, like_strides
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 KIND_IDS = {"kl": 0, "kl_reverse": 1, "l2": 2, "mse": 3}
@@ -56,8 +56,7 @@ def _tap_forward(x, mean, var, weight, bias, eps, groups, write_y):
 
 def _tap_backward(x, dy, ds1, ds2, mean, var, weight, eps, groups):
     x, strides = kernel_layout(x)
-    if dy is not None and dy.stride() != x.stride():
-        dy = torch.empty_like(x).copy_(dy)
+    dy = like_strides(dy, x)
     return _ext().tap_backward(x, dy, ds1, ds2, mean, var, weight, float(eps), int(groups), *strides, _stream(x))
 
 

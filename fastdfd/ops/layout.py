@@ -73,3 +73,10 @@ def kernel_layout(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         x = x.contiguous()
         strides = flat_strides(x)
     return x, strides
+
+
+def like_strides(t: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """``t`` (e.g. dy) with exactly x's strides, copied only when they differ (kernels index both alike)."""
+    if t is None or t.stride() == x.stride():
+        return t
+    return torch.empty_like(x).copy_(t)
