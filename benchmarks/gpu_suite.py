@@ -236,7 +236,7 @@ def main(argv=None) -> int:
 
     layers = time_layers(shapes, dtypes, providers, device, report["copy_gbps"], report, reps=3 if args.tiny else 20)
     save()
-    print(f"\none BN layer, forward+backward (median ms; GB/s as a share of copy bandwidth; speed-up vs hooks)")
+    print("\none BN layer, forward+backward (median ms; GB/s as a share of copy bandwidth; speed-up vs hooks)")
     for r in layers:
         print(f"  {str(r['shape']):<22} {r['dtype']:<9} {r['provider']:<15} {r['ms']:8.3f} ms "
               f"{r['gbps']:8.0f} GB/s {100 * r['copy_fraction']:5.1f}%  {r['speedup_vs_hooks']:5.2f}x")

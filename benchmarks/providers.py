@@ -7,7 +7,7 @@ quantities, so that results can be checked against each other before they are ti
   a forward hook per BN layer computing mean, permute/contiguous/var and the norms (extra
   passes over every BN input, and their backward).
 - ``hooks-compiled``: the same under ``torch.compile`` (inductor).
-- ``fastdfd-torch`` / ``fastdfd-triton`` (/ ``fastdfd-cuda`` once step 3 lands): the
+- ``fastdfd-torch`` / ``fastdfd-triton`` / ``fastdfd-cpp`` / ``fastdfd-cuda``: the
   MomentMatcher on that backend (one tap per BN layer, one packed finalize).
 
 Two workloads: one BN layer forward+backward (the upstream gradient dy of the BN output

@@ -251,15 +251,8 @@ at::Tensor tap_backward(const at::Tensor& x, const c10::optional<at::Tensor>& dy
 }
 
 // ------------------------------------------------------------------------------ finalize
+// Kind ids as fastdfd.ops.reference.KIND_IDS.
 enum Kind { KL = 0, KL_REVERSE = 1, L2 = 2, MSE = 3 };
-
-int kind_id(const std::string& kind) {
-  if (kind == "kl") return KL;
-  if (kind == "kl_reverse") return KL_REVERSE;
-  if (kind == "l2") return L2;
-  if (kind == "mse") return MSE;
-  TORCH_CHECK(false, "unknown moment distance kind ", kind);
-}
 
 template <typename A>
 void finalize_impl(const A* s1, const A* s2, const A* count, const A* var, const A* eps, const int32_t* offsets,
@@ -315,26 +308,26 @@ void finalize_impl(const A* s1, const A* s2, const A* count, const A* var, const
 
 at::Tensor finalize_forward(const at::Tensor& s1, const at::Tensor& s2, const at::Tensor& count,
                             const at::Tensor& var, const at::Tensor& eps, const at::Tensor& offsets,
-                            const std::string& kind) {
+                            int64_t kind) {
   const int64_t L = offsets.numel() - 1, G = s1.size(0), Ct = s1.size(1);
   at::Tensor out = at::empty({L, G}, s1.options());
   AT_DISPATCH_FLOATING_TYPES(s1.scalar_type(), "fastdfd_finalize_forward", [&] {
     finalize_impl<scalar_t>(s1.data_ptr<scalar_t>(), s2.data_ptr<scalar_t>(), count.data_ptr<scalar_t>(),
                             var.data_ptr<scalar_t>(), eps.data_ptr<scalar_t>(), offsets.data_ptr<int32_t>(), L, G,
-                            Ct, kind_id(kind), nullptr, out.data_ptr<scalar_t>(), nullptr, nullptr);
+                            Ct, static_cast<int>(kind), nullptr, out.data_ptr<scalar_t>(), nullptr, nullptr);
   });
   return out;
 }
 
 std::vector<at::Tensor> finalize_backward(const at::Tensor& s1, const at::Tensor& s2, const at::Tensor& count,
                                           const at::Tensor& var, const at::Tensor& eps, const at::Tensor& offsets,
-                                          const at::Tensor& dout, const std::string& kind) {
+                                          const at::Tensor& dout, int64_t kind) {
   const int64_t L = offsets.numel() - 1, G = s1.size(0), Ct = s1.size(1);
   at::Tensor ds1 = at::empty_like(s1), ds2 = at::empty_like(s2);
   AT_DISPATCH_FLOATING_TYPES(s1.scalar_type(), "fastdfd_finalize_backward", [&] {
     finalize_impl<scalar_t>(s1.data_ptr<scalar_t>(), s2.data_ptr<scalar_t>(), count.data_ptr<scalar_t>(),
                             var.data_ptr<scalar_t>(), eps.data_ptr<scalar_t>(), offsets.data_ptr<int32_t>(), L, G,
-                            Ct, kind_id(kind), dout.data_ptr<scalar_t>(), nullptr, ds1.data_ptr<scalar_t>(),
+                            Ct, static_cast<int>(kind), dout.data_ptr<scalar_t>(), nullptr, ds1.data_ptr<scalar_t>(),
                             ds2.data_ptr<scalar_t>());
   });
   return {ds1, ds2};

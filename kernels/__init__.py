@@ -1,5 +1,10 @@
 """Triton kernels of fastdfd, installed as ``fastdfd.kernels``.
 
-Empty until the fused moment tap lands (step 2); the ``torch`` backend in
-``fastdfd.ops.reference`` is the specification these kernels will implement.
+- ``moment_tap``: eval-mode BN output + shifted power sums in one read of x, and the
+  single-pass backward;
+- ``moment_finalize``: every BN layer's moment distance from one packed buffer, one launch;
+- ``aot``: ahead-of-time compilation of every configuration for sm_80/sm_90 (no GPU needed).
+
+``fastdfd.ops.reference`` is the specification these kernels implement; the custom ops
+that call them live in ``fastdfd.ops.fused`` and ``fastdfd.ops.triton_backend``.
 """

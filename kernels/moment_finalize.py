@@ -25,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-KIND_IDS = {"kl": 0, "kl_reverse": 1, "l2": 2, "mse": 3}
+from fastdfd.ops.reference import KIND_IDS  # kl 0, kl_reverse 1, l2 2, mse 3
 
 
 @triton.jit
@@ -36,6 +36,30 @@ def _channel_stats(s1_ptr, s2_ptr, count_ptr, var_ptr, eps_ptr, row, offs, mask)
     var_r = tl.load(var_ptr + offs, mask=mask, other=1.0)
     eps = tl.load(eps_ptr + offs, mask=mask, other=1.0)
     return m, d, var_b, var_r, eps
+
+
+@triton.jit
+def _layer_sums(s1_ptr, s2_ptr, count_ptr, var_ptr, eps_ptr, row, start, end, KIND: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """One layer's reductions over its channels: (sum of KL terms, 0) for the KL kinds,
+    (sum dv^2, sum d^2) for l2 and mse."""
+    acc1 = tl.zeros([BLOCK], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK], dtype=tl.float32)
+    for c0 in range(start, end, BLOCK):
+        offs = c0 + tl.arange(0, BLOCK)
+        mask = offs < end
+        m, d, var_b, var_r, eps = _channel_stats(s1_ptr, s2_ptr, count_ptr, var_ptr, eps_ptr, row, offs, mask)
+        vb = var_b + eps
+        vr = var_r + eps
+        if KIND == 0:
+            acc1 += tl.where(mask, 0.5 * tl.log(vr / vb) + (vb + d * d) / (2.0 * vr) - 0.5, 0.0)
+        elif KIND == 1:
+            acc1 += tl.where(mask, 0.5 * tl.log(vb / vr) + (vr + d * d) / (2.0 * vb) - 0.5, 0.0)
+        else:
+            dv = var_b - var_r
+            acc1 += tl.where(mask, dv * dv, 0.0)
+            acc2 += tl.where(mask, d * d, 0.0)
+    return tl.sum(acc1, axis=0), tl.sum(acc2, axis=0)
 
 
 @triton.jit
@@ -56,31 +80,13 @@ def _finalize_fwd_kernel(
     G = tl.num_programs(1)
     start = tl.load(offsets_ptr + layer)
     end = tl.load(offsets_ptr + layer + 1)
-    row = g * C_total
-    acc1 = tl.zeros([BLOCK], dtype=tl.float32)  # kl terms, or sum dv^2
-    acc2 = tl.zeros([BLOCK], dtype=tl.float32)  # sum d^2 (l2, mse)
-    for c0 in range(start, end, BLOCK):
-        offs = c0 + tl.arange(0, BLOCK)
-        mask = offs < end
-        m, d, var_b, var_r, eps = _channel_stats(s1_ptr, s2_ptr, count_ptr, var_ptr, eps_ptr, row, offs, mask)
-        vb = var_b + eps
-        vr = var_r + eps
-        if KIND == 0:
-            t = 0.5 * tl.log(vr / vb) + (vb + d * d) / (2.0 * vr) - 0.5
-            acc1 += tl.where(mask, t, 0.0)
-        elif KIND == 1:
-            t = 0.5 * tl.log(vb / vr) + (vr + d * d) / (2.0 * vb) - 0.5
-            acc1 += tl.where(mask, t, 0.0)
-        else:
-            dv = var_b - var_r
-            acc1 += tl.where(mask, dv * dv, 0.0)
-            acc2 += tl.where(mask, d * d, 0.0)
+    sum1, sum2 = _layer_sums(s1_ptr, s2_ptr, count_ptr, var_ptr, eps_ptr, g * C_total, start, end, KIND, BLOCK)
     if KIND == 2:
-        out = tl.sqrt(tl.sum(acc1, axis=0)) + tl.sqrt(tl.sum(acc2, axis=0))
+        out = tl.sqrt(sum1) + tl.sqrt(sum2)
     elif KIND == 3:
-        out = (tl.sum(acc1, axis=0) + tl.sum(acc2, axis=0)) / (end - start).to(tl.float32)
+        out = (sum1 + sum2) / (end - start).to(tl.float32)
     else:
-        out = tl.sum(acc1, axis=0)
+        out = sum1
     tl.store(out_ptr + layer * G + g, out)
 
 
@@ -109,17 +115,9 @@ def _finalize_bwd_kernel(
     inv_dv = 0.0
     inv_d = 0.0
     if KIND == 2:  # the norms first: each channel's gradient divides by them
-        acc1 = tl.zeros([BLOCK], dtype=tl.float32)
-        acc2 = tl.zeros([BLOCK], dtype=tl.float32)
-        for c0 in range(start, end, BLOCK):
-            offs = c0 + tl.arange(0, BLOCK)
-            mask = offs < end
-            m, d, var_b, var_r, eps = _channel_stats(s1_ptr, s2_ptr, count_ptr, var_ptr, eps_ptr, row, offs, mask)
-            dv = var_b - var_r
-            acc1 += tl.where(mask, dv * dv, 0.0)
-            acc2 += tl.where(mask, d * d, 0.0)
-        n_dv = tl.sqrt(tl.sum(acc1, axis=0))
-        n_d = tl.sqrt(tl.sum(acc2, axis=0))
+        sum_dv, sum_d = _layer_sums(s1_ptr, s2_ptr, count_ptr, var_ptr, eps_ptr, row, start, end, KIND, BLOCK)
+        n_dv = tl.sqrt(sum_dv)
+        n_d = tl.sqrt(sum_d)
         inv_dv = tl.where(n_dv > 0, 1.0 / n_dv, 0.0)
         inv_d = tl.where(n_d > 0, 1.0 / n_d, 0.0)
     for c0 in range(start, end, BLOCK):

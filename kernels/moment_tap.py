@@ -44,6 +44,15 @@ def _program_tile(C, P, rows_per_group, chunk, SPLIT, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def _bn_scale(var_ptr, w_ptr, offs_c, mask_c, eps, HAS_W: tl.constexpr):
+    """gamma * rsqrt(var_r + eps) per channel: the eval BN's slope, forward and backward."""
+    scale = tl.rsqrt(tl.load(var_ptr + offs_c, mask=mask_c, other=1.0) + eps)
+    if HAS_W:
+        scale = scale * tl.load(w_ptr + offs_c, mask=mask_c, other=1.0)
+    return scale
+
+
+@triton.jit
 def _tile_offsets(j0, j_end, base_n, P, offs_c, mask_c, stride_n, stride_c, stride_p, BLOCK_J: tl.constexpr):
     """Element offsets and mask of the [BLOCK_C, BLOCK_J] tile starting at position j0."""
     offs_j = j0 + tl.arange(0, BLOCK_J)
@@ -81,9 +90,7 @@ def _tap_fwd_kernel(
     g, s, offs_c, mask_c, j_start, j_end = _program_tile(C, P, rows_per_group, chunk, SPLIT, BLOCK_C)
     mu = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0)
     if WRITE_Y:
-        scale = tl.rsqrt(tl.load(var_ptr + offs_c, mask=mask_c, other=1.0) + eps)
-        if HAS_W:
-            scale = scale * tl.load(w_ptr + offs_c, mask=mask_c, other=1.0)
+        scale = _bn_scale(var_ptr, w_ptr, offs_c, mask_c, eps, HAS_W)
         if HAS_B:
             shift = tl.load(b_ptr + offs_c, mask=mask_c, other=0.0)
         else:
@@ -135,9 +142,7 @@ def _tap_bwd_kernel(
     g1 = tl.load(ds1_ptr + g * C + offs_c, mask=mask_c, other=0.0)
     g2 = 2.0 * tl.load(ds2_ptr + g * C + offs_c, mask=mask_c, other=0.0)
     if HAS_DY:
-        scale = tl.rsqrt(tl.load(var_ptr + offs_c, mask=mask_c, other=1.0) + eps)
-        if HAS_W:
-            scale = scale * tl.load(w_ptr + offs_c, mask=mask_c, other=1.0)
+        scale = _bn_scale(var_ptr, w_ptr, offs_c, mask_c, eps, HAS_W)
 
     for j0 in range(j_start, j_end, BLOCK_J):
         off, mask = _tile_offsets(j0, j_end, g * rows_per_group, P, offs_c, mask_c, stride_n, stride_c, stride_p,

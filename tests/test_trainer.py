@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastdfd import Distiller, GeneratorEnsemble, GeneratorTrainer, MomentMatcher, NonFiniteLossError
+from fastdfd import Distiller, GeneratorEnsemble, GeneratorTrainer, NonFiniteLossError
 from fastdfd.models import create_model
 from fastdfd.train import CheckpointError, ChunkSchedule, StackedAdam
 

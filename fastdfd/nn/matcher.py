@@ -171,14 +171,6 @@ class MomentMatcher:
             for i, s in enumerate(slots)
         }
 
-    def packed_sums(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The last forward's [G, C_total] power sums (for all-reducing across ranks)."""
-        slots = tuple(sorted(self._sums))
-        return (
-            torch.cat([self._sums[s][0] for s in slots], dim=1),
-            torch.cat([self._sums[s][1] for s in slots], dim=1),
-        )
-
     # ---------------------------------------------------------------- lifetime
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:

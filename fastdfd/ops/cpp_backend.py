@@ -12,6 +12,7 @@ from torch import Tensor
 from . import extensions
 from .fused import LAUNCHERS, register_fused_backend
 from .layout import kernel_layout, like_strides
+from .reference import KIND_IDS
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -41,12 +42,11 @@ def _tap_backward(x, dy, ds1, ds2, mean, var, weight, eps, groups):
 
 
 def _finalize_forward(s1, s2, count, var, eps, offsets, kind):
-    return _ext().finalize_forward(s1, s2, count.to(s1.dtype), var.to(s1.dtype), eps.to(s1.dtype), offsets, kind)
+    return _ext().finalize_forward(s1, s2, count, var, eps, offsets, KIND_IDS[kind])
 
 
 def _finalize_backward(s1, s2, count, var, eps, offsets, dout, kind):
-    ds1, ds2 = _ext().finalize_backward(s1, s2, count.to(s1.dtype), var.to(s1.dtype), eps.to(s1.dtype), offsets,
-                                        dout, kind)
+    ds1, ds2 = _ext().finalize_backward(s1, s2, count, var, eps, offsets, dout, KIND_IDS[kind])
     return ds1, ds2
 
 

@@ -15,9 +15,9 @@ from torch import Tensor
 from . import extensions
 from .fused import LAUNCHERS, register_fused_backend
 from .layout import kernel_layout, like_strides
+from .reference import KIND_IDS
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-KIND_IDS = {"kl": 0, "kl_reverse": 1, "l2": 2, "mse": 3}
 
 
 def check(x: Tensor) -> str | None:
@@ -61,13 +61,11 @@ def _tap_backward(x, dy, ds1, ds2, mean, var, weight, eps, groups):
 
 
 def _finalize_forward(s1, s2, count, var, eps, offsets, kind):
-    return _ext().finalize_forward(s1, s2, count.float(), var.float(), eps.float(), offsets, KIND_IDS[kind],
-                                   _stream(s1))
+    return _ext().finalize_forward(s1, s2, count, var, eps, offsets, KIND_IDS[kind], _stream(s1))
 
 
 def _finalize_backward(s1, s2, count, var, eps, offsets, dout, kind):
-    ds1, ds2 = _ext().finalize_backward(s1, s2, count.float(), var.float(), eps.float(), offsets, dout.float(),
-                                        KIND_IDS[kind], _stream(s1))
+    ds1, ds2 = _ext().finalize_backward(s1, s2, count, var, eps, offsets, dout, KIND_IDS[kind], _stream(s1))
     return ds1, ds2
 
 

@@ -157,5 +157,6 @@ def register_fused_backend(name: str, check: Callable[[Tensor], str | None],
 
     @register("moment_finalize", name, check=check_finalize or check)
     def moment_finalize(s1, s2, count, layout: PackedLayout, kind: str):
-        return finalize_forward(s1, s2, count.to(s1.dtype), layout.running_var, layout.eps, layout.offsets,
-                                kind, name)
+        # the one place where the layout meets the sums' dtype (a no-op for the matcher's own layouts)
+        return finalize_forward(s1, s2, count.to(s1.dtype), layout.running_var.to(s1.dtype),
+                                layout.eps.to(s1.dtype), layout.offsets, kind, name)

@@ -29,6 +29,7 @@ from ..backends import register
 from .layout import PackedLayout
 
 KINDS = ("kl", "kl_reverse", "l2", "mse")
+KIND_IDS = {kind: i for i, kind in enumerate(KINDS)}  # the integer the compiled kernels take
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
