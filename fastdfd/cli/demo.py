@@ -15,6 +15,8 @@ and per-generator statistics.
 from __future__ import annotations
 
 import json
+import os
+import platform
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -124,6 +126,7 @@ def run_demo(out: str | Path = "runs/demo", settings: DemoSettings | None = None
         "settings": asdict(s),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "machine": f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs".replace(" ,", ","),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     save_ensemble(results["ensemble"][0], out / "generators.pt")
