@@ -10,7 +10,7 @@ def pytest_configure(config):
 def _provider(param: str) -> str:
     # parametrize ids look like "c64s32-hooks-compiled" or "fastdfd-torch" or "batched"
     for name in ("hooks-compiled", "hooks", "fastdfd-torch", "fastdfd-triton", "fastdfd-cpp", "fastdfd-cuda",
-                 "python-loop", "batched"):
+                 "python-loop-graph", "python-loop", "vmap", "grouped-eager", "grouped-compiled"):
         if param.endswith(name):
             return name
     return param

@@ -15,7 +15,14 @@ Budget: under 4 minutes on one H100. Sections, each written to the JSON as it fi
    1 write) and its share of the copy bandwidth, speed-up against ``hooks``;
 4. a whole generator-training step: 64 generators x 32 images with a CIFAR ResNet-34
    teacher, and 8 x 16 images at 224 px with an ImageNet ResNet-50 teacher (bf16
-   autocast): ms, images/s, peak memory, and the loss against ``hooks``.
+   autocast): ms, images/s, peak memory, and the loss against ``hooks``; the generators run
+   as grouped convolutions for every provider, plus one run of the triton tap with the
+   step-4 generator kernels (``fastdfd-triton+gen-triton``);
+5. K generators at once (benchmarks/ensemble_suite.py): the Triton path against float64
+   at the CIFAR generator's size (fp32, bf16), then sampling and training of 64 x 64,
+   1000 x 4 and 8 x 128 generators x images at 32 px for every provider of
+   benchmarks/ensemble_providers.py (Python loop, CUDA-graph loop, vmap, grouped conv
+   eager and compiled, fastdfd-triton), bf16 parameters.
 
 ``--tiny`` runs the same code at toy sizes on the CPU (Triton interpreter) so the script
 itself is tested without a GPU.
@@ -40,6 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.ensemble_suite import CASES, ENSEMBLE_PROVIDERS, TINY_CASES, check_ensembles, time_ensembles  # noqa: E402
 from benchmarks.providers import PROVIDERS, bn_layer_step, generator_step, randomize_bn  # noqa: E402
 
 CIFAR_R34 = [(256, 64, 32), (256, 128, 16), (256, 256, 8), (256, 512, 4)]
@@ -164,7 +172,7 @@ def time_layers(shapes, dtypes, providers, device, copy_gbps, report, reps):
     return rows
 
 
-def time_steps(cases, providers, device, report, reps):
+def time_steps(cases, providers, device, report, reps, generator_kernels=True):
     from fastdfd import GeneratorEnsemble
     from fastdfd.models import create_model
 
@@ -175,8 +183,13 @@ def time_steps(cases, providers, device, report, reps):
         ens = GeneratorEnsemble(k, num_classes, image_size=size, channels=channels, widths=widths,
                                 classes=[[i % num_classes] for i in range(k)]).to(device)
         results = {}
-        for p in providers:
-            step, cleanup = generator_step(p, teacher, ens, b)
+        # the last entry: step 2's tap with step 4's generator kernels, against the same tap
+        # with grouped-conv generators ("fastdfd-triton")
+        runs = [(p, p, "torch") for p in providers]
+        if "fastdfd-triton" in providers and generator_kernels:
+            runs.append(("fastdfd-triton+gen-triton", "fastdfd-triton", "triton"))
+        for label, p, gen_backend in runs:
+            step, cleanup = generator_step(p, teacher, ens, b, generator_backend=gen_backend)
             ctx = torch.autocast(device.type, torch.bfloat16) if autocast else contextlib.nullcontext()
             with ctx:
                 loss, _ = step()
@@ -185,13 +198,15 @@ def time_steps(cases, providers, device, report, reps):
                     torch.cuda.reset_peak_memory_stats(device)
                 ms = bench(step, device, warmup=2, reps=reps)
                 peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-            results[p] = (ms, float(loss), peak)
+            results[label] = (ms, float(loss), peak)
             cleanup()
         for p, (ms, loss, peak) in results.items():
             rows.append({"case": name, "provider": p, "ms": ms, "images_per_s": k * b / (ms * 1e-3),
                          "speedup_vs_hooks": results["hooks"][0] / ms, "loss": loss,
                          "loss_rel_diff_vs_hooks": abs(loss - results["hooks"][1]) / abs(results["hooks"][1]),
-                         "peak_gib": peak})
+                         "peak_gib": peak,
+                         **({"speedup_vs_grouped_conv_generators": results["fastdfd-triton"][0] / ms}
+                            if p == "fastdfd-triton+gen-triton" else {})})
         report["steps"] = rows
     return rows
 
@@ -247,13 +262,36 @@ def main(argv=None) -> int:
         cases = [("cifar-r34 64 gens x 32 img, 32 px, bf16", "resnet34", 10, 3, 64, 32, 32, (128, 64), True),
                  ("imagenet-r50 8 gens x 16 img, 224 px, bf16", "resnet50_imagenet", 1000, 3, 8, 16, 224,
                   (128, 64), True)]
-    steps = time_steps(cases, providers, device, report, reps=2 if args.tiny else 10)
+    # (--tiny: the interpreter takes half a minute per step with the generator kernels, and
+    # section 5 runs them anyway)
+    steps = time_steps(cases, providers, device, report, reps=2 if args.tiny else 10, generator_kernels=not args.tiny)
     save()
     print("\ngenerator-training step (ms, images/s, peak GiB, loss vs hooks)")
     for r in steps:
         peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
         print(f"  {r['case']:<44} {r['provider']:<15} {r['ms']:9.2f} ms {r['images_per_s']:9.0f} img/s "
               f"{peak:>6} GiB  {r['speedup_vs_hooks']:5.2f}x  loss diff {r['loss_rel_diff_vs_hooks']:.1e}")
+
+    ens_cases = TINY_CASES if args.tiny else CASES
+    ens_providers = [p for p in ENSEMBLE_PROVIDERS if not (p == "grouped-compiled" and (args.skip_compiled or args.tiny))]
+    ens_checks = check_ensembles(ens_cases, device, report, dtypes=dtypes)
+    save()
+    for r in ens_checks:
+        print(f"ensemble correctness {r['case']} {r['dtype']}: {'ok' if r['ok'] else 'FAIL'}  image err "
+              f"{r['image_max_err']:.2e} (torch {r['torch_image_max_err']:.2e})  grad checksum "
+              f"{r['grad_checksum_rel_err']:.2e} (torch {r['torch_grad_checksum_rel_err']:.2e})")
+    bad += [r for r in ens_checks if not r["ok"]]
+    ens_rows = time_ensembles(ens_cases, ens_providers, device, report, bench, reps=1 if args.tiny else 5,
+                              dtype=torch.float32 if args.tiny else torch.bfloat16)
+    save()
+    print("\nK generators at once (median ms; speed-up vs python-loop / vmap / grouped-eager)")
+    for r in ens_rows:
+        if "error" in r:
+            print(f"  {r['case']:<42} {r['mode']:<6} {r['provider']:<18} ERROR {r['error']}")
+            continue
+        ratios = "  ".join(f"{a}: {r[f'speedup_vs_{a}']:6.2f}x" for a in ("python-loop", "vmap", "grouped-eager")
+                           if f"speedup_vs_{a}" in r)
+        print(f"  {r['case']:<42} {r['mode']:<6} {r['provider']:<18} {r['ms']:9.2f} ms  {ratios}")
     report["seconds"] = time.perf_counter() - started
     save()
     print(f"\nwrote {out} ({report['seconds']:.0f} s)")

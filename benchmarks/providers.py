@@ -99,11 +99,13 @@ def bn_layer_step(provider: str, bn: nn.BatchNorm2d) -> tuple[Callable, Callable
 
 # ------------------------------------------------------------------- generator step
 def generator_step(provider: str, teacher: nn.Module, ensemble: GeneratorEnsemble, batch: int,
-                   seed: int = 0) -> tuple[Callable, Callable]:
+                   seed: int = 0, generator_backend: str | None = "torch") -> tuple[Callable, Callable]:
     """Returns (step() -> (loss, grads), cleanup): one generator-training step, fixed inputs.
 
     The loss is DeepInversion's (l2 moments over the whole batch) plus cross-entropy, so
     that every provider computes the same number. The teacher is frozen, as in training.
+    ``generator_backend`` runs the K generators: ``torch`` (grouped convolutions, the same
+    for every provider, so that the moment loss is what differs) or ``triton`` (step 4's kernels).
     """
     teacher.eval().requires_grad_(False)
     gen = torch.Generator(device=ensemble.fc_z.device).manual_seed(seed)
@@ -113,7 +115,8 @@ def generator_step(provider: str, teacher: nn.Module, ensemble: GeneratorEnsembl
     k = ensemble.num_generators
 
     def images():
-        x = ensemble_forward(params, ensemble.spec, z, local)
+        with fastdfd.backend(generator_backend):
+            x = ensemble_forward(params, ensemble.spec, z, local)
         return x.reshape(k * batch, *x.shape[2:])
 
     if provider.startswith("hooks"):

@@ -83,6 +83,44 @@ def _jobs(programs: int = 528):
                {"KIND": kid, "BLOCK": fin.BLOCK}, 4)
 
 
+# Generator layers (cin, cout, upsample): the paper's CIFAR generator (widths 128, 64, RGB
+# output) and the digits demo's (widths 32, 16, one channel).
+GENERATOR_LAYERS = [(128, 128, 2), (128, 64, 2), (64, 3, 1), (32, 32, 2), (32, 16, 2), (16, 1, 1)]
+GENERATOR_FC = [(64, 8192, 100), (4, 8192, 100), (128, 8192, 100), (8, 512, 64)]  # (batch, features, latent)
+
+
+def _generator_jobs():
+    from fastdfd.kernels import generator_conv as gc
+    from fastdfd.kernels import generator_fc as gf
+    from fastdfd.models.generator import LEAKY_SLOPE
+
+    dtypes = {k: v for k, v in DTYPES.items() if k != "fp16"}  # generators train in fp32 or bf16
+    for dt, ptr in dtypes.items():
+        for cfg in sorted({tuple(gf.linear_gather_config(*shape).items()) for shape in GENERATOR_FC}):
+            sig = {"z_ptr": ptr, "wz_ptr": ptr, "wy_ptr": ptr, "local_ptr": "*i64", "h_ptr": ptr,
+                   "part1_ptr": "*fp32", "part2_ptr": "*fp32", "B": "i32", "L": "i32", "D": "i32", "NCLS": "i32"}
+            c = dict(cfg)
+            yield (f"gen_fc {dt} {c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}", gf._linear_gather_kernel, sig,
+                   {"STATS": True, **c}, gf.NUM_WARPS)
+        for cin, cout, up in GENERATOR_LAYERS:
+            cfgs = gc.conv_configs(cin, cout)
+            last = up == 1
+            flags = {"UP": up, "PROLOGUE": True, "SLOPE": LEAKY_SLOPE, "TANH": last}
+            base = {"B": "i32", "CIN": "i32", "COUT": "i32", "H": "i32", "W": "i32"}
+            yield (f"gen_conv_fwd {dt} {cin}->{cout} up{up}", gc._conv_fwd_kernel,
+                   {"x_ptr": ptr, "scale_ptr": "*fp32", "shift_ptr": "*fp32", "wt_ptr": ptr, "bias_ptr": ptr,
+                    "y_ptr": ptr, "part1_ptr": "*fp32", "part2_ptr": "*fp32", **base},
+                   {**flags, "HAS_BIAS": last, "STATS": True, **cfgs["fwd"]}, gc.NUM_WARPS)
+            grads = {"dy_ptr": ptr, "t_ptr": ptr, "ds1_ptr": "*fp32", "ds2_ptr": "*fp32"}
+            yield (f"gen_conv_dgrad {dt} {cin}->{cout} up{up}", gc._conv_dgrad_kernel,
+                   {"x_ptr": ptr, "scale_ptr": "*fp32", "shift_ptr": "*fp32", "wt_ptr": ptr, **grads,
+                    "dx_ptr": ptr, "part1_ptr": "*fp32", "part2_ptr": "*fp32", **base},
+                   {**flags, **cfgs["dgrad"]}, gc.NUM_WARPS)
+            yield (f"gen_conv_wgrad {dt} {cin}->{cout} up{up}", gc._conv_wgrad_kernel,
+                   {"x_ptr": ptr, "scale_ptr": "*fp32", "shift_ptr": "*fp32", **grads, "dwt_ptr": "*fp32", **base},
+                   {**flags, **cfgs["wgrad"]}, gc.NUM_WARPS)
+
+
 def _resources(cubin: bytes) -> dict:
     """Registers / stack / shared / local bytes from cuobjdump's resource usage of a cubin."""
     import triton
@@ -106,7 +144,7 @@ def compile_all(archs: list[int]) -> list[dict]:
     rows = []
     for arch in archs:
         target = GPUTarget("cuda", arch, 32)
-        for name, fn, sig, const, warps in _jobs():
+        for name, fn, sig, const, warps in [*_jobs(), *_generator_jobs()]:
             full_sig = {**sig, **{k: "constexpr" for k in const}}
             row = {"arch": f"sm_{arch}", "kernel": name}
             try:

@@ -19,3 +19,7 @@ def test_gpu_suite_runs_end_to_end_in_tiny_mode(tmp_path):
     assert {"hooks", "fastdfd-torch", "fastdfd-triton"} <= providers
     for row in report["steps"]:
         assert row["loss_rel_diff_vs_hooks"] < 1e-4, row
+    assert report["ensemble_checks"] and all(r["ok"] for r in report["ensemble_checks"])
+    timed = {(r["mode"], r["provider"]) for r in report["ensemble_timings"] if "error" not in r}
+    for mode in ("sample", "train"):
+        assert {(mode, p) for p in ("python-loop", "vmap", "grouped-eager", "fastdfd-triton")} <= timed

@@ -6,11 +6,12 @@ Every parameter is stacked on a leading K axis. One forward for all K:
   one-hot matmul over the class columns is a gather);
 - BN in train mode per (generator, channel) = one BN over K*C channels of a batch-major
   [B, K*C, H, W] tensor (generator k owns channels k*C .. k*C+C-1);
-- each 3x3 conv = one grouped convolution with groups = K.
+- each 3x3 conv = one grouped convolution with groups = K (the ``torch`` backend), or one
+  Triton implicit-GEMM kernel with the BN/LeakyReLU/upsample chain fused (``triton``).
 
 The result equals K standalone :class:`fastdfd.models.Generator` forwards, outputs and
-gradients (BN statistics are per generator either way). Later backends replace
-:func:`ensemble_forward` behind the same module; callers never change.
+gradients (BN statistics are per generator either way). The batched pass is
+:func:`fastdfd.ops.generator.ensemble_forward`, chosen by backend dispatch.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import CheckpointError, atomic_save, load_file
-from ..models.generator import BN_EPS, LEAKY_SLOPE, OUT_BN_EPS, Generator, GeneratorSpec, uniform_fan_in_
+from ..models.generator import Generator, GeneratorSpec, uniform_fan_in_
+from ..ops.generator import ensemble_forward
 
 
 def default_classes(num_generators: int, num_classes: int) -> list[list[int]]:
@@ -37,39 +38,6 @@ def default_classes(num_generators: int, num_classes: int) -> list[list[int]]:
     raise ValueError(
         f"cannot split {num_classes} classes evenly over {num_generators} generators; pass classes= explicitly"
     )
-
-
-def ensemble_forward(
-    params: Mapping[str, torch.Tensor], spec: GeneratorSpec, z: torch.Tensor, local: torch.Tensor
-) -> torch.Tensor:
-    """Reference batched forward: z [k, B, latent], local label positions [k, B] -> [k, B, C, S, S].
-
-    ``params`` holds the stacked tensors of the k generators being run (all K, or a chunk).
-    """
-    k, b = z.shape[0], z.shape[1]
-    rows = torch.arange(k, device=z.device).unsqueeze(1)
-    h = torch.bmm(z, params["fc_z"]) + params["fc_y"][rows, local]  # [k, B, D]
-    w0, s0 = spec.widths[0], spec.init_size
-    h = h.transpose(0, 1).reshape(b, k * w0, s0, s0)  # batch-major: generator k owns channels k*w0..
-    h = F.leaky_relu(
-        F.batch_norm(h, None, None, params["bn0_weight"].reshape(-1), params["bn0_bias"].reshape(-1), True, 0.0, BN_EPS),
-        LEAKY_SLOPE,
-    )
-    for i in range(len(spec.widths)):
-        w = params[f"conv{i}_weight"]
-        h = F.interpolate(h, scale_factor=2, mode="nearest")
-        h = F.conv2d(h, w.reshape(-1, *w.shape[2:]), padding=1, groups=k)
-        h = F.batch_norm(
-            h, None, None, params[f"bn{i + 1}_weight"].reshape(-1), params[f"bn{i + 1}_bias"].reshape(-1),
-            True, 0.0, BN_EPS,
-        )
-        h = F.leaky_relu(h, LEAKY_SLOPE)
-    w = params["out_weight"]
-    h = torch.tanh(F.conv2d(h, w.reshape(-1, *w.shape[2:]), params["out_bias"].reshape(-1), padding=1, groups=k))
-    if "out_scale" in params:
-        h = F.batch_norm(h, None, None, params["out_scale"].reshape(-1), None, True, 0.0, OUT_BN_EPS)
-    s = spec.image_size
-    return h.reshape(b, k, spec.channels, s, s).transpose(0, 1)
 
 
 class GeneratorEnsemble(nn.Module):
