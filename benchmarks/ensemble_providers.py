@@ -9,7 +9,8 @@ gradient of <images, dy> with respect to every generator parameter (``train``):
 - ``vmap``: ``torch.func.stack_module_state`` + ``vmap`` + ``functional_call`` over the K modules;
 - ``grouped-eager``: fastdfd's ``torch`` backend (batch-major activations, grouped conv, K*C-channel BN);
 - ``grouped-compiled``: the same under ``torch.compile`` (inductor);
-- ``fastdfd-triton``: the fused Triton kernels (kernels/generator_fc.py, generator_conv.py).
+- ``fastdfd-triton``: the fused Triton kernels (kernels/generator_fc.py, generator_conv.py);
+- ``fastdfd-cpp``: the CPU extension (csrc/generator_cpu.cpp: sub-pixel im2col + sgemm per generator).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from fastdfd.models.generator import LEAKY_SLOPE, OUT_BN_EPS, Generator
 from fastdfd.ops.generator import ensemble_forward
 
 ENSEMBLE_PROVIDERS = ("python-loop", "python-loop-graph", "vmap", "grouped-eager", "grouped-compiled",
-                      "fastdfd-triton")
+                      "fastdfd-triton", "fastdfd-cpp")
 
 
 class _OneHotGenerator(torch.nn.Module):
@@ -66,10 +67,10 @@ def ensemble_step(provider: str, ensemble: GeneratorEnsemble, batch: int, mode: 
                      dtype=z.dtype)
     train = mode == "train"
 
-    if provider in ("grouped-eager", "grouped-compiled", "fastdfd-triton"):
+    if provider in ("grouped-eager", "grouped-compiled", "fastdfd-triton", "fastdfd-cpp"):
         params = ensemble.stacked()
         names = list(params)
-        backend = "triton" if provider == "fastdfd-triton" else "torch"
+        backend = provider.split("-", 1)[1] if provider.startswith("fastdfd-") else "torch"
 
         def run(z, local, *tensors):
             with fastdfd.backend(backend):

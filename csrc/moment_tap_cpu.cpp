@@ -14,6 +14,8 @@
 // afterwards in double. Accumulation is in float for fp32/fp16/bf16 input (double for fp64).
 #include <torch/extension.h>
 
+#include "generator_cpu.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
@@ -341,4 +343,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tap_backward", &tap_backward);
   m.def("finalize_forward", &finalize_forward);
   m.def("finalize_backward", &finalize_backward);
+  bind_generator_ops(m);
 }

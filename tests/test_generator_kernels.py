@@ -1,9 +1,11 @@
-"""The batched generator kernels (kernels/generator_fc.py, generator_conv.py) against float64.
+"""The fused generator backends against float64: ``triton`` (kernels/generator_fc.py,
+generator_conv.py) and ``cpp`` (csrc/generator_cpu.cpp).
 
-On a CPU they run in Triton's interpreter (fp32: the interpreter has no bf16 arithmetic);
-on a GPU as real kernels. Every check covers outputs and every gradient. Tolerances follow
-flash-attention's rule for reduced precision: the kernel's error against the float64
-oracle may be at most twice PyTorch's own fp32 error, plus a small absolute term.
+On a CPU the Triton kernels run in Triton's interpreter (fp32: the interpreter has no bf16
+arithmetic), on a GPU as real kernels; the cpp backend is built on first use. Every check
+covers outputs and every gradient. Tolerances follow flash-attention's rule for reduced
+precision: a backend's error against the float64 oracle may be at most twice PyTorch's own
+fp32 error, plus a small absolute term.
 """
 
 import pytest
@@ -11,14 +13,20 @@ import torch
 
 import fastdfd
 from fastdfd import GeneratorEnsemble
-from fastdfd.backends import available
+from fastdfd.backends import _REGISTRY
+from fastdfd.ops.generator_fused import GEN_LAUNCHERS, gen_linear_gather
 from fastdfd.ops.generator_reference import conv_layer_reference, linear_gather_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-pytestmark = pytest.mark.skipif(
-    "triton" not in available("ensemble_forward", DEVICE), reason="triton backend unavailable here"
-)
+
+@pytest.fixture(params=["triton", "cpp"])
+def backend(request):
+    impl = _REGISTRY["ensemble_forward"].get(request.param)
+    why = "not registered" if impl is None else impl.check(torch.empty(0, device=DEVICE))
+    if why is not None:
+        pytest.skip(f"{request.param} generator backend unavailable here: {why}")
+    return request.param
 
 
 def assert_within_torch_error(kernel, ref64, torch32, what, atol=1e-5):
@@ -49,9 +57,8 @@ CONV_CASES = [
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "K{}B{}c{}-{}h{}up{}{}{}{}".format(
     *c[:6], "-tanh" * c[6], "-pro" * c[7], "-bias" * c[8]))
-def test_conv_layer_forward_and_backward(case):
-    from fastdfd.kernels.generator_conv import conv_backward, conv_forward
-
+def test_conv_layer_forward_and_backward(case, backend):
+    conv_forward, conv_backward = GEN_LAUNCHERS[backend]["conv_forward"], GEN_LAUNCHERS[backend]["conv_backward"]
     k, b, cin, cout, h, up, tanh, prologue, has_bias = case
     g = torch.Generator().manual_seed(sum(case[:6]))
     x = torch.randn(k, b, cin, h, h, generator=g, dtype=torch.float64) + 0.2
@@ -60,6 +67,7 @@ def test_conv_layer_forward_and_backward(case):
     w = torch.randn(k, cout, cin, 3, 3, generator=g, dtype=torch.float64) / (3 * cin**0.5)
     bias = torch.randn(k, cout, generator=g, dtype=torch.float64) if has_bias else None
     flags = dict(upsample=up, slope=0.2, tanh=tanh)
+    launch = dict(flags, stats=True)
 
     def run_reference(dtype):
         ins = [_leaf(t.to(dtype)) if t is not None else None for t in (x, scale, shift, w, bias)]
@@ -75,7 +83,7 @@ def test_conv_layer_forward_and_backward(case):
     torch.autograd.backward([y32, s1_32, s2_32], [dy.float(), d1.float(), d2.float()])
 
     f = [t.float().to(DEVICE) if t is not None else None for t in (x, scale, shift, w, bias)]
-    y, s1, s2 = conv_forward(*f, **flags)
+    y, s1, s2 = conv_forward(*f, **launch)
     assert_within_torch_error(y, y64, y32, "y")
     assert_within_torch_error(s1, s1_64, s1_32, "sum y", atol=1e-4)
     assert_within_torch_error(s2, s2_64, s2_32, "sum y^2", atol=1e-4)
@@ -91,9 +99,7 @@ def test_conv_layer_forward_and_backward(case):
 
 
 @pytest.mark.parametrize("k,b,classes,latent,d", [(1, 1, 1, 5, 16), (3, 7, 4, 33, 72), (5, 20, 10, 64, 130)])
-def test_first_layer_gather_matches_onehot_matmul(k, b, classes, latent, d):
-    from fastdfd.ops.generator_triton import gen_linear_gather
-
+def test_first_layer_gather_matches_onehot_matmul(k, b, classes, latent, d, backend):
     g = torch.Generator().manual_seed(k * b)
     z = torch.randn(k, b, latent, generator=g, dtype=torch.float64)
     wz = torch.randn(k, latent, d, generator=g, dtype=torch.float64)
@@ -105,7 +111,7 @@ def test_first_layer_gather_matches_onehot_matmul(k, b, classes, latent, d):
     torch.testing.assert_close(h_ref, ref)
 
     leaves = [_leaf(t.float().to(DEVICE)) for t in (z, wz, wy)]
-    h, s1, s2 = gen_linear_gather(*leaves, local.to(DEVICE))
+    h, s1, s2 = gen_linear_gather(*leaves, local.to(DEVICE), backend)
     ins64 = [_leaf(t) for t in (z, wz, wy)]
     h64, a64, b64 = linear_gather_reference(*ins64, local)
     dh = torch.randn(h64.shape, generator=g, dtype=torch.float64)
@@ -137,7 +143,7 @@ def _grads_as_ensemble(gens, num_classes):
 
 
 @pytest.mark.parametrize("case", ENSEMBLE_CASES, ids=lambda c: "K{}B{}s{}c{}{}".format(*c[:4], "-outbn" * c[4]))
-def test_kernel_path_equals_reference_and_standalone_generators(case):
+def test_kernel_path_equals_reference_and_standalone_generators(case, backend):
     k, b, size, channels, out_bn = case
     num_classes = 10
     classes = [[(2 * i) % num_classes, (2 * i + 1) % num_classes] for i in range(k)]
@@ -160,7 +166,7 @@ def test_kernel_path_equals_reference_and_standalone_generators(case):
 
     out64, g64 = grads(ens, torch.float64, "torch")
     out32, g32 = grads(ens, torch.float32, "torch")
-    outk, gk = grads(ens, torch.float32, "triton")
+    outk, gk = grads(ens, torch.float32, backend)
 
     gens = GeneratorEnsemble.from_config(ens.config()).double()
     gens.load_state_dict(ens.state_dict())
@@ -178,9 +184,9 @@ def test_kernel_path_equals_reference_and_standalone_generators(case):
         assert_within_torch_error(gk[name], g64[name], g32[name], f"grad {name}", atol=1e-4)
 
 
-def test_sampling_path_keeps_no_autograd_state_and_matches_reference():
+def test_sampling_path_keeps_no_autograd_state_and_matches_reference(backend):
     ens = GeneratorEnsemble(4, 4, image_size=8, channels=3, latent_dim=10, widths=(16, 8)).to(DEVICE)
-    with fastdfd.backend("triton"):
+    with fastdfd.backend(backend):
         x, labels = ens.sample(3, rng=torch.Generator(device=DEVICE).manual_seed(5))
     with fastdfd.backend("torch"):
         x_ref, labels_ref = ens.sample(3, rng=torch.Generator(device=DEVICE).manual_seed(5))
@@ -189,13 +195,13 @@ def test_sampling_path_keeps_no_autograd_state_and_matches_reference():
     torch.testing.assert_close(x, x_ref, rtol=1e-4, atol=1e-4)
 
 
-def test_chunk_of_generators_through_the_kernels():
+def test_chunk_of_generators_through_the_kernels(backend):
     """A trainer's chunk (a subset of rows, in any order) runs through the same kernels."""
     ens = GeneratorEnsemble(6, 6, image_size=8, channels=1, latent_dim=8, widths=(16, 8)).to(DEVICE)
     rows = [4, 1, 5]
     z = torch.randn(3, 5, 8, device=DEVICE)
     y = torch.tensor(rows, device=DEVICE).unsqueeze(1).expand(3, 5)
-    with fastdfd.backend("triton"):
+    with fastdfd.backend(backend):
         out = ens(z, y, generators=rows)
         out.square().sum().backward()
     gk = ens.conv0_weight.grad.clone()
@@ -206,3 +212,20 @@ def test_chunk_of_generators_through_the_kernels():
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(gk, ens.conv0_weight.grad, rtol=1e-3, atol=1e-4)
     assert gk[[0, 2, 3]].abs().max() == 0  # generators outside the chunk get no gradient
+
+
+def test_dispatch_picks_a_fused_backend_and_falls_back_for_float64():
+    """fp32 on the CPU goes to cpp (or triton on a GPU); float64 is served by the torch reference."""
+    from fastdfd.backends import resolve
+
+    ens = GeneratorEnsemble(2, 2, image_size=8, channels=1, latent_dim=4, widths=(16, 8)).to(DEVICE)
+    name, _ = resolve("ensemble_forward", ens.fc_z)
+    want = {"cuda": "triton", "cpu": "cpp"}[DEVICE]
+    if _REGISTRY["ensemble_forward"][want].check(ens.fc_z) is None:
+        assert name == want
+    assert resolve("ensemble_forward", ens.fc_z.double())[0] in ("torch", "triton")
+    if DEVICE != "cpu" or _REGISTRY["ensemble_forward"]["cpp"].check(ens.fc_z) is not None:
+        return
+    with fastdfd.backend("cpp"), pytest.warns(RuntimeWarning, match="float64"):
+        ens.double()(torch.randn(2, 3, 4, dtype=torch.float64, device=DEVICE),
+                     torch.tensor([[0] * 3, [1] * 3], device=DEVICE))

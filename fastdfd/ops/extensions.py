@@ -46,7 +46,7 @@ class ExtensionSpec:
 
 SPECS = {
     # -march=native: built on first use on the machine that runs it (the CPU is in the cache key)
-    "cpu": ExtensionSpec("fastdfd_cpu", ["moment_tap_cpu.cpp"], cflags=["-O3", "-march=native", "-fopenmp-simd"]),
+    "cpu": ExtensionSpec("fastdfd_cpu", ["moment_tap_cpu.cpp", "generator_cpu.cpp"], cflags=["-O3", "-march=native", "-fopenmp-simd"]),
     "cuda": ExtensionSpec("fastdfd_cuda", ["moment_tap_cuda_binding.cpp", "moment_tap_cuda.cu"],
                           cflags=["-O3"], cuda_cflags=["-O3", "--use_fast_math"], needs_cuda=True),
 }

@@ -1,8 +1,10 @@
 """The batched generator-ensemble forward: one public function, backends behind dispatch.
 
 ``torch`` (ops/generator_reference.py): grouped convolutions over batch-major activations,
-autograd backward; the oracle and the CPU path. ``triton`` (ops/generator_triton.py): the
+autograd backward; the oracle and the fallback. ``triton`` (ops/generator_triton.py): the
 fused kernels of kernels/generator_fc.py and kernels/generator_conv.py, the CUDA default.
+``cpp`` (ops/generator_cpp.py): csrc/generator_cpu.cpp, the CPU default for fp32. The two
+fused backends share one composition of custom ops (ops/generator_fused.py).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 
 from ..backends import resolve
 from ..models.generator import GeneratorSpec
-from . import generator_reference, generator_triton  # noqa: F401  (register the backends)
+from . import generator_cpp, generator_reference, generator_triton  # noqa: F401  (register the backends)
 
 
 def ensemble_forward(
