@@ -48,10 +48,10 @@ def test_generator_training_step(benchmark, provider):
     cleanup()
 
 
-@pytest.mark.parametrize("provider", ["python-loop", "vmap", "grouped-eager"])
+@pytest.mark.parametrize("provider", ["python-loop", "vmap", "grouped-eager", "fastdfd-cpp"])
 @pytest.mark.parametrize("mode", ["train", "sample"])
 def test_generator_ensemble(benchmark, provider, mode):
-    """The digits demo's generator, K = 64, B = 8: a loop over modules vs vmap vs one batched pass.
+    """The digits demo's generator, K = 64, B = 8: a loop over modules, vmap, grouped conv, the cpp kernels.
 
     ``train`` is forward + backward to every generator parameter; ``sample`` is forward only.
     The Triton kernels are not timed here (the interpreter), and grouped-compiled is left to
