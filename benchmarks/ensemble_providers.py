@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 import fastdfd
 from fastdfd import GeneratorEnsemble
-from fastdfd.models.generator import LEAKY_SLOPE, OUT_BN_EPS, Generator
+from fastdfd.models.generator import Generator
 from fastdfd.ops.generator import ensemble_forward
 
 ENSEMBLE_PROVIDERS = ("python-loop", "python-loop-graph", "vmap", "grouped-eager", "grouped-compiled",
@@ -31,26 +31,14 @@ ENSEMBLE_PROVIDERS = ("python-loop", "python-loop-graph", "vmap", "grouped-eager
 
 
 class _OneHotGenerator(torch.nn.Module):
-    """Generator.forward without the label lookup (vmap cannot run its data-dependent check)."""
+    """Generator.from_onehot as a module's forward (vmap cannot run the label lookup's check)."""
 
     def __init__(self, gen: Generator):
         super().__init__()
         self.gen = gen
 
     def forward(self, z: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
-        return _generator_from_onehot(self.gen, z, onehot)
-
-
-def _generator_from_onehot(gen: Generator, z: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
-    s = gen.spec
-    h = gen.fc(torch.cat([z, onehot], dim=1)).view(-1, s.widths[0], s.init_size, s.init_size)
-    h = F.leaky_relu(gen.bn0(h), LEAKY_SLOPE)
-    for conv, bn in zip(gen.convs, gen.bns):
-        h = F.leaky_relu(bn(conv(F.interpolate(h, scale_factor=2, mode="nearest"))), LEAKY_SLOPE)
-    h = torch.tanh(gen.out(h))
-    if gen.out_scale is not None:
-        h = F.batch_norm(h, None, None, gen.out_scale, None, training=True, eps=OUT_BN_EPS)
-    return h
+        return self.gen.from_onehot(z, onehot)
 
 
 def ensemble_step(provider: str, ensemble: GeneratorEnsemble, batch: int, mode: str,

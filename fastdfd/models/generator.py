@@ -111,7 +111,11 @@ class Generator(nn.Module):
         s = self.spec
         if z.dim() != 2 or z.shape[1] != s.latent_dim or y.shape != z.shape[:1]:
             raise ValueError(f"expected z [B, {s.latent_dim}] and y [B], got {tuple(z.shape)} and {tuple(y.shape)}")
-        onehot = F.one_hot(self.local_labels(y), len(self.classes)).to(z.dtype)
+        return self.from_onehot(z, F.one_hot(self.local_labels(y), len(self.classes)).to(z.dtype))
+
+    def from_onehot(self, z: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+        """The forward from a one-hot over this generator's classes (no label lookup: vmap-able)."""
+        s = self.spec
         h = self.fc(torch.cat([z, onehot], dim=1)).view(-1, s.widths[0], s.init_size, s.init_size)
         h = F.leaky_relu(self.bn0(h), LEAKY_SLOPE)
         for conv, bn in zip(self.convs, self.bns):
