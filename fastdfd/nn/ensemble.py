@@ -277,6 +277,20 @@ class GeneratorEnsemble(nn.Module):
                 ens.out_scale.copy_(torch.stack([g.out_scale for g in generators]))
         return ens
 
+    def shard(self, lo: int, hi: int) -> "GeneratorEnsemble":
+        """A new ensemble of generators [lo, hi) of this one (copies: a rank's part of the run)."""
+        if not 0 <= lo < hi <= self.num_generators:
+            raise ValueError(f"shard [{lo}, {hi}) is outside [0, {self.num_generators})")
+        s = self.spec
+        part = type(self)(
+            hi - lo, self.num_classes, classes=self.classes[lo:hi], image_size=s.image_size, channels=s.channels,
+            latent_dim=s.latent_dim, widths=s.widths, output_bn=s.output_bn,
+        ).to(self.fc_z.device, self.fc_z.dtype)
+        with torch.no_grad():
+            for name, p in part.named_parameters():
+                p.copy_(getattr(self, name)[lo:hi])
+        return part
+
     def extra_repr(self) -> str:
         s = self.spec
         return (

@@ -69,6 +69,9 @@ class MomentMatcher:
         self.groups = groups
         self.enabled = True
         self.teacher = teacher
+        # With scope="ensemble" under torch.distributed: the sums of every rank's images are
+        # added before the finalize, so the loss is that of the global batch (fastdfd.distributed).
+        self.distributed = None
 
         layers = _batchnorm_layers(teacher)
         if not layers:
@@ -151,7 +154,14 @@ class MomentMatcher:
             slots = tuple(sorted(self._sums))
             s1 = torch.cat([self._sums[s][0] for s in slots], dim=1)
             s2 = torch.cat([self._sums[s][1] for s in slots], dim=1)
-            layout, count, weights = self._packed(slots, tuple(self._sums[s][2] for s in slots), s1)
+            counts = tuple(self._sums[s][2] for s in slots)
+            if self.distributed is not None and self.scope == "ensemble" and self.distributed.world > 1:
+                from ..distributed import sum_over_ranks
+
+                # one collective for all layers' sums; every rank has the same image count
+                s1, s2 = sum_over_ranks(torch.cat([s1, s2]), self.distributed).split(s1.shape[0])
+                counts = tuple(c * self.distributed.world for c in counts)
+            layout, count, weights = self._packed(slots, counts, s1)
             per_layer = moment_finalize(s1, s2, count, layout, self.kind)  # [L, G]
             self._result = (per_layer, slots, weights)
         return self._result

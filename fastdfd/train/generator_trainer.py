@@ -16,6 +16,10 @@ scope="ensemble" every generator's loss carries the shared moment term, hence th
 The loss values are read back to the host only every ``log_every`` steps (no device
 sync per step); a NaN/Inf is then reported with the exact step and term, and no
 checkpoint is written past it.
+
+Under torch.distributed (``distributed=``, see :mod:`fastdfd.distributed`) the ensemble
+given is this rank's shard; scope="ensemble" statistics are those of the global batch
+(one all-reduce of the packed sums per step), and N processes reproduce the 1-process run.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed import DistContext
 from ..nn.ensemble import GeneratorEnsemble, ensemble_forward
 from ..nn.matcher import SCOPES, MomentMatcher
 from ..ops import check_kind
@@ -97,6 +102,7 @@ class GeneratorTrainer(StepLoop):
         checkpoint_dir: str | os.PathLike | None = None,
         checkpoint_every: int = 0,
         keep_checkpoints: int = 3,
+        distributed: DistContext | None = None,
     ):
         check_kind(kind)
         if scope not in SCOPES:
@@ -112,12 +118,23 @@ class GeneratorTrainer(StepLoop):
         self.batch_size = int(batch_size)
         self.lr, self.betas = float(lr), tuple(betas)
         self.optimizer = StackedAdam(dict(ensemble.named_parameters()), lr=lr, betas=self.betas)
+        self.dist = distributed if distributed is not None else DistContext()
+        sharded = self.dist.world > 1
+        if sharded and checkpoint_dir is not None:  # one rotation per rank; resume agrees on a step
+            checkpoint_dir = os.path.join(os.fspath(checkpoint_dir), f"rank_{self.dist.rank:05d}")
         self._init_loop(
             device=ensemble.fc_z.device, num_generators=ensemble.num_generators,
-            generators_per_step=generators_per_step, seed=seed, log_path=log_path, log_every=log_every,
-            progress=progress, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-            keep_checkpoints=keep_checkpoints,
+            generators_per_step=generators_per_step, seed=seed,
+            log_path=log_path if self.dist.is_main else None, log_every=log_every,
+            progress=progress and self.dist.is_main, checkpoint_dir=checkpoint_dir,
+            checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
         )
+        # Whole steps (no chunks): every rank draws the *global* step's latents and labels from
+        # the same stream and keeps its rows, so N processes reproduce the 1-process run.
+        # With chunks, each rank draws its own chunk from a stream of its own.
+        self._global_draw = sharded and self.schedule.chunk == ensemble.num_generators
+        if sharded and not self._global_draw:
+            self.rng.manual_seed(self.seed + 1_000_003 * self.dist.rank)
 
     def config(self) -> dict:
         """Hyperparameters that must match for a checkpoint to resume this run exactly."""
@@ -128,6 +145,7 @@ class GeneratorTrainer(StepLoop):
             "ce_weight": self.ce_weight, "tv_weight": self.tv_weight, "lr": self.lr, "betas": list(self.betas),
             "first_layer_multiplier": self.first_layer_multiplier, "seed": self.seed,
             "layer_weights": dict(lw) if isinstance(lw, Mapping) else (None if lw is None else list(lw)),
+            **({"world": self.dist.world} if self.dist.world > 1 else {}),
         }
 
     @contextlib.contextmanager
@@ -136,6 +154,7 @@ class GeneratorTrainer(StepLoop):
             self.teacher, kind=self.kind, scope=self.scope, layer_weights=self.layer_weights,
             first_layer_multiplier=self.first_layer_multiplier,
         ) as matcher:
+            matcher.distributed = self.dist
             yield matcher
 
     def objective(self, params, z, y, local, matcher: MomentMatcher):
@@ -144,7 +163,8 @@ class GeneratorTrainer(StepLoop):
         Returns (total, moment [k] or scalar, ce [k], tv [k], logits).
         """
         k, b = z.shape[0], z.shape[1]
-        x = ensemble_forward(params, self.ensemble.spec, z, local)
+        x = ensemble_forward(params, self.ensemble.spec, z.to(params["fc_z"].dtype), local)
+        k_global = k * self.dist.world  # scope="ensemble": every generator of the step carries the shared term
         x = x.reshape(k * b, *x.shape[2:])
         matcher.groups = k if self.scope == "generator" else None
         logits = self.teacher(x)
@@ -155,7 +175,7 @@ class GeneratorTrainer(StepLoop):
         if self.scope == "generator":
             total = (self.moment_weight * moment + rest).sum()
         else:
-            total = k * self.moment_weight * moment + rest.sum()
+            total = k_global * self.moment_weight * moment + rest.sum()
         return total, moment, ce, tv, logits
 
     def _step(self, matcher: MomentMatcher) -> torch.Tensor:
@@ -163,12 +183,36 @@ class GeneratorTrainer(StepLoop):
         rows = None if chunk is None else torch.tensor(chunk, device=self.device)
         params = self.ensemble.stacked(rows)
         k = self.ensemble.num_generators if rows is None else rows.numel()
-        z, y, local = self.ensemble.draw(self.batch_size, rows, self.rng)
+        z, y, local = self._draw(rows)
         total, moment, ce, tv, logits = self.objective(params, z, y, local, matcher)
         grads = torch.autograd.grad(total, list(params.values()))
         self.optimizer.step(dict(zip(params, grads)), rows)
         acc = (logits.argmax(1) == y.reshape(-1)).float().mean()
         return torch.stack([total.detach() / k, moment.detach().mean(), ce.detach().mean(), tv.detach().mean(), acc])
+
+    def _draw(self, rows):
+        if not self._global_draw:
+            return self.ensemble.draw(self.batch_size, rows, self.rng)
+        k, n, ens = self.ensemble.num_generators, self.batch_size, self.ensemble
+        z = torch.randn(k * self.dist.world, n, ens.spec.latent_dim, generator=self.rng, device=self.device)
+        local = torch.randint(0, ens.classes_per_generator, (k * self.dist.world, n), generator=self.rng,
+                              device=self.device)
+        lo, hi = self.dist.rank * k, (self.dist.rank + 1) * k
+        z, local = z[lo:hi], local[lo:hi]
+        return z, ens.class_ids.gather(1, local), local
+
+    def resume(self) -> bool:
+        """Load the newest checkpoint; under torch.distributed, the newest step *every* rank has."""
+        if self.dist.world == 1 or self.rotation is None:
+            return super().resume()
+        mine = {int(p.stem.split("_")[1]): p for p in self.rotation.paths()}
+        common = set(mine)
+        for steps in self.dist.all_gather_object(sorted(mine)):
+            common &= set(steps)
+        if not common:
+            return False
+        self.load(mine[max(common)])
+        return True
 
     def _model_state(self) -> dict:
         return {
