@@ -15,6 +15,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used here: wrong kind, other configuration, unreadable."""
 
 
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint file that cannot be read back (truncated, overwritten, not a torch file)."""
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     """torch.save to a temporary file in the same folder, fsync, then rename over ``path``.
 
@@ -44,7 +48,7 @@ def load_file(path: str | os.PathLike, expected_format: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, corrupted or not a torch file
-        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from e
+        raise CorruptCheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from e
     if not isinstance(state, dict) or state.get("format") != expected_format:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path} is not a {expected_format} checkpoint (found {found!r})")
@@ -81,6 +85,20 @@ class CheckpointRotation:
         for old in self.paths()[: -self.keep]:
             old.unlink(missing_ok=True)
         return path
+
+    def step_of(self, path: Path) -> int:
+        return int(self.PATTERN.match(Path(path).name).group(1))
+
+    def readable_steps(self, expected_format: str) -> set[int]:
+        """Steps whose file loads and holds a ``expected_format`` checkpoint."""
+        steps = set()
+        for path in self.paths():
+            try:
+                load_file(path, expected_format)
+                steps.add(self.step_of(path))
+            except CheckpointError:
+                continue
+        return steps
 
     def latest(self) -> Path | None:
         paths = self.paths()

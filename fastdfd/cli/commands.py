@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 from ..data import make_eval_loader
 from ..models import create_model, list_models
 from ..nn import GeneratorEnsemble, load_ensemble, save_ensemble
+from ..distributed import init_from_env
 from ..ops import KINDS
 from ..train import Distiller, GeneratorTrainer, evaluate_accuracy
 
@@ -35,9 +37,12 @@ def load_weights(model: nn.Module, path: str | Path, what: str) -> nn.Module:
 
 
 def _device(name: str | None) -> torch.device:
+    """--device, else this process's GPU (LOCAL_RANK under torchrun), else the CPU."""
     if name:
         return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 def _model(name: str, num_classes: int, in_channels: int) -> nn.Module:
@@ -105,27 +110,43 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def train_generators(args: argparse.Namespace) -> dict:
+    """Under torchrun each process trains its shard of the ensemble; rank 0 writes generators.pt."""
     device = _device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    ctx = init_from_env(device)
     teacher = load_weights(_model(args.teacher, args.num_classes, args.channels), args.weights, "teacher").to(device)
     out = Path(args.out)
+    torch.manual_seed(args.seed)  # every process builds the same initial ensemble, then keeps its shard
     ensemble = GeneratorEnsemble(
         args.generators or args.num_classes, args.num_classes, image_size=args.image_size, channels=args.channels,
         latent_dim=args.latent_dim, widths=[int(w) for w in args.widths.split(",")],
         output_bn=not args.no_output_bn,
-    ).to(device)
+    )
+    if ctx.world > 1:
+        ensemble = ensemble.shard(*ctx.shard(ensemble.num_generators))
+    ensemble = ensemble.to(device)
     trainer = GeneratorTrainer(
         teacher, ensemble, kind=args.kind, scope=args.scope, moment_weight=args.moment_weight,
         ce_weight=args.ce_weight, tv_weight=args.tv_weight, first_layer_multiplier=args.first_layer_multiplier,
         batch_size=args.batch_size, generators_per_step=args.generators_per_step, lr=args.lr, seed=args.seed,
         log_path=out / "metrics.csv", checkpoint_dir=out / "checkpoints", checkpoint_every=args.checkpoint_every,
+        distributed=ctx,
     )
-    if args.resume and trainer.resume():
+    if args.resume and trainer.resume() and ctx.is_main:
         print(f"resumed at step {trainer.step}")
     trainer.fit(max(0, args.steps - trainer.step))
-    save_ensemble(ensemble, out / "generators.pt")
-    last = trainer.history[-1] if trainer.history else {}
-    summary = {"steps": trainer.step, "final": last, "generators": str(out / "generators.pt")}
-    print(json.dumps(summary, indent=2))
+    # collectives on every rank; rank 0 puts the shards back together and writes the ensemble
+    shards = ctx.all_gather_object({k: v.detach().cpu() for k, v in ensemble.state_dict().items()})
+    classes = [c for part in ctx.all_gather_object(ensemble.classes) for c in part]
+    summary = {"steps": trainer.step, "final": trainer.history[-1] if trainer.history else {},
+               "generators": str(out / "generators.pt"), "processes": ctx.world}
+    if ctx.is_main:
+        full = GeneratorEnsemble.from_config({**ensemble.config(), "num_generators": len(classes), "classes": classes})
+        full.load_state_dict({k: torch.cat([s[k] for s in shards]) for k in shards[0]})
+        save_ensemble(full, out / "generators.pt")
+        print(json.dumps(summary, indent=2))
+    ctx.barrier()
     return summary
 
 

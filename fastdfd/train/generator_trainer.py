@@ -201,18 +201,14 @@ class GeneratorTrainer(StepLoop):
         z, local = z[lo:hi], local[lo:hi]
         return z, ens.class_ids.gather(1, local), local
 
-    def resume(self) -> bool:
-        """Load the newest checkpoint; under torch.distributed, the newest step *every* rank has."""
+    def resume(self, steps: set[int] | None = None) -> bool:
+        """Load the newest checkpoint; under torch.distributed, the newest step every rank can read."""
         if self.dist.world == 1 or self.rotation is None:
-            return super().resume()
-        mine = {int(p.stem.split("_")[1]): p for p in self.rotation.paths()}
-        common = set(mine)
-        for steps in self.dist.all_gather_object(sorted(mine)):
-            common &= set(steps)
-        if not common:
-            return False
-        self.load(mine[max(common)])
-        return True
+            return super().resume(steps)
+        common = None
+        for mine in self.dist.all_gather_object(sorted(self.rotation.readable_steps(self.FORMAT))):
+            common = set(mine) if common is None else common & set(mine)
+        return bool(common) and super().resume(common)
 
     def _model_state(self) -> dict:
         return {

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from typing import ContextManager
 
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint import CheckpointRotation, atomic_save, check_config, load_file
+from ..checkpoint import CheckpointRotation, CorruptCheckpointError, atomic_save, check_config, load_file
 from .metrics import MetricsLog, check_finite
 from .schedule import ChunkSchedule
 
@@ -135,10 +136,21 @@ class StepLoop:
         self.step = int(state["step"])
         self.history = list(state["history"])
 
-    def resume(self) -> bool:
-        """Load the newest checkpoint of ``checkpoint_dir`` if there is one."""
-        latest = self.rotation.latest() if self.rotation is not None else None
-        if latest is None:
+    def resume(self, steps: set[int] | None = None) -> bool:
+        """Load the newest readable checkpoint of ``checkpoint_dir`` (among ``steps`` if given).
+
+        A file that cannot be read back (a disk that filled up, a copy cut short) is skipped
+        with a warning and the one before it is used; a checkpoint of another configuration
+        is an error, not something to skip.
+        """
+        if self.rotation is None:
             return False
-        self.load(latest)
-        return True
+        for path in reversed(self.rotation.paths()):
+            if steps is not None and self.rotation.step_of(path) not in steps:
+                continue
+            try:
+                self.load(path)
+                return True
+            except CorruptCheckpointError as e:
+                warnings.warn(f"{e}; trying the previous checkpoint", RuntimeWarning, stacklevel=2)
+        return False

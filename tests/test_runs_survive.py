@@ -1,0 +1,99 @@
+"""Runs under torchrun, and runs that are killed: the CLI as a user drives it, in subprocesses."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fastdfd.models import create_model
+
+from .conftest import randomize_bn_stats
+
+ARGS = ["--teacher", "digits_teacher", "--num-classes", "10", "--channels", "1", "--image-size", "16",
+        "--widths", "8,4", "--latent-dim", "8", "--batch-size", "2", "--device", "cpu"]
+
+
+@pytest.fixture
+def teacher_file(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "teacher.pt"
+    torch.save(randomize_bn_stats(create_model("digits_teacher", num_classes=10)).state_dict(), path)
+    return path
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _params(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["state"]
+
+
+def test_train_generators_under_torchrun_with_two_processes(tmp_path, teacher_file):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fastdfd",
+           "train-generators", *ARGS, "--weights", str(teacher_file), "--scope", "ensemble", "--steps", "4",
+           "--checkpoint-every", "2", "--out", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    ensemble = _params(tmp_path / "run" / "generators.pt")
+    assert ensemble["fc_z"].shape[0] == 10  # both shards, put back together by rank 0
+    for rank in (0, 1):
+        assert len(list((tmp_path / "run" / "checkpoints" / f"rank_{rank:05d}").glob("step_*.pt"))) == 2
+    again = subprocess.run(cmd[:-2] + ["--resume", "--out", str(tmp_path / "run")], capture_output=True, text=True,
+                           timeout=300, env=_env())
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "resumed at step 4" in again.stdout
+
+
+def test_a_killed_run_resumes_bit_identically(tmp_path, teacher_file):
+    base = [sys.executable, "-m", "fastdfd", "train-generators", *ARGS, "--weights", str(teacher_file),
+            "--steps", "150", "--checkpoint-every", "10"]
+    whole = subprocess.run(base + ["--out", str(tmp_path / "whole")], capture_output=True, text=True, timeout=600,
+                           env=_env())
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    victim = subprocess.Popen(base + ["--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env=_env())
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "step_00000030.pt").exists():
+        assert victim.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (out / "generators.pt").exists()
+    resumed = subprocess.run(base + ["--resume", "--out", str(out)], capture_output=True, text=True, timeout=600,
+                             env=_env())
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed at step" in resumed.stdout
+    a, b = _params(tmp_path / "whole" / "generators.pt"), _params(out / "generators.pt")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_a_corrupted_newest_checkpoint_falls_back_to_the_previous(tmp_path):
+    from fastdfd import GeneratorEnsemble, GeneratorTrainer
+
+    torch.manual_seed(0)
+    teacher = randomize_bn_stats(create_model("digits_teacher", num_classes=10))
+
+    def trainer():
+        torch.manual_seed(1)
+        ens = GeneratorEnsemble(2, 10, image_size=16, channels=1, latent_dim=8, widths=(8, 4), output_bn=False)
+        return GeneratorTrainer(teacher, ens, batch_size=2, progress=False, checkpoint_dir=tmp_path / "ck",
+                                checkpoint_every=2, keep_checkpoints=3)
+
+    trainer().fit(6)
+    newest = tmp_path / "ck" / "step_00000006.pt"
+    newest.write_bytes(newest.read_bytes()[:100])  # cut short, as by a full disk
+    again = trainer()
+    with pytest.warns(RuntimeWarning, match="unreadable.*trying the previous"):
+        assert again.resume()
+    assert again.step == 4
