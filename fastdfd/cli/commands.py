@@ -45,6 +45,10 @@ def _device(name: str | None) -> torch.device:
     return torch.device("cpu")
 
 
+def _chunk(value: str):
+    return value if value == "auto" else int(value)
+
+
 def _model(name: str, num_classes: int, in_channels: int) -> nn.Module:
     return create_model(name, num_classes=num_classes, in_channels=in_channels)
 
@@ -64,7 +68,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-output-bn", action="store_true", help="drop the generator's final scale-only BN")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=32, help="images per generator per step")
-    p.add_argument("--generators-per-step", type=int, default=None)
+    p.add_argument("--generators-per-step", type=_chunk, default=None,
+                   help="generators per step (default all); 'auto': the largest that fits the GPU's free memory")
     p.add_argument("--kind", choices=KINDS, default="kl")
     p.add_argument("--scope", choices=("generator", "ensemble"), default="generator")
     p.add_argument("--moment-weight", type=float, default=10.0)
@@ -133,6 +138,8 @@ def train_generators(args: argparse.Namespace) -> dict:
         log_path=out / "metrics.csv", checkpoint_dir=out / "checkpoints", checkpoint_every=args.checkpoint_every,
         distributed=ctx,
     )
+    if trainer.memory_plan is not None and ctx.is_main:
+        print(f"memory plan: {trainer.memory_plan.describe()}")
     if args.resume and trainer.resume() and ctx.is_main:
         print(f"resumed at step {trainer.step}")
     trainer.fit(max(0, args.steps - trainer.step))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from typing import Iterator, Mapping, Sequence
 
 import torch
@@ -39,6 +40,7 @@ from ..ops import check_kind
 from ..checkpoint import check_config
 from .loop import StepLoop
 from .losses import total_variation
+from .memory import plan_generator_memory
 from .optim import StackedAdam
 
 
@@ -66,6 +68,10 @@ class GeneratorTrainer(StepLoop):
         moment_weight, ce_weight, tv_weight: loss weights (digits study: 10 / 1 / 0).
         batch_size: images per generator per step.
         generators_per_step: generators trained per step (default all); chunks visit
+            every generator evenly and each keeps its own Adam state. ``"auto"``: the
+            largest chunk the memory planner (:mod:`fastdfd.train.memory`) fits in the
+            device's free memory; a configuration that cannot fit is refused before the
+            first step, with the figures.
             every generator evenly and each keeps its own Adam state.
         lr, betas: Adam's (per generator).
         seed: seeds this trainer's own RNG (latents, labels, chunks); global RNG untouched.
@@ -92,7 +98,7 @@ class GeneratorTrainer(StepLoop):
         ce_weight: float = 1.0,
         tv_weight: float = 0.0,
         batch_size: int = 32,
-        generators_per_step: int | None = None,
+        generators_per_step: int | str | None = None,
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.5, 0.999),
         seed: int = 0,
@@ -118,6 +124,12 @@ class GeneratorTrainer(StepLoop):
         self.batch_size = int(batch_size)
         self.lr, self.betas = float(lr), tuple(betas)
         self.optimizer = StackedAdam(dict(ensemble.named_parameters()), lr=lr, betas=self.betas)
+        self.memory_plan = None
+        if generators_per_step == "auto":  # on a CPU (no budget) that is every generator
+            self.memory_plan = plan_generator_memory(teacher, ensemble, self.batch_size, dtype=ensemble.fc_z.dtype)
+            generators_per_step = self.memory_plan.chunk
+        elif ensemble.fc_z.device.type == "cuda":
+            self.memory_plan = self._check_memory(teacher, ensemble, generators_per_step)
         self.dist = distributed if distributed is not None else DistContext()
         sharded = self.dist.world > 1
         if sharded and checkpoint_dir is not None:  # one rotation per rank; resume agrees on a step
@@ -189,6 +201,16 @@ class GeneratorTrainer(StepLoop):
         self.optimizer.step(dict(zip(params, grads)), rows)
         acc = (logits.argmax(1) == y.reshape(-1)).float().mean()
         return torch.stack([total.detach() / k, moment.detach().mean(), ce.detach().mean(), tv.detach().mean(), acc])
+
+    def _check_memory(self, teacher, ensemble, generators_per_step):
+        """An explicit chunk on a GPU: refused only if one generator cannot fit; warned if the chunk may not."""
+        plan = plan_generator_memory(teacher, ensemble, self.batch_size, dtype=ensemble.fc_z.dtype)  # raises if none fits
+        wanted = ensemble.num_generators if generators_per_step is None else int(generators_per_step)
+        if wanted > plan.chunk:
+            warnings.warn(f"fastdfd: {wanted} generators per step may not fit: the planner estimates that "
+                          f"{plan.describe()}; pass generators_per_step='auto' to use that", RuntimeWarning,
+                          stacklevel=3)
+        return plan
 
     def _draw(self, rows):
         if not self._global_draw:
