@@ -59,3 +59,28 @@ def run(rank: int, world: int, init_file: str, scope: str, steps: int, out: str)
                        os.path.join(out, f"{scope}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def run_distill(rank: int, world: int, init_file: str, steps: int, out: str) -> None:
+    """DDP distillation from a 4-generator ensemble: 2 generators per rank."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        from fastdfd import Distiller
+        from fastdfd.distributed import DistContext
+        from fastdfd.models import create_model
+
+        ctx = DistContext(rank, world)
+        teacher, ensemble = build()
+        torch.manual_seed(3)
+        student = create_model("digits_student", num_classes=10)
+        distiller = Distiller(teacher, student, ensemble.shard(*ctx.shard(ensemble.num_generators)), batch_size=3,
+                              lr=0.05, progress=False, distributed=ctx)
+        first_images = distiller.ensemble.sample(3, rng=torch.Generator().manual_seed(distiller.seed + rank))[0]
+        distiller.fit(steps)
+        states = ctx.all_gather_object({k: v.detach().clone() for k, v in student.state_dict().items()})
+        images = ctx.all_gather_object(first_images)
+        if ctx.is_main:
+            torch.save({"states": states, "images": images}, os.path.join(out, "distill.pt"))
+    finally:
+        dist.destroy_process_group()

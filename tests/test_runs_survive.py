@@ -35,7 +35,7 @@ def _params(path):
     return torch.load(path, map_location="cpu", weights_only=True)["state"]
 
 
-def test_train_generators_under_torchrun_with_two_processes(tmp_path, teacher_file):
+def test_train_and_distill_under_torchrun_with_two_processes(tmp_path, teacher_file):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fastdfd",
            "train-generators", *ARGS, "--weights", str(teacher_file), "--scope", "ensemble", "--steps", "4",
            "--checkpoint-every", "2", "--out", str(tmp_path / "run")]
@@ -49,6 +49,14 @@ def test_train_generators_under_torchrun_with_two_processes(tmp_path, teacher_fi
                            timeout=300, env=_env())
     assert again.returncode == 0, again.stderr[-4000:]
     assert "resumed at step 4" in again.stdout
+
+    distill = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fastdfd",
+               "distill", "--teacher", "digits_teacher", "--teacher-weights", str(teacher_file), "--student",
+               "digits_student", "--generators", str(tmp_path / "run" / "generators.pt"), "--steps", "3",
+               "--batch-size", "2", "--device", "cpu", "--eval", "digits", "--out", str(tmp_path / "student")]
+    proc = subprocess.run(distill, capture_output=True, text=True, timeout=300, env=_env())
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert (tmp_path / "student" / "student.pt").is_file() and (tmp_path / "student" / "summary.json").is_file()
 
 
 def test_a_killed_run_resumes_bit_identically(tmp_path, teacher_file):

@@ -158,8 +158,15 @@ def train_generators(args: argparse.Namespace) -> dict:
 
 
 def distill(args: argparse.Namespace) -> dict:
+    """Under torchrun: DistributedDataParallel student, each process sampling its shard of generators."""
     device = _device(args.device)
-    ensemble = load_ensemble(args.generators, device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    ctx = init_from_env(device)
+    ensemble = load_ensemble(args.generators, "cpu")
+    if ctx.world > 1:
+        ensemble = ensemble.shard(*ctx.shard(ensemble.num_generators))
+    ensemble = ensemble.to(device)
     n, c = ensemble.num_classes, ensemble.spec.channels
     teacher = load_weights(_model(args.teacher, n, c), args.teacher_weights, "teacher").to(device)
     student = _model(args.student, n, c).to(device)
@@ -173,11 +180,14 @@ def distill(args: argparse.Namespace) -> dict:
         teacher, student, ensemble, temperature=args.temperature, batch_size=args.batch_size,
         generators_per_step=args.generators_per_step, optimizer=args.optimizer, lr=args.lr,
         total_steps=args.steps, seed=args.seed, log_path=out / "metrics.csv",
-        checkpoint_dir=out / "checkpoints", checkpoint_every=args.checkpoint_every,
+        checkpoint_dir=out / "checkpoints", checkpoint_every=args.checkpoint_every, distributed=ctx,
     )
-    if args.resume and distiller.resume():
+    if args.resume and distiller.resume() and ctx.is_main:
         print(f"resumed at step {distiller.step}")
     distiller.fit(max(0, args.steps - distiller.step))
+    if not ctx.is_main:  # the student is the same on every rank (DDP); rank 0 writes and evaluates
+        ctx.barrier()
+        return {"steps": distiller.step}
     torch.save(student.state_dict(), out / "student.pt")
     summary = {"steps": distiller.step, "student": str(out / "student.pt")}
     if loader is not None:
@@ -185,6 +195,7 @@ def distill(args: argparse.Namespace) -> dict:
         summary["teacher_accuracy"] = evaluate_accuracy(teacher, loader, device)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
+    ctx.barrier()
     return summary
 
 

@@ -5,6 +5,10 @@
 
 The teacher runs frozen in eval mode; the student in train mode (its BN layers learn
 statistics of the generated images). Losses are read back every ``log_every`` steps.
+
+Under torch.distributed (``distributed=``) the student is wrapped in
+DistributedDataParallel and each rank samples from its own shard of the generators with
+its own random stream: the global batch is the union of the ranks' batches.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
+from ..distributed import DistContext
 from ..nn.ensemble import GeneratorEnsemble
 from .evaluate import evaluate_accuracy
 from .generator_trainer import frozen_eval
@@ -65,6 +70,7 @@ class Distiller(StepLoop):
         checkpoint_dir: str | os.PathLike | None = None,
         checkpoint_every: int = 0,
         keep_checkpoints: int = 3,
+        distributed: DistContext | None = None,
     ):
         if temperature <= 0 or batch_size < 1 or lr <= 0:
             raise ValueError("temperature, batch_size and lr must be positive")
@@ -89,14 +95,21 @@ class Distiller(StepLoop):
             device=ensemble.fc_z.device, num_generators=ensemble.num_generators,
             generators_per_step=generators_per_step, seed=seed, log_path=log_path, log_every=log_every,
             progress=progress, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-            keep_checkpoints=keep_checkpoints,
+            keep_checkpoints=keep_checkpoints, distributed=distributed,
         )
+        self.model = student
+        if self.dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.rng.manual_seed(self.seed + 1_000_003 * self.dist.rank)  # other images on every rank
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(student, device_ids=ids, process_group=self.dist.group)
 
     def config(self) -> dict:
         return {
             "temperature": self.temperature, "batch_size": self.batch_size, "generators_per_step": self.schedule.chunk,
             "optimizer": self.optimizer_name, "lr": self.lr, "total_steps": self.total_steps, "seed": self.seed,
-            **self.hparams,
+            **self.hparams, **({"world": self.dist.world} if self.dist.world > 1 else {}),
         }
 
     @contextlib.contextmanager
@@ -114,7 +127,7 @@ class Distiller(StepLoop):
         x, _ = self.ensemble.sample(self.batch_size, chunk, rng=self.rng)
         with torch.no_grad():
             t_logits = self.teacher(x)
-        s_logits = self.student(x)
+        s_logits = self.model(x)
         loss = distillation_kl(s_logits, t_logits, self.temperature)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

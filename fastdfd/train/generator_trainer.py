@@ -130,17 +130,13 @@ class GeneratorTrainer(StepLoop):
             generators_per_step = self.memory_plan.chunk
         elif ensemble.fc_z.device.type == "cuda":
             self.memory_plan = self._check_memory(teacher, ensemble, generators_per_step)
-        self.dist = distributed if distributed is not None else DistContext()
-        sharded = self.dist.world > 1
-        if sharded and checkpoint_dir is not None:  # one rotation per rank; resume agrees on a step
-            checkpoint_dir = os.path.join(os.fspath(checkpoint_dir), f"rank_{self.dist.rank:05d}")
         self._init_loop(
             device=ensemble.fc_z.device, num_generators=ensemble.num_generators,
-            generators_per_step=generators_per_step, seed=seed,
-            log_path=log_path if self.dist.is_main else None, log_every=log_every,
-            progress=progress and self.dist.is_main, checkpoint_dir=checkpoint_dir,
-            checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
+            generators_per_step=generators_per_step, seed=seed, log_path=log_path, log_every=log_every,
+            progress=progress, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+            keep_checkpoints=keep_checkpoints, distributed=distributed,
         )
+        sharded = self.dist.world > 1
         # Whole steps (no chunks): every rank draws the *global* step's latents and labels from
         # the same stream and keeps its rows, so N processes reproduce the 1-process run.
         # With chunks, each rank draws its own chunk from a stream of its own.
@@ -222,15 +218,6 @@ class GeneratorTrainer(StepLoop):
         lo, hi = self.dist.rank * k, (self.dist.rank + 1) * k
         z, local = z[lo:hi], local[lo:hi]
         return z, ens.class_ids.gather(1, local), local
-
-    def resume(self, steps: set[int] | None = None) -> bool:
-        """Load the newest checkpoint; under torch.distributed, the newest step every rank can read."""
-        if self.dist.world == 1 or self.rotation is None:
-            return super().resume(steps)
-        common = None
-        for mine in self.dist.all_gather_object(sorted(self.rotation.readable_steps(self.FORMAT))):
-            common = set(mine) if common is None else common & set(mine)
-        return bool(common) and super().resume(common)
 
     def _model_state(self) -> dict:
         return {

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import warnings
 from typing import ContextManager
 
@@ -18,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import CheckpointRotation, CorruptCheckpointError, atomic_save, check_config, load_file
+from ..distributed import DistContext
 from .metrics import MetricsLog, check_finite
 from .schedule import ChunkSchedule
 
@@ -42,7 +44,16 @@ class StepLoop:
         checkpoint_dir: str | os.PathLike | None,
         checkpoint_every: int,
         keep_checkpoints: int,
+        distributed: DistContext | None = None,
     ) -> None:
+        # Under torch.distributed: logs and the progress bar on rank 0 only; one checkpoint
+        # rotation per rank (each holds its own generators or RNG stream); resume agrees on a step.
+        self.dist = distributed if distributed is not None else DistContext()
+        if self.dist.world > 1:
+            log_path = log_path if self.dist.is_main else None
+            progress = progress and self.dist.is_main
+            if checkpoint_dir is not None:
+                checkpoint_dir = os.path.join(os.fspath(checkpoint_dir), f"rank_{self.dist.rank:05d}")
         if log_every < 1 or checkpoint_every < 0:
             raise ValueError("log_every must be positive and checkpoint_every >= 0")
         if checkpoint_every and checkpoint_dir is None:
@@ -68,6 +79,11 @@ class StepLoop:
     def _step(self, ctx) -> torch.Tensor:
         raise NotImplementedError
 
+    @property
+    def images_per_step(self) -> int:
+        """Images generated per step (for the logged throughput)."""
+        return self.schedule.chunk * self.batch_size
+
     def _model_state(self) -> dict:
         raise NotImplementedError
 
@@ -84,6 +100,7 @@ class StepLoop:
             raise ValueError("steps must be >= 0")
         start = len(self.history)
         pending: list[tuple[int, torch.Tensor]] = []
+        self._window_start = time.perf_counter()
         bar = tqdm(total=steps, disable=not self.progress, desc=self.DESC, leave=False)
         try:
             with self._run() as ctx:
@@ -102,7 +119,14 @@ class StepLoop:
 
     def _flush(self, pending: list[tuple[int, torch.Tensor]], bar) -> None:
         values = torch.stack([v for _, v in pending]).tolist()  # the one host sync per window
-        rows = [{"step": s, **dict(zip(self.TERMS, v))} for (s, _), v in zip(pending, values)]
+        # throughput over the window (the read-back above is the window's only sync point)
+        now = time.perf_counter()
+        rate = len(pending) * self.images_per_step / max(now - self._window_start, 1e-9)
+        self._window_start = now
+        extra = {"images_per_s": rate}
+        if self.device.type == "cuda":
+            extra["gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        rows = [{"step": s, **dict(zip(self.TERMS, v)), **extra} for (s, _), v in zip(pending, values)]
         check_finite(rows, self.FINITE)
         self.history.extend(rows)
         self.log.write(rows)
@@ -141,10 +165,16 @@ class StepLoop:
 
         A file that cannot be read back (a disk that filled up, a copy cut short) is skipped
         with a warning and the one before it is used; a checkpoint of another configuration
-        is an error, not something to skip.
+        is an error, not something to skip. Under torch.distributed every rank loads the
+        newest step that all ranks can read.
         """
         if self.rotation is None:
             return False
+        if self.dist.world > 1 and steps is None:
+            for mine in self.dist.all_gather_object(sorted(self.rotation.readable_steps(self.FORMAT))):
+                steps = set(mine) if steps is None else steps & set(mine)
+            if not steps:
+                return False
         for path in reversed(self.rotation.paths()):
             if steps is not None and self.rotation.step_of(path) not in steps:
                 continue
