@@ -22,7 +22,10 @@ Budget: under 4 minutes on one H100. Sections, each written to the JSON as it fi
    at the CIFAR generator's size (fp32, bf16), then sampling and training of 64 x 64,
    1000 x 4 and 8 x 128 generators x images at 32 px for every provider of
    benchmarks/ensemble_providers.py (Python loop, CUDA-graph loop, vmap, grouped conv
-   eager and compiled, fastdfd-triton), bf16 parameters.
+   eager and compiled, fastdfd-triton), bf16 parameters;
+6. ImageNet generator training (benchmarks/imagenet_suite.py): ResNet-50 at 224 px, 1000
+   generators, 16 per step x 8 images, hooks + Python loop against fastdfd: images/s per
+   GPU, and the GPU-hours of an assumed synthesis budget beside the published ones.
 
 ``--tiny`` runs the same code at toy sizes on the CPU (Triton interpreter) so the script
 itself is tested without a GPU.
@@ -48,12 +51,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.ensemble_suite import CASES, ENSEMBLE_PROVIDERS, TINY_CASES, check_ensembles, time_ensembles  # noqa: E402
+from benchmarks.imagenet_suite import time_imagenet  # noqa: E402
 from benchmarks.providers import PROVIDERS, bn_layer_step, generator_step, randomize_bn  # noqa: E402
 
 CIFAR_R34 = [(256, 64, 32), (256, 128, 16), (256, 256, 8), (256, 512, 4)]
 IMAGENET_R50 = [(64, 64, 112), (64, 64, 56), (64, 256, 56), (64, 128, 28), (64, 512, 28),
                 (64, 256, 14), (64, 1024, 14), (64, 512, 7), (64, 2048, 7)]
 TINY = [(4, 3, 5), (6, 8, 3)]
+SECTIONS = ("moments", "steps", "ensembles", "imagenet")
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -217,7 +222,13 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--tiny", action="store_true", help="toy sizes on the CPU (Triton interpreter)")
     parser.add_argument("--skip-compiled", action="store_true", help="leave out hooks-compiled (saves compile time)")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated subset of {','.join(SECTIONS)} (to fit a short device lease)")
     args = parser.parse_args(argv)
+    sections = [x.strip() for x in args.sections.split(",") if x.strip()]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown sections {unknown}; expected some of {SECTIONS}")
     if args.tiny:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     device = torch.device("cpu" if args.tiny else "cuda")
@@ -230,7 +241,8 @@ def main(argv=None) -> int:
     slug = re.sub(r"[^a-z0-9]+", "-", info["card"].lower()).strip("-")
     out = Path(args.out) / f"gpu-suite-{slug}{'-tiny' if args.tiny else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"machine": info, "providers": providers}
+    report = {"machine": info, "providers": providers, "sections": sections}
+    bad: list = []
 
     def save():
         out.write_text(json.dumps(report, indent=1))
@@ -240,58 +252,71 @@ def main(argv=None) -> int:
     save()
     print(f"{info['card']}: device copy {report['copy_gbps']:.0f} GB/s; torch {info['torch']}, triton {info['triton']}")
 
-    shapes = TINY if args.tiny else CIFAR_R34 + IMAGENET_R50
     dtypes = [torch.float32] if args.tiny else [torch.float32, torch.bfloat16]
-    checks = check_layers(shapes, dtypes, providers, device, report)
-    save()
-    bad = [r for r in checks if not r["ok"]]
-    print(f"correctness: {len(checks) - len(bad)}/{len(checks)} provider x case checks within tolerance")
-    for r in bad:
-        print(f"  FAIL {r['provider']} {r['shape']} {r['dtype']}: loss {r['loss_rel_err']:.2e} dx {r['dx_rel_err']:.2e}")
+    if "moments" in sections:
+        shapes = TINY if args.tiny else CIFAR_R34 + IMAGENET_R50
+        checks = check_layers(shapes, dtypes, providers, device, report)
+        save()
+        bad += [r for r in checks if not r["ok"]]
+        print(f"correctness: {len(checks) - len(bad)}/{len(checks)} provider x case checks within tolerance")
+        for r in bad:
+            print(f"  FAIL {r['provider']} {r['shape']} {r['dtype']}: loss {r['loss_rel_err']:.2e} dx {r['dx_rel_err']:.2e}")
 
-    layers = time_layers(shapes, dtypes, providers, device, report["copy_gbps"], report, reps=3 if args.tiny else 20)
-    save()
-    print("\none BN layer, forward+backward (median ms; GB/s as a share of copy bandwidth; speed-up vs hooks)")
-    for r in layers:
-        print(f"  {str(r['shape']):<22} {r['dtype']:<9} {r['provider']:<15} {r['ms']:8.3f} ms "
-              f"{r['gbps']:8.0f} GB/s {100 * r['copy_fraction']:5.1f}%  {r['speedup_vs_hooks']:5.2f}x")
+        layers = time_layers(shapes, dtypes, providers, device, report["copy_gbps"], report, reps=3 if args.tiny else 20)
+        save()
+        print("\none BN layer, forward+backward (median ms; GB/s as a share of copy bandwidth; speed-up vs hooks)")
+        for r in layers:
+            print(f"  {str(r['shape']):<22} {r['dtype']:<9} {r['provider']:<15} {r['ms']:8.3f} ms "
+                  f"{r['gbps']:8.0f} GB/s {100 * r['copy_fraction']:5.1f}%  {r['speedup_vs_hooks']:5.2f}x")
 
-    if args.tiny:
-        cases = [("tiny digits-like", "digits_teacher", 10, 1, 4, 3, 16, (8, 4), False)]
-    else:  # (name, teacher, classes, channels, generators, images each, size, widths, bf16 autocast)
-        cases = [("cifar-r34 64 gens x 32 img, 32 px, bf16", "resnet34", 10, 3, 64, 32, 32, (128, 64), True),
-                 ("imagenet-r50 8 gens x 16 img, 224 px, bf16", "resnet50_imagenet", 1000, 3, 8, 16, 224,
-                  (128, 64), True)]
-    # (--tiny: the interpreter takes half a minute per step with the generator kernels, and
-    # section 5 runs them anyway)
-    steps = time_steps(cases, providers, device, report, reps=2 if args.tiny else 10, generator_kernels=not args.tiny)
-    save()
-    print("\ngenerator-training step (ms, images/s, peak GiB, loss vs hooks)")
-    for r in steps:
-        peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
-        print(f"  {r['case']:<44} {r['provider']:<15} {r['ms']:9.2f} ms {r['images_per_s']:9.0f} img/s "
-              f"{peak:>6} GiB  {r['speedup_vs_hooks']:5.2f}x  loss diff {r['loss_rel_diff_vs_hooks']:.1e}")
+    if "steps" in sections:
+        if args.tiny:
+            cases = [("tiny digits-like", "digits_teacher", 10, 1, 4, 3, 16, (8, 4), False)]
+        else:  # (name, teacher, classes, channels, generators, images each, size, widths, bf16 autocast)
+            cases = [("cifar-r34 64 gens x 32 img, 32 px, bf16", "resnet34", 10, 3, 64, 32, 32, (128, 64), True),
+                     ("imagenet-r50 8 gens x 16 img, 224 px, bf16", "resnet50_imagenet", 1000, 3, 8, 16, 224,
+                      (128, 64), True)]
+        # (--tiny: the interpreter takes half a minute per step with the generator kernels, and
+        # section 5 runs them anyway)
+        steps = time_steps(cases, providers, device, report, reps=2 if args.tiny else 10, generator_kernels=not args.tiny)
+        save()
+        print("\ngenerator-training step (ms, images/s, peak GiB, loss vs hooks)")
+        for r in steps:
+            peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
+            print(f"  {r['case']:<44} {r['provider']:<15} {r['ms']:9.2f} ms {r['images_per_s']:9.0f} img/s "
+                  f"{peak:>6} GiB  {r['speedup_vs_hooks']:5.2f}x  loss diff {r['loss_rel_diff_vs_hooks']:.1e}")
 
-    ens_cases = TINY_CASES if args.tiny else CASES
-    ens_providers = [p for p in ENSEMBLE_PROVIDERS if not (p == "grouped-compiled" and (args.skip_compiled or args.tiny))]
-    ens_checks = check_ensembles(ens_cases, device, report, dtypes=dtypes)
-    save()
-    for r in ens_checks:
-        print(f"ensemble correctness {r['case']} {r['dtype']}: {'ok' if r['ok'] else 'FAIL'}  image err "
-              f"{r['image_max_err']:.2e} (torch {r['torch_image_max_err']:.2e})  grad checksum "
-              f"{r['grad_checksum_rel_err']:.2e} (torch {r['torch_grad_checksum_rel_err']:.2e})")
-    bad += [r for r in ens_checks if not r["ok"]]
-    ens_rows = time_ensembles(ens_cases, ens_providers, device, report, bench, reps=1 if args.tiny else 5,
-                              dtype=torch.float32 if args.tiny else torch.bfloat16)
-    save()
-    print("\nK generators at once (median ms; speed-up vs python-loop / vmap / grouped-eager)")
-    for r in ens_rows:
-        if "error" in r:
-            print(f"  {r['case']:<42} {r['mode']:<6} {r['provider']:<18} ERROR {r['error']}")
-            continue
-        ratios = "  ".join(f"{a}: {r[f'speedup_vs_{a}']:6.2f}x" for a in ("python-loop", "vmap", "grouped-eager")
-                           if f"speedup_vs_{a}" in r)
-        print(f"  {r['case']:<42} {r['mode']:<6} {r['provider']:<18} {r['ms']:9.2f} ms  {ratios}")
+    if "ensembles" in sections:
+        ens_cases = TINY_CASES if args.tiny else CASES
+        ens_providers = [p for p in ENSEMBLE_PROVIDERS if not (p == "grouped-compiled" and (args.skip_compiled or args.tiny))]
+        ens_checks = check_ensembles(ens_cases, device, report, dtypes=dtypes)
+        save()
+        for r in ens_checks:
+            print(f"ensemble correctness {r['case']} {r['dtype']}: {'ok' if r['ok'] else 'FAIL'}  image err "
+                  f"{r['image_max_err']:.2e} (torch {r['torch_image_max_err']:.2e})  grad checksum "
+                  f"{r['grad_checksum_rel_err']:.2e} (torch {r['torch_grad_checksum_rel_err']:.2e})")
+        bad += [r for r in ens_checks if not r["ok"]]
+        ens_rows = time_ensembles(ens_cases, ens_providers, device, report, bench, reps=1 if args.tiny else 5,
+                                  dtype=torch.float32 if args.tiny else torch.bfloat16)
+        save()
+        print("\nK generators at once (median ms; speed-up vs python-loop / vmap / grouped-eager)")
+        for r in ens_rows:
+            if "error" in r:
+                print(f"  {r['case']:<42} {r['mode']:<6} {r['provider']:<18} ERROR {r['error']}")
+                continue
+            ratios = "  ".join(f"{a}: {r[f'speedup_vs_{a}']:6.2f}x" for a in ("python-loop", "vmap", "grouped-eager")
+                               if f"speedup_vs_{a}" in r)
+            print(f"  {r['case']:<42} {r['mode']:<6} {r['provider']:<18} {r['ms']:9.2f} ms  {ratios}")
+
+    if "imagenet" in sections:
+        imagenet = time_imagenet(device, report, bench, tiny=args.tiny, reps=1 if args.tiny else 5)
+        save()
+        print(f"\nImageNet generator training ({imagenet['config']})")
+        for r in imagenet["rows"]:
+            print(f"  {r['provider']:<11} {r['ms']:9.1f} ms/step {r['images_per_s']:8.1f} img/s  "
+                  f"{r['speedup_vs_hooks_loop']:5.2f}x  projected {r['projected_gpu_hours']:8.1f} GPU-hours")
+        print(f"  assumption: {imagenet['assumption']}")
+        print(f"  published: {imagenet['published_gpu_hours']}")
     report["seconds"] = time.perf_counter() - started
     save()
     print(f"\nwrote {out} ({report['seconds']:.0f} s)")

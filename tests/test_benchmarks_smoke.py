@@ -23,3 +23,5 @@ def test_gpu_suite_runs_end_to_end_in_tiny_mode(tmp_path):
     timed = {(r["mode"], r["provider"]) for r in report["ensemble_timings"] if "error" not in r}
     for mode in ("sample", "train"):
         assert {(mode, p) for p in ("python-loop", "vmap", "grouped-eager", "fastdfd-triton")} <= timed
+    rows = report["imagenet"]["rows"]
+    assert [r["provider"] for r in rows] == ["hooks+loop", "fastdfd"] and all(r["projected_gpu_hours"] > 0 for r in rows)
