@@ -47,3 +47,21 @@ def test_trainer_auto_chunk_on_cpu_takes_every_generator():
     teacher, ens = _setup(4)
     trainer = GeneratorTrainer(teacher, ens, batch_size=2, generators_per_step="auto", progress=False)
     assert trainer.schedule.chunk == 4 and trainer.memory_plan.budget_bytes is None
+
+
+def test_bf16_autocast_and_channels_last_teacher_train_close_to_fp32():
+    """The fast-path switches change rounding, not the objective."""
+    from fastdfd.models import create_model as make
+
+    from .conftest import randomize_bn_stats
+
+    def run(**kw):
+        torch.manual_seed(0)
+        teacher = randomize_bn_stats(make("digits_teacher", num_classes=10))
+        ens = GeneratorEnsemble(2, 10, image_size=16, channels=1, latent_dim=8, widths=(8, 4), output_bn=False)
+        return GeneratorTrainer(teacher, ens, batch_size=4, progress=False, **kw).fit(2)
+
+    plain, fast = run(), run(autocast=True, channels_last=True)
+    for a, b in zip(plain, fast):
+        assert b["moment"] == pytest.approx(a["moment"], rel=0.05)
+        assert b["ce"] == pytest.approx(a["ce"], rel=0.05)

@@ -1,5 +1,6 @@
 """Runs under torchrun, and runs that are killed: the CLI as a user drives it, in subprocesses."""
 
+import json
 import os
 import signal
 import subprocess
@@ -45,10 +46,14 @@ def test_train_and_distill_under_torchrun_with_two_processes(tmp_path, teacher_f
     assert ensemble["fc_z"].shape[0] == 10  # both shards, put back together by rank 0
     for rank in (0, 1):
         assert len(list((tmp_path / "run" / "checkpoints" / f"rank_{rank:05d}").glob("step_*.pt"))) == 2
+    manifest = json.loads((tmp_path / "run" / "checkpoints" / "manifest_step_00000004.json").read_text())
+    assert manifest["shards"] == ["rank_00000/step_00000004.pt", "rank_00001/step_00000004.pt"]
+    # a step whose manifest is missing (as if a rank died while saving) is not resumed from
+    (tmp_path / "run" / "checkpoints" / "manifest_step_00000004.json").unlink()
     again = subprocess.run(cmd[:-2] + ["--resume", "--out", str(tmp_path / "run")], capture_output=True, text=True,
                            timeout=300, env=_env())
     assert again.returncode == 0, again.stderr[-4000:]
-    assert "resumed at step 4" in again.stdout
+    assert "resumed at step 2" in again.stdout
 
     distill = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fastdfd",
                "distill", "--teacher", "digits_teacher", "--teacher-weights", str(teacher_file), "--student",

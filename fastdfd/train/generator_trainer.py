@@ -67,6 +67,8 @@ class GeneratorTrainer(StepLoop):
         kind, scope, layer_weights, first_layer_multiplier: the MomentMatcher's settings.
         moment_weight, ce_weight, tv_weight: loss weights (digits study: 10 / 1 / 0).
         batch_size: images per generator per step.
+        autocast: run the teacher under bf16 autocast; channels_last: convert the teacher
+            (and feed it) channels_last. The moment sums stay fp32 either way.
         generators_per_step: generators trained per step (default all); chunks visit
             every generator evenly and each keeps its own Adam state. ``"auto"``: the
             largest chunk the memory planner (:mod:`fastdfd.train.memory`) fits in the
@@ -109,6 +111,8 @@ class GeneratorTrainer(StepLoop):
         checkpoint_every: int = 0,
         keep_checkpoints: int = 3,
         distributed: DistContext | None = None,
+        autocast: bool = False,
+        channels_last: bool = False,
     ):
         check_kind(kind)
         if scope not in SCOPES:
@@ -123,6 +127,11 @@ class GeneratorTrainer(StepLoop):
         self.moment_weight, self.ce_weight, self.tv_weight = float(moment_weight), float(ce_weight), float(tv_weight)
         self.batch_size = int(batch_size)
         self.lr, self.betas = float(lr), tuple(betas)
+        # bf16 autocast of the teacher's forward (generators keep their own dtype) and a
+        # channels_last teacher: the fast path on tensor-core GPUs; both off by default
+        self.autocast, self.channels_last = bool(autocast), bool(channels_last)
+        if self.channels_last:
+            teacher.to(memory_format=torch.channels_last)
         self.optimizer = StackedAdam(dict(ensemble.named_parameters()), lr=lr, betas=self.betas)
         self.memory_plan = None
         if generators_per_step == "auto":  # on a CPU (no budget) that is every generator
@@ -175,7 +184,10 @@ class GeneratorTrainer(StepLoop):
         k_global = k * self.dist.world  # scope="ensemble": every generator of the step carries the shared term
         x = x.reshape(k * b, *x.shape[2:])
         matcher.groups = k if self.scope == "generator" else None
-        logits = self.teacher(x)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=self.autocast):
+            logits = self.teacher(x)
         moment = matcher.loss()
         ce = F.cross_entropy(logits.float(), y.reshape(-1), reduction="none").view(k, b).mean(1)
         tv = total_variation(x).view(k, b).mean(1) if self.tv_weight else ce.new_zeros(k)

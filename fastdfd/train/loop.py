@@ -10,6 +10,7 @@ private RNG and the generator schedule, so ``resume`` continues bit-for-bit.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 import warnings
@@ -112,10 +113,34 @@ class StepLoop:
                         self._flush(pending, bar)
                         pending = []
                     if due:
-                        self.rotation.save(self.state_dict(), self.step)
+                        self._save_checkpoint()
         finally:
             bar.close()
         return self.history[start:]
+
+    def _save_checkpoint(self) -> None:
+        """This rank's file; under torch.distributed, then rank 0's manifest, written last.
+
+        The manifest (``manifest_step_N.json`` beside the rank folders, atomic) is written
+        only after every rank has written its shard: a step without one is incomplete and is
+        never resumed from, whatever files exist.
+        """
+        path = self.rotation.save(self.state_dict(), self.step)
+        if self.dist.world == 1:
+            return
+        names = self.dist.all_gather_object(f"{path.parent.name}/{path.name}")  # also a barrier
+        if self.dist.is_main:
+            root = path.parent.parent
+            manifest = {"step": self.step, "world": self.dist.world, "format": self.FORMAT, "shards": names}
+            tmp = root / f".manifest_step_{self.step:08d}.json.tmp"
+            tmp.write_text(json.dumps(manifest, indent=1))
+            os.replace(tmp, root / f"manifest_step_{self.step:08d}.json")
+            for old in sorted(root.glob("manifest_step_*.json"))[: -self.rotation.keep]:
+                old.unlink(missing_ok=True)
+
+    def _manifested_steps(self) -> set[int]:
+        root = self.rotation.directory.parent
+        return {int(p.stem.split("_")[-1]) for p in root.glob("manifest_step_*.json")}
 
     def _flush(self, pending: list[tuple[int, torch.Tensor]], bar) -> None:
         values = torch.stack([v for _, v in pending]).tolist()  # the one host sync per window
@@ -171,8 +196,11 @@ class StepLoop:
         if self.rotation is None:
             return False
         if self.dist.world > 1 and steps is None:
-            for mine in self.dist.all_gather_object(sorted(self.rotation.readable_steps(self.FORMAT))):
-                steps = set(mine) if steps is None else steps & set(mine)
+            mine = self.rotation.readable_steps(self.FORMAT)
+            if self.dist.is_main:  # only steps whose manifest was written (every shard was saved)
+                mine &= self._manifested_steps()
+            for theirs in self.dist.all_gather_object(sorted(mine)):
+                steps = set(theirs) if steps is None else steps & set(theirs)
             if not steps:
                 return False
         for path in reversed(self.rotation.paths()):
