@@ -110,3 +110,25 @@ def test_a_corrupted_newest_checkpoint_falls_back_to_the_previous(tmp_path):
     with pytest.warns(RuntimeWarning, match="unreadable.*trying the previous"):
         assert again.resume()
     assert again.step == 4
+
+
+def test_sample_grids_are_written_and_leave_training_unchanged(tmp_path):
+    from fastdfd import GeneratorEnsemble, GeneratorTrainer
+
+    torch.manual_seed(0)
+    teacher = randomize_bn_stats(create_model("digits_teacher", num_classes=10))
+
+    def run(**kw):
+        torch.manual_seed(1)
+        ens = GeneratorEnsemble(3, 9, image_size=16, channels=1, latent_dim=8, widths=(8, 4), output_bn=False)
+        GeneratorTrainer(teacher, ens, batch_size=2, progress=False, **kw).fit(4)
+        return ens
+
+    with_grids = run(sample_every=2, sample_dir=tmp_path / "samples")
+    plain = run()
+    pngs = sorted(p.name for p in (tmp_path / "samples").iterdir())
+    assert pngs == ["step_00000002.png", "step_00000004.png"]
+    data = (tmp_path / "samples" / pngs[0]).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[16:24] == (8 * 16).to_bytes(4, "big") + (3 * 16).to_bytes(4, "big")  # 8 images x 3 generators
+    for name, p in plain.state_dict().items():
+        assert torch.equal(p, with_grids.state_dict()[name]), name

@@ -40,6 +40,7 @@ from ..ops import check_kind
 from ..checkpoint import check_config
 from .loop import StepLoop
 from .losses import total_variation
+from .images import grid, save_png
 from .memory import plan_generator_memory
 from .optim import StackedAdam
 
@@ -67,6 +68,8 @@ class GeneratorTrainer(StepLoop):
         kind, scope, layer_weights, first_layer_multiplier: the MomentMatcher's settings.
         moment_weight, ce_weight, tv_weight: loss weights (digits study: 10 / 1 / 0).
         batch_size: images per generator per step.
+        sample_every, sample_dir: every ``sample_every`` steps write ``sample_dir/step_N.png``,
+            one row of 8 images per generator (the first 16 of this process).
         autocast: run the teacher under bf16 autocast; channels_last: convert the teacher
             (and feed it) channels_last. The moment sums stay fp32 either way.
         generators_per_step: generators trained per step (default all); chunks visit
@@ -113,6 +116,8 @@ class GeneratorTrainer(StepLoop):
         distributed: DistContext | None = None,
         autocast: bool = False,
         channels_last: bool = False,
+        sample_every: int = 0,
+        sample_dir: str | os.PathLike | None = None,
     ):
         check_kind(kind)
         if scope not in SCOPES:
@@ -133,6 +138,9 @@ class GeneratorTrainer(StepLoop):
         if self.channels_last:
             teacher.to(memory_format=torch.channels_last)
         self.optimizer = StackedAdam(dict(ensemble.named_parameters()), lr=lr, betas=self.betas)
+        if sample_every < 0 or (sample_every and sample_dir is None):
+            raise ValueError("sample_every must be >= 0 and needs a sample_dir")
+        self.sample_every, self.sample_dir = int(sample_every), sample_dir
         self.memory_plan = None
         if generators_per_step == "auto":  # on a CPU (no budget) that is every generator
             self.memory_plan = plan_generator_memory(teacher, ensemble, self.batch_size, dtype=ensemble.fc_z.dtype)
@@ -209,6 +217,13 @@ class GeneratorTrainer(StepLoop):
         self.optimizer.step(dict(zip(params, grads)), rows)
         acc = (logits.argmax(1) == y.reshape(-1)).float().mean()
         return torch.stack([total.detach() / k, moment.detach().mean(), ce.detach().mean(), tv.detach().mean(), acc])
+
+    def _after_step(self) -> None:
+        if self.sample_every and self.step % self.sample_every == 0 and self.dist.is_main:
+            rows = list(range(min(16, self.ensemble.num_generators)))
+            # a private RNG: writing samples must not change the training stream
+            x, _ = self.ensemble.sample(8, rows, rng=torch.Generator(device=self.device).manual_seed(self.step))
+            save_png(grid(x, len(rows)), os.path.join(os.fspath(self.sample_dir), f"step_{self.step:08d}.png"))
 
     def _check_memory(self, teacher, ensemble, generators_per_step):
         """An explicit chunk on a GPU: refused only if one generator cannot fit; warned if the chunk may not."""

@@ -80,6 +80,9 @@ class StepLoop:
     def _step(self, ctx) -> torch.Tensor:
         raise NotImplementedError
 
+    def _after_step(self) -> None:
+        """Per-step side work of a subclass (sample grids); nothing by default."""
+
     @property
     def images_per_step(self) -> int:
         """Images generated per step (for the logged throughput)."""
@@ -108,6 +111,7 @@ class StepLoop:
                 for i in range(steps):
                     pending.append((self.step + 1, self._step(ctx)))
                     self.step += 1
+                    self._after_step()
                     due = self.checkpoint_every and self.step % self.checkpoint_every == 0
                     if len(pending) >= self.log_every or due or i == steps - 1:
                         self._flush(pending, bar)
