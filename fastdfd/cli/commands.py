@@ -82,6 +82,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
     p.add_argument("--sample-every", type=int, default=0, help="write OUT/samples/step_N.png every N steps")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast and a channels_last teacher (GPUs)")
+    p.add_argument("--offload", action="store_true",
+                   help="keep the generators and their Adam states in pinned host memory, stream each chunk")
     p.add_argument("--device", default=None)
     p.add_argument("--out", required=True)
     p.set_defaults(func=train_generators)
@@ -132,17 +134,20 @@ def train_generators(args: argparse.Namespace) -> dict:
     )
     if ctx.world > 1:
         ensemble = ensemble.shard(*ctx.shard(ensemble.num_generators))
-    ensemble = ensemble.to(device)
+    if not args.offload:
+        ensemble = ensemble.to(device)
     trainer = GeneratorTrainer(
         teacher, ensemble, kind=args.kind, scope=args.scope, moment_weight=args.moment_weight,
         ce_weight=args.ce_weight, tv_weight=args.tv_weight, first_layer_multiplier=args.first_layer_multiplier,
         batch_size=args.batch_size, generators_per_step=args.generators_per_step, lr=args.lr, seed=args.seed,
         log_path=out / "metrics.csv", checkpoint_dir=out / "checkpoints", checkpoint_every=args.checkpoint_every,
         distributed=ctx, sample_every=args.sample_every, sample_dir=out / "samples", autocast=args.bf16,
-        channels_last=args.bf16,
+        channels_last=args.bf16, offload=args.offload,
     )
-    if trainer.memory_plan is not None and ctx.is_main:
-        print(f"memory plan: {trainer.memory_plan.describe()}")
+    if ctx.is_main:
+        print(trainer.placement)
+        if trainer.memory_plan is not None:
+            print(f"memory plan: {trainer.memory_plan.describe()}")
     if args.resume and trainer.resume() and ctx.is_main:
         print(f"resumed at step {trainer.step}")
     trainer.fit(max(0, args.steps - trainer.step))

@@ -68,6 +68,9 @@ class GeneratorTrainer(StepLoop):
         kind, scope, layer_weights, first_layer_multiplier: the MomentMatcher's settings.
         moment_weight, ce_weight, tv_weight: loss weights (digits study: 10 / 1 / 0).
         batch_size: images per generator per step.
+        offload: keep every generator's parameters and Adam moments in (pinned) host memory
+            and move only the step's chunk to the teacher's device; for ensembles larger than
+            the GPU. Off by default: states live with the ensemble.
         sample_every, sample_dir: every ``sample_every`` steps write ``sample_dir/step_N.png``,
             one row of 8 images per generator (the first 16 of this process).
         autocast: run the teacher under bf16 autocast; channels_last: convert the teacher
@@ -118,6 +121,7 @@ class GeneratorTrainer(StepLoop):
         channels_last: bool = False,
         sample_every: int = 0,
         sample_dir: str | os.PathLike | None = None,
+        offload: bool = False,
     ):
         check_kind(kind)
         if scope not in SCOPES:
@@ -137,7 +141,19 @@ class GeneratorTrainer(StepLoop):
         self.autocast, self.channels_last = bool(autocast), bool(channels_last)
         if self.channels_last:
             teacher.to(memory_format=torch.channels_last)
-        self.optimizer = StackedAdam(dict(ensemble.named_parameters()), lr=lr, betas=self.betas)
+        self.offload = bool(offload)
+        teacher_device = next(teacher.parameters()).device
+        # where the step runs; the ensemble (and so the draws) stays on its own device
+        self.compute_device = teacher_device if self.offload else ensemble.fc_z.device
+        if self.offload and teacher_device.type == "cuda" and ensemble.fc_z.device.type == "cpu":
+            with torch.no_grad():
+                for p in ensemble.parameters():
+                    p.data = p.data.pin_memory()  # asynchronous host-to-device copies of each chunk
+        self.optimizer = StackedAdam(dict(ensemble.named_parameters()), lr=lr, betas=self.betas,
+                                     compute_device=self.compute_device)
+        self.placement = (f"generator parameters and Adam moments in host memory, each step's chunk streamed to "
+                          f"{self.compute_device}" if self.compute_device != ensemble.fc_z.device else
+                          f"generator parameters and Adam moments on {ensemble.fc_z.device}")
         if sample_every < 0 or (sample_every and sample_dir is None):
             raise ValueError("sample_every must be >= 0 and needs a sample_dir")
         self.sample_every, self.sample_dir = int(sample_every), sample_dir
@@ -212,6 +228,10 @@ class GeneratorTrainer(StepLoop):
         params = self.ensemble.stacked(rows)
         k = self.ensemble.num_generators if rows is None else rows.numel()
         z, y, local = self._draw(rows)
+        if self.compute_device != self.device:  # offload: only this chunk crosses to the device
+            params = {n: t.detach().to(self.compute_device, non_blocking=True).requires_grad_(True)
+                      for n, t in params.items()}
+            z, y, local = (t.to(self.compute_device, non_blocking=True) for t in (z, y, local))
         total, moment, ce, tv, logits = self.objective(params, z, y, local, matcher)
         grads = torch.autograd.grad(total, list(params.values()))
         self.optimizer.step(dict(zip(params, grads)), rows)

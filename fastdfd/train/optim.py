@@ -5,6 +5,9 @@ Each parameter carries a leading generator axis K. A step updates only the rows
 so K generators trained in chunks are exactly K independent ``torch.optim.Adam`` runs:
 a generator that sat out a step keeps its parameters *and* its moments untouched (a
 global Adam would keep moving it with stale momentum).
+
+With ``compute_device`` set (offload), parameters and moments stay where they are (pinned
+host memory) and a step moves only its rows there and back: the update runs on the GPU.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ class StackedAdam:
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        compute_device: torch.device | str | None = None,
     ):
         if lr <= 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1) or eps < 0 or weight_decay < 0:
             raise ValueError(f"invalid Adam settings lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}")
@@ -33,11 +37,18 @@ class StackedAdam:
         self.exp_avg_sq = {n: torch.zeros_like(p) for n, p in self.params.items()}
         # float64 step counts: bias corrections as torch.optim.Adam computes them (in double)
         self.steps = torch.zeros(self.num_rows, dtype=torch.float64, device=first.device)
+        self.compute_device = torch.device(compute_device) if compute_device is not None else first.device
+        if self.compute_device != first.device and first.device.type == "cpu" and self.compute_device.type == "cuda":
+            for table in (self.exp_avg, self.exp_avg_sq):
+                for n in table:
+                    table[n] = table[n].pin_memory()
 
     @torch.no_grad()
     def step(self, grads: Mapping[str, torch.Tensor], rows: torch.Tensor | None = None) -> None:
         """Apply one Adam step to ``rows`` (all rows when None); ``grads`` are [len(rows), ...]."""
         b1, b2 = self.betas
+        if self.compute_device != self.steps.device:
+            return self._step_offloaded(grads, rows)
         if rows is None:
             self.steps += 1
             t = self.steps
@@ -62,6 +73,40 @@ class StackedAdam:
                 p.index_copy_(0, rows, w)
                 self.exp_avg[name].index_copy_(0, rows, m)
                 self.exp_avg_sq[name].index_copy_(0, rows, v)
+
+    @torch.no_grad()
+    def _step_offloaded(self, grads: Mapping[str, torch.Tensor], rows: torch.Tensor | None) -> None:
+        """The same update on ``compute_device`` for the step's rows, written back to host memory."""
+        dev, host = self.compute_device, self.steps.device
+        host_rows = None if rows is None else rows.to(host)
+        b1, b2 = self.betas
+        t = (self.steps if host_rows is None else self.steps.index_select(0, host_rows)) + 1
+        if host_rows is None:
+            self.steps.copy_(t)
+        else:
+            self.steps.index_copy_(0, host_rows, t)
+        t = t.to(dev)
+        step_size = (self.lr / (1 - b1**t)).float()
+        bc2_sqrt = (1 - b2**t).sqrt().float()
+        for name, p in self.params.items():
+            def fetch(table):
+                rows_of = table if host_rows is None else table.index_select(0, host_rows)
+                return rows_of.to(dev, non_blocking=True)
+
+            g = grads[name].to(dev)
+            w, m, v = fetch(p), fetch(self.exp_avg[name]), fetch(self.exp_avg_sq[name])
+            if self.weight_decay:
+                g = g.add(w, alpha=self.weight_decay)
+            m.mul_(b1).add_(g, alpha=1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            denom = (v.sqrt() / bc2_sqrt.view(shape)).add_(self.eps)
+            w.sub_(step_size.view(shape) * m / denom)
+            for table, new in ((p, w), (self.exp_avg[name], m), (self.exp_avg_sq[name], v)):
+                if host_rows is None:
+                    table.copy_(new)
+                else:
+                    table.index_copy_(0, host_rows, new.to(host))
 
     def state_dict(self) -> dict:
         return {

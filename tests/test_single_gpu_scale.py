@@ -1,4 +1,4 @@
-"""The memory planner: figures from shapes, the chunk it picks, and refusals with the figures."""
+"""Scale on one GPU, checked on the CPU: the memory planner, offloaded states, bf16 and channels_last."""
 
 import pytest
 import torch
@@ -65,3 +65,43 @@ def test_bf16_autocast_and_channels_last_teacher_train_close_to_fp32():
     for a, b in zip(plain, fast):
         assert b["moment"] == pytest.approx(a["moment"], rel=0.05)
         assert b["ce"] == pytest.approx(a["ce"], rel=0.05)
+
+
+def test_offloaded_adam_updates_exactly_like_the_resident_one():
+    """The offload path (rows moved to the compute device and back) forced on the CPU: as 'cpu:0'."""
+    from fastdfd.train.optim import StackedAdam
+
+    g = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(6, 3, 4, generator=g), "b": torch.randn(6, 5, generator=g)}
+    resident = StackedAdam({k: v.clone() for k, v in params.items()}, lr=0.1)
+    offloaded = StackedAdam({k: v.clone() for k, v in params.items()}, lr=0.1, compute_device="cpu:0")
+    for rows in (torch.tensor([4, 1]), None, torch.tensor([0, 5, 2])):
+        grads = {k: torch.randn((6 if rows is None else len(rows),) + v.shape[1:], generator=g)
+                 for k, v in params.items()}
+        resident.step(grads, rows)
+        offloaded.step(grads, rows)
+    for k in params:
+        assert torch.equal(resident.params[k], offloaded.params[k])
+        assert torch.equal(resident.exp_avg_sq[k], offloaded.exp_avg_sq[k])
+    assert torch.equal(resident.steps, offloaded.steps)
+
+
+def test_offloaded_trainer_matches_the_resident_trainer():
+    from .conftest import randomize_bn_stats
+
+    def run(offload):
+        torch.manual_seed(0)
+        teacher = randomize_bn_stats(create_model("digits_teacher", num_classes=10))
+        ens = GeneratorEnsemble(4, 10, image_size=16, channels=1, latent_dim=8, widths=(8, 4), output_bn=False,
+                                classes=[[0, 1], [2, 3], [4, 5], [6, 7]])
+        trainer = GeneratorTrainer(teacher, ens, batch_size=2, generators_per_step=2, progress=False,
+                                   offload=offload)
+        if offload:  # the GPU path, forced on the CPU: the step runs on "cpu:0", states stay on "cpu"
+            trainer.compute_device = trainer.optimizer.compute_device = torch.device("cpu", 0)
+        trainer.fit(3)
+        return ens
+
+    a, b = run(False), run(True)
+    assert GeneratorTrainer(create_model("digits_teacher"), a, progress=False).placement.endswith("on cpu")
+    for name, p in a.state_dict().items():
+        assert torch.equal(p, b.state_dict()[name]), name
