@@ -68,6 +68,12 @@ def init_from_env(device: torch.device | str | None = None) -> DistContext:
     return DistContext(dist.get_rank(), dist.get_world_size(), None)
 
 
+def shutdown() -> None:
+    """Destroy the default process group if one was initialised (after DDP models are freed)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 class _SumOverRanks(torch.autograd.Function):
     """All-reduce (sum) forward; identity backward: every rank computes the same loss of the sum."""
 

@@ -1,5 +1,6 @@
 """Worker processes of tests/test_distributed.py (a module of its own: spawn pickles by reference)."""
 
+import gc
 import os
 
 import torch
@@ -82,5 +83,10 @@ def run_distill(rank: int, world: int, init_file: str, steps: int, out: str) -> 
         images = ctx.all_gather_object(first_images)
         if ctx.is_main:
             torch.save({"states": states, "images": images}, os.path.join(out, "distill.pt"))
+        # DDP's reducer must be gone before its process group: destroying the group under a
+        # live DDP model can abort the process ("terminate called without an active exception")
+        del distiller
+        gc.collect()
+        ctx.barrier()
     finally:
         dist.destroy_process_group()

@@ -62,4 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"fastdfd {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        # under torchrun: the command's trainer (and any DDP wrapper) is gone by now, so the
+        # group can be torn down before interpreter exit instead of during it
+        from ..distributed import shutdown
+
+        shutdown()
     return 0
