@@ -187,10 +187,6 @@ void phase_tap_backward(const Geometry& g, const float* dweff, int p, int q, int
   }
 }
 
-const float* opt_ptr(const c10::optional<torch::Tensor>& t) {
-  return t.has_value() && t->defined() && t->numel() > 0 ? t->data_ptr<float>() : nullptr;
-}
-
 torch::Tensor contiguous_float(const c10::optional<torch::Tensor>& t) {
   return t.has_value() && t->defined() && t->numel() > 0 ? t->contiguous().to(torch::kFloat) : torch::Tensor();
 }

@@ -40,13 +40,17 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     return path
 
 
-def load_file(path: str | os.PathLike, expected_format: str) -> dict:
-    """Load a checkpoint written by :func:`atomic_save` and check what it holds."""
+def load_file(path: str | os.PathLike, expected_format: str, mmap: bool = False) -> dict:
+    """Load a checkpoint written by :func:`atomic_save` and check what it holds.
+
+    ``mmap``: map the file instead of reading it (tensors are read lazily), for checking a
+    checkpoint without paying for its size.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # truncated, corrupted or not a torch file
         raise CorruptCheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from e
     if not isinstance(state, dict) or state.get("format") != expected_format:
@@ -94,7 +98,7 @@ class CheckpointRotation:
         steps = set()
         for path in self.paths():
             try:
-                load_file(path, expected_format)
+                load_file(path, expected_format, mmap=True)
                 steps.add(self.step_of(path))
             except CheckpointError:
                 continue

@@ -54,3 +54,14 @@ def digits_teacher():
     from fastdfd.models import create_model
 
     return randomize_bn_stats(create_model("digits_teacher", num_classes=10))
+
+
+@pytest.fixture
+def teacher_file(tmp_path):
+    """A digits teacher with plausible BN statistics, saved as a state_dict (what the CLI loads)."""
+    from fastdfd.models import create_model
+
+    torch.manual_seed(0)
+    path = tmp_path / "teacher.pt"
+    torch.save(randomize_bn_stats(create_model("digits_teacher", num_classes=10)).state_dict(), path)
+    return path

@@ -3,12 +3,8 @@
 import json
 
 import pytest
-import torch
 
 from fastdfd.cli import main
-from fastdfd.models import create_model
-
-from .conftest import randomize_bn_stats
 
 
 def test_quick_demo_through_the_cli(tmp_path, capsys):
@@ -23,15 +19,6 @@ def test_quick_demo_through_the_cli(tmp_path, capsys):
     assert metrics["teacher_accuracy"] > 0.5  # one epoch already learns digits
     assert (out / "samples.png").stat().st_size > 0 and (out / "loss_curves.png").stat().st_size > 0
     assert "data-free, 10-generator ensemble" in capsys.readouterr().out
-
-
-@pytest.fixture
-def teacher_file(tmp_path):
-    torch.manual_seed(0)
-    teacher = randomize_bn_stats(create_model("digits_teacher", num_classes=10))
-    path = tmp_path / "teacher.pt"
-    torch.save(teacher.state_dict(), path)
-    return path
 
 
 def test_train_generators_distill_evaluate(tmp_path, teacher_file, capsys):

@@ -18,14 +18,6 @@ ARGS = ["--teacher", "digits_teacher", "--num-classes", "10", "--channels", "1",
         "--widths", "8,4", "--latent-dim", "8", "--batch-size", "2", "--device", "cpu"]
 
 
-@pytest.fixture
-def teacher_file(tmp_path):
-    torch.manual_seed(0)
-    path = tmp_path / "teacher.pt"
-    torch.save(randomize_bn_stats(create_model("digits_teacher", num_classes=10)).state_dict(), path)
-    return path
-
-
 def _env():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["OMP_NUM_THREADS"] = "1"

@@ -101,7 +101,7 @@ class Distiller(StepLoop):
         if self.dist.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            self.rng.manual_seed(self.seed + 1_000_003 * self.dist.rank)  # other images on every rank
+            self._own_stream_per_rank()
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DistributedDataParallel(student, device_ids=ids, process_group=self.dist.group)
 
@@ -109,7 +109,7 @@ class Distiller(StepLoop):
         return {
             "temperature": self.temperature, "batch_size": self.batch_size, "generators_per_step": self.schedule.chunk,
             "optimizer": self.optimizer_name, "lr": self.lr, "total_steps": self.total_steps, "seed": self.seed,
-            **self.hparams, **({"world": self.dist.world} if self.dist.world > 1 else {}),
+            **self.hparams,
         }
 
     @contextlib.contextmanager

@@ -175,7 +175,7 @@ class GeneratorTrainer(StepLoop):
         # With chunks, each rank draws its own chunk from a stream of its own.
         self._global_draw = sharded and self.schedule.chunk == ensemble.num_generators
         if sharded and not self._global_draw:
-            self.rng.manual_seed(self.seed + 1_000_003 * self.dist.rank)
+            self._own_stream_per_rank()
 
     def config(self) -> dict:
         """Hyperparameters that must match for a checkpoint to resume this run exactly."""
@@ -186,7 +186,6 @@ class GeneratorTrainer(StepLoop):
             "ce_weight": self.ce_weight, "tv_weight": self.tv_weight, "lr": self.lr, "betas": list(self.betas),
             "first_layer_multiplier": self.first_layer_multiplier, "seed": self.seed,
             "layer_weights": dict(lw) if isinstance(lw, Mapping) else (None if lw is None else list(lw)),
-            **({"world": self.dist.world} if self.dist.world > 1 else {}),
         }
 
     @contextlib.contextmanager

@@ -69,6 +69,14 @@ class StepLoop:
         self.checkpoint_every = int(checkpoint_every)
         self.rotation = CheckpointRotation(checkpoint_dir, keep_checkpoints) if checkpoint_dir is not None else None
 
+    def _own_stream_per_rank(self) -> None:
+        """Give this rank a random stream of its own (different images on every rank)."""
+        self.rng.manual_seed(self.seed + 1_000_003 * self.dist.rank)
+
+    def _full_config(self) -> dict:
+        """The subclass's configuration, plus the world size of a multi-process run (shards differ)."""
+        return {**self.config(), **({"world": self.dist.world} if self.dist.world > 1 else {})}
+
     # ---------------------------------------------------- for subclasses
     def config(self) -> dict:
         raise NotImplementedError
@@ -167,7 +175,7 @@ class StepLoop:
         return {
             "format": self.FORMAT,
             "version": 1,
-            "config": self.config(),
+            "config": self._full_config(),
             "step": self.step,
             "schedule": self.schedule.state_dict(),
             "rng": self.rng.get_state(),
@@ -182,7 +190,7 @@ class StepLoop:
         """Restore a checkpoint of the same configuration; training then continues exactly."""
         state = load_file(path, self.FORMAT)
         self._check_models(state, path)
-        check_config(path, state["config"], self.config(), self.WHAT)
+        check_config(path, state["config"], self._full_config(), self.WHAT)
         self._load_model_state(state, path)
         self.schedule.load_state_dict(state["schedule"])
         self.rng.set_state(state["rng"])

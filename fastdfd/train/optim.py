@@ -43,70 +43,51 @@ class StackedAdam:
                 for n in table:
                     table[n] = table[n].pin_memory()
 
-    @torch.no_grad()
-    def step(self, grads: Mapping[str, torch.Tensor], rows: torch.Tensor | None = None) -> None:
-        """Apply one Adam step to ``rows`` (all rows when None); ``grads`` are [len(rows), ...]."""
+    def _corrections(self, rows_host: torch.Tensor | None, device: torch.device):
+        """Advance the step counts of the rows; Adam's step size and sqrt(bias correction 2), per row."""
         b1, b2 = self.betas
-        if self.compute_device != self.steps.device:
-            return self._step_offloaded(grads, rows)
-        if rows is None:
-            self.steps += 1
-            t = self.steps
-        else:
-            t = self.steps.index_select(0, rows) + 1
-            self.steps.index_copy_(0, rows, t)
-        step_size = (self.lr / (1 - b1**t)).float()
-        bc2_sqrt = (1 - b2**t).sqrt().float()
-        for name, p in self.params.items():
-            g = grads[name]
-            m = self.exp_avg[name] if rows is None else self.exp_avg[name].index_select(0, rows)
-            v = self.exp_avg_sq[name] if rows is None else self.exp_avg_sq[name].index_select(0, rows)
-            w = p if rows is None else p.index_select(0, rows)
-            if self.weight_decay:
-                g = g.add(w, alpha=self.weight_decay)
-            m.mul_(b1).add_(g, alpha=1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            shape = (-1,) + (1,) * (p.dim() - 1)
-            denom = (v.sqrt() / bc2_sqrt.view(shape)).add_(self.eps)
-            w.sub_(step_size.view(shape) * m / denom)
-            if rows is not None:
-                p.index_copy_(0, rows, w)
-                self.exp_avg[name].index_copy_(0, rows, m)
-                self.exp_avg_sq[name].index_copy_(0, rows, v)
-
-    @torch.no_grad()
-    def _step_offloaded(self, grads: Mapping[str, torch.Tensor], rows: torch.Tensor | None) -> None:
-        """The same update on ``compute_device`` for the step's rows, written back to host memory."""
-        dev, host = self.compute_device, self.steps.device
-        host_rows = None if rows is None else rows.to(host)
-        b1, b2 = self.betas
-        t = (self.steps if host_rows is None else self.steps.index_select(0, host_rows)) + 1
-        if host_rows is None:
+        t = (self.steps if rows_host is None else self.steps.index_select(0, rows_host)) + 1
+        if rows_host is None:
             self.steps.copy_(t)
         else:
-            self.steps.index_copy_(0, host_rows, t)
-        t = t.to(dev)
-        step_size = (self.lr / (1 - b1**t)).float()
-        bc2_sqrt = (1 - b2**t).sqrt().float()
-        for name, p in self.params.items():
-            def fetch(table):
-                rows_of = table if host_rows is None else table.index_select(0, host_rows)
-                return rows_of.to(dev, non_blocking=True)
+            self.steps.index_copy_(0, rows_host, t)
+        t = t.to(device)
+        return (self.lr / (1 - b1**t)).float(), (1 - b2**t).sqrt().float()
 
-            g = grads[name].to(dev)
-            w, m, v = fetch(p), fetch(self.exp_avg[name]), fetch(self.exp_avg_sq[name])
-            if self.weight_decay:
-                g = g.add(w, alpha=self.weight_decay)
-            m.mul_(b1).add_(g, alpha=1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            shape = (-1,) + (1,) * (p.dim() - 1)
-            denom = (v.sqrt() / bc2_sqrt.view(shape)).add_(self.eps)
-            w.sub_(step_size.view(shape) * m / denom)
-            for table, new in ((p, w), (self.exp_avg[name], m), (self.exp_avg_sq[name], v)):
-                if host_rows is None:
+    def _update(self, w, m, v, g, step_size, bc2_sqrt) -> None:
+        """torch.optim.Adam's update of rows w with moments m, v, in place."""
+        b1, b2 = self.betas
+        if self.weight_decay:
+            g = g.add(w, alpha=self.weight_decay)
+        m.mul_(b1).add_(g, alpha=1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        denom = (v.sqrt() / bc2_sqrt.view(shape)).add_(self.eps)
+        w.sub_(step_size.view(shape) * m / denom)
+
+    @torch.no_grad()
+    def step(self, grads: Mapping[str, torch.Tensor], rows: torch.Tensor | None = None) -> None:
+        """Apply one Adam step to ``rows`` (all rows when None); ``grads`` are [len(rows), ...].
+
+        Parameters and moments are gathered by row, moved to ``compute_device`` (a no-op
+        unless offloaded), updated there and written back; all rows update in place.
+        """
+        dev, host = self.compute_device, self.steps.device
+        rows_host = None if rows is None else rows.to(host)
+        step_size, bc2_sqrt = self._corrections(rows_host, dev)
+        for name, p in self.params.items():
+            tables = (p, self.exp_avg[name], self.exp_avg_sq[name])
+            if rows_host is None and dev == host:
+                self._update(*tables, grads[name], step_size, bc2_sqrt)
+                continue
+            w, m, v = ((t if rows_host is None else t.index_select(0, rows_host)).to(dev, non_blocking=True)
+                       for t in tables)
+            self._update(w, m, v, grads[name].to(dev), step_size, bc2_sqrt)
+            for table, new in zip(tables, (w, m, v)):
+                if rows_host is None:
                     table.copy_(new)
                 else:
-                    table.index_copy_(0, host_rows, new.to(host))
+                    table.index_copy_(0, rows_host, new.to(host))
 
     def state_dict(self) -> dict:
         return {
