@@ -4,6 +4,7 @@ from .cifar import CIFAR, CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
 from .digits import DigitsSplit, load_digits_split
 from .folders import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, ImageFolder
 from .loaders import SPEC_FORMS, make_eval_loader
+from .train_sets import make_train_dataset
 
 __all__ = [
     "CIFAR",
@@ -19,4 +20,5 @@ __all__ = [
     "ImageFolder",
     "SPEC_FORMS",
     "make_eval_loader",
+    "make_train_dataset",
 ]

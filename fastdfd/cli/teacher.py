@@ -1,0 +1,114 @@
+"""``fastdfd train-teacher``: train the teacher the field distils from, on the user's own data."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..data import make_eval_loader, make_train_dataset
+from ..models import create_model, list_models
+from ..train.teacher import TEACHER_PRESETS, TeacherSettings, train_teacher
+from .commands import _device
+
+__all__ = ["add_teacher_command", "default_eval_spec", "settings_from_args", "train_teacher_command"]
+
+# --flag -> TeacherSettings field; None on the command line keeps the preset's value.
+_OVERRIDES = {
+    "epochs": int,
+    "batch_size": int,
+    "lr": float,
+    "momentum": float,
+    "weight_decay": float,
+    "warmup_epochs": int,
+    "label_smoothing": float,
+    "workers": int,
+}
+
+
+def add_teacher_command(sub: argparse._SubParsersAction) -> None:
+    """Add ``train-teacher`` to the ``fastdfd`` subcommands."""
+    p = sub.add_parser("train-teacher", help="train a teacher on real data (CIFAR recipe: SGD, cosine, crop+flip)")
+    p.add_argument("--model", required=True, help=f"registry name ({', '.join(list_models())})")
+    p.add_argument("--data", required=True, help="training data: digits, cifar10:ROOT, cifar100:ROOT or folder:ROOT")
+    p.add_argument("--eval", default=None,
+                   help="evaluate every epoch on this spec (default: the test split for cifar, "
+                        "the held-out split for digits, none for folders)")
+    p.add_argument("--no-eval", action="store_true", help="skip evaluation")
+    p.add_argument("--preset", choices=sorted(TEACHER_PRESETS), default="resnet34_cifar",
+                   help="recipe the flags below override (default resnet34_cifar)")
+    for field, kind in _OVERRIDES.items():
+        p.add_argument(f"--{field.replace('_', '-')}", type=kind, default=None, help="default: the preset's")
+    p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None,
+                   help="Nesterov momentum (default: the preset's)")
+    p.add_argument("--no-augment", action="store_true", help="train without crop/flip augmentation")
+    p.add_argument("--num-classes", type=int, default=None, help="default: the data's class count")
+    p.add_argument("--channels", type=int, default=None, help="image channels (default: the data's)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="default: 16 for digits, 32 for cifar, 224 for folders")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", required=True, help="writes teacher.pt, metrics.csv and summary.json here")
+    p.set_defaults(func=train_teacher_command)
+
+
+def settings_from_args(args: argparse.Namespace) -> TeacherSettings:
+    """The preset with every flag the user gave applied (ValueError on a bad value)."""
+    if args.preset not in TEACHER_PRESETS:
+        raise ValueError(f"unknown preset {args.preset!r}; available: {', '.join(sorted(TEACHER_PRESETS))}")
+    changes = {f: getattr(args, f) for f in (*_OVERRIDES, "nesterov") if getattr(args, f, None) is not None}
+    return dataclasses.replace(TEACHER_PRESETS[args.preset], **changes)
+
+
+def default_eval_spec(data: str) -> str | None:
+    """Where a training spec is evaluated by default: the same spec, whose eval loader reads
+    the test split (cifar) or the held-out split (digits); folders have no split to pick."""
+    scheme = data.strip().partition(":")[0].strip().lower()
+    return data if scheme in ("cifar10", "cifar100", "digits") else None
+
+
+def train_teacher_command(args: argparse.Namespace) -> dict:
+    """Everything is checked before the first step; then train and write OUT's three files."""
+    settings = settings_from_args(args)
+    train_set, data_classes = make_train_dataset(args.data, image_size=args.image_size, augment=not args.no_augment)
+    num_classes = args.num_classes if args.num_classes is not None else data_classes
+    if num_classes != data_classes:
+        raise ValueError(f"--num-classes is {num_classes} but {args.data} has {data_classes} classes")
+    data_channels = int(train_set[0][0].shape[0])
+    channels = args.channels if args.channels is not None else data_channels
+    if channels != data_channels:
+        raise ValueError(f"--channels is {channels} but {args.data} has {data_channels}-channel images")
+
+    eval_spec = None if args.no_eval else (args.eval or default_eval_spec(args.data))
+    loader = None
+    if eval_spec is not None:
+        loader, eval_classes = make_eval_loader(eval_spec, image_size=args.image_size, num_workers=settings.workers)
+        if eval_classes != num_classes:
+            raise ValueError(f"--eval data {eval_spec} has {eval_classes} classes but the teacher has {num_classes}")
+
+    device = _device(args.device)
+    model = create_model(args.model, num_classes=num_classes, in_channels=channels)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = train_teacher(
+        model, train_set, settings, eval_loader=loader, device=device, seed=args.seed,
+        log_path=out / "metrics.csv", progress=not args.no_progress, checkpoint_path=out / "teacher.pt",
+    )
+    final = result["history"][-1]
+    summary = {
+        "model": args.model, "data": args.data, "eval": eval_spec, "num_classes": num_classes,
+        "channels": channels, "image_size": int(train_set[0][0].shape[-1]), "augment": not args.no_augment,
+        "preset": args.preset, "settings": dataclasses.asdict(settings), "seed": args.seed, "device": str(device),
+        "accuracy": result["accuracy"], "train_loss": final["train_loss"], "train_acc": final["train_acc"],
+        "seconds": sum(row["seconds"] for row in result["history"]), "weights": str(out / "teacher.pt"),
+        "versions": {"fastdfd": __version__, "torch": torch.__version__, "python": platform.python_version()},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps({k: summary[k] for k in ("model", "data", "accuracy", "train_acc", "weights")}))
+    return summary
