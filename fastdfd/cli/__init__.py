@@ -1,4 +1,4 @@
-"""The ``fastdfd`` command line: demo, train-generators, distill, evaluate."""
+"""The ``fastdfd`` command line: demo, train-teacher, train-generators, distill, evaluate, run RECIPE."""
 
 from __future__ import annotations
 
@@ -37,6 +37,8 @@ def _build_ext(args: argparse.Namespace) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     from .commands import add_commands
+    from .run import add_run_commands
+    from .teacher import add_teacher_command
 
     parser = argparse.ArgumentParser(prog="fastdfd", description="fast generative data-free knowledge distillation")
     parser.add_argument("--version", action="version", version=f"fastdfd {__version__}")
@@ -51,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("which", nargs="*", help="cpu and/or cuda (default: both)")
     p.add_argument("--verbose", action="store_true", help="show the compiler's output")
     p.set_defaults(func=_build_ext)
+    add_teacher_command(sub)
     add_commands(sub)
+    add_run_commands(sub)
     return parser
 
 

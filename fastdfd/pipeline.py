@@ -1,0 +1,117 @@
+"""The two data-free stages as functions, shared by ``fastdfd train-generators`` / ``distill``
+and by ``fastdfd run RECIPE``: build, shard, train, gather, write.
+
+Under torchrun every process calls them with its own DistContext; each trains or samples
+its shard of the ensemble, and rank 0 writes the files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .distributed import DistContext
+from .nn import GeneratorEnsemble, load_ensemble, save_ensemble
+from .train import Distiller, GeneratorTrainer, evaluate_accuracy
+
+
+def train_generators(
+    teacher: nn.Module,
+    ensemble: GeneratorEnsemble,
+    out: str | Path,
+    *,
+    ctx: DistContext,
+    device: torch.device,
+    steps: int | None = None,
+    updates_per_generator: int | None = None,
+    resume: bool = False,
+    offload: bool = False,
+    progress: bool = True,
+    **trainer_kwargs: Any,
+) -> dict:
+    """Train the full ``ensemble`` (this rank keeps its shard); rank 0 writes ``out/generators.pt``.
+
+    The length is ``steps`` optimizer steps in all, or ``updates_per_generator``: the steps
+    that give each generator that many updates whatever the chunk and the number of
+    processes. Logs, checkpoints and sample grids go under ``out``.
+    """
+    if (steps is None) == (updates_per_generator is None):
+        raise ValueError("pass exactly one of steps and updates_per_generator")
+    out = Path(out)
+    if ctx.world > 1:
+        ensemble = ensemble.shard(*ctx.shard(ensemble.num_generators))
+    if not offload:
+        ensemble = ensemble.to(device)
+    trainer = GeneratorTrainer(
+        teacher.to(device), ensemble, log_path=out / "metrics.csv", checkpoint_dir=out / "checkpoints",
+        sample_dir=out / "samples", distributed=ctx, offload=offload, progress=progress and ctx.is_main,
+        **trainer_kwargs,
+    )
+    if ctx.is_main:
+        print(trainer.placement)
+        if trainer.memory_plan is not None:
+            print(f"memory plan: {trainer.memory_plan.describe()}")
+    if steps is None:  # the schedule visits this shard's generators evenly, chunk at a time
+        steps = math.ceil(updates_per_generator * ensemble.num_generators / trainer.schedule.chunk)
+    if resume and trainer.resume() and ctx.is_main:
+        print(f"generators: resumed at step {trainer.step}")
+    trainer.fit(max(0, steps - trainer.step))
+    # collectives on every rank; rank 0 puts the shards back together and writes the ensemble
+    shards = ctx.all_gather_object({k: v.detach().cpu() for k, v in ensemble.state_dict().items()})
+    classes = [c for part in ctx.all_gather_object(ensemble.classes) for c in part]
+    summary = {"steps": trainer.step, "final": trainer.history[-1] if trainer.history else {},
+               "generators": str(out / "generators.pt"), "processes": ctx.world,
+               "placement": trainer.placement}
+    if ctx.is_main:
+        full = GeneratorEnsemble.from_config({**ensemble.config(), "num_generators": len(classes), "classes": classes})
+        full.load_state_dict({k: torch.cat([s[k] for s in shards]) for k in shards[0]})
+        save_ensemble(full, out / "generators.pt")
+    ctx.barrier()
+    return summary
+
+
+def distill(
+    teacher: nn.Module,
+    student: nn.Module,
+    generators: str | Path,
+    out: str | Path,
+    *,
+    steps: int,
+    ctx: DistContext,
+    device: torch.device,
+    eval_loader: Iterable | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    **distiller_kwargs: Any,
+) -> dict:
+    """Distill ``student`` from ``teacher`` on images of the ensemble in ``generators`` (each
+    rank samples its shard; DDP student); rank 0 writes ``out/student.pt`` and scores it."""
+    out = Path(out)
+    ensemble = load_ensemble(generators, "cpu")
+    if ctx.world > 1:
+        ensemble = ensemble.shard(*ctx.shard(ensemble.num_generators))
+    ensemble = ensemble.to(device)
+    teacher, student = teacher.to(device), student.to(device)
+    distiller = Distiller(
+        teacher, student, ensemble, total_steps=steps, log_path=out / "metrics.csv",
+        checkpoint_dir=out / "checkpoints", distributed=ctx, progress=progress and ctx.is_main,
+        **distiller_kwargs,
+    )
+    if resume and distiller.resume() and ctx.is_main:
+        print(f"distill: resumed at step {distiller.step}")
+    distiller.fit(max(0, steps - distiller.step))
+    summary: dict[str, Any] = {"steps": distiller.step, "student": str(out / "student.pt")}
+    if ctx.is_main:  # the student is the same on every rank (DDP)
+        torch.save(student.state_dict(), out / "student.pt")
+        if eval_loader is not None:
+            summary["student_accuracy"] = distiller.evaluate(eval_loader)
+            summary["teacher_accuracy"] = evaluate_accuracy(teacher, eval_loader, device)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    ctx.barrier()
+    return summary

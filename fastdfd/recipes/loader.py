@@ -1,0 +1,171 @@
+"""Read a recipe file, apply ``--set`` overrides, and check every key against the schema.
+
+Checks here need nothing but the file: unknown keys (with the closest known key), missing
+keys, types, choices and ranges, and the teacher_training table being present exactly when
+it is used. Checks that look at the disk or the models (dataset root, class counts,
+checkpoint shapes) run in :mod:`fastdfd.recipes.preflight`, still before any work.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from .schema import OPTIONAL_SECTIONS, SECTIONS, TOP, check_value
+
+BUNDLED = Path(__file__).parent
+
+
+@dataclass
+class Recipe:
+    """A checked recipe: ``values`` is the resolved table (file + overrides)."""
+
+    values: dict[str, Any]
+    source: str  # the file it came from
+    text: str  # the file as written, kept verbatim in the run directory
+    overrides: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.values["name"]
+
+    def __getitem__(self, section: str) -> dict[str, Any]:
+        return self.values[section]
+
+    def has(self, section: str) -> bool:
+        return section in self.values
+
+    def resolved_json(self) -> str:
+        return json.dumps(self.values, indent=2, sort_keys=True)
+
+
+def list_recipes() -> list[str]:
+    """Names of the recipes shipped with fastdfd (``fastdfd run NAME`` finds them)."""
+    return sorted(p.stem for p in BUNDLED.glob("*.toml"))
+
+
+def find_recipe(name_or_path: str | Path) -> Path:
+    """A path to an existing file, else the bundled recipe of that name."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    bundled = BUNDLED / f"{Path(name_or_path).stem}.toml"
+    if path.suffix in ("", ".toml") and path.parent == Path(".") and bundled.is_file():
+        return bundled
+    raise FileNotFoundError(f"recipe not found: {name_or_path} (no such file, and not one of the bundled "
+                            f"recipes: {', '.join(list_recipes())})")
+
+
+def _suggest(key: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    """``section.key=value``: the value is read as TOML (so 3, 1e-3, true, [1, 2], "x"), else as a string."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. generators.steps=500")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.strip().split("."), value
+
+
+def _apply(values: dict, path: list[str], value: Any, item: str) -> None:
+    if len(path) == 1:
+        table = values
+    elif len(path) == 2:
+        if path[0] not in SECTIONS:
+            raise ValueError(f"--set {item!r}: unknown recipe section {path[0]!r}{_suggest(path[0], SECTIONS)}")
+        table = values.setdefault(path[0], {})
+    else:
+        raise ValueError(f"--set {item!r}: keys are KEY or SECTION.KEY")
+    table[path[-1]] = value
+
+
+def check_values(values: dict[str, Any]) -> dict[str, Any]:
+    """The checked, normalised copy of a recipe table; ValueError names the first bad key."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in TOP:
+            out[key] = check_value(key, TOP[key], value)
+        elif key in SECTIONS:
+            if not isinstance(value, dict):
+                raise ValueError(f"recipe key {key} must be a table ([{key}])")
+            section = {}
+            for sub, v in value.items():
+                if sub not in SECTIONS[key]:
+                    raise ValueError(f"unknown recipe key {key}.{sub}{_suggest(sub, SECTIONS[key])}; "
+                                     f"[{key}] takes: {', '.join(SECTIONS[key])}")
+                section[sub] = check_value(f"{key}.{sub}", SECTIONS[key][sub], v)
+            out[key] = section
+        else:
+            raise ValueError(f"unknown recipe key {key}{_suggest(key, [*TOP, *SECTIONS])}")
+    for key in TOP:
+        if key not in out:
+            raise ValueError(f"recipe is missing the key {key} ({TOP[key].doc})")
+    for name, fields in SECTIONS.items():
+        if name not in out:
+            if name in OPTIONAL_SECTIONS:
+                continue
+            raise ValueError(f"recipe is missing the table [{name}]")
+        for key, f in fields.items():
+            if key not in out[name]:
+                raise ValueError(f"recipe is missing the key {name}.{key} ({f.doc})")
+    _check_combinations(out)
+    return out
+
+
+def _check_combinations(v: dict[str, Any]) -> None:
+    train = v["teacher"]["weights"] == ""
+    if train and "teacher_training" not in v:
+        raise ValueError("teacher.weights is empty (train the teacher) but the recipe has no [teacher_training] table")
+    if not train and "teacher_training" in v:
+        raise ValueError(f"the recipe has a [teacher_training] table but also teacher.weights = "
+                         f"{v['teacher']['weights']!r}; set weights = \"\" to train the teacher, or drop the table")
+    data = v["data"]
+    if (data["dataset"] == "digits") != (data["root"] == ""):
+        raise ValueError(f"data.root = {data['root']!r}: digits takes root = \"\", every other dataset needs its root")
+    if v["distill"]["generators_per_step"] == "auto":
+        raise ValueError("distill.generators_per_step = 'auto': expected a positive integer or 'all'")
+    for section in ("generators", "distill"):
+        chunk = v[section]["generators_per_step"]
+        if isinstance(chunk, int) and chunk > v["generators"]["num_generators"]:
+            raise ValueError(f"{section}.generators_per_step = {chunk} exceeds generators.num_generators = "
+                             f"{v['generators']['num_generators']}")
+
+
+def load_recipe(name_or_path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
+    """Read, override and check a recipe. Raises FileNotFoundError or ValueError naming the key."""
+    path = find_recipe(name_or_path)
+    text = path.read_text()
+    try:
+        values = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"recipe {path} is not valid TOML: {e}") from None
+    values = copy.deepcopy(values)
+    overrides = list(overrides)
+    for item in overrides:
+        key, value = _parse_override(item)
+        _apply(values, key, value, item)
+        if key == ["teacher", "weights"] and value:
+            # --set teacher.weights=FILE on a recipe that trains its teacher: bring your own
+            # teacher, so the training table is no longer part of the run (resolved.json says so)
+            values.pop("teacher_training", None)
+    try:
+        checked = check_values(values)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return Recipe(checked, str(path), text, overrides)

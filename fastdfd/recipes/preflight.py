@@ -1,0 +1,97 @@
+"""Everything a recipe needs from the disk and the model registry, checked before any work.
+
+The run would otherwise fail hours in: a dataset root that is not there, data whose class
+count is not the teacher's, a teacher checkpoint of another architecture, a generator that
+cannot be built at the image size. Each is refused here, naming the path, key or figure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data import make_eval_loader
+from ..models import create_model, list_models
+from ..models.weights import load_weights
+from ..nn import GeneratorEnsemble
+from .loader import Recipe
+
+
+@dataclass
+class Prepared:
+    """What the stages use: the data, an untrained or loaded teacher, a fresh student."""
+
+    eval_loader: Any
+    train_set: Any  # only when the teacher is trained
+    teacher: nn.Module
+    student: nn.Module
+    teacher_trained: bool  # weights came from the recipe's file
+
+
+def data_specs(data: dict) -> tuple[str, str]:
+    """(train spec, eval spec) for make_train_dataset / make_eval_loader."""
+    kind, root = data["dataset"], data["root"]
+    if kind == "digits":
+        return "digits", "digits"
+    if kind == "folder":  # ImageNet layout: ROOT/train/<class>/..., ROOT/val/<class>/...
+        return f"folder:{Path(root) / 'train'}", f"folder:{Path(root) / 'val'}"
+    return f"{kind}:{root}", f"{kind}:{root}"
+
+
+def _model(recipe: Recipe, section: str) -> nn.Module:
+    name = recipe[section]["model"]
+    if name not in list_models():
+        raise ValueError(f"recipe key {section}.model = {name!r}: not a registered model; "
+                         f"available: {', '.join(list_models())}")
+    data = recipe["data"]
+    return create_model(name, num_classes=data["num_classes"], in_channels=data["channels"])
+
+
+def _check_classes(what: str, found: int, recipe: Recipe) -> None:
+    wanted = recipe["data"]["num_classes"]
+    if found != wanted:
+        raise ValueError(f"{what} has {found} classes but the teacher has {wanted} (data.num_classes); "
+                         "the dataset does not match the teacher")
+
+
+def _check_generators(recipe: Recipe) -> None:
+    """Build the ensemble's shapes on the meta device: no memory, but every shape check runs."""
+    g, data = recipe["generators"], recipe["data"]
+    try:
+        with torch.device("meta"):
+            GeneratorEnsemble(g["num_generators"], data["num_classes"], image_size=data["image_size"],
+                              channels=data["channels"], latent_dim=g["latent_dim"], widths=g["widths"],
+                              output_bn=g["output_bn"])
+    except ValueError as e:
+        raise ValueError(f"recipe [generators] cannot be built: {e}") from None
+
+
+def preflight(recipe: Recipe, world: int = 1) -> Prepared:
+    """Load and check the data and the models; raise before any training starts."""
+    data = recipe["data"]
+    if data["dataset"] != "digits":
+        root = Path(data["root"]).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(f"dataset root not found: {root} (recipe key data.root)")
+    train_spec, eval_spec = data_specs(data)
+    eval_loader, eval_classes = make_eval_loader(eval_spec, image_size=data["image_size"])
+    _check_classes(f"the evaluation data ({eval_spec})", eval_classes, recipe)
+    teacher, student = _model(recipe, "teacher"), _model(recipe, "student")
+    _check_generators(recipe)
+    train_set, weights = None, recipe["teacher"]["weights"]
+    if weights:
+        load_weights(teacher, Path(weights).expanduser(), "teacher")
+    else:
+        if world > 1:
+            raise ValueError("teacher training runs in one process; train the teacher first "
+                             "(fastdfd train-teacher, or this recipe without torchrun), then set teacher.weights")
+        from ..data import make_train_dataset
+
+        train_set, train_classes = make_train_dataset(
+            train_spec, image_size=data["image_size"], augment=recipe["teacher_training"]["augment"])
+        _check_classes(f"the training data ({train_spec})", train_classes, recipe)
+    return Prepared(eval_loader, train_set, teacher, student, bool(weights))

@@ -1,0 +1,200 @@
+"""Recipes: the bundled files, the schema's refusals, preflight refusals, and a digits run end to end."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastdfd.cli import main
+from fastdfd.models import create_model, list_models
+from fastdfd.models.weights import load_weights
+from fastdfd.nn import GeneratorEnsemble
+from fastdfd.recipes import compare_runs, list_recipes, load_recipe
+from fastdfd.recipes.preflight import preflight
+from fastdfd.recipes.schema import SECTIONS, TOP
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLED = ["cifar10_resnet34_resnet18", "cifar100_resnet34_resnet18", "cifar10_wrn40_2_wrn16_2",
+           "cifar100_wrn40_2_wrn16_2", "imagenet_resnet50_resnet50", "imagenet_resnet50_resnet18",
+           "imagenet_resnet50_mobilenetv2", "imagenet32_ensemble", "imagenet32_single", "digits"]
+
+# a digits run of seconds: every stage, every file
+TINY = ["teacher_training.epochs=1", "generators.updates_per_generator=4", "generators.batch_size=4",
+        "generators.checkpoint_every=2", "generators.sample_every=2", "distill.steps=3", "distill.batch_size=4",
+        "distill.checkpoint_every=2"]
+
+
+def test_the_issue_s_settings_are_bundled():
+    assert set(BUNDLED) <= set(list_recipes())
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_bundled_recipe_checks_builds_and_has_its_page(name):
+    recipe = load_recipe(name)
+    assert recipe.name == name
+    for section in ("teacher", "student"):
+        assert recipe[section]["model"] in list_models()
+    data, g = recipe["data"], recipe["generators"]
+    with torch.device("meta"):
+        GeneratorEnsemble(g["num_generators"], data["num_classes"], image_size=data["image_size"],
+                          channels=data["channels"], latent_dim=g["latent_dim"], widths=g["widths"],
+                          output_bn=g["output_bn"])
+    page = re.search(r"^# Page: (\S+)", recipe.text, re.MULTILINE)
+    assert page, f"{name}.toml names no docs page"
+    text = (REPO / page.group(1)).read_text()
+    assert name.split("_")[0] in text or name in text
+
+
+def test_docs_key_table_lists_every_schema_key():
+    text = (REPO / "docs" / "recipes" / "README.md").read_text().split("## Keys")[1]
+    documented = set(re.findall(r"^\| `([a-z_.0-9]+)` \|", text, re.MULTILINE))
+    keys = set(TOP) | {f"{s}.{k}" for s, fields in SECTIONS.items() for k in fields}
+    assert documented == keys
+
+
+def _write(tmp_path: Path, edit) -> Path:
+    text = (REPO / "fastdfd" / "recipes" / "digits.toml").read_text()
+    path = tmp_path / "recipe.toml"
+    path.write_text(edit(text))
+    return path
+
+
+def test_unknown_key_is_named_with_the_closest_known_one(tmp_path):
+    path = _write(tmp_path, lambda t: t.replace("moment_weight = 10.0", "moment_wieght = 10.0"))
+    with pytest.raises(ValueError, match=r"unknown recipe key generators\.moment_wieght .*did you mean 'moment_weight'"):
+        load_recipe(path)
+    with pytest.raises(ValueError, match=r"unknown recipe key distill\.lr_max"):
+        load_recipe("digits", ["distill.lr_max=0.1"])
+    with pytest.raises(ValueError, match=r"unknown recipe section 'generator'.*did you mean 'generators'"):
+        load_recipe("digits", ["generator.lr=0.1"])
+    with pytest.raises(ValueError, match=r"unknown recipe key bogus"):
+        load_recipe(_write(tmp_path, lambda t: "bogus = 1\n" + t))
+
+
+def test_missing_key_or_table_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"missing the key distill\.temperature"):
+        load_recipe(_write(tmp_path, lambda t: t.replace("temperature = 4.0\n", "")))
+    with pytest.raises(ValueError, match=r"missing the table \[student\]"):
+        load_recipe(_write(tmp_path, lambda t: t.replace('[student]\nmodel = "digits_student"\n', "")))
+    with pytest.raises(ValueError, match=r"\[teacher_training\] table but also teacher\.weights = 't\.pt'"):
+        load_recipe(_write(tmp_path, lambda t: t.replace('weights = ""', 'weights = "t.pt"')))
+    with pytest.raises(ValueError, match=r"no \[teacher_training\] table"):
+        load_recipe(_write(tmp_path, lambda t: t.split("\n[teacher_training]")[0] + "\n[generators]" + t.split("\n[generators]")[1]))
+    with pytest.raises(ValueError, match=r"not valid TOML"):
+        load_recipe(_write(tmp_path, lambda t: t + "\n[distill\n"))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("generators.kind='cosine'", r"generators\.kind = 'cosine': expected one of kl, kl_reverse, l2, mse"),
+    ("generators.widths=[32, 0]", r"generators\.widths .*positive integers"),
+    ("distill.steps=0", r"distill\.steps = 0: must be >= 1"),
+    ("distill.steps=2.5", r"distill\.steps = 2\.5: expected an integer"),
+    ("generators.bf16=1", r"generators\.bf16 = 1: expected true or false"),
+    ("generators.generators_per_step=11", r"exceeds generators\.num_generators = 10"),
+    ("distill.generators_per_step='auto'", r"distill\.generators_per_step = 'auto'"),
+    ("data.root='/data'", r"digits takes root"),
+])
+def test_bad_values_are_refused_naming_the_key(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_recipe("digits", [override])
+
+
+def test_overrides_are_typed_and_recorded():
+    recipe = load_recipe("digits", ["generators.lr=3e-3", "generators.widths=[16, 8]", "name=mine"])
+    assert recipe["generators"]["lr"] == 3e-3 and recipe["generators"]["widths"] == [16, 8]
+    assert recipe.name == "mine" and recipe.overrides[0] == "generators.lr=3e-3"
+    assert json.loads(recipe.resolved_json())["generators"]["widths"] == [16, 8]
+    assert isinstance(load_recipe("digits", ["generators.lr=1"])["generators"]["lr"], float)
+
+
+def _run(tmp_path, *args) -> int:
+    return main(["run", "digits", "--out", str(tmp_path / "run"), "--no-progress", *args])
+
+
+def test_missing_dataset_root_is_refused_before_any_work(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    args = ["--set", "data.dataset='cifar10'", "--set", f"data.root='{missing}'"]
+    assert _run(tmp_path, *args) == 2
+    assert f"dataset root not found: {missing}" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_teacher_checkpoint_of_another_architecture_is_refused(tmp_path, capsys):
+    wrong = tmp_path / "wrong.pt"
+    torch.save(create_model("digits_student", num_classes=10).state_dict(), wrong)
+    recipe = load_recipe("digits", [f"teacher.weights='{wrong}'"])
+    assert "teacher_training" not in recipe.values  # a teacher of one's own replaces the training table
+    with pytest.raises(ValueError, match=rf"teacher weights {re.escape(str(wrong))} do not match the architecture"):
+        preflight(recipe)
+    path = _write(tmp_path, lambda t: t.split("\n[teacher_training]")[0].replace('weights = ""', f"weights = '{wrong}'")
+                  + "\n[generators]" + t.split("\n[generators]")[1])
+    assert main(["run", str(path), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert "do not match the architecture" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_data_whose_class_count_is_not_the_teacher_s_is_refused(tmp_path, capsys):
+    assert _run(tmp_path, "--set", "data.num_classes=12") == 2
+    assert "has 10 classes but the teacher has 12" in capsys.readouterr().err
+    from tests.test_data import _batch, _dump  # the fake torchvision CIFAR layout
+
+    rng = __import__("numpy").random.default_rng(0)
+    for split in ("train", "test"):
+        _dump(tmp_path / "c100" / "cifar-100-python" / split, _batch(rng, 4, 100, b"fine_labels")[2])
+    recipe = load_recipe("cifar10_resnet34_resnet18", ["data.dataset='cifar100'", f"data.root='{tmp_path / 'c100'}'"])
+    with pytest.raises(ValueError, match=r"has 100 classes but the teacher has 10 \(data\.num_classes\)"):
+        preflight(recipe)
+
+
+def test_torchvision_resnet_checkpoints_load_under_our_names(tmp_path):
+    model = create_model("resnet18_imagenet", num_classes=7)
+    state = {k.replace(".shortcut.", ".downsample."): v + 1 for k, v in model.state_dict().items()}
+    assert any(".downsample." in k for k in state)
+    path = tmp_path / "tv.pt"
+    torch.save(state, path)
+    fresh = load_weights(create_model("resnet18_imagenet", num_classes=7), path, "teacher")
+    assert torch.equal(fresh.layer2[0].shortcut[0].weight, model.layer2[0].shortcut[0].weight + 1)
+
+
+def test_digits_recipe_runs_end_to_end_and_describes_itself(tmp_path, capsys):
+    assert _run(tmp_path, *[a for s in TINY for a in ("--set", s)]) == 0
+    run = tmp_path / "run"
+    for name in ("recipe.toml", "resolved.json", "environment.json", "status.json", "results.json",
+                 "teacher/teacher.pt", "teacher/metrics.csv", "generators/generators.pt", "generators/metrics.csv",
+                 "distill/student.pt", "distill/metrics.csv"):
+        assert (run / name).is_file(), name
+    assert sorted(p.name for p in (run / "generators" / "samples").glob("*.png")) == ["step_00000002.png", "step_00000004.png"]
+    assert (run / "recipe.toml").read_text() == (REPO / "fastdfd/recipes/digits.toml").read_text()
+    resolved = json.loads((run / "resolved.json").read_text())
+    assert resolved["generators"]["updates_per_generator"] == 4
+    env = json.loads((run / "environment.json").read_text())
+    assert env["torch"] == torch.__version__ and env["processes"] == 1 and env["overrides"] == TINY
+    results = json.loads((run / "results.json").read_text())
+    assert 0 <= results["student_accuracy"] <= 1 and 0 <= results["teacher_accuracy"] <= 1
+    assert results["paper"].startswith("none")
+    status = json.loads((run / "status.json").read_text())
+    assert all(status[s]["done"] for s in ("teacher", "generators", "distill"))
+    rows = (run / "generators" / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("step,") and len(rows) == 1 + 4  # 10 generators all at once: 4 steps
+    # a finished run is not overwritten, and a different recipe does not resume it
+    assert _run(tmp_path, *[a for s in TINY for a in ("--set", s)]) == 2
+    assert "not empty; pass --resume" in capsys.readouterr().err
+    changed = [*TINY[:-1], "distill.checkpoint_every=3"]
+    assert _run(tmp_path, "--resume", *[a for s in changed for a in ("--set", s)]) == 2
+    assert "distill.checkpoint_every: 2 -> 3" in capsys.readouterr().err
+    # resuming the finished run does nothing and changes nothing
+    before = (run / "distill" / "student.pt").read_bytes()
+    assert _run(tmp_path, "--resume", *[a for s in TINY for a in ("--set", s)]) == 0
+    assert (run / "distill" / "student.pt").read_bytes() == before
+    # two runs compared: the recipe value that differs, and the results side by side
+    other = tmp_path / "other"
+    assert main(["run", "digits", "--out", str(other), "--no-progress", "--set", "seed=1",
+                 *[a for s in TINY for a in ("--set", s)]]) == 0
+    text = compare_runs(run, other)
+    assert "seed: 0 -> 1" in text and "student_accuracy" in text
+    with pytest.raises(FileNotFoundError, match="not a fastdfd run directory"):
+        compare_runs(run, tmp_path)
