@@ -198,3 +198,30 @@ def test_digits_recipe_runs_end_to_end_and_describes_itself(tmp_path, capsys):
     assert "seed: 0 -> 1" in text and "student_accuracy" in text
     with pytest.raises(FileNotFoundError, match="not a fastdfd run directory"):
         compare_runs(run, tmp_path)
+
+
+def test_recipe_runs_sharded_under_torchrun(tmp_path, teacher_file):
+    import subprocess
+    import sys
+
+    from .test_runs_survive import _env
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fastdfd",
+           "run", "digits", "--device", "cpu", "--no-progress", *[a for s in TINY[1:] for a in ("--set", s)]]
+    # the teacher is trained in one process: refused up front under torchrun
+    proc = subprocess.run([*cmd, "--out", str(tmp_path / "refused")], capture_output=True, text=True, timeout=300,
+                          env=_env())
+    assert proc.returncode != 0 and "teacher training runs in one process" in proc.stderr
+    assert not (tmp_path / "refused").exists()
+    proc = subprocess.run([*cmd, "--set", f"teacher.weights='{teacher_file}'", "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=300, env=_env())
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    run = tmp_path / "run"
+    assert json.loads((run / "environment.json").read_text())["processes"] == 2
+    results = json.loads((run / "results.json").read_text())
+    assert results["processes"] == 2 and 0 <= results["student_accuracy"] <= 1
+    assert "teacher" not in json.loads((run / "status.json").read_text())
+    assert torch.load(run / "generators" / "generators.pt", weights_only=True)["state"]["fc_z"].shape[0] == 10
+    # each rank owns 5 generators and gave each the recipe's 4 updates: 4 steps per rank
+    for rank in (0, 1):
+        assert (run / "generators" / "checkpoints" / f"rank_{rank:05d}" / "step_00000004.pt").is_file()
