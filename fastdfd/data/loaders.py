@@ -24,7 +24,8 @@ def _resize_to(size: int) -> Callable[[torch.Tensor], torch.Tensor]:
     return resize
 
 
-def _parse(spec: str) -> Tuple[str, Optional[str]]:
+def parse_spec(spec: str, what: str = "eval data") -> Tuple[str, Optional[str]]:
+    """``scheme:ROOT`` -> (scheme, root); ``digits`` has no root. ValueError names ``what``."""
     scheme, sep, root = spec.strip().partition(":")
     scheme = scheme.strip().lower()
     if scheme == "digits" and not root:
@@ -32,7 +33,7 @@ def _parse(spec: str) -> Tuple[str, Optional[str]]:
     if scheme in ("cifar10", "cifar100", "folder") and sep and root.strip():
         return scheme, root.strip()
     raise ValueError(
-        f"unrecognised eval data spec {spec!r}; accepted forms: {', '.join(SPEC_FORMS)}"
+        f"unrecognised {what} spec {spec!r}; accepted forms: {', '.join(SPEC_FORMS)}"
     )
 
 
@@ -70,7 +71,7 @@ def make_eval_loader(
     ``cifar10:ROOT``, ``cifar100:ROOT`` (test split, resized if ``image_size``
     differs from 32) or ``folder:ROOT`` (ImageNet-style eval, 224 by default).
     """
-    scheme, root = _parse(spec)
+    scheme, root = parse_spec(spec)
     dataset, num_classes = _build(scheme, root, image_size)
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
-from .loaders import SPEC_FORMS
+from .loaders import parse_spec
 
 __all__ = [
     "Compose",
@@ -148,16 +148,6 @@ class _Transformed(Dataset):
         return self.transform(image), label
 
 
-def _parse(spec: str) -> tuple[str, str | None]:
-    scheme, sep, root = spec.strip().partition(":")
-    scheme = scheme.strip().lower()
-    if scheme == "digits" and not root:
-        return scheme, None
-    if scheme in ("cifar10", "cifar100", "folder") and sep and root.strip():
-        return scheme, root.strip()
-    raise ValueError(f"unrecognised training data spec {spec!r}; accepted forms: {', '.join(SPEC_FORMS)}")
-
-
 def _digits(image_size: int | None) -> tuple[Dataset, int]:
     from .digits import load_digits_split
 
@@ -214,7 +204,7 @@ def make_train_dataset(
     """
     if image_size is not None and image_size < 1:
         raise ValueError(f"image_size must be positive, got {image_size}")
-    scheme, root = _parse(spec)
+    scheme, root = parse_spec(spec, "training data")
     if scheme == "digits":
         return _digits(image_size)
     if scheme in ("cifar10", "cifar100"):
