@@ -5,9 +5,15 @@ CIFAR generator's real size, in fp32 and bf16 parameters; the rule is the suite'
 (|ours - ref64| <= 2 |torch_same_dtype - ref64| + atol), for images and for the gradient
 checksum. Timing: every provider of benchmarks/ensemble_providers.py on the same inputs,
 sampling (forward, no autograd) and training (forward + backward to every parameter).
+
+Then whole GeneratorTrainer steps with and without CUDA-graph capture (:func:`time_cuda_graph`):
+images/s at the digits demo's size and at CIFAR size (small steps are where launch overhead
+matters), and the largest parameter difference between the two after the same steps.
 """
 
 from __future__ import annotations
+
+import statistics
 
 import torch
 
@@ -86,4 +92,73 @@ def time_ensembles(cases, providers, device, report, bench, reps, dtype=torch.bf
     return rows
 
 
-__all__ = ["CASES", "ENSEMBLE_PROVIDERS", "TINY_CASES", "check_ensembles", "time_ensembles"]
+# (name, teacher, classes, channels, generators, images each, size, latent, widths)
+GRAPH_CASES = [
+    ("digits 10 gens x 32 img, 16 px", "digits_teacher", 10, 1, 10, 32, 16, 64, (32, 16)),
+    ("cifar-r18 10 gens x 32 img, 32 px", "resnet18", 10, 3, 10, 32, 32, 100, (128, 64)),
+]
+TINY_GRAPH_CASES = [("tiny digits 4 gens x 3 img, 16 px", "digits_teacher", 4, 1, 4, 3, 16, 8, (8, 4))]
+
+
+def _graph_trainer(case, device, graph: bool, log_every: int):
+    from benchmarks.providers import randomize_bn
+    from fastdfd import GeneratorTrainer
+    from fastdfd.models import create_model
+    from fastdfd.train.graphed_step import direct_capture
+
+    _, teacher_name, classes, channels, k, b, size, latent, widths = case
+    torch.manual_seed(0)
+    teacher = randomize_bn(create_model(teacher_name, num_classes=classes, in_channels=channels)).to(device)
+    ens = GeneratorEnsemble(k, classes, image_size=size, channels=channels, latent_dim=latent, widths=widths,
+                            output_bn=False).to(device)
+    on_gpu = device.type == "cuda"
+    tr = GeneratorTrainer(teacher, ens, batch_size=b, lr=1e-2, progress=False, log_every=log_every,
+                          cuda_graph=graph and on_gpu)
+    if graph and not on_gpu:  # the CPU smoke run: the static-buffer path with direct calls for the graph
+        tr.cuda_graph, tr._capture = True, direct_capture
+    return tr
+
+
+def time_cuda_graph(device, report, tiny: bool = False, check_steps: int = 6, windows: int = 4,
+                    log_every: int = 10):
+    """GeneratorTrainer images/s, eager against CUDA-graph replay, and the parameter drift between them.
+
+    Timing: ``windows`` logging windows of ``log_every`` steps in one fit; the loop's own
+    per-window rate (one host sync per window), median over the windows after the first
+    (which holds the warm-up steps and the capture). Check: ``check_steps`` steps of each
+    from the same start, largest |difference| of any generator parameter.
+    """
+    rows = []
+    if tiny:
+        check_steps, windows, log_every = 5, 2, 2
+    for case in TINY_GRAPH_CASES if tiny else GRAPH_CASES:
+        params = {}
+        for graph in (False, True):
+            tr = _graph_trainer(case, device, graph, log_every=check_steps)
+            tr.fit(check_steps)
+            params[graph] = [p.detach().clone() for p in tr.ensemble.parameters()]
+            del tr
+        diff = max(float((a.double() - b.double()).abs().max()) for a, b in zip(params[False], params[True]))
+        rates = {}
+        for graph in (False, True):
+            tr = _graph_trainer(case, device, graph, log_every=log_every)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            hist = tr.fit(windows * log_every)
+            window_rates = [r["images_per_s"] for r in hist if r["step"] % log_every == 0][1:]
+            rates[graph] = (statistics.median(window_rates), hist[-1].get("gpu_mem_gib"), tr.placement)
+            del tr
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        for graph in (False, True):
+            ips, mem, placement = rates[graph]
+            rows.append({"case": case[0], "cuda_graph": graph, "images_per_s": ips, "ms_per_step":
+                         case[4] * case[5] / ips * 1e3, "peak_gib": mem,
+                         "speedup_vs_eager": ips / rates[False][0], "check_steps": check_steps,
+                         "max_abs_param_diff_vs_eager": diff, "ok": diff <= 1e-3, "placement": placement})
+        report["cuda_graph"] = rows
+    return rows
+
+
+__all__ = ["CASES", "ENSEMBLE_PROVIDERS", "GRAPH_CASES", "TINY_CASES", "check_ensembles", "time_cuda_graph",
+           "time_ensembles"]

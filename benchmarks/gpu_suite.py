@@ -22,7 +22,9 @@ Budget: under 4 minutes on one H100. Sections, each written to the JSON as it fi
    at the CIFAR generator's size (fp32, bf16), then sampling and training of 64 x 64,
    1000 x 4 and 8 x 128 generators x images at 32 px for every provider of
    benchmarks/ensemble_providers.py (Python loop, CUDA-graph loop, vmap, grouped conv
-   eager and compiled, fastdfd-triton), bf16 parameters;
+   eager and compiled, fastdfd-triton), bf16 parameters; then whole GeneratorTrainer steps
+   eager against CUDA-graph replay (``cuda_graph=True``) at the digits demo's and CIFAR size:
+   images/s, speed-up, and the largest parameter difference after the same 6 steps;
 6. ImageNet generator training (benchmarks/imagenet_suite.py): ResNet-50 at 224 px, 1000
    generators, 16 per step x 8 images, hooks + Python loop against fastdfd: images/s per
    GPU, and the GPU-hours of an assumed synthesis budget beside the published ones.
@@ -50,7 +52,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.ensemble_suite import CASES, ENSEMBLE_PROVIDERS, TINY_CASES, check_ensembles, time_ensembles  # noqa: E402
+from benchmarks.ensemble_suite import (  # noqa: E402
+    CASES,
+    ENSEMBLE_PROVIDERS,
+    TINY_CASES,
+    check_ensembles,
+    time_cuda_graph,
+    time_ensembles,
+)
 from benchmarks.imagenet_suite import time_imagenet  # noqa: E402
 from benchmarks.providers import PROVIDERS, bn_layer_step, generator_step, randomize_bn  # noqa: E402
 
@@ -307,6 +316,14 @@ def main(argv=None) -> int:
             ratios = "  ".join(f"{a}: {r[f'speedup_vs_{a}']:6.2f}x" for a in ("python-loop", "vmap", "grouped-eager")
                                if f"speedup_vs_{a}" in r)
             print(f"  {r['case']:<42} {r['mode']:<6} {r['provider']:<18} {r['ms']:9.2f} ms  {ratios}")
+        graph_rows = time_cuda_graph(device, report, tiny=args.tiny)
+        save()
+        print("\ngenerator training, eager vs CUDA graph (images/s; max |param diff| after the same steps)")
+        for r in graph_rows:
+            print(f"  {r['case']:<36} graph={'on ' if r['cuda_graph'] else 'off'} {r['images_per_s']:10.0f} img/s "
+                  f"{r['ms_per_step']:8.2f} ms/step  {r['speedup_vs_eager']:5.2f}x  diff "
+                  f"{r['max_abs_param_diff_vs_eager']:.1e} {'ok' if r['ok'] else 'FAIL'}")
+        bad += [r for r in graph_rows if not r["ok"]]
 
     if "imagenet" in sections:
         imagenet = time_imagenet(device, report, bench, tiny=args.tiny, reps=1 if args.tiny else 5)

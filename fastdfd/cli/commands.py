@@ -84,6 +84,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast and a channels_last teacher (GPUs)")
     p.add_argument("--offload", action="store_true",
                    help="keep the generators and their Adam states in pinned host memory, stream each chunk")
+    p.add_argument("--cuda-graph", nargs="?", const="auto", default="off", choices=("off", "auto", "on"),
+                   help="replay the step from a CUDA graph: bare flag or 'auto' where allowed (else eager, "
+                        "the reason printed), 'on' to require it")
     p.add_argument("--device", default=None)
     p.add_argument("--out", required=True)
     p.set_defaults(func=train_generators)
@@ -143,6 +146,7 @@ def train_generators(args: argparse.Namespace) -> dict:
         log_path=out / "metrics.csv", checkpoint_dir=out / "checkpoints", checkpoint_every=args.checkpoint_every,
         distributed=ctx, sample_every=args.sample_every, sample_dir=out / "samples", autocast=args.bf16,
         channels_last=args.bf16, offload=args.offload,
+        cuda_graph={"off": False, "auto": "auto", "on": True}[getattr(args, "cuda_graph", "off")],
     )
     if ctx.is_main:
         print(trainer.placement)

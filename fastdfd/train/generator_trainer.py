@@ -20,6 +20,14 @@ checkpoint is written past it.
 Under torch.distributed (``distributed=``, see :mod:`fastdfd.distributed`) the ensemble
 given is this rank's shard; scope="ensemble" statistics are those of the global batch
 (one all-reduce of the packed sums per step), and N processes reproduce the 1-process run.
+
+With ``cuda_graph`` on, each step's work after the draws (gathering the chunk's parameters,
+the ensemble forward, the tapped teacher forward, the loss, the backward and the StackedAdam
+update) is captured once into a CUDA graph and replayed (:mod:`fastdfd.train.graphed_step`).
+The step reads its inputs from static buffers: the chunk's rows, latents and labels are drawn
+exactly as in eager mode (same private RNG, same order, so runs and resumes are reproducible
+and match eager ones) and copied into the buffers before each replay. Adam's step counts live
+on the device, so the bias corrections advance inside the graph.
 """
 
 from __future__ import annotations
@@ -27,20 +35,21 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from typing import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint import check_config
 from ..distributed import DistContext
 from ..nn.ensemble import GeneratorEnsemble, ensemble_forward
 from ..nn.matcher import SCOPES, MomentMatcher
 from ..ops import check_kind
-from ..checkpoint import check_config
+from .graphed_step import GraphedStep, cuda_capture
+from .images import grid, save_png
 from .loop import StepLoop
 from .losses import total_variation
-from .images import grid, save_png
 from .memory import plan_generator_memory
 from .optim import StackedAdam
 
@@ -84,7 +93,19 @@ class GeneratorTrainer(StepLoop):
         lr, betas: Adam's (per generator).
         seed: seeds this trainer's own RNG (latents, labels, chunks); global RNG untouched.
         log_path: per-step metrics, ``.csv`` or JSON lines; ``log_every``: host sync period.
+        tensorboard: also write the metrics to ``<log dir>/tensorboard/<log stem>/``: None (default)
+            when the tensorboard package is installed, False never, True required.
         checkpoint_dir, checkpoint_every, keep_checkpoints: periodic rotating checkpoints.
+        cuda_graph: capture the fixed-shape step in a CUDA graph and replay it (less launch
+            overhead: it matters for small generators and teachers). ``True`` requires it and
+            raises ValueError naming what prevents it; ``"auto"`` uses it where allowed and
+            otherwise trains eagerly, saying why in ``placement``. Allowed when the step runs on
+            a CUDA device, without offload (streaming chunks to and from host memory copies on
+            the host's schedule), and with one process or ``scope="generator"`` (scope="ensemble"
+            over several processes all-reduces inside the step). The first ``GRAPH_WARMUP``
+            steps of each ``fit`` run eagerly on a side stream, then the step is captured once
+            per chunk size; the graph keeps one step's activations in its own memory pool.
+            ``cuda_graph`` (after construction) says whether it is on, ``graph_refusal`` why not.
     """
 
     FORMAT = "fastdfd.generator_trainer"
@@ -92,6 +113,7 @@ class GeneratorTrainer(StepLoop):
     FINITE = ("moment", "ce", "tv", "loss")  # the culprit term is named before the total
     DESC = "generators"
     WHAT = "generator trainer"
+    GRAPH_WARMUP = 3  # eager steps (real ones) before each fit's capture
 
     def __init__(
         self,
@@ -122,6 +144,8 @@ class GeneratorTrainer(StepLoop):
         sample_every: int = 0,
         sample_dir: str | os.PathLike | None = None,
         offload: bool = False,
+        cuda_graph: bool | str = False,
+        tensorboard: bool | None = None,
     ):
         check_kind(kind)
         if scope not in SCOPES:
@@ -167,7 +191,7 @@ class GeneratorTrainer(StepLoop):
             device=ensemble.fc_z.device, num_generators=ensemble.num_generators,
             generators_per_step=generators_per_step, seed=seed, log_path=log_path, log_every=log_every,
             progress=progress, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-            keep_checkpoints=keep_checkpoints, distributed=distributed,
+            keep_checkpoints=keep_checkpoints, distributed=distributed, tensorboard=tensorboard,
         )
         sharded = self.dist.world > 1
         # Whole steps (no chunks): every rank draws the *global* step's latents and labels from
@@ -176,6 +200,43 @@ class GeneratorTrainer(StepLoop):
         self._global_draw = sharded and self.schedule.chunk == ensemble.num_generators
         if sharded and not self._global_draw:
             self._own_stream_per_rank()
+        self.cuda_graph, self.graph_refusal = self._resolve_cuda_graph(cuda_graph)
+        self._capture = cuda_capture  # the seam tests replace (graphed_step.direct_capture on a CPU)
+        self._graphs: dict[int, GraphedStep] = {}
+        if self.cuda_graph:
+            self.placement += f"; step captured in a CUDA graph (after {self.GRAPH_WARMUP} eager warm-up steps)"
+        elif cuda_graph == "auto":
+            self.placement += f"; CUDA graph off: {self.graph_refusal}"
+
+    def _graph_obstacles(self) -> list[str]:
+        """Why this configuration's step cannot be captured in a CUDA graph (empty: it can)."""
+        reasons = []
+        if self.compute_device.type != "cuda":
+            reasons.append(f"the step runs on {self.compute_device}, not on a CUDA device")
+        offloaded = self.offload or self.compute_device != self.device
+        if offloaded:
+            reasons.append("offload=True streams each chunk between host and device memory (host-side copies "
+                           "and syncs every step)")
+        if self.dist.world > 1 and self.scope == "ensemble":
+            reasons.append(f"scope='ensemble' over {self.dist.world} processes all-reduces the moment sums "
+                           "inside the step (no collectives in a captured graph here; use scope='generator')")
+        why = None if offloaded else self.optimizer.graph_obstacle()
+        if why is not None:
+            reasons.append(why)
+        return reasons
+
+    def _resolve_cuda_graph(self, cuda_graph) -> tuple[bool, str | None]:
+        if cuda_graph not in (False, True, "auto"):
+            raise ValueError(f"cuda_graph must be False, True or 'auto', got {cuda_graph!r}")
+        if not cuda_graph:
+            return False, "cuda_graph=False"
+        reasons = self._graph_obstacles()
+        if not reasons:
+            return True, None
+        why = "; ".join(reasons)
+        if cuda_graph != "auto":
+            raise ValueError(f"cuda_graph=True, but the step cannot be captured in a CUDA graph: {why}")
+        return False, why
 
     def config(self) -> dict:
         """Hyperparameters that must match for a checkpoint to resume this run exactly."""
@@ -195,7 +256,11 @@ class GeneratorTrainer(StepLoop):
             first_layer_multiplier=self.first_layer_multiplier,
         ) as matcher:
             matcher.distributed = self.dist
-            yield matcher
+            try:
+                yield matcher
+            finally:
+                # a graph reads this matcher's layout and tap tensors: it lives as long as the fit
+                self._graphs = {}
 
     def objective(self, params, z, y, local, matcher: MomentMatcher):
         """The summed loss of k generators on latents z [k, B, latent] and labels y [k, B].
@@ -221,12 +286,23 @@ class GeneratorTrainer(StepLoop):
             total = k_global * self.moment_weight * moment + rest.sum()
         return total, moment, ce, tv, logits
 
-    def _step(self, matcher: MomentMatcher) -> torch.Tensor:
-        chunk = self.schedule.next()
-        rows = None if chunk is None else torch.tensor(chunk, device=self.device)
+    def _rows(self, chunk: list[int] | None) -> torch.Tensor | None:
+        """The chunk's generator indices on the device (from pinned memory on a GPU: no host sync)."""
+        if chunk is None:
+            return None
+        rows = torch.tensor(chunk)
+        if self.device.type == "cuda":
+            rows = rows.pin_memory()
+        return rows.to(self.device, non_blocking=True)
+
+    def _train_step(self, matcher: MomentMatcher, rows, z, y, local) -> torch.Tensor:
+        """One step on drawn inputs: forward, loss, backward, Adam; the loss terms as one tensor.
+
+        Eager steps call it on fresh tensors; a graphed step on its static buffers (it is what
+        is captured): no host sync and no step-dependent Python value in here.
+        """
         params = self.ensemble.stacked(rows)
         k = self.ensemble.num_generators if rows is None else rows.numel()
-        z, y, local = self._draw(rows)
         if self.compute_device != self.device:  # offload: only this chunk crosses to the device
             params = {n: t.detach().to(self.compute_device, non_blocking=True).requires_grad_(True)
                       for n, t in params.items()}
@@ -236,6 +312,21 @@ class GeneratorTrainer(StepLoop):
         self.optimizer.step(dict(zip(params, grads)), rows)
         acc = (logits.argmax(1) == y.reshape(-1)).float().mean()
         return torch.stack([total.detach() / k, moment.detach().mean(), ce.detach().mean(), tv.detach().mean(), acc])
+
+    def _step(self, matcher: MomentMatcher) -> torch.Tensor:
+        rows = self._rows(self.schedule.next())
+        z, y, local = self._draw(rows)
+        if not self.cuda_graph:
+            return self._train_step(matcher, rows, z, y, local)
+        k = z.shape[0]
+        graphed = self._graphs.get(k)
+        if graphed is None:  # one graph per chunk size (the schedule keeps it fixed)
+            bufs = {"rows": None if rows is None else torch.empty_like(rows), "z": torch.empty_like(z),
+                    "y": torch.empty_like(y), "local": torch.empty_like(local)}
+            graphed = self._graphs[k] = GraphedStep(
+                lambda: self._train_step(matcher, bufs["rows"], bufs["z"], bufs["y"], bufs["local"]), bufs,
+                state=self.optimizer.state_tensors(), warmup=self.GRAPH_WARMUP, capture=self._capture)
+        return graphed(rows=rows, z=z, y=y, local=local)
 
     def _after_step(self) -> None:
         if self.sample_every and self.step % self.sample_every == 0 and self.dist.is_main:

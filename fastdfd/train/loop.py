@@ -46,6 +46,7 @@ class StepLoop:
         checkpoint_every: int,
         keep_checkpoints: int,
         distributed: DistContext | None = None,
+        tensorboard: bool | None = None,
     ) -> None:
         # Under torch.distributed: logs and the progress bar on rank 0 only; one checkpoint
         # rotation per rank (each holds its own generators or RNG stream); resume agrees on a step.
@@ -64,7 +65,7 @@ class StepLoop:
         self.rng = torch.Generator(device=device).manual_seed(self.seed)
         self.step = 0
         self.history: list[dict[str, float]] = []
-        self.log = MetricsLog(log_path)
+        self.log = MetricsLog(log_path, tensorboard=tensorboard)  # + TensorBoard when installed (metrics.py)
         self.log_every, self.progress = int(log_every), progress
         self.checkpoint_every = int(checkpoint_every)
         self.rotation = CheckpointRotation(checkpoint_dir, keep_checkpoints) if checkpoint_dir is not None else None
@@ -128,6 +129,7 @@ class StepLoop:
                         self._save_checkpoint()
         finally:
             bar.close()
+            self.log.close()  # flush the TensorBoard events of this fit
         return self.history[start:]
 
     def _save_checkpoint(self) -> None:

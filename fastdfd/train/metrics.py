@@ -1,13 +1,33 @@
-"""Metrics: a per-step log file (CSV or JSON lines) and the non-finite-loss check."""
+"""Metrics: a per-step log file (CSV or JSON lines), its TensorBoard copy, and the non-finite-loss check.
+
+Every row written to the log file (loss terms, images/s, GPU memory) is also written to
+TensorBoard when the ``tensorboard`` package is installed (``pip install tensorboard``):
+``<log dir>/tensorboard/<log file stem>/``, one scalar per column, the row's ``step`` (or
+``epoch``) as the global step. The rows are host floats already (the loop reads the device back once per
+window), so this adds no device sync.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import importlib.util
 import json
 import math
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
+
+STEP_KEYS = ("step", "epoch")  # the first present is a row's TensorBoard global step (else its index)
+TENSORBOARD_PIP = "pip install tensorboard  (or: pip install 'fastdfd[tensorboard]')"
+
+
+def tensorboard_available() -> bool:
+    """Whether the ``tensorboard`` package can be imported (checked without importing it)."""
+    try:
+        return importlib.util.find_spec("tensorboard") is not None
+    except (ImportError, ValueError):  # a package hidden or half-removed from sys.modules
+        return False
 
 
 class NonFiniteLossError(RuntimeError):
@@ -31,11 +51,27 @@ def check_finite(rows: Sequence[Mapping[str, float]], terms: Sequence[str]) -> N
 
 
 class MetricsLog:
-    """Append rows of scalars to ``path``: ``.csv`` writes CSV, anything else JSON lines."""
+    """Append rows of scalars to ``path``: ``.csv`` writes CSV, anything else JSON lines.
 
-    def __init__(self, path: str | os.PathLike | None):
+    ``tensorboard``: also write every scalar of every row to TensorBoard, in
+    ``path.parent / "tensorboard" / path.stem``; None (default) when the package is installed,
+    False never, True always (ImportError with the pip command when it is missing). Nothing
+    is written without a ``path`` (the loop passes none on ranks other than 0). The writer is
+    opened on the first write and closed by :meth:`close` (the loop calls it at the end of
+    every ``fit``; a later write opens a new event file in the same directory).
+    """
+
+    def __init__(self, path: str | os.PathLike | None, tensorboard: bool | None = None):
+        if tensorboard not in (None, True, False):
+            raise ValueError(f"tensorboard must be None, True or False, got {tensorboard!r}")
         self.path = Path(path) if path is not None else None
         self._fields: list[str] | None = None
+        self._writer = None
+        self._rows_written = 0
+        if tensorboard and not tensorboard_available():
+            raise ImportError(f"tensorboard=True needs the tensorboard package: {TENSORBOARD_PIP}")
+        use_tb = tensorboard if tensorboard is not None else tensorboard_available()
+        self.tensorboard_dir = self.path.parent / "tensorboard" / self.path.stem if use_tb and self.path else None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -53,5 +89,33 @@ class MetricsLog:
                 w.writerows(rows)
         else:
             with open(self.path, "a") as f:
-                for row in rows:
-                    f.write(json.dumps(dict(row)) + "\n")
+                f.writelines(json.dumps(dict(row)) + "\n" for row in rows)
+        if self.tensorboard_dir is not None:
+            self._write_tensorboard(rows)
+
+    def _write_tensorboard(self, rows: Sequence[Mapping[str, float]]) -> None:
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(os.fspath(self.tensorboard_dir))
+        for row in rows:
+            axis = next((k for k in STEP_KEYS if k in row), None)
+            step = int(row[axis]) if axis is not None else self._rows_written
+            self._rows_written += 1
+            for key, value in row.items():
+                if key != axis and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._writer.add_scalar(key, float(value), global_step=step)
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard writer (idempotent; the next write opens a new one)."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # interpreter shutdown: modules may already be gone
+            self.close()

@@ -8,11 +8,16 @@ global Adam would keep moving it with stale momentum).
 
 With ``compute_device`` set (offload), parameters and moments stay where they are (pinned
 host memory) and a step moves only its rows there and back: the update runs on the GPU.
+
+Step counts are a device tensor beside the parameters (float64, as torch.optim.Adam's bias
+corrections), and ``step`` computes the bias corrections from them on the device: no host
+read and no Python float of the step count, so a resident update can be captured in a CUDA
+graph and every replay advances the counts and corrections of that replay's rows.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -42,6 +47,20 @@ class StackedAdam:
             for table in (self.exp_avg, self.exp_avg_sq):
                 for n in table:
                     table[n] = table[n].pin_memory()
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Every tensor ``step`` writes in place: parameters, both moments, step counts."""
+        return [*self.params.values(), *self.exp_avg.values(), *self.exp_avg_sq.values(), self.steps]
+
+    def graph_obstacle(self) -> str | None:
+        """Why ``step`` cannot be captured in a CUDA graph, or None (resident states on one GPU)."""
+        dev = self.params[next(iter(self.params))].device
+        if self.compute_device != dev:
+            return (f"the Adam states live in {dev} memory and each step copies its rows to {self.compute_device} "
+                    "and back (offload)")
+        if self.steps.device != dev:
+            return f"the Adam step counts live on {self.steps.device}, the parameters on {dev}"
+        return None
 
     def _corrections(self, rows_host: torch.Tensor | None, device: torch.device):
         """Advance the step counts of the rows; Adam's step size and sqrt(bias correction 2), per row."""
