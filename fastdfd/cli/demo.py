@@ -59,27 +59,47 @@ class DemoSettings:
                        distill_steps=3, distill_batch=4, **kw)
 
 
-def _data_free_student(teacher, settings: DemoSettings, num_generators: int, test, log_dir: Path, progress: bool):
-    """Train an ensemble of ``num_generators`` from the teacher, distill a student; return both."""
+def _data_free_student(teacher, settings: DemoSettings, num_generators: int, test, log_dir: Path | None,
+                       progress: bool, *, widths: tuple[int, ...] | None = None, output_bn: bool = False,
+                       first_layer_multiplier: float = 1.0, student_bn: str = "mixed"):
+    """Train an ensemble of ``num_generators`` from the teacher, distill a student; return both.
+
+    The keyword knobs (generator widths, output BN, the first BN layer's weight, the
+    student's BN statistics) default to the demo's choices; ``benchmarks/ablations.py``
+    varies them one at a time. ``log_dir=None`` writes no CSV logs.
+    """
     s = settings
     batch_scale = NUM_CLASSES // num_generators  # same images per step whatever K
     torch.manual_seed(s.seed + num_generators)
     ensemble = GeneratorEnsemble(num_generators, NUM_CLASSES, image_size=s.image_size, channels=1,
-                                 latent_dim=s.latent_dim, widths=s.widths, output_bn=False)
+                                 latent_dim=s.latent_dim, widths=s.widths if widths is None else widths,
+                                 output_bn=output_bn)
     trainer = GeneratorTrainer(
         teacher, ensemble, kind=s.kind, scope=s.scope, moment_weight=s.moment_weight, ce_weight=s.ce_weight,
+        first_layer_multiplier=first_layer_multiplier,
         batch_size=s.generator_batch * batch_scale, lr=s.generator_lr, seed=s.seed, progress=progress,
-        log_path=log_dir / f"generators_k{num_generators}.csv", log_every=25,
+        log_path=None if log_dir is None else log_dir / f"generators_k{num_generators}.csv", log_every=25,
     )
     gen_history = trainer.fit(s.generator_steps)
     student = create_model("digits_student", num_classes=NUM_CLASSES)
     distiller = Distiller(
         teacher, student, ensemble, temperature=s.temperature, batch_size=s.distill_batch * batch_scale,
-        lr=s.distill_lr, total_steps=s.distill_steps, seed=s.seed, progress=progress,
-        log_path=log_dir / f"distill_k{num_generators}.csv", log_every=25,
+        lr=s.distill_lr, total_steps=s.distill_steps, seed=s.seed, progress=progress, student_bn=student_bn,
+        log_path=None if log_dir is None else log_dir / f"distill_k{num_generators}.csv", log_every=25,
     )
     kd_history = distiller.fit(s.distill_steps)
     return ensemble, distiller.evaluate(test), gen_history, kd_history
+
+
+def train_teacher(settings: DemoSettings, progress: bool = False):
+    """Seed, load the digits split, train the BN teacher; return (data, test batches, teacher)."""
+    s = settings
+    torch.manual_seed(s.seed)
+    data = load_digits_split(image_size=s.image_size, seed=s.seed)
+    test = list(zip(data.x_test.split(256), data.y_test.split(256)))
+    teacher = create_model("digits_teacher", num_classes=NUM_CLASSES)
+    fit_classifier(teacher, data.x_train, data.y_train, epochs=s.teacher_epochs, seed=s.seed, progress=progress)
+    return data, test, teacher
 
 
 def run_demo(out: str | Path = "runs/demo", settings: DemoSettings | None = None, progress: bool = True) -> dict:
@@ -88,14 +108,9 @@ def run_demo(out: str | Path = "runs/demo", settings: DemoSettings | None = None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    torch.manual_seed(s.seed)
-    data = load_digits_split(image_size=s.image_size, seed=s.seed)
-    test = list(zip(data.x_test.split(256), data.y_test.split(256)))
     timings = {}
-
     t = time.perf_counter()
-    teacher = create_model("digits_teacher", num_classes=NUM_CLASSES)
-    fit_classifier(teacher, data.x_train, data.y_train, epochs=s.teacher_epochs, seed=s.seed, progress=progress)
+    data, test, teacher = train_teacher(s, progress)
     timings["teacher"] = time.perf_counter() - t
 
     torch.manual_seed(s.seed + 100)

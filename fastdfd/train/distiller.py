@@ -6,6 +6,15 @@
 The teacher runs frozen in eval mode; the student in train mode (its BN layers learn
 statistics of the generated images). Losses are read back every ``log_every`` steps.
 
+How the student's BN layers see a step's images (``student_bn``):
+- ``"mixed"`` (default): one forward over the whole batch; batch statistics (and the
+  running-statistics update) over all generators' images together, a class mixture
+  like the real data the student is evaluated on.
+- ``"per_generator"``: one forward per generator's block of ``batch_size`` images, so the
+  batch statistics are those of one generator's images (one class for one-class
+  generators) and the running statistics are updated once per block, in generator
+  order: exactly what a Python loop over separate generators feeding the student gives.
+
 Under torch.distributed (``distributed=``) the student is wrapped in
 DistributedDataParallel and each rank samples from its own shard of the generators with
 its own random stream: the global batch is the union of the ranks' batches.
@@ -29,6 +38,7 @@ from .loop import StepLoop
 from .losses import distillation_kl
 
 OPTIMIZERS = ("sgd", "adam")
+STUDENT_BN = ("mixed", "per_generator")
 
 
 class Distiller(StepLoop):
@@ -40,6 +50,8 @@ class Distiller(StepLoop):
             generators are sampled per step (default all), visited evenly.
         optimizer ("sgd" with Nesterov momentum, or "adam"), lr, momentum, weight_decay.
         total_steps: cosine decay of the rate to zero over this many steps (else constant).
+        student_bn: ``"mixed"`` (default) or ``"per_generator"``: the batch the student's BN
+            statistics are computed over (see the module docstring); single process only.
         seed, log_path, log_every, checkpoint_*: as for :class:`GeneratorTrainer`.
     """
 
@@ -71,7 +83,11 @@ class Distiller(StepLoop):
         checkpoint_every: int = 0,
         keep_checkpoints: int = 3,
         distributed: DistContext | None = None,
+        student_bn: str = "mixed",
     ):
+        if student_bn not in STUDENT_BN:
+            raise ValueError(f"unknown student_bn {student_bn!r}; expected one of {STUDENT_BN}")
+        self.student_bn = student_bn
         if temperature <= 0 or batch_size < 1 or lr <= 0:
             raise ValueError("temperature, batch_size and lr must be positive")
         if optimizer not in OPTIMIZERS:
@@ -99,6 +115,9 @@ class Distiller(StepLoop):
         )
         self.model = student
         if self.dist.world > 1:
+            if student_bn != "mixed":  # DDP expects one forward per backward
+                raise ValueError("student_bn='per_generator' runs one student forward per generator: "
+                                 "single process only")
             from torch.nn.parallel import DistributedDataParallel
 
             self._own_stream_per_rank()
@@ -109,7 +128,7 @@ class Distiller(StepLoop):
         return {
             "temperature": self.temperature, "batch_size": self.batch_size, "generators_per_step": self.schedule.chunk,
             "optimizer": self.optimizer_name, "lr": self.lr, "total_steps": self.total_steps, "seed": self.seed,
-            **self.hparams,
+            **self.hparams, **({"student_bn": self.student_bn} if self.student_bn != "mixed" else {}),
         }
 
     @contextlib.contextmanager
@@ -127,7 +146,7 @@ class Distiller(StepLoop):
         x, _ = self.ensemble.sample(self.batch_size, chunk, rng=self.rng)
         with torch.no_grad():
             t_logits = self.teacher(x)
-        s_logits = self.model(x)
+        s_logits = self.student_logits(x)
         loss = distillation_kl(s_logits, t_logits, self.temperature)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -135,6 +154,12 @@ class Distiller(StepLoop):
         self.scheduler.step()
         agree = (s_logits.argmax(1) == t_logits.argmax(1)).float().mean()
         return torch.stack([loss.detach(), agree])
+
+    def student_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The student's logits on a step's generator-major images, BN statistics per ``student_bn``."""
+        if self.student_bn == "mixed":
+            return self.model(x)
+        return torch.cat([self.model(block) for block in x.split(self.batch_size)])
 
     def evaluate(self, loader: Iterable) -> float:
         """The student's top-1 accuracy on ``loader``."""
