@@ -54,6 +54,20 @@ class DistContext:
         return out
 
 
+def local_device(name: str | torch.device | None = None) -> torch.device:
+    """``name``, else this process's GPU (LOCAL_RANK under torchrun), else the CPU; a CUDA
+    device is made current, so kernels and NCCL of this process land on it."""
+    if name:
+        device = torch.device(name)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        device = torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
 def init_from_env(device: torch.device | str | None = None) -> DistContext:
     """Join the run torchrun describes (WORLD_SIZE, RANK, MASTER_ADDR...); a single process otherwise.
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .distributed import DistContext
-from .nn import GeneratorEnsemble, load_ensemble, save_ensemble
+from .nn import GeneratorEnsemble, save_ensemble
 from .train import Distiller, GeneratorTrainer, evaluate_accuracy
 
 
@@ -79,7 +79,7 @@ def train_generators(
 def distill(
     teacher: nn.Module,
     student: nn.Module,
-    generators: str | Path,
+    ensemble: GeneratorEnsemble,
     out: str | Path,
     *,
     steps: int,
@@ -90,10 +90,9 @@ def distill(
     progress: bool = True,
     **distiller_kwargs: Any,
 ) -> dict:
-    """Distill ``student`` from ``teacher`` on images of the ensemble in ``generators`` (each
-    rank samples its shard; DDP student); rank 0 writes ``out/student.pt`` and scores it."""
+    """Distill ``student`` from ``teacher`` on images of the whole ``ensemble`` (each rank
+    samples its shard; DDP student); rank 0 writes ``out/student.pt`` and scores it."""
     out = Path(out)
-    ensemble = load_ensemble(generators, "cpu")
     if ctx.world > 1:
         ensemble = ensemble.shard(*ctx.shard(ensemble.num_generators))
     ensemble = ensemble.to(device)

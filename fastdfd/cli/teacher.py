@@ -14,7 +14,7 @@ from .. import __version__
 from ..data import make_eval_loader, make_train_dataset
 from ..models import create_model, list_models
 from ..train.teacher import TEACHER_PRESETS, TeacherSettings, train_teacher
-from .commands import _device
+from ..distributed import local_device
 
 __all__ = ["add_teacher_command", "default_eval_spec", "settings_from_args", "train_teacher_command"]
 
@@ -92,7 +92,7 @@ def train_teacher_command(args: argparse.Namespace) -> dict:
         if eval_classes != num_classes:
             raise ValueError(f"--eval data {eval_spec} has {eval_classes} classes but the teacher has {num_classes}")
 
-    device = _device(args.device)
+    device = local_device(args.device)
     model = create_model(args.model, num_classes=num_classes, in_channels=channels)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

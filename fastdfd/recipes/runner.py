@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from .. import pipeline
-from ..distributed import init_from_env
+from ..distributed import init_from_env, local_device
 from ..models.weights import load_weights
-from ..nn import GeneratorEnsemble
+from ..nn import GeneratorEnsemble, load_ensemble
 from .loader import Recipe
 from .preflight import Prepared, preflight
 from .rundir import environment, open_run_dir, write_json, write_run_header
@@ -37,6 +37,7 @@ def _generator_kwargs(recipe: Recipe) -> dict:
         generators_per_step=_chunk(g["generators_per_step"]), lr=g["lr"], betas=(g["beta1"], g["beta2"]),
         seed=recipe["seed"] + 1, checkpoint_every=g["checkpoint_every"], sample_every=g["sample_every"],
         autocast=g["bf16"], channels_last=g["bf16"], offload=g["offload"],
+        cuda_graph={"off": False, "auto": "auto", "on": True}[g["cuda_graph"]],
     )
 
 
@@ -82,11 +83,7 @@ def _ensemble(recipe: Recipe) -> GeneratorEnsemble:
 def run_recipe(recipe: Recipe, out: str | Path | None = None, *, device: str | torch.device | None = None,
                resume: bool = False, progress: bool = True) -> dict:
     """Run every stage of ``recipe`` into ``out`` (default runs/<name>); return results.json's content."""
-    from ..cli.commands import _device
-
-    device = _device(str(device) if device is not None else None)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    device = local_device(device)
     ctx = init_from_env(device)
     out = Path(out) if out is not None else Path("runs") / recipe.name
     prep = preflight(recipe, ctx.world)  # every refusal happens here, before the run directory is touched
@@ -131,7 +128,7 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, device: str | t
     if not status.get("distill", {}).get("done"):
         t = time.perf_counter()
         summary = pipeline.distill(
-            teacher, prep.student, out / "generators" / "generators.pt", out / "distill",
+            teacher, prep.student, load_ensemble(out / "generators" / "generators.pt"), out / "distill",
             steps=recipe["distill"]["steps"], ctx=ctx, device=device, eval_loader=prep.eval_loader,
             resume=resume, progress=progress, **_distill_kwargs(recipe, ctx.world))
         finish("distill", t, **{k: v for k, v in summary.items() if k.endswith("accuracy")})

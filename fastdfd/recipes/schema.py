@@ -88,6 +88,8 @@ SECTIONS: dict[str, dict[str, Field]] = {
         "first_layer_multiplier": _nonneg("extra weight on the first BN layer's moment loss"),
         "bf16": Field("bool", "bf16 autocast and a channels_last teacher (GPUs)"),
         "offload": Field("bool", "generators and Adam states in pinned host memory, streamed per chunk"),
+        "cuda_graph": Field("str", "capture the fixed-shape step in a CUDA graph: on (required), auto (when the "
+                                   "run allows it, else eager and the log says why), off", choices=("off", "auto", "on")),
         "checkpoint_every": Field("int", "steps between checkpoints (0: none)", minimum=0),
         "sample_every": Field("int", "steps between sample grids (0: none)", minimum=0),
     },
