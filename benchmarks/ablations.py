@@ -92,6 +92,10 @@ def variants(s: DemoSettings) -> list[Variant]:
         Variant("output_bn", "generator output BN on (the paper's)", knobs={"output_bn": True}),
         Variant("student_bn_per_generator", "student BN statistics per generator's block",
                 knobs={"student_bn": "per_generator"}),
+        # two knobs: the student-BN question asked of label-faithful (mixed-statistics) generators,
+        # compared with scope_ensemble, since the baseline's generators ignore their labels
+        Variant("scope_ensemble_student_bn_per_generator", "two knobs: scope=ensemble and student BN per block",
+                {"scope": "ensemble"}, knobs={"student_bn": "per_generator"}),
     ]
 
 
@@ -221,7 +225,7 @@ def format_table(results: dict) -> str:
 def readme_block(results: dict, table: str) -> str:
     b = results["budget"]
     return (f"`{results['command']}` on {results['machine']} (torch {results['torch']}, "
-            f"{results['workers']} single-thread worker processes, the cores shared with other jobs), "
+            f"{results['workers']} single-thread worker processes), "
             f"{results['date']}; seeds 0-{results['seeds'] - 1}; "
             f"per run {b['generator_steps']} generator steps and {b['distill_steps']} distillation steps "
             f"(distillation batch {b['distill_batch']} per generator); {results['seconds'] / 60:.1f} min in all.\n\n"
