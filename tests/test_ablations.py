@@ -19,7 +19,7 @@ def test_quick_ablations_run_every_variant(tmp_path):
     assert readme.read_text() == f"x\n{BEGIN}\nold\n{END}\ny\n"  # --quick never touches the README
     results = json.loads((out / "results.json").read_text())
     names = [v.name for v in variants(budget(True))]
-    assert len(names) == 12 and names[0] == "baseline"
+    assert len(names) == 13 and names[0] == "baseline"
     assert [r["variant"] for r in results["runs"]] == names  # one seed, every variant ran
     for run in results["runs"]:
         assert {"variant", "seed", "accuracy", "teacher_accuracy", "seconds", "settings"} <= set(run)
