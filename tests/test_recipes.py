@@ -225,3 +225,17 @@ def test_recipe_runs_sharded_under_torchrun(tmp_path, teacher_file):
     # each rank owns 5 generators and gave each the recipe's 4 updates: 4 steps per rank
     for rank in (0, 1):
         assert (run / "generators" / "checkpoints" / f"rank_{rank:05d}" / "step_00000004.pt").is_file()
+
+
+def test_generators_that_cannot_be_built_and_uneven_splits_are_refused():
+    from fastdfd.distributed import DistContext
+    from fastdfd.recipes.runner import _distill_chunk
+
+    with pytest.raises(ValueError, match=r"\[generators\] cannot be built: image_size 18"):
+        preflight(load_recipe("digits", ["data.image_size=18"]))
+    recipe = load_recipe("digits", ["distill.generators_per_step=4"])
+    assert _distill_chunk(recipe, 2) == 2  # the recipe's chunk is global: each process samples its share
+    with pytest.raises(ValueError, match=r"distill\.generators_per_step = 4 cannot be split evenly over 3"):
+        _distill_chunk(recipe, 3)
+    with pytest.raises(ValueError, match=r"10 generators cannot be split evenly over 3 processes"):
+        DistContext(0, 3).shard(recipe["generators"]["num_generators"])
