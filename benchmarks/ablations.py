@@ -2,7 +2,7 @@
 
     python benchmarks/ablations.py [--seeds 3] [--quick] [--out runs/ablations] [--readme README.md]
 
-Per seed one BN teacher is trained (the demo's ``train_teacher``) and reused by every
+Per seed one BN teacher is trained (the demo's ``train_digits_teacher``) and reused by every
 variant. Every variant is the demo's data-free pipeline (``fastdfd.cli.demo``: 10
 class generators, per-generator statistics, kl, moment weight 10, cross-entropy 1, no
 output BN, first-layer multiplier 1, the student's BN over the mixed batch) at a smaller
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from fastdfd.cli.demo import NUM_CLASSES, DemoSettings, _data_free_student, train_teacher
+from fastdfd.cli.demo import NUM_CLASSES, DemoSettings, _data_free_student, train_digits_teacher
 from fastdfd.data import load_digits_split
 from fastdfd.models import create_model
 from fastdfd.nn import GeneratorEnsemble
@@ -105,7 +105,7 @@ def budget(quick: bool) -> DemoSettings:
 
 def _teacher_job(s: DemoSettings) -> dict:
     t = time.perf_counter()
-    _, test, teacher = train_teacher(s)
+    _, test, teacher = train_digits_teacher(s)
     return {"seed": s.seed, "accuracy": evaluate_accuracy(teacher, test), "seconds": time.perf_counter() - t,
             "state": teacher.state_dict()}
 
@@ -114,7 +114,7 @@ def _variant_job(job: tuple[DemoSettings, Variant, dict, float]) -> dict:
     vs, v, teacher_state, teacher_acc = job
     teacher = create_model("digits_teacher", num_classes=NUM_CLASSES)
     teacher.load_state_dict(teacher_state)
-    data = load_digits_split(image_size=vs.image_size, seed=vs.seed)  # the split train_teacher used
+    data = load_digits_split(image_size=vs.image_size, seed=vs.seed)  # the split train_digits_teacher used
     test = list(zip(data.x_test.split(256), data.y_test.split(256)))
     t = time.perf_counter()
     ensemble, acc, gen, kd = _data_free_student(teacher, vs, v.num_generators, test, None, False, **v.knobs)

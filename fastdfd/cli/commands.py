@@ -111,7 +111,7 @@ def train_generators(args: argparse.Namespace) -> dict:
         ce_weight=args.ce_weight, tv_weight=args.tv_weight, first_layer_multiplier=args.first_layer_multiplier,
         batch_size=args.batch_size, generators_per_step=args.generators_per_step, lr=args.lr, seed=args.seed,
         checkpoint_every=args.checkpoint_every, sample_every=args.sample_every, autocast=args.bf16,
-        channels_last=args.bf16, cuda_graph={"off": False, "auto": "auto", "on": True}[args.cuda_graph],
+        channels_last=args.bf16, cuda_graph=args.cuda_graph,
     )
     if ctx.is_main:
         print(json.dumps(summary, indent=2))

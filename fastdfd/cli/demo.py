@@ -91,7 +91,7 @@ def _data_free_student(teacher, settings: DemoSettings, num_generators: int, tes
     return ensemble, distiller.evaluate(test), gen_history, kd_history
 
 
-def train_teacher(settings: DemoSettings, progress: bool = False):
+def train_digits_teacher(settings: DemoSettings, progress: bool = False):
     """Seed, load the digits split, train the BN teacher; return (data, test batches, teacher)."""
     s = settings
     torch.manual_seed(s.seed)
@@ -110,7 +110,7 @@ def run_demo(out: str | Path = "runs/demo", settings: DemoSettings | None = None
     start = time.perf_counter()
     timings = {}
     t = time.perf_counter()
-    data, test, teacher = train_teacher(s, progress)
+    data, test, teacher = train_digits_teacher(s, progress)
     timings["teacher"] = time.perf_counter() - t
 
     torch.manual_seed(s.seed + 100)

@@ -58,14 +58,19 @@ def _check_classes(what: str, found: int, recipe: Recipe) -> None:
                          "the dataset does not match the teacher")
 
 
+def ensemble_from_recipe(recipe: Recipe) -> GeneratorEnsemble:
+    """The recipe's (untrained) generator ensemble, on the current default device."""
+    g, data = recipe["generators"], recipe["data"]
+    return GeneratorEnsemble(g["num_generators"], data["num_classes"], image_size=data["image_size"],
+                             channels=data["channels"], latent_dim=g["latent_dim"], widths=g["widths"],
+                             output_bn=g["output_bn"])
+
+
 def _check_generators(recipe: Recipe) -> None:
     """Build the ensemble's shapes on the meta device: no memory, but every shape check runs."""
-    g, data = recipe["generators"], recipe["data"]
     try:
         with torch.device("meta"):
-            GeneratorEnsemble(g["num_generators"], data["num_classes"], image_size=data["image_size"],
-                              channels=data["channels"], latent_dim=g["latent_dim"], widths=g["widths"],
-                              output_bn=g["output_bn"])
+            ensemble_from_recipe(recipe)
     except ValueError as e:
         raise ValueError(f"recipe [generators] cannot be built: {e}") from None
 

@@ -19,7 +19,7 @@ from ..distributed import init_from_env, local_device
 from ..models.weights import load_weights
 from ..nn import GeneratorEnsemble, load_ensemble
 from .loader import Recipe
-from .preflight import Prepared, preflight
+from .preflight import Prepared, ensemble_from_recipe, preflight
 from .rundir import environment, open_run_dir, write_json, write_run_header
 
 STAGES = ("teacher", "generators", "distill")
@@ -37,7 +37,7 @@ def _generator_kwargs(recipe: Recipe) -> dict:
         generators_per_step=_chunk(g["generators_per_step"]), lr=g["lr"], betas=(g["beta1"], g["beta2"]),
         seed=recipe["seed"] + 1, checkpoint_every=g["checkpoint_every"], sample_every=g["sample_every"],
         autocast=g["bf16"], channels_last=g["bf16"], offload=g["offload"],
-        cuda_graph={"off": False, "auto": "auto", "on": True}[g["cuda_graph"]],
+        cuda_graph=g["cuda_graph"],
     )
 
 
@@ -73,11 +73,8 @@ def _train_teacher(recipe: Recipe, prep: Prepared, out: Path, device: torch.devi
 
 
 def _ensemble(recipe: Recipe) -> GeneratorEnsemble:
-    g, data = recipe["generators"], recipe["data"]
     torch.manual_seed(recipe["seed"] + 1)  # every process builds the same initial ensemble, then keeps its shard
-    return GeneratorEnsemble(g["num_generators"], data["num_classes"], image_size=data["image_size"],
-                             channels=data["channels"], latent_dim=g["latent_dim"], widths=g["widths"],
-                             output_bn=g["output_bn"])
+    return ensemble_from_recipe(recipe)
 
 
 def run_recipe(recipe: Recipe, out: str | Path | None = None, *, device: str | torch.device | None = None,

@@ -144,7 +144,7 @@ class GeneratorTrainer(StepLoop):
         sample_every: int = 0,
         sample_dir: str | os.PathLike | None = None,
         offload: bool = False,
-        cuda_graph: bool | str = False,
+        cuda_graph: bool | str = False,  # also "off" / "on"
         tensorboard: bool | None = None,
     ):
         check_kind(kind)
@@ -226,8 +226,9 @@ class GeneratorTrainer(StepLoop):
         return reasons
 
     def _resolve_cuda_graph(self, cuda_graph) -> tuple[bool, str | None]:
+        cuda_graph = {"off": False, "on": True}.get(cuda_graph, cuda_graph)  # the CLI's and recipes' spelling
         if cuda_graph not in (False, True, "auto"):
-            raise ValueError(f"cuda_graph must be False, True or 'auto', got {cuda_graph!r}")
+            raise ValueError(f"cuda_graph must be False, True or 'auto' (or 'off'/'on'), got {cuda_graph!r}")
         if not cuda_graph:
             return False, "cuda_graph=False"
         reasons = self._graph_obstacles()
