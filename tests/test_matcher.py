@@ -125,12 +125,10 @@ def test_teacher_state_is_bit_identical_and_restored(resnets):
     teacher = resnets["resnet18"]
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     modules_before = dict(teacher.named_modules())
-    teacher.train()  # even in train mode, tapped BN layers must not update their statistics
     with MomentMatcher(teacher) as matcher:
         assert sum(isinstance(m, BNTap) for m in teacher.modules()) == 20
         assert list(teacher.state_dict()) == list(before)  # same keys while attached
         (teacher(torch.randn(4, 3, 32, 32)).sum() + matcher.loss()).backward()
-    teacher.eval()
     for k, v in teacher.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert dict(teacher.named_modules()).keys() == modules_before.keys()
@@ -139,15 +137,44 @@ def test_teacher_state_is_bit_identical_and_restored(resnets):
     teacher.zero_grad(set_to_none=True)
 
 
-def test_bn_layers_compute_with_running_statistics():
+def test_teacher_in_train_mode_is_the_untapped_teacher(resnets):
+    """A training teacher normalises with batch statistics and moves its running ones, tapped or not;
+    the loss keeps the statistics seen at attach time."""
+    import copy
+
+    teacher = resnets["resnet18"]
+    twin = copy.deepcopy(teacher).train()
+    x = torch.randn(4, 3, 32, 32)
+    ref = twin(x)
+    with MomentMatcher(teacher) as matcher:
+        first = matcher.layer_names[0]
+        teacher.eval()
+        teacher(x)
+        expected = matcher.layer_losses()[first].detach()
+        teacher.train()
+        out = teacher(x)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+        # the first BN sees the same input in either mode; its loss uses the attach-time statistics
+        torch.testing.assert_close(matcher.layer_losses()[first].detach(), expected)
+        assert matcher.flavours[first] == "batchnorm"
+    teacher.eval()
+    for (k, v), (k2, v2) in zip(teacher.state_dict().items(), twin.state_dict().items()):
+        assert k == k2 and torch.allclose(v.float(), v2.float(), rtol=1e-5, atol=1e-6), k
+    teacher.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_tapped_teacher_gives_the_untapped_outputs(mode):
+    import copy
+
     teacher = randomize_bn_stats(create_model("digits_teacher"))
+    twin = copy.deepcopy(teacher)
     x = torch.randn(5, 1, 16, 16)
-    want = teacher.eval()(x)
-    teacher.train()
+    want = twin.train(mode == "train")(x)
+    teacher.train(mode == "train")
     with MomentMatcher(teacher):
         got = teacher(x)
-    teacher.eval()
-    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_generator_scope_gives_one_loss_per_segment(digits_teacher):

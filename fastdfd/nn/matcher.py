@@ -4,8 +4,9 @@
         logits = teacher(images)
         loss = matcher.loss() + F.cross_entropy(logits, labels)
 
-Attaching swaps every BatchNorm1d/2d/3d of the teacher for a :class:`BNTap` that computes
-the eval-mode BN output and the layer's moment sums in one op. After a forward, all
+Attaching swaps every BatchNorm layer of the teacher (every flavour of torch, torchvision and
+timm: :mod:`.flavours`) for a :class:`BNTap` that computes the layer's output and its moment
+sums, in one op where the layer is eval-mode BN. After a forward, all
 layers' sums are packed into one [G, C_total] buffer and every distance is evaluated by
 one ``moment_finalize`` call; no per-layer loop of small ops in the loss.
 """
@@ -13,26 +14,36 @@ one ``moment_finalize`` call; no per-layer loop of small ops in the loss.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from ..ops import KINDS, PackedLayout, check_kind, check_running_stats, moment_finalize
+from .flavours import Flavour, class_name, flavour_of, is_uninitialized_lazy
 from .tap import BNTap
 
 SCOPES = ("ensemble", "generator")
 
 
-def _batchnorm_layers(teacher: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
-    """Unique BN modules in registration order (a module used twice is one layer)."""
-    seen: dict[int, tuple[str, nn.Module]] = {}
+def _batchnorm_layers(teacher: nn.Module) -> list[tuple[str, nn.Module, Flavour]]:
+    """Unique BN layers in registration order (a module used twice is one layer), with their flavours."""
+    seen: dict[int, tuple[str, nn.Module, Flavour]] = {}
     for name, module in teacher.named_modules():
         if isinstance(module, BNTap):
             raise RuntimeError(f"a MomentMatcher is already attached to this teacher (layer {name!r})")
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and id(module) not in seen:
-            seen[id(module)] = (name, module)
+        flavour = flavour_of(module)
+        if flavour is not None and id(module) not in seen:
+            if is_uninitialized_lazy(module):
+                raise ValueError(f"BatchNorm layer {name!r} ({type(module).__name__}) is lazy and has not seen an "
+                                 "input yet: run one forward through the teacher before attaching")
+            seen[id(module)] = (name, module, flavour)
     return list(seen.values())
+
+
+def _has_running_stats(module: nn.Module) -> bool:
+    return getattr(module, "running_mean", None) is not None and getattr(module, "running_var", None) is not None
 
 
 class MomentMatcher:
@@ -48,6 +59,17 @@ class MomentMatcher:
         layer_weights: per-layer weights, a sequence in layer order or a mapping from the
             BN module's qualified name; missing names weigh 1.
         first_layer_multiplier: extra factor on the first BN layer (DeepInversion uses 10).
+        skip_without_stats: leave BN layers without running statistics (``track_running_stats=False``)
+            in place and out of the loss, with one warning listing them; by default they are refused
+            (ValueError naming the layer).
+
+    Layers found: ``nn.BatchNorm1d/2d/3d``, ``SyncBatchNorm``, materialised lazy BN, torchvision's
+    ``FrozenBatchNorm2d`` and timm's ``BatchNormAct2d`` / ``SyncBatchNormAct`` / ``FrozenBatchNormAct2d``
+    (their activation and drop run after the tap's output), computed by the fused tap; any other
+    ``_BatchNorm`` subclass that overrides ``forward`` runs its own forward, the sums taken from its
+    input (one warning naming the class). A layer in training mode likewise runs its own forward.
+    With a matcher attached the teacher's outputs are its outputs without one. ``flavours`` maps each
+    layer to how it is tapped.
     """
 
     def __init__(
@@ -59,6 +81,7 @@ class MomentMatcher:
         groups: int | None = None,
         layer_weights: Sequence[float] | Mapping[str, float] | None = None,
         first_layer_multiplier: float = 1.0,
+        skip_without_stats: bool = False,
     ):
         self.kind = check_kind(kind)
         if scope not in SCOPES:
@@ -76,20 +99,38 @@ class MomentMatcher:
         layers = _batchnorm_layers(teacher)
         if not layers:
             raise ValueError(
-                f"{type(teacher).__name__} has no BatchNorm layer: moment matching needs the running "
-                "statistics stored in BatchNorm1d/2d/3d layers"
+                f"{type(teacher).__name__} has no BatchNorm layer: moment matching needs the running statistics "
+                "stored in BatchNorm layers (BatchNorm1d/2d/3d, SyncBatchNorm, torchvision FrozenBatchNorm2d, "
+                "timm BatchNormAct2d/FrozenBatchNormAct2d)"
             )
-        for name, bn in layers:
+        without = [name for name, bn, _ in layers if not _has_running_stats(bn)]
+        if without and skip_without_stats:
+            warnings.warn(f"fastdfd: MomentMatcher leaves {len(without)} BatchNorm layer(s) without running "
+                          f"statistics untouched and out of the loss: {without}", RuntimeWarning, stacklevel=2)
+            layers = [layer for layer in layers if layer[0] not in without]
+            if not layers:
+                raise ValueError(f"none of the BatchNorm layers of {type(teacher).__name__} has running statistics")
+        elif without:
+            raise ValueError(f"BatchNorm layer {without[0]!r} has no running statistics (track_running_stats=False): "
+                             "nothing to match; pass skip_without_stats=True to leave such layers out of the loss")
+        for name, bn, _ in layers:
             check_running_stats(bn.running_mean, bn.running_var, name)
-        self.layer_names = [name for name, _ in layers]
+        for cls in sorted({class_name(bn) for _, bn, flavour in layers if not flavour.fused}):
+            warnings.warn(f"fastdfd: {cls} overrides BatchNorm's forward; its layers run their own forward and the "
+                          "moment sums are taken from their input (exact, one more read of each input)",
+                          RuntimeWarning, stacklevel=2)
+        self.layer_names = [name for name, _, _ in layers]
+        self.flavours = {name: flavour.name for name, _, flavour in layers}
         self.weights = self._layer_weights(layer_weights, first_layer_multiplier)
-        self._stats = [(bn.running_mean, bn.running_var, float(bn.eps)) for _, bn in layers]
+        # The statistics as they are now: a teacher in training mode moves its own, the loss does not.
+        self._stats = [(bn.running_mean.detach().clone(), bn.running_var.detach().clone(), float(bn.eps))
+                       for _, bn, _ in layers]
         self._cache: dict[tuple, tuple[PackedLayout, torch.Tensor, torch.Tensor]] = {}
         self._sums: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
         self._result: tuple[torch.Tensor, tuple[int, ...]] | None = None
 
         self._swaps: list[tuple[nn.Module, str, BNTap]] = []
-        taps = {id(bn): BNTap(bn, slot, self) for slot, (_, bn) in enumerate(layers)}
+        taps = {id(bn): BNTap(bn, slot, self, flavour) for slot, (_, bn, flavour) in enumerate(layers)}
         for parent in teacher.modules():
             for child_name, child in list(parent._modules.items()):
                 if child is not None and id(child) in taps:

@@ -1,10 +1,16 @@
 """BNTap: stands in for a teacher's BatchNorm layer while a MomentMatcher is attached.
 
-It computes the eval-mode BN output and the layer's moment sums in one op
-(``fastdfd.ops.moment_tap``), so a fused backend reads the activation once for both.
-It registers the *same* Parameter and buffer objects as the BN layer under the same
-names: the teacher's ``state_dict``, ``parameters()`` and ``.to()`` behave as before, and
-the values are never written (no running-stat update, no momentum).
+For the layers whose forward is eval-mode BN (``fused`` flavours, :mod:`.flavours`), it
+computes the BN output and the layer's moment sums in one op (``fastdfd.ops.moment_tap``),
+so a fused backend reads the activation once for both, then applies the layer's own
+epilogue (timm's ``drop`` and ``act``). Any other layer, and any BN layer in training
+mode, runs its own forward for the output while the sums are taken from its input: the
+teacher's outputs are exactly what they are without a matcher, whatever the layer does.
+
+It registers the *same* Parameter, buffer and submodule objects as the layer under the same
+names: the teacher's ``state_dict``, ``parameters()`` and ``.to()`` behave as before, and the
+matcher itself never writes a value (a layer in training mode updates its running statistics
+as it would without the tap; the loss keeps the statistics seen at attach time).
 """
 
 from __future__ import annotations
@@ -14,51 +20,80 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..ops import moment_tap
+from ..ops import moment_sums, moment_tap
 from ..ops.reference import eval_batch_norm
+from .flavours import Flavour
 
 if TYPE_CHECKING:
     from .matcher import MomentMatcher
 
-_STATE = ("weight", "bias")
-_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
-
 
 class BNTap(nn.Module):
-    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, slot: int, matcher: "MomentMatcher"):
+    def __init__(self, bn: nn.Module, slot: int, matcher: "MomentMatcher", flavour: Flavour):
         super().__init__()
         self.eps = float(bn.eps)
-        self.num_features = bn.num_features
+        self.num_features = int(bn.running_mean.numel())
         self.slot = slot
+        self.flavour = flavour
         # Plain attributes (not submodules): the teacher's module tree must not grow.
         object.__setattr__(self, "original", bn)
         object.__setattr__(self, "_matcher", matcher)
-        for name in _STATE:
-            self._parameters[name] = bn._parameters.get(name)
-        for name in _BUFFERS:
-            if name in bn._buffers:
-                self._buffers[name] = bn._buffers[name]
+        # The same objects under the same names (timm keeps act/drop as submodules, torchvision
+        # FrozenBatchNorm2d its weight and bias as buffers).
+        self._parameters.update(bn._parameters)
+        self._buffers.update(bn._buffers)
+        self._modules.update(bn._modules)
+        self._non_persistent_buffers_set = set(bn._non_persistent_buffers_set)
         self.training = bn.training
+        self._shift: dict[torch.device, torch.Tensor] = {}
+
+    def _affine(self, name: str) -> torch.Tensor | None:
+        return self._parameters[name] if name in self._parameters else self._buffers.get(name)
+
+    def _uses_batch_statistics(self) -> bool:
+        # BN in training mode normalises with the batch's statistics and updates its own
+        return self.training and not self.flavour.frozen
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         matcher = self._matcher
-        if not matcher.enabled:
-            return eval_batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
-        groups = matcher.active_groups
-        y, s1, s2 = moment_tap(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps, groups)
-        matcher._record(self.slot, s1, s2, x.numel() // (x.shape[1] * groups))
-        return y
+        if self.flavour.fused and not self._uses_batch_statistics():
+            w, b = self._affine("weight"), self._affine("bias")
+            if matcher.enabled:
+                groups = matcher.active_groups
+                y, s1, s2 = moment_tap(x, self.running_mean, self.running_var, w, b, self.eps, groups)
+                matcher._record(self.slot, s1, s2, x.numel() // (x.shape[1] * groups))
+            else:
+                y = eval_batch_norm(x, self.running_mean, self.running_var, w, b, self.eps)
+            return self.flavour.apply_epilogue(self, y)
+        if matcher.enabled:
+            groups = matcher.active_groups
+            s1, s2 = moment_sums(x, self._attach_mean(x.device), groups)
+            matcher._record(self.slot, s1, s2, x.numel() // (x.shape[1] * groups))
+        return self._own_forward(x)
 
-    def restore(self) -> nn.modules.batchnorm._BatchNorm:
-        """Hand the current parameter/buffer objects back (``.to()`` may have replaced them)."""
+    def _attach_mean(self, device: torch.device) -> torch.Tensor:
+        """The running mean seen at attach time (the loss's shift; a training layer moves its own)."""
+        shift = self._shift.get(device)
+        if shift is None:
+            shift = self._shift[device] = self._matcher._stats[self.slot][0].to(device)
+        return shift
+
+    def _own_forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._hand_back()
+        return self.original(x)
+
+    def _hand_back(self) -> nn.Module:
+        """The layer with the current parameter/buffer objects (``.to()`` may have replaced them)."""
         bn = self.original
-        for name in _STATE:
-            bn._parameters[name] = self._parameters.get(name)
-        for name in _BUFFERS:
-            if name in self._buffers:
-                bn._buffers[name] = self._buffers[name]
+        bn._parameters.update(self._parameters)
+        bn._buffers.update(self._buffers)
         bn.train(self.training)  # the teacher's mode may have been switched while attached
         return bn
 
+    def restore(self) -> nn.Module:
+        """Hand the layer back, as it is now, to go back into the teacher."""
+        return self._hand_back()
+
     def extra_repr(self) -> str:
-        return f"{type(self.original).__name__}({self.num_features}, eps={self.eps}), slot={self.slot}"
+        return (f"{type(self.original).__name__}({self.num_features}, eps={self.eps}), slot={self.slot}, "
+                f"flavour={self.flavour.name}")
