@@ -30,6 +30,7 @@ from ..train import Distiller, GeneratorTrainer, evaluate_accuracy
 from ..train.supervised import fit_classifier
 
 NUM_CLASSES = 10
+INPUT_SPACE = "minus_one_one"  # the digits teacher is trained on pixels scaled to [-1, 1]
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ def _data_free_student(teacher, settings: DemoSettings, num_generators: int, tes
                                  output_bn=output_bn)
     trainer = GeneratorTrainer(
         teacher, ensemble, kind=s.kind, scope=s.scope, moment_weight=s.moment_weight, ce_weight=s.ce_weight,
-        first_layer_multiplier=first_layer_multiplier,
+        first_layer_multiplier=first_layer_multiplier, input_space=INPUT_SPACE,
         batch_size=s.generator_batch * batch_scale, lr=s.generator_lr, seed=s.seed, progress=progress,
         log_path=None if log_dir is None else log_dir / f"generators_k{num_generators}.csv", log_every=25,
     )
@@ -85,6 +86,7 @@ def _data_free_student(teacher, settings: DemoSettings, num_generators: int, tes
     distiller = Distiller(
         teacher, student, ensemble, temperature=s.temperature, batch_size=s.distill_batch * batch_scale,
         lr=s.distill_lr, total_steps=s.distill_steps, seed=s.seed, progress=progress, student_bn=student_bn,
+        input_space=INPUT_SPACE,
         log_path=None if log_dir is None else log_dir / f"distill_k{num_generators}.csv", log_every=25,
     )
     kd_history = distiller.fit(s.distill_steps)

@@ -38,6 +38,15 @@ class GeneratorSpec:
     output_bn: bool = True
 
     def __post_init__(self):
+        size = self.image_size
+        if isinstance(size, (tuple, list)):
+            if len(size) != 2 or size[0] != size[1]:
+                raise ValueError(f"non-square images are not supported: image_size={tuple(size)}; the generators "
+                                 "(and their fused kernels) make square S x S images: give one size")
+            size = size[0]
+        if isinstance(size, bool) or not isinstance(size, int):
+            raise ValueError(f"image_size must be an int (the side of square images), got {size!r}")
+        object.__setattr__(self, "image_size", int(size))
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
         if not self.widths or min(self.widths) < 1:
             raise ValueError(f"widths must be a non-empty sequence of positive ints, got {self.widths}")

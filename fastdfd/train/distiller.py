@@ -31,11 +31,13 @@ import torch
 from torch import nn
 
 from ..distributed import DistContext
+from ..input_space import InputSpace
 from ..nn.ensemble import GeneratorEnsemble
 from .evaluate import evaluate_accuracy
 from .generator_trainer import frozen_eval
 from .loop import StepLoop
 from .losses import distillation_kl
+from .probe import as_logits, check_ensemble_classes, check_student, probe_teacher
 
 OPTIMIZERS = ("sgd", "adam")
 STUDENT_BN = ("mixed", "per_generator")
@@ -52,6 +54,12 @@ class Distiller(StepLoop):
         total_steps: cosine decay of the rate to zero over this many steps (else constant).
         student_bn: ``"mixed"`` (default) or ``"per_generator"``: the batch the student's BN
             statistics are computed over (see the module docstring); single process only.
+        input_space, teacher_outputs: as for :class:`GeneratorTrainer`; the student sees the same normalised
+            images as the teacher, so it is evaluated on real data in the teacher's input space.
+
+    Refused up front (ValueError naming both figures or objects): the student being the teacher or
+    sharing its parameters, a student whose output width is not the teacher's, images the teacher or
+    student cannot take, and class ids beyond the teacher's outputs.
         seed, log_path, log_every, checkpoint_*: as for :class:`GeneratorTrainer`.
     """
 
@@ -84,6 +92,8 @@ class Distiller(StepLoop):
         keep_checkpoints: int = 3,
         distributed: DistContext | None = None,
         student_bn: str = "mixed",
+        input_space: str | InputSpace | None = None,
+        teacher_outputs: str = "logits",
     ):
         if student_bn not in STUDENT_BN:
             raise ValueError(f"unknown student_bn {student_bn!r}; expected one of {STUDENT_BN}")
@@ -93,6 +103,11 @@ class Distiller(StepLoop):
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {OPTIMIZERS}")
         self.teacher, self.student, self.ensemble = teacher, student, ensemble
+        self.input_space = InputSpace.parse(input_space)
+        spec = ensemble.spec
+        self.teacher_probe = probe_teacher(teacher, spec.channels, spec.image_size, self.input_space, teacher_outputs)
+        check_ensemble_classes(ensemble, self.teacher_probe)
+        check_student(teacher, student, self.teacher_probe, spec.channels, spec.image_size, self.input_space)
         self.temperature, self.batch_size = float(temperature), int(batch_size)
         self.optimizer_name, self.lr = optimizer, float(lr)
         params = [p for p in student.parameters() if p.requires_grad]
@@ -144,8 +159,9 @@ class Distiller(StepLoop):
     def _step(self, _ctx) -> torch.Tensor:
         chunk = self.schedule.next()
         x, _ = self.ensemble.sample(self.batch_size, chunk, rng=self.rng)
+        x = self.input_space.from_generator(x)  # pixels, normalised as the teacher (and so the student) expects
         with torch.no_grad():
-            t_logits = self.teacher(x)
+            t_logits = as_logits(self.teacher(x), self.teacher_probe.probabilities)
         s_logits = self.student_logits(x)
         loss = distillation_kl(s_logits, t_logits, self.temperature)
         self.optimizer.zero_grad(set_to_none=True)

@@ -43,6 +43,7 @@ from torch import nn
 
 from ..checkpoint import check_config
 from ..distributed import DistContext
+from ..input_space import InputSpace, generator_pixels
 from ..nn.ensemble import GeneratorEnsemble, ensemble_forward
 from ..nn.matcher import SCOPES, MomentMatcher
 from ..ops import check_kind
@@ -52,6 +53,7 @@ from .loop import StepLoop
 from .losses import total_variation
 from .memory import plan_generator_memory
 from .optim import StackedAdam
+from .probe import as_logits, check_ensemble_classes, probe_teacher
 
 
 @contextlib.contextmanager
@@ -106,6 +108,13 @@ class GeneratorTrainer(StepLoop):
             steps of each ``fit`` run eagerly on a side stream, then the step is captured once
             per chunk size; the graph keeps one step's activations in its own memory pool.
             ``cuda_graph`` (after construction) says whether it is on, ``graph_refusal`` why not.
+        input_space: the teacher's input normalisation (:class:`fastdfd.input_space.InputSpace`, a preset
+            name such as ``"imagenet"`` or ``"minus_one_one"``, or None for ``identity``). The generators
+            make pixels in [0, 1] (their tanh output g read as (g + 1) / 2); the teacher sees them normalised.
+        teacher_outputs: ``"logits"`` (default) or ``"probabilities"`` for a teacher that ends in softmax
+            (its log is used). Refused up front, with the figures: images whose channels or size the teacher
+            cannot take, class ids beyond the teacher's outputs, and a softmax teacher declared as logits
+            (one probe forward on two images, :mod:`fastdfd.train.probe`).
     """
 
     FORMAT = "fastdfd.generator_trainer"
@@ -146,6 +155,8 @@ class GeneratorTrainer(StepLoop):
         offload: bool = False,
         cuda_graph: bool | str = False,  # also "off" / "on"
         tensorboard: bool | None = None,
+        input_space: str | InputSpace | None = None,
+        teacher_outputs: str = "logits",
     ):
         check_kind(kind)
         if scope not in SCOPES:
@@ -155,6 +166,11 @@ class GeneratorTrainer(StepLoop):
         if min(moment_weight, ce_weight, tv_weight) < 0:
             raise ValueError("loss weights must be non-negative")
         self.teacher, self.ensemble = teacher, ensemble
+        self.input_space = InputSpace.parse(input_space)
+        # one probe forward: images, classes and output kind refused here, not mid-run
+        spec = ensemble.spec
+        self.teacher_probe = probe_teacher(teacher, spec.channels, spec.image_size, self.input_space, teacher_outputs)
+        check_ensemble_classes(ensemble, self.teacher_probe)
         self.kind, self.scope = kind, scope
         self.layer_weights, self.first_layer_multiplier = layer_weights, float(first_layer_multiplier)
         self.moment_weight, self.ce_weight, self.tv_weight = float(moment_weight), float(ce_weight), float(tv_weight)
@@ -248,6 +264,8 @@ class GeneratorTrainer(StepLoop):
             "ce_weight": self.ce_weight, "tv_weight": self.tv_weight, "lr": self.lr, "betas": list(self.betas),
             "first_layer_multiplier": self.first_layer_multiplier, "seed": self.seed,
             "layer_weights": dict(lw) if isinstance(lw, Mapping) else (None if lw is None else list(lw)),
+            # only when set: checkpoints written before input spaces existed still resume
+            **({"input_space": str(self.input_space)} if self.input_space.name != "identity" else {}),
         }
 
     @contextlib.contextmanager
@@ -271,12 +289,12 @@ class GeneratorTrainer(StepLoop):
         k, b = z.shape[0], z.shape[1]
         x = ensemble_forward(params, self.ensemble.spec, z.to(params["fc_z"].dtype), local)
         k_global = k * self.dist.world  # scope="ensemble": every generator of the step carries the shared term
-        x = x.reshape(k * b, *x.shape[2:])
+        x = self.input_space.from_generator(x.reshape(k * b, *x.shape[2:]))  # pixels, normalised for the teacher
         matcher.groups = k if self.scope == "generator" else None
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(x.device.type, torch.bfloat16, enabled=self.autocast):
-            logits = self.teacher(x)
+            logits = as_logits(self.teacher(x), self.teacher_probe.probabilities)
         moment = matcher.loss()
         ce = F.cross_entropy(logits.float(), y.reshape(-1), reduction="none").view(k, b).mean(1)
         tv = total_variation(x).view(k, b).mean(1) if self.tv_weight else ce.new_zeros(k)
@@ -334,7 +352,7 @@ class GeneratorTrainer(StepLoop):
             rows = list(range(min(16, self.ensemble.num_generators)))
             # a private RNG: writing samples must not change the training stream
             x, _ = self.ensemble.sample(8, rows, rng=torch.Generator(device=self.device).manual_seed(self.step))
-            save_png(grid(x, len(rows)), os.path.join(os.fspath(self.sample_dir), f"step_{self.step:08d}.png"))
+            save_png(grid(generator_pixels(x), len(rows)), os.path.join(os.fspath(self.sample_dir), f"step_{self.step:08d}.png"))
 
     def _check_memory(self, teacher, ensemble, generators_per_step):
         """An explicit chunk on a GPU: refused only if one generator cannot fit; warned if the chunk may not."""

@@ -9,14 +9,11 @@ from pathlib import Path
 import torch
 
 
-def grid(images: torch.Tensor, rows: int) -> torch.Tensor:
-    """[N, C, H, W] -> one [C, rows*H, cols*W] image, each image min-max scaled to [0, 1]."""
-    n, c, h, w = images.shape
+def grid(pixels: torch.Tensor, rows: int) -> torch.Tensor:
+    """[N, C, H, W] pixels in [0, 1] -> one [C, rows*H, cols*W] image (values outside clamped, not rescaled)."""
+    n, c, h, w = pixels.shape
     cols = -(-n // rows)
-    x = images.detach().float().cpu()
-    lo = x.amin(dim=(1, 2, 3), keepdim=True)
-    hi = x.amax(dim=(1, 2, 3), keepdim=True)
-    x = (x - lo) / (hi - lo).clamp_min(1e-8)
+    x = pixels.detach().float().cpu().clamp(0, 1)
     canvas = torch.zeros(c, rows * h, cols * w)
     for i in range(n):
         r, q = divmod(i, cols)
