@@ -1,5 +1,6 @@
 """GeneratorTrainer, StackedAdam, the chunk schedule, checkpoints and the Distiller."""
 
+import copy
 import pytest
 import torch
 from torch import nn
@@ -20,7 +21,8 @@ def small_ensemble(k=3, num_classes=3, seed=0):
 
 
 def trainer(teacher, ens, **kw):
-    kw = {"batch_size": 4, "lr": 1e-2, "progress": False, "log_every": 2, **kw}
+    # the digits teachers here take pixels scaled to [-1, 1], as the demo declares
+    kw = {"batch_size": 4, "lr": 1e-2, "progress": False, "log_every": 2, "input_space": "minus_one_one", **kw}
     return GeneratorTrainer(teacher, ens, **kw)
 
 
@@ -182,7 +184,7 @@ class NaNAfter(nn.Module):
 
 
 def test_non_finite_loss_stops_with_step_and_term_and_keeps_last_checkpoint(digits_teacher, tmp_path):
-    teacher = NaNAfter(digits_teacher, n=5)
+    teacher = NaNAfter(digits_teacher, n=6)  # forward 1 is the trainer's probe; 2-5 are steps 1-4
     tr = trainer(teacher, small_ensemble(), checkpoint_dir=tmp_path, checkpoint_every=2, log_every=1)
     with pytest.raises(NonFiniteLossError, match="non-finite ce loss .* at step 5") as err:
         tr.fit(10)
@@ -249,7 +251,8 @@ def test_distiller_reduces_kd_and_resumes_exactly(tmp_path):
 
 def test_distiller_evaluate():
     teacher = randomize_bn_stats(create_model("digits_teacher", num_classes=3))
-    d = distiller(teacher, small_ensemble(), teacher)
+    twin = copy.deepcopy(teacher)  # a student that is the teacher is refused; its copy scores the teacher's labels
+    d = distiller(teacher, small_ensemble(), twin)
     x = torch.randn(10, 1, 16, 16)
     y = teacher(x).argmax(1)
     assert d.evaluate([(x[:6], y[:6]), (x[6:], y[6:])]) == 1.0

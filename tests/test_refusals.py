@@ -1,0 +1,132 @@
+"""Set-ups that cannot work are refused when the trainer or distiller is built, naming both figures.
+
+Before, each failed mid-run with a torch error naming neither argument.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from fastdfd import Distiller, GeneratorEnsemble, GeneratorTrainer
+from fastdfd.input_space import InputSpace
+from fastdfd.models import create_model
+
+from .conftest import randomize_bn_stats
+
+
+def _teacher(num_classes=10, channels=1):
+    return randomize_bn_stats(create_model("digits_teacher", num_classes=num_classes, in_channels=channels))
+
+
+def _ensemble(k=10, num_classes=10, channels=1, size=16):
+    return GeneratorEnsemble(k, num_classes, image_size=size, channels=channels, latent_dim=8, widths=(8, 8),
+                             output_bn=False)
+
+
+def test_ensemble_classes_beyond_the_teacher():
+    with pytest.raises(ValueError, match=r"class ids up to 9 \(num_classes=10\) but the teacher has 5 outputs"):
+        GeneratorTrainer(_teacher(num_classes=5), _ensemble(), progress=False)
+    with pytest.raises(ValueError, match="class ids up to 9 .* 5 outputs"):
+        Distiller(_teacher(num_classes=5), create_model("digits_student", num_classes=5), _ensemble(),
+                  progress=False)
+
+
+def test_a_subset_of_the_teachers_classes_is_fine():
+    ens = GeneratorEnsemble(2, 10, image_size=16, channels=1, latent_dim=8, widths=(8, 8), classes=[[3], [7]])
+    GeneratorTrainer(_teacher(), ens, progress=False).fit(1)
+
+
+def test_generator_channels_against_the_teacher():
+    with pytest.raises(ValueError, match=r"1-channel images but the teacher's first convolution '.*' takes 3"):
+        GeneratorTrainer(_teacher(channels=3), _ensemble(channels=1), progress=False)
+
+
+def test_image_size_the_teacher_cannot_take():
+    teacher = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 14 * 14, 10))
+    with pytest.raises(ValueError, match=r"teacher \(Sequential\) cannot take the generators' images \[N, 1, 32, 32\]"):
+        GeneratorTrainer(randomize_bn_stats(teacher), _ensemble(size=32), progress=False)
+
+
+def test_non_square_images_refused():
+    with pytest.raises(ValueError, match=r"non-square images are not supported: image_size=\(32, 48\)"):
+        GeneratorEnsemble(10, 10, image_size=(32, 48))
+    assert GeneratorEnsemble(2, 10, image_size=(16, 16), channels=1, widths=(8, 8)).spec.image_size == 16
+
+
+def test_student_with_another_class_count():
+    with pytest.raises(ValueError, match="the student has 7 outputs but the teacher has 10"):
+        Distiller(_teacher(), create_model("digits_student", num_classes=7), _ensemble(), progress=False)
+
+
+def test_student_that_is_the_teacher():
+    teacher = _teacher()
+    with pytest.raises(ValueError, match="the student is the teacher"):
+        Distiller(teacher, teacher, _ensemble(), progress=False)
+    shared = nn.Sequential(*teacher.children())  # a new module over the teacher's own layers
+    with pytest.raises(ValueError, match=r"shares \d+ parameter\(s\) with the teacher"):
+        Distiller(teacher, shared, _ensemble(), progress=False)
+
+
+def test_softmax_teacher_refused_unless_declared():
+    teacher = nn.Sequential(_teacher(), nn.Softmax(dim=1))
+    with pytest.raises(ValueError, match="outputs are probabilities .* teacher_outputs='probabilities'"):
+        GeneratorTrainer(teacher, _ensemble(), progress=False)
+    trainer = GeneratorTrainer(teacher, _ensemble(), progress=False, teacher_outputs="probabilities")
+    history = trainer.fit(2)
+    assert all(torch.isfinite(torch.tensor(r["ce"])) for r in history)
+    with pytest.raises(ValueError, match="teacher_outputs='probabilities', but the teacher's rows are not"):
+        GeneratorTrainer(_teacher(), _ensemble(), progress=False, teacher_outputs="probabilities")
+
+
+def test_probabilities_teacher_trains_as_its_logits_teacher():
+    """log(softmax(z)) has the softmax of z: cross-entropy and distillation are the logits teacher's."""
+    base = _teacher()
+    soft = nn.Sequential(base, nn.Softmax(dim=1))
+    runs = []
+    for teacher, outputs in ((base, "logits"), (soft, "probabilities")):
+        torch.manual_seed(0)
+        ens = _ensemble()
+        GeneratorTrainer(teacher, ens, progress=False, teacher_outputs=outputs, seed=3).fit(2)
+        runs.append(ens.fc_z.detach().clone())
+    torch.testing.assert_close(runs[0], runs[1], rtol=1e-4, atol=1e-6)
+
+
+def test_input_space_channels_against_the_generators():
+    with pytest.raises(ValueError, match="input space 'imagenet' has 3 channels of mean/std but the generators' "
+                                         "images have 1"):
+        GeneratorTrainer(_teacher(), _ensemble(), progress=False, input_space="imagenet")
+    with pytest.raises(ValueError, match="unknown input space 'imagenet21k'"):
+        GeneratorTrainer(_teacher(), _ensemble(), progress=False, input_space="imagenet21k")
+
+
+def test_teacher_sees_normalised_pixels_and_the_student_the_same():
+    """imagenet: the teacher's input is ((g + 1) / 2 - mean) / std of the generator's output g."""
+    seen = {}
+
+    class Spy(nn.Module):
+        def __init__(self, net, tag):
+            super().__init__()
+            self.net, self.tag = net, tag
+
+        def forward(self, x):
+            seen[self.tag] = x.detach().clone()
+            return self.net(x)
+
+    teacher = Spy(_teacher(channels=3), "teacher")
+    student = Spy(create_model("digits_student", num_classes=10, in_channels=3), "student")
+    ens = _ensemble(channels=3)
+    sample, drawn = ens.sample, []
+
+    def recorded(*args, **kwargs):
+        out = sample(*args, **kwargs)
+        drawn.append(out[0].detach().clone())
+        return out
+
+    ens.sample = recorded
+    distiller = Distiller(teacher, student, ens, progress=False, input_space="imagenet", batch_size=2, seed=5)
+    distiller.fit(1)
+    (g,) = drawn
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    torch.testing.assert_close(seen["teacher"], ((g + 1) / 2 - mean) / std)
+    torch.testing.assert_close(seen["student"], seen["teacher"])
