@@ -1,6 +1,11 @@
-"""Name -> factory registry for the networks used as teachers and students."""
+"""Name -> factory registry for the networks used as teachers and students.
+
+Names with a zoo prefix, ``timm:NAME`` and ``torchvision:NAME``, are built by
+:mod:`fastdfd.models.zoo` (random weights, never downloaded) wherever a registry name is taken.
+"""
 from __future__ import annotations
 
+import difflib
 from typing import Any, Callable
 
 import torch.nn as nn
@@ -9,9 +14,20 @@ ModelFactory = Callable[..., nn.Module]
 
 _REGISTRY: dict[str, ModelFactory] = {}
 
+ZOO_HINT = "timm:NAME or torchvision:NAME for the zoos' architectures"
+
+
+class UnknownModelError(KeyError, ValueError):
+    """An unknown registry name (a KeyError as before, and a ValueError so the CLI reports it plainly)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
 
 def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
     """Decorator registering ``fn(num_classes=..., **kw) -> nn.Module`` under ``name``."""
+    if ":" in name:
+        raise ValueError(f"model name {name!r}: ':' is reserved for the zoo prefixes ({ZOO_HINT})")
 
     def decorator(fn: ModelFactory) -> ModelFactory:
         old = _REGISTRY.get(name)
@@ -28,17 +44,29 @@ def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
 
 
 def create_model(name: str, num_classes: int | None = None, **kwargs: Any) -> nn.Module:
-    """Build the registered model ``name``; ``num_classes=None`` keeps the factory default."""
+    """Build the registered model ``name``, or a zoo model ``timm:NAME`` / ``torchvision:NAME``
+    (:func:`fastdfd.models.zoo.create_zoo_model`); ``num_classes=None`` keeps the factory default.
+
+    An unknown registry name raises :class:`UnknownModelError` (a KeyError and a ValueError)
+    listing the registered names.
+    """
+    from .zoo import create_zoo_model, is_zoo_spec
+
+    if is_zoo_spec(name):
+        return create_zoo_model(name, num_classes=num_classes, **kwargs)
     try:
         factory = _REGISTRY[name]
     except KeyError:
         available = ", ".join(list_models()) or "<none registered>"
-        raise KeyError(f"unknown model {name!r}; available: {available}") from None
+        close = difflib.get_close_matches(str(name), list_models(), n=3)
+        hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+        raise UnknownModelError(f"unknown model {name!r}{hint}; available: {available}; or {ZOO_HINT}") from None
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     return factory(**kwargs)
 
 
 def list_models() -> list[str]:
-    """Sorted names of all registered models."""
+    """Sorted names of all registered models (the zoos' names are listed by
+    :func:`fastdfd.models.zoo.list_zoo_models`)."""
     return sorted(_REGISTRY)
