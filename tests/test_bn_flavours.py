@@ -209,3 +209,23 @@ def test_pretrained_efficientnet_lite0_exact_under_the_matcher(efficientnet_lite
         assert torch.isfinite(matcher.loss())
     _assert_exact(got, want)
     _assert_exact(got_grad, want_grad)
+
+
+def test_pretrained_efficientnet_lite0_generator_step(efficientnet_lite0):
+    """The whole generator step on the real teacher: finite terms, generators move, the teacher does not."""
+    from fastdfd import GeneratorEnsemble, GeneratorTrainer
+
+    teacher = efficientnet_lite0
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    torch.manual_seed(0)
+    ens = GeneratorEnsemble(2, 1000, image_size=32, channels=3, latent_dim=16, widths=(16, 8), output_bn=False,
+                            classes=[[207], [281]])
+    start = ens.fc_z.detach().clone()
+    trainer = GeneratorTrainer(teacher, ens, input_space="minus_one_one", batch_size=2, lr=1e-2, progress=False,
+                               log_every=1, scope="ensemble")
+    history = trainer.fit(2)
+    assert trainer.teacher_probe.num_classes == 1000 and not trainer.teacher_probe.probabilities
+    assert all(torch.isfinite(torch.tensor([r["moment"], r["ce"], r["loss"]])).all() for r in history)
+    assert not torch.equal(ens.fc_z.detach(), start)
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+    assert not any(isinstance(m, BNTap) for m in teacher.modules())
