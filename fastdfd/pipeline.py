@@ -17,8 +17,17 @@ import torch
 from torch import nn
 
 from .distributed import DistContext
+from .input_space import InputSpace
 from .nn import GeneratorEnsemble, save_ensemble
 from .train import Distiller, GeneratorTrainer, evaluate_accuracy
+
+
+def space_record(space: str | InputSpace | None) -> dict:
+    """An input space as the run's summaries record it: name, a spec that parses back, mean, std."""
+    space = InputSpace.parse(space)
+    spec = space.name if space.name != "custom" else (
+        f"mean={','.join(map(repr, space.mean))};std={','.join(map(repr, space.std))}")
+    return {"name": space.name, "spec": spec, "mean": list(space.mean), "std": list(space.std)}
 
 
 def train_generators(
@@ -33,14 +42,18 @@ def train_generators(
     resume: bool = False,
     offload: bool = False,
     progress: bool = True,
+    input_space: str | InputSpace | None = None,
     **trainer_kwargs: Any,
 ) -> dict:
-    """Train the full ``ensemble`` (this rank keeps its shard); rank 0 writes ``out/generators.pt``.
+    """Train the full ``ensemble`` (this rank keeps its shard); rank 0 writes ``out/generators.pt``
+    and ``out/summary.json``, which records the teacher's ``input_space`` (the one ``distill``
+    must use with these generators).
 
     The length is ``steps`` optimizer steps in all, or ``updates_per_generator``: the steps
     that give each generator that many updates whatever the chunk and the number of
     processes. Logs, checkpoints and sample grids go under ``out``.
     """
+    input_space = InputSpace.parse(input_space)
     if (steps is None) == (updates_per_generator is None):
         raise ValueError("pass exactly one of steps and updates_per_generator")
     out = Path(out)
@@ -51,7 +64,7 @@ def train_generators(
     trainer = GeneratorTrainer(
         teacher.to(device), ensemble, log_path=out / "metrics.csv", checkpoint_dir=out / "checkpoints",
         sample_dir=out / "samples", distributed=ctx, offload=offload, progress=progress and ctx.is_main,
-        **trainer_kwargs,
+        input_space=input_space, **trainer_kwargs,
     )
     if ctx.is_main:
         print(trainer.placement)
@@ -67,11 +80,12 @@ def train_generators(
     classes = [c for part in ctx.all_gather_object(ensemble.classes) for c in part]
     summary = {"steps": trainer.step, "final": trainer.history[-1] if trainer.history else {},
                "generators": str(out / "generators.pt"), "processes": ctx.world,
-               "placement": trainer.placement}
+               "placement": trainer.placement, "input_space": space_record(input_space)}
     if ctx.is_main:
         full = GeneratorEnsemble.from_config({**ensemble.config(), "num_generators": len(classes), "classes": classes})
         full.load_state_dict({k: torch.cat([s[k] for s in shards]) for k in shards[0]})
         save_ensemble(full, out / "generators.pt")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     ctx.barrier()
     return summary
 
@@ -88,10 +102,13 @@ def distill(
     eval_loader: Iterable | None = None,
     resume: bool = False,
     progress: bool = True,
+    input_space: str | InputSpace | None = None,
     **distiller_kwargs: Any,
 ) -> dict:
     """Distill ``student`` from ``teacher`` on images of the whole ``ensemble`` (each rank
-    samples its shard; DDP student); rank 0 writes ``out/student.pt`` and scores it."""
+    samples its shard; DDP student); rank 0 writes ``out/student.pt`` and scores it on
+    ``eval_loader``, whose images must be in the teacher's ``input_space``."""
+    input_space = InputSpace.parse(input_space)
     out = Path(out)
     if ctx.world > 1:
         ensemble = ensemble.shard(*ctx.shard(ensemble.num_generators))
@@ -100,12 +117,13 @@ def distill(
     distiller = Distiller(
         teacher, student, ensemble, total_steps=steps, log_path=out / "metrics.csv",
         checkpoint_dir=out / "checkpoints", distributed=ctx, progress=progress and ctx.is_main,
-        **distiller_kwargs,
+        input_space=input_space, **distiller_kwargs,
     )
     if resume and distiller.resume() and ctx.is_main:
         print(f"distill: resumed at step {distiller.step}")
     distiller.fit(max(0, steps - distiller.step))
-    summary: dict[str, Any] = {"steps": distiller.step, "student": str(out / "student.pt")}
+    summary: dict[str, Any] = {"steps": distiller.step, "student": str(out / "student.pt"),
+                               "input_space": space_record(input_space)}
     if ctx.is_main:  # the student is the same on every rank (DDP)
         torch.save(student.state_dict(), out / "student.pt")
         if eval_loader is not None:
