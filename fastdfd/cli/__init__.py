@@ -1,4 +1,4 @@
-"""The ``fastdfd`` command line: demo, train-teacher, train-generators, distill, evaluate, run RECIPE."""
+"""The ``fastdfd`` command line: demo, train-teacher, train-generators, distill, evaluate, models, run RECIPE."""
 
 from __future__ import annotations
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..data import make_eval_loader, make_train_dataset
-from ..models import create_model, list_models
+from ..data import make_train_dataset
+from ..data.loaders import in_input_space
+from ..models import create_model
 from ..train.teacher import TEACHER_PRESETS, TeacherSettings, train_teacher
 from ..distributed import local_device
 
@@ -34,8 +35,13 @@ _OVERRIDES = {
 def add_teacher_command(sub: argparse._SubParsersAction) -> None:
     """Add ``train-teacher`` to the ``fastdfd`` subcommands."""
     p = sub.add_parser("train-teacher", help="train a teacher on real data (CIFAR recipe: SGD, cosine, crop+flip)")
-    p.add_argument("--model", required=True, help=f"registry name ({', '.join(list_models())})")
+    from .commands import INPUT_SPACE_HELP, model_help
+
+    p.add_argument("--model", required=True, help=model_help())
     p.add_argument("--data", required=True, help="training data: digits, cifar10:ROOT, cifar100:ROOT or folder:ROOT")
+    p.add_argument("--input-space", default="identity",
+                   help=INPUT_SPACE_HELP + "; the training and eval data are fed in it, so pass the same "
+                                           "--input-space to train-generators, distill and evaluate")
     p.add_argument("--eval", default=None,
                    help="evaluate every epoch on this spec (default: the test split for cifar, "
                         "the held-out split for digits, none for folders)")
@@ -75,8 +81,16 @@ def default_eval_spec(data: str) -> str | None:
 
 def train_teacher_command(args: argparse.Namespace) -> dict:
     """Everything is checked before the first step; then train and write OUT's three files."""
+    from ..pipeline import space_record
+    from .commands import eval_loader_in, input_space_arg
+
     settings = settings_from_args(args)
+    space = input_space_arg(getattr(args, "input_space", "identity"), args.channels)
     train_set, data_classes = make_train_dataset(args.data, image_size=args.image_size, augment=not args.no_augment)
+    try:
+        train_set = in_input_space(train_set, args.data, space)
+    except ValueError as e:
+        raise ValueError(f"--input-space {space} and --data {args.data}: {e}") from None
     num_classes = args.num_classes if args.num_classes is not None else data_classes
     if num_classes != data_classes:
         raise ValueError(f"--num-classes is {num_classes} but {args.data} has {data_classes} classes")
@@ -88,7 +102,8 @@ def train_teacher_command(args: argparse.Namespace) -> dict:
     eval_spec = None if args.no_eval else (args.eval or default_eval_spec(args.data))
     loader = None
     if eval_spec is not None:
-        loader, eval_classes = make_eval_loader(eval_spec, image_size=args.image_size, num_workers=settings.workers)
+        loader, eval_classes = eval_loader_in("--eval", eval_spec, space, image_size=args.image_size,
+                                              num_workers=settings.workers)
         if eval_classes != num_classes:
             raise ValueError(f"--eval data {eval_spec} has {eval_classes} classes but the teacher has {num_classes}")
 
@@ -102,7 +117,8 @@ def train_teacher_command(args: argparse.Namespace) -> dict:
     )
     final = result["history"][-1]
     summary = {
-        "model": args.model, "data": args.data, "eval": eval_spec, "num_classes": num_classes,
+        "model": args.model, "data": args.data, "input_space": space_record(space)["spec"], "eval": eval_spec,
+        "num_classes": num_classes,
         "channels": channels, "image_size": int(train_set[0][0].shape[-1]), "augment": not args.no_augment,
         "preset": args.preset, "settings": dataclasses.asdict(settings), "seed": args.seed, "device": str(device),
         "accuracy": result["accuracy"], "train_loss": final["train_loss"], "train_acc": final["train_acc"],
@@ -110,5 +126,5 @@ def train_teacher_command(args: argparse.Namespace) -> dict:
         "versions": {"fastdfd": __version__, "torch": torch.__version__, "python": platform.python_version()},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps({k: summary[k] for k in ("model", "data", "accuracy", "train_acc", "weights")}))
+    print(json.dumps({k: summary[k] for k in ("model", "data", "input_space", "accuracy", "train_acc", "weights")}))
     return summary
