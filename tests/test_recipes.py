@@ -47,6 +47,10 @@ def test_bundled_recipe_checks_builds_and_has_its_page(name):
     assert page, f"{name}.toml names no docs page"
     text = (REPO / page.group(1)).read_text()
     assert name.split("_")[0] in text or name in text
+    # the teacher's input space: the normalisation each dataset's teachers are trained with, stated on the page
+    space = {"cifar10": "cifar10", "cifar100": "cifar100", "digits": "minus_one_one", "folder": "imagenet"}
+    assert recipe["teacher"]["input_space"] == space[data["dataset"]]
+    assert f'`teacher.input_space = "{space[data["dataset"]]}"`' in " ".join(text.split())
 
 
 def test_docs_key_table_lists_every_schema_key():
@@ -78,6 +82,8 @@ def test_unknown_key_is_named_with_the_closest_known_one(tmp_path):
 def test_missing_key_or_table_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"missing the key distill\.temperature"):
         load_recipe(_write(tmp_path, lambda t: t.replace("temperature = 4.0\n", "")))
+    with pytest.raises(ValueError, match=r"missing the key teacher\.input_space \(the normalisation"):
+        load_recipe(_write(tmp_path, lambda t: re.sub(r"\ninput_space = .*\n", "\n", t)))
     with pytest.raises(ValueError, match=r"missing the table \[student\]"):
         load_recipe(_write(tmp_path, lambda t: t.replace('[student]\nmodel = "digits_student"\n', "")))
     with pytest.raises(ValueError, match=r"\[teacher_training\] table but also teacher\.weights = 't\.pt'"):
@@ -97,6 +103,11 @@ def test_missing_key_or_table_is_named(tmp_path):
     ("generators.generators_per_step=11", r"exceeds generators\.num_generators = 10"),
     ("distill.generators_per_step='auto'", r"distill\.generators_per_step = 'auto'"),
     ("data.root='/data'", r"digits takes root"),
+    ("teacher.input_space='imagnet'", r"teacher\.input_space = 'imagnet': unknown input space 'imagnet'; presets are"),
+    ("teacher.input_space='imagenet'", r"teacher\.input_space = 'imagenet': input space 'imagenet' has 3 channels of "
+                                       r"mean/std but the data's images \(data\.channels = 1\) have 1 channel"),
+    ("teacher.input_space='mean=0.5;std=-1'", r"teacher\.input_space = 'mean=0\.5;std=-1': .*std must be positive"),
+    ("teacher.input_space=0.5", r"teacher\.input_space = 0\.5: expected a string"),
 ])
 def test_bad_values_are_refused_naming_the_key(override, message):
     with pytest.raises(ValueError, match=message):
@@ -109,6 +120,27 @@ def test_overrides_are_typed_and_recorded():
     assert recipe.name == "mine" and recipe.overrides[0] == "generators.lr=3e-3"
     assert json.loads(recipe.resolved_json())["generators"]["widths"] == [16, 8]
     assert isinstance(load_recipe("digits", ["generators.lr=1"])["generators"]["lr"], float)
+
+
+def test_the_input_space_reaches_the_data_and_every_stage():
+    from fastdfd.recipes.runner import _distill_kwargs, _generator_kwargs
+
+    raw_eval = torch.cat([x for x, _ in preflight(load_recipe("digits")).eval_loader])
+    recipe = load_recipe("digits", ['teacher.input_space="identity"'])
+    prep = preflight(recipe)
+    assert prep.input_space.name == "identity"
+    pixels = torch.cat([x for x, _ in prep.eval_loader])
+    assert torch.allclose(pixels, (raw_eval + 1) / 2) and pixels.min() >= 0
+    from fastdfd.data import make_train_dataset
+
+    raw_train, _ = make_train_dataset("digits", image_size=16, augment=False)
+    assert torch.allclose(prep.train_set[3][0], (raw_train[3][0] + 1) / 2)  # the teacher learns in its space
+    assert preflight(load_recipe("digits")).train_set[3][0].min() < 0  # minus_one_one: the digits as they are
+    assert _generator_kwargs(recipe)["input_space"] == "identity" == _distill_kwargs(recipe, 1)["input_space"]
+    # an alias is recorded by the preset's name (resolved.json), custom values as written
+    assert load_recipe("digits", ['teacher.input_space="[-1,1]"'])["teacher"]["input_space"] == "minus_one_one"
+    assert load_recipe("digits", ['teacher.input_space="mean=0.5;std=0.5"'])["teacher"]["input_space"] == \
+        "mean=0.5;std=0.5"
 
 
 def _run(tmp_path, *args) -> int:
@@ -171,6 +203,9 @@ def test_digits_recipe_runs_end_to_end_and_describes_itself(tmp_path, capsys):
     assert (run / "recipe.toml").read_text() == (REPO / "fastdfd/recipes/digits.toml").read_text()
     resolved = json.loads((run / "resolved.json").read_text())
     assert resolved["generators"]["updates_per_generator"] == 4
+    assert resolved["teacher"]["input_space"] == "minus_one_one"
+    assert json.loads((run / "generators" / "summary.json").read_text())["input_space"]["name"] == "minus_one_one"
+    assert json.loads((run / "distill" / "summary.json").read_text())["input_space"]["name"] == "minus_one_one"
     env = json.loads((run / "environment.json").read_text())
     assert env["torch"] == torch.__version__ and env["processes"] == 1 and env["overrides"] == TINY
     results = json.loads((run / "results.json").read_text())

@@ -21,6 +21,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from ..input_space import InputSpace
 from .schema import OPTIONAL_SECTIONS, SECTIONS, TOP, check_value
 
 BUNDLED = Path(__file__).parent
@@ -128,7 +129,20 @@ def check_values(values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _check_input_space(v: dict[str, Any]) -> None:
+    """teacher.input_space parses and fits data.channels; a preset is recorded by its canonical name."""
+    spec = v["teacher"]["input_space"]
+    try:
+        space = InputSpace.parse(spec)
+        space.check_channels(v["data"]["channels"], f"the data's images (data.channels = {v['data']['channels']})")
+    except ValueError as e:
+        raise ValueError(f"recipe key teacher.input_space = {spec!r}: {e}") from None
+    if space.name != "custom":
+        v["teacher"]["input_space"] = space.name  # '[-1,1]' and 'ImageNet' resolve to the preset's name
+
+
 def _check_combinations(v: dict[str, Any]) -> None:
+    _check_input_space(v)
     train = v["teacher"]["weights"] == ""
     if train and "teacher_training" not in v:
         raise ValueError("teacher.weights is empty (train the teacher) but the recipe has no [teacher_training] table")

@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 from ..data import make_eval_loader
-from ..models import create_model, list_models
+from ..data.loaders import in_input_space
+from ..input_space import InputSpace
+from ..models import create_model
 from ..models.weights import load_weights
 from ..nn import GeneratorEnsemble
 from .loader import Recipe
@@ -25,11 +27,12 @@ from .loader import Recipe
 class Prepared:
     """What the stages use: the data, an untrained or loaded teacher, a fresh student."""
 
-    eval_loader: Any
-    train_set: Any  # only when the teacher is trained
+    eval_loader: Any  # in the teacher's input space
+    train_set: Any  # only when the teacher is trained; in the teacher's input space
     teacher: nn.Module
     student: nn.Module
     teacher_trained: bool  # weights came from the recipe's file
+    input_space: InputSpace  # teacher.input_space
 
 
 def data_specs(data: dict) -> tuple[str, str]:
@@ -43,12 +46,14 @@ def data_specs(data: dict) -> tuple[str, str]:
 
 
 def _model(recipe: Recipe, section: str) -> nn.Module:
-    name = recipe[section]["model"]
-    if name not in list_models():
-        raise ValueError(f"recipe key {section}.model = {name!r}: not a registered model; "
-                         f"available: {', '.join(list_models())}")
-    data = recipe["data"]
-    return create_model(name, num_classes=data["num_classes"], in_channels=data["channels"])
+    """The registry's or a zoo's (timm:NAME, torchvision:NAME) model; errors name the recipe key."""
+    name, data = recipe[section]["model"], recipe["data"]
+    try:
+        return create_model(name, num_classes=data["num_classes"], in_channels=data["channels"])
+    except ImportError as e:
+        raise ImportError(f"recipe key {section}.model = {name!r}: {e}") from None
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"recipe key {section}.model = {name!r}: {e}") from None
 
 
 def _check_classes(what: str, found: int, recipe: Recipe) -> None:
@@ -83,7 +88,8 @@ def preflight(recipe: Recipe, world: int = 1) -> Prepared:
         if not root.is_dir():
             raise FileNotFoundError(f"dataset root not found: {root} (recipe key data.root)")
     train_spec, eval_spec = data_specs(data)
-    eval_loader, eval_classes = make_eval_loader(eval_spec, image_size=data["image_size"])
+    space = InputSpace.parse(recipe["teacher"]["input_space"])  # checked against data.channels by the loader
+    eval_loader, eval_classes = make_eval_loader(eval_spec, image_size=data["image_size"], input_space=space)
     _check_classes(f"the evaluation data ({eval_spec})", eval_classes, recipe)
     teacher, student = _model(recipe, "teacher"), _model(recipe, "student")
     _check_generators(recipe)
@@ -99,4 +105,6 @@ def preflight(recipe: Recipe, world: int = 1) -> Prepared:
         train_set, train_classes = make_train_dataset(
             train_spec, image_size=data["image_size"], augment=recipe["teacher_training"]["augment"])
         _check_classes(f"the training data ({train_spec})", train_classes, recipe)
-    return Prepared(eval_loader, train_set, teacher, student, bool(weights))
+        # the teacher learns in the space it is declared to have (and is evaluated and distilled in)
+        train_set = in_input_space(train_set, train_spec, space)
+    return Prepared(eval_loader, train_set, teacher, student, bool(weights), space)

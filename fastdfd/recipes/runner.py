@@ -1,6 +1,8 @@
 """``fastdfd run RECIPE``: teacher training (optional), generator training, distillation.
 
-Every value comes from the recipe (see :mod:`fastdfd.recipes.schema`); the only things
+Every value comes from the recipe (see :mod:`fastdfd.recipes.schema`); the teacher's input
+space (``teacher.input_space``) reaches every stage: the teacher's training data, the
+generator trainer, the distiller and the evaluation data. The only things
 not in it are where to write (``out``), which device, and whether to resume. All checks
 that can fail run before the first stage (:func:`fastdfd.recipes.preflight.preflight`).
 Stages that finished are skipped by ``--resume``; an interrupted one resumes from its
@@ -37,7 +39,7 @@ def _generator_kwargs(recipe: Recipe) -> dict:
         generators_per_step=_chunk(g["generators_per_step"]), lr=g["lr"], betas=(g["beta1"], g["beta2"]),
         seed=recipe["seed"] + 1, checkpoint_every=g["checkpoint_every"], sample_every=g["sample_every"],
         autocast=g["bf16"], channels_last=g["bf16"], offload=g["offload"],
-        cuda_graph=g["cuda_graph"],
+        cuda_graph=g["cuda_graph"], input_space=recipe["teacher"]["input_space"],
     )
 
 
@@ -57,6 +59,7 @@ def _distill_kwargs(recipe: Recipe, world: int) -> dict:
         temperature=d["temperature"], batch_size=d["batch_size"], generators_per_step=_distill_chunk(recipe, world),
         optimizer=d["optimizer"], lr=d["lr"], momentum=d["momentum"], weight_decay=d["weight_decay"],
         seed=recipe["seed"] + 2, checkpoint_every=d["checkpoint_every"],
+        input_space=recipe["teacher"]["input_space"],
     )
 
 

@@ -51,8 +51,15 @@ SECTIONS: dict[str, dict[str, Field]] = {
         "image_size": _pos("generated (and evaluated) image side in pixels"),
     },
     "teacher": {
-        "model": Field("str", "registry name of the teacher's architecture"),
-        "weights": Field("str", "state_dict file of a trained teacher; empty: train it ([teacher_training])"),
+        "model": Field("str", "the teacher's architecture: a fastdfd registry name, or timm:NAME / torchvision:NAME "
+                              "(random weights, never downloaded)"),
+        "weights": Field("str", "state_dict file of a trained teacher (fastdfd, torchvision or timm layouts); empty: "
+                                "train it ([teacher_training])"),
+        "input_space": Field("str", "the normalisation the teacher was trained with: images are pixels in [0, 1] "
+                                    "and the teacher sees (pixels - mean) / std; a preset (identity, minus_one_one, "
+                                    "imagenet, cifar10, cifar100) or 'mean=a,b,c;std=d,e,f'. The generators' "
+                                    "images, the evaluation data and, when the recipe trains the teacher, its "
+                                    "training data are all fed in it"),
     },
     "teacher_training": {
         "epochs": _pos("epochs over the training split"),
@@ -94,7 +101,8 @@ SECTIONS: dict[str, dict[str, Field]] = {
         "sample_every": Field("int", "steps between sample grids (0: none)", minimum=0),
     },
     "student": {
-        "model": Field("str", "registry name of the student's architecture"),
+        "model": Field("str", "the student's architecture: a fastdfd registry name, or timm:NAME / "
+                              "torchvision:NAME"),
     },
     "distill": {
         "steps": _pos("student optimizer steps"),
