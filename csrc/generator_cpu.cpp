@@ -191,6 +191,16 @@ torch::Tensor contiguous_float(const c10::optional<torch::Tensor>& t) {
   return t.has_value() && t->defined() && t->numel() > 0 ? t->contiguous().to(torch::kFloat) : torch::Tensor();
 }
 
+// Operands are made contiguous, then addressed by the geometry's sizes: check they have them.
+void expect_numel(const torch::Tensor& t, int64_t n, const char* what) {
+  TORCH_CHECK(!t.defined() || t.numel() == n, "fastdfd cpp generator: ", what, " has ", t.numel(),
+              " values, expected ", n);
+}
+
+void expect_shape(const torch::Tensor& t, at::IntArrayRef shape, const char* what) {
+  TORCH_CHECK(t.sizes() == shape, "fastdfd cpp generator: ", what, " is ", t.sizes(), ", expected ", shape);
+}
+
 }  // namespace
 
 std::vector<torch::Tensor> generator_conv_forward(const torch::Tensor& x_in, const c10::optional<torch::Tensor>& scale_in,
@@ -202,6 +212,10 @@ std::vector<torch::Tensor> generator_conv_forward(const torch::Tensor& x_in, con
   const auto weight = weight_in.contiguous();
   const Geometry g = geometry(x, weight, up);
   const auto scale = contiguous_float(scale_in), shift = contiguous_float(shift_in), bias = contiguous_float(bias_in);
+  TORCH_CHECK(scale.defined() == shift.defined(), "fastdfd cpp generator: scale and shift come together");
+  expect_numel(scale, g.K * g.CIN, "scale");
+  expect_numel(shift, g.K * g.CIN, "shift");
+  expect_numel(bias, g.K * g.COUT, "bias");
   auto y = torch::empty({g.K, g.B, g.COUT, g.H, g.W}, x.options());
   auto s1 = torch::zeros({g.K, g.COUT}, x.options());
   auto s2 = torch::zeros({g.K, g.COUT}, x.options());
@@ -277,6 +291,15 @@ std::vector<torch::Tensor> generator_conv_backward(const torch::Tensor& x_in, co
   const auto ds1 = ds1_in.contiguous().to(torch::kFloat), ds2 = ds2_in.contiguous().to(torch::kFloat);
   const Geometry g = geometry(x, weight, up);
   const auto scale = contiguous_float(scale_in), shift = contiguous_float(shift_in);
+  TORCH_CHECK(scale.defined() == shift.defined(), "fastdfd cpp generator: scale and shift come together");
+  expect_numel(scale, g.K * g.CIN, "scale");
+  expect_numel(shift, g.K * g.CIN, "shift");
+  expect_shape(t, {g.K, g.B, g.COUT, g.H, g.W}, "y");
+  expect_shape(dy, {g.K, g.B, g.COUT, g.H, g.W}, "dy");
+  TORCH_CHECK(t.scalar_type() == torch::kFloat && dy.scalar_type() == torch::kFloat,
+              "fastdfd cpp generator: y and dy must be fp32");
+  expect_numel(ds1, g.K * g.COUT, "dS1");
+  expect_numel(ds2, g.K * g.COUT, "dS2");
   const bool prologue = scale.defined();
   auto dx = torch::empty_like(x);
   auto dweight = torch::zeros_like(weight);

@@ -2,7 +2,9 @@
 //
 // Same contract as the Triton kernels (kernels/moment_tap.py, kernels/moment_finalize.py);
 // the math is stated in fastdfd/ops/reference.py. x is addressed as [N, C, P] with strides
-// (sn, sc, sp), normalised by the Python side to NCHW (sp == 1) or channels_last (sc == 1).
+// (sn, sc, sp), normalised by the Python side (fastdfd/ops/layout.py kernel_layout) to a
+// non-overlapping, dense tensor with sp == 1 (NCHW-like) or sc == 1 (channels_last-like);
+// check_layout verifies that again, and y/dx get x's exact strides.
 //
 // Forward, one read of x: y = (x - mu_r) * gamma * rsqrt(var_r + eps) + beta (optional) and,
 // per (segment g, channel c), S1 = sum (x - mu_r), S2 = sum (x - mu_r)^2.
@@ -40,12 +42,42 @@ struct Geometry {
   bool channels_last() const { return sc == 1 && C > 1; }
 };
 
+// The layout contract with the Python side (fastdfd/ops/layout.py kernel_layout), checked here
+// again because a wrong stride is an out-of-bounds write: x must be non-overlapping and dense
+// (so y/dx, allocated with x's exact strides, span the same elements), (sn, sc, sp) must be
+// x's own strides, and the unit-stride axis must be p (NCHW-like) or c (channels_last-like).
+void check_layout(const at::Tensor& x, int64_t sn, int64_t sc, int64_t sp) {
+  TORCH_CHECK(x.is_non_overlapping_and_dense(), "fastdfd cpp tap: x ", x.sizes(), " with strides ", x.strides(),
+              " is not non-overlapping and dense (slices, batch strides and expands must be made contiguous first)");
+  TORCH_CHECK(x.size(0) == 1 || x.stride(0) == sn, "fastdfd cpp tap: stride_n ", sn, " is not x's ", x.stride(0));
+  TORCH_CHECK(x.size(1) == 1 || x.stride(1) == sc, "fastdfd cpp tap: stride_c ", sc, " is not x's ", x.stride(1));
+  int64_t inner = sp;  // spatial dims must flatten: innermost (non-1) has stride sp, each outer = inner * size
+  bool unit_seen = false;
+  for (int64_t d = x.dim() - 1; d >= 2; --d) {
+    if (x.size(d) == 1) continue;
+    TORCH_CHECK(x.stride(d) == inner, "fastdfd cpp tap: spatial dims of x ", x.sizes(), " with strides ", x.strides(),
+                " do not flatten with stride_p ", sp);
+    inner *= x.size(d);
+    unit_seen = true;
+  }
+  TORCH_CHECK(unit_seen || sp == 1, "fastdfd cpp tap: x has no spatial extent but stride_p is ", sp);
+  TORCH_CHECK(sp == 1 || (sc == 1 && x.size(1) > 1),
+              "fastdfd cpp tap: neither p (stride ", sp, ") nor c (stride ", sc, ") is x's unit-stride axis");
+}
+
+void check_stats(const at::Tensor& t, int64_t c, at::ScalarType acc, const char* what) {
+  TORCH_CHECK(t.scalar_type() == acc && t.is_contiguous() && t.numel() == c, "fastdfd cpp: ", what,
+              " must be a contiguous ", acc, " tensor of ", c, " values, got ", t.scalar_type(), " ", t.sizes());
+}
+
 Geometry geometry(const at::Tensor& x, int64_t groups, int64_t sn, int64_t sc, int64_t sp) {
   TORCH_CHECK(x.dim() >= 2, "x must be [N, C, *spatial]");
+  TORCH_CHECK(x.device().is_cpu(), "fastdfd cpp tap: x must be a CPU tensor");
   TORCH_CHECK(groups >= 1 && x.size(0) % groups == 0, "batch must split into groups");
+  TORCH_CHECK(x.numel() > 0, "fastdfd cpp tap: x ", x.sizes(), " is empty");
+  check_layout(x, sn, sc, sp);
   const int64_t n = x.size(0), c = x.size(1);
-  const int64_t p = (n * c) == 0 ? 0 : x.numel() / (n * c);
-  return {n, c, p, groups, n / groups, sn, sc, sp};
+  return {n, c, x.numel() / (n * c), groups, n / groups, sn, sc, sp};
 }
 
 // Per-channel affine of the eval BN: y = d * scale + shift with d = x - mu_r.
@@ -216,6 +248,9 @@ at::ScalarType acc_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// y / dx: exactly x's strides (x is dense, so these span the same elements the kernel writes).
+at::Tensor empty_as(const at::Tensor& x) { return at::empty_strided(x.sizes(), x.strides(), x.options()); }
+
 template <typename A>
 const A* opt_ptr(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<A>() : nullptr;
@@ -225,9 +260,13 @@ std::vector<at::Tensor> tap_forward(const at::Tensor& x, const at::Tensor& mean,
                                     const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
                                     double eps, int64_t groups, bool write_y, int64_t sn, int64_t sc, int64_t sp) {
   const Geometry g = geometry(x, groups, sn, sc, sp);
+  check_stats(mean, g.C, acc_type(x), "mean");
+  if (write_y) check_stats(var, g.C, acc_type(x), "var");
+  if (weight.has_value()) check_stats(*weight, g.C, acc_type(x), "weight");
+  if (bias.has_value()) check_stats(*bias, g.C, acc_type(x), "bias");
   auto opts = x.options().dtype(acc_type(x));
   at::Tensor s1 = at::empty({groups, g.C}, opts), s2 = at::empty({groups, g.C}, opts);
-  at::Tensor y = write_y ? at::empty_like(x) : at::Tensor();
+  at::Tensor y = write_y ? empty_as(x) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastdfd_tap_forward", [&] {
     using A = typename Acc<scalar_t>::type;
     tap_forward_impl<scalar_t>(x.data_ptr<scalar_t>(), write_y ? y.data_ptr<scalar_t>() : nullptr, s1.data_ptr<A>(),
@@ -242,7 +281,18 @@ at::Tensor tap_backward(const at::Tensor& x, const c10::optional<at::Tensor>& dy
                         const c10::optional<at::Tensor>& weight, double eps, int64_t groups, int64_t sn, int64_t sc,
                         int64_t sp) {
   const Geometry g = geometry(x, groups, sn, sc, sp);
-  at::Tensor dx = at::empty_like(x);
+  if (dy.has_value()) {
+    TORCH_CHECK(dy->sizes() == x.sizes() && dy->strides() == x.strides() && dy->scalar_type() == x.scalar_type() &&
+                    dy->device() == x.device(),
+                "fastdfd cpp tap: dy ", dy->scalar_type(), " ", dy->sizes(), " with strides ", dy->strides(),
+                " must have x's dtype, shape and strides (", x.scalar_type(), " ", x.sizes(), ", ", x.strides(), ")");
+  }
+  check_stats(ds1, groups * g.C, acc_type(x), "ds1");
+  check_stats(ds2, groups * g.C, acc_type(x), "ds2");
+  check_stats(mean, g.C, acc_type(x), "mean");
+  check_stats(var, g.C, acc_type(x), "var");
+  if (weight.has_value()) check_stats(*weight, g.C, acc_type(x), "weight");
+  at::Tensor dx = empty_as(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastdfd_tap_backward", [&] {
     using A = typename Acc<scalar_t>::type;
     tap_backward_impl<scalar_t>(x.data_ptr<scalar_t>(), dy.has_value() ? dy->data_ptr<scalar_t>() : nullptr,
@@ -308,9 +358,24 @@ void finalize_impl(const A* s1, const A* s2, const A* count, const A* var, const
   });
 }
 
+void check_finalize(const at::Tensor& s1, const at::Tensor& s2, const at::Tensor& count, const at::Tensor& var,
+                    const at::Tensor& eps, const at::Tensor& offsets) {
+  TORCH_CHECK(s1.dim() == 2 && s1.device().is_cpu(), "fastdfd cpp finalize: s1 must be a [G, C_total] CPU tensor");
+  const int64_t G = s1.size(0), Ct = s1.size(1);
+  const auto acc = s1.scalar_type();
+  check_stats(s1, G * Ct, acc, "s1");
+  check_stats(s2, G * Ct, acc, "s2");
+  check_stats(count, Ct, acc, "count");
+  check_stats(var, Ct, acc, "var");
+  check_stats(eps, Ct, acc, "eps");
+  TORCH_CHECK(offsets.scalar_type() == at::kInt && offsets.is_contiguous() && offsets.numel() >= 2,
+              "fastdfd cpp finalize: offsets must be a contiguous int32 tensor [L + 1]");
+}
+
 at::Tensor finalize_forward(const at::Tensor& s1, const at::Tensor& s2, const at::Tensor& count,
                             const at::Tensor& var, const at::Tensor& eps, const at::Tensor& offsets,
                             int64_t kind) {
+  check_finalize(s1, s2, count, var, eps, offsets);
   const int64_t L = offsets.numel() - 1, G = s1.size(0), Ct = s1.size(1);
   at::Tensor out = at::empty({L, G}, s1.options());
   AT_DISPATCH_FLOATING_TYPES(s1.scalar_type(), "fastdfd_finalize_forward", [&] {
@@ -324,7 +389,9 @@ at::Tensor finalize_forward(const at::Tensor& s1, const at::Tensor& s2, const at
 std::vector<at::Tensor> finalize_backward(const at::Tensor& s1, const at::Tensor& s2, const at::Tensor& count,
                                           const at::Tensor& var, const at::Tensor& eps, const at::Tensor& offsets,
                                           const at::Tensor& dout, int64_t kind) {
+  check_finalize(s1, s2, count, var, eps, offsets);
   const int64_t L = offsets.numel() - 1, G = s1.size(0), Ct = s1.size(1);
+  check_stats(dout, L * G, s1.scalar_type(), "dout");
   at::Tensor ds1 = at::empty_like(s1), ds2 = at::empty_like(s2);
   AT_DISPATCH_FLOATING_TYPES(s1.scalar_type(), "fastdfd_finalize_backward", [&] {
     finalize_impl<scalar_t>(s1.data_ptr<scalar_t>(), s2.data_ptr<scalar_t>(), count.data_ptr<scalar_t>(),

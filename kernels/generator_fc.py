@@ -59,7 +59,9 @@ def _linear_gather_kernel(
         acc += tl.dot(a.to(w.dtype), w)
     mask = mask_m[:, None] & mask_n[None, :]
     row = tl.load(local_ptr + k * B + offs_m, mask=mask_m, other=0)
-    acc += tl.load(wy_ptr + k * NCLS * D + row[:, None] * D + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    # a label position outside [0, NCLS) reads nothing (never memory past Wy); callers validate labels
+    in_range = mask & ((row >= 0) & (row < NCLS))[:, None]
+    acc += tl.load(wy_ptr + k * NCLS * D + row[:, None] * D + offs_n[None, :], mask=in_range, other=0.0).to(tl.float32)
     tl.store(h_ptr + k * B * D + offs_m[:, None] * D + offs_n[None, :], acc.to(h_ptr.dtype.element_ty), mask=mask)
     if STATS:
         hv = tl.where(mask, acc, 0.0)

@@ -147,14 +147,44 @@ def _finalize_bwd_kernel(
 BLOCK = 256
 
 
+def _on_device(t):
+    """Launch on t's GPU, not the current one (a no-op for CPU tensors under the interpreter)."""
+    import contextlib
+
+    import torch
+
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _check(s1, s2, count, var, eps, offsets, dout=None) -> None:
+    """Shapes, dtypes and contiguity the kernels' raw addressing assumes."""
+    import torch
+
+    if s1.dim() != 2:
+        raise RuntimeError(f"fastdfd triton finalize: sums must be [G, C_total], got {tuple(s1.shape)}")
+    groups, c_total = s1.shape
+    want = {"s1": (s1, groups * c_total), "s2": (s2, groups * c_total), "count": (count, c_total),
+            "var": (var, c_total), "eps": (eps, c_total)}
+    if dout is not None:
+        want["dout"] = (dout, (offsets.numel() - 1) * groups)
+    for name, (t, n) in want.items():
+        if t.dtype != torch.float32 or not t.is_contiguous() or t.numel() != n or t.device != s1.device:
+            raise RuntimeError(f"fastdfd triton finalize: {name} must be a contiguous fp32 tensor of {n} values "
+                               f"on {s1.device}, got {t.dtype} {tuple(t.shape)} on {t.device}")
+    if offsets.dtype != torch.int32 or not offsets.is_contiguous() or offsets.numel() < 2:
+        raise RuntimeError("fastdfd triton finalize: offsets must be a contiguous int32 tensor [L + 1]")
+
+
 def finalize_forward(s1, s2, count, var, eps, offsets, kind: str):
     """[G, C_total] sums -> [L, G] distances, one launch for every layer."""
     import torch
 
+    _check(s1, s2, count, var, eps, offsets)
     num_layers, groups = offsets.numel() - 1, s1.shape[0]
-    out = torch.empty((num_layers, groups), device=s1.device, dtype=torch.float32)
-    _finalize_fwd_kernel[(num_layers, groups)](
-        s1, s2, count, var, eps, offsets, out, s1.shape[1], KIND=KIND_IDS[kind], BLOCK=BLOCK)
+    with _on_device(s1):
+        out = torch.empty((num_layers, groups), device=s1.device, dtype=torch.float32)
+        _finalize_fwd_kernel[(num_layers, groups)](
+            s1, s2, count, var, eps, offsets, out, s1.shape[1], KIND=KIND_IDS[kind], BLOCK=BLOCK)
     return out
 
 
@@ -162,7 +192,9 @@ def finalize_backward(s1, s2, count, var, eps, offsets, dout, kind: str):
     """Gradients of the [L, G] distances with respect to S1 and S2."""
     import torch
 
-    ds1, ds2 = torch.empty_like(s1), torch.empty_like(s2)
-    _finalize_bwd_kernel[(offsets.numel() - 1, s1.shape[0])](
-        s1, s2, count, var, eps, offsets, dout, ds1, ds2, s1.shape[1], KIND=KIND_IDS[kind], BLOCK=BLOCK)
+    _check(s1, s2, count, var, eps, offsets, dout)
+    with _on_device(s1):
+        ds1, ds2 = torch.empty_like(s1), torch.empty_like(s2)
+        _finalize_bwd_kernel[(offsets.numel() - 1, s1.shape[0])](
+            s1, s2, count, var, eps, offsets, dout, ds1, ds2, s1.shape[1], KIND=KIND_IDS[kind], BLOCK=BLOCK)
     return ds1, ds2

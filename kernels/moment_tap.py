@@ -22,7 +22,10 @@ finishes them (deterministic: no atomics).
 
 Addressing: element (n, c, p) is at n*stride_n + c*stride_c + p*stride_p, which covers
 NCHW (stride_p = 1) and channels_last (stride_c = 1) without copies; Triton specialises
-a stride of 1 so each layout gets coalesced loads along its contiguous axis.
+a stride of 1 so each layout gets coalesced loads along its contiguous axis. x, y, dy and
+dx share one set of strides, so the launchers take x only in the layout of
+fastdfd.ops.layout.kernel_layout (non-overlapping and dense; slices, batch strides and
+expands are copied to contiguous) and allocate y/dx with exactly x's strides.
 """
 
 from __future__ import annotations
@@ -176,47 +179,75 @@ def tap_config(n: int, c: int, p: int, groups: int, channel_contiguous: bool, pr
     return {"BLOCK_C": block_c, "BLOCK_J": block_j, "SPLIT": split, "chunk": chunk, "c_blocks": c_blocks}
 
 
-def tap_forward(x, mean, var, weight, bias, eps: float, groups: int, write_y: bool, programs: int):
-    """Launch the forward; returns (y or None, S1 [G, C], S2 [G, C])."""
+def _on_device(x):
+    """Launch on x's GPU, not the current one (a no-op for CPU tensors under the interpreter)."""
+    import contextlib
+
     import torch
 
-    from fastdfd.ops.layout import kernel_layout
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _check_stats(c: int, x, **stats) -> None:
+    import torch
+
+    for name, t in stats.items():
+        if t is not None and (t.dtype != torch.float32 or not t.is_contiguous() or t.numel() != c
+                              or t.device != x.device):
+            raise RuntimeError(f"fastdfd triton tap: {name} must be a contiguous fp32 tensor of {c} values on "
+                               f"{x.device}, got {t.dtype} {tuple(t.shape)} on {t.device}")
+
+
+def tap_forward(x, mean, var, weight, bias, eps: float, groups: int, write_y: bool, programs: int):
+    """Launch the forward; returns (y or None, S1 [G, C], S2 [G, C]); y has x's kernel-layout strides."""
+    import torch
+
+    from fastdfd.ops.layout import check_kernel_layout, empty_kernel_like, kernel_layout
 
     x, strides = kernel_layout(x)
     n, c = x.shape[0], x.shape[1]
-    p = x.numel() // max(1, n * c)
+    if x.numel() == 0 or groups < 1 or n % groups:
+        raise ValueError(f"fastdfd triton tap: x {tuple(x.shape)} is empty or does not split into {groups} groups")
+    _check_stats(c, x, mean=mean, var=var if write_y else None, weight=weight, bias=bias)
+    p = x.numel() // (n * c)
     cfg = tap_config(n, c, p, groups, strides[1] == 1 and c > 1, programs)
-    y = torch.empty_like(x) if write_y else None
-    part1 = torch.empty((groups, cfg["SPLIT"], c), device=x.device, dtype=torch.float32)
-    part2 = torch.empty_like(part1)
-    _tap_fwd_kernel[(cfg["c_blocks"], groups * cfg["SPLIT"])](
-        x, y if write_y else x, part1, part2, mean, var,
-        weight if weight is not None else mean, bias if bias is not None else mean,
-        c, p, n // groups, cfg["chunk"], *strides, float(eps), cfg["SPLIT"],
-        WRITE_Y=write_y, HAS_W=weight is not None, HAS_B=bias is not None,
-        BLOCK_C=cfg["BLOCK_C"], BLOCK_J=cfg["BLOCK_J"], num_warps=NUM_WARPS,
-    )
-    if cfg["SPLIT"] == 1:
-        return y, part1.view(groups, c), part2.view(groups, c)
-    return y, part1.sum(dim=1), part2.sum(dim=1)
+    y = empty_kernel_like(x) if write_y else None
+    check_kernel_layout(x, strides, y)
+    with _on_device(x):
+        part1 = torch.empty((groups, cfg["SPLIT"], c), device=x.device, dtype=torch.float32)
+        part2 = torch.empty_like(part1)
+        _tap_fwd_kernel[(cfg["c_blocks"], groups * cfg["SPLIT"])](
+            x, y if write_y else x, part1, part2, mean, var,
+            weight if weight is not None else mean, bias if bias is not None else mean,
+            c, p, n // groups, cfg["chunk"], *strides, float(eps), cfg["SPLIT"],
+            WRITE_Y=write_y, HAS_W=weight is not None, HAS_B=bias is not None,
+            BLOCK_C=cfg["BLOCK_C"], BLOCK_J=cfg["BLOCK_J"], num_warps=NUM_WARPS,
+        )
+        if cfg["SPLIT"] == 1:
+            return y, part1.view(groups, c), part2.view(groups, c)
+        return y, part1.sum(dim=1), part2.sum(dim=1)
 
 
 def tap_backward(x, dy, ds1, ds2, mean, var, weight, eps: float, groups: int, programs: int):
-    """Launch the backward; returns dx with x's strides."""
-    import torch
-
-    from fastdfd.ops.layout import kernel_layout, like_strides
+    """Launch the backward; returns dx with x's kernel-layout strides."""
+    from fastdfd.ops.layout import check_kernel_layout, empty_kernel_like, kernel_layout, like_strides
 
     x, strides = kernel_layout(x)
     dy = like_strides(dy, x)
     n, c = x.shape[0], x.shape[1]
-    p = x.numel() // max(1, n * c)
+    if x.numel() == 0 or groups < 1 or n % groups:
+        raise ValueError(f"fastdfd triton tap: x {tuple(x.shape)} is empty or does not split into {groups} groups")
+    _check_stats(c, x, mean=mean, var=var, weight=weight)
+    _check_stats(groups * c, x, ds1=ds1, ds2=ds2)
+    p = x.numel() // (n * c)
     cfg = tap_config(n, c, p, groups, strides[1] == 1 and c > 1, programs)
-    dx = torch.empty_like(x)
-    _tap_bwd_kernel[(cfg["c_blocks"], groups * cfg["SPLIT"])](
-        x, dy if dy is not None else x, dx, ds1, ds2, mean, var, weight if weight is not None else mean,
-        c, p, n // groups, cfg["chunk"], *strides, float(eps), cfg["SPLIT"],
-        HAS_DY=dy is not None, HAS_W=weight is not None,
-        BLOCK_C=cfg["BLOCK_C"], BLOCK_J=cfg["BLOCK_J"], num_warps=NUM_WARPS,
-    )
+    dx = empty_kernel_like(x)
+    check_kernel_layout(x, strides, dy, dx)
+    with _on_device(x):
+        _tap_bwd_kernel[(cfg["c_blocks"], groups * cfg["SPLIT"])](
+            x, dy if dy is not None else x, dx, ds1, ds2, mean, var, weight if weight is not None else mean,
+            c, p, n // groups, cfg["chunk"], *strides, float(eps), cfg["SPLIT"],
+            HAS_DY=dy is not None, HAS_W=weight is not None,
+            BLOCK_C=cfg["BLOCK_C"], BLOCK_J=cfg["BLOCK_J"], num_warps=NUM_WARPS,
+        )
     return dx

@@ -44,6 +44,7 @@ def _sm_count(index: int) -> int:
 
 
 def _stream(x: Tensor) -> int:
+    """The current stream of x's device (the binding launches under a device guard on x's device)."""
     return torch.cuda.current_stream(x.device).cuda_stream
 
 

@@ -15,8 +15,11 @@ A launcher set provides::
     finalize_backward(S1, S2, count, var, eps, offsets, dout, kind) -> (dS1, dS2)
 
 receiving statistics, weights and sums in the accumulation dtype (fp32; fp64 for fp64
-input), contiguous. The tap's BN-affine gradients (only needed when a user trains the
-teacher) are computed here in plain torch.
+input), contiguous. x may have any strides: the tap launchers bring it to the kernels'
+layout (:func:`fastdfd.ops.layout.kernel_layout`: dense, copied to contiguous when it is a
+slice, a batch stride, an expand, ...) and give y/dx exactly that layout's strides, which
+the fake implementations below report too. The tap's BN-affine gradients (only needed
+when a user trains the teacher) are computed here in plain torch.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .layout import PackedLayout
+from .layout import PackedLayout, kernel_output_like
 from .reference import accumulation_dtype
 
 LAUNCHERS: dict[str, dict[str, Callable]] = {}
@@ -51,7 +54,7 @@ def tap_forward(
 @tap_forward.register_fake
 def _(x, mean, var, weight, bias, eps, groups, write_y, impl):
     s = x.new_empty((groups, x.shape[1]), dtype=accumulation_dtype(x.dtype))
-    return (torch.empty_like(x) if write_y else x.new_empty(0)), s, torch.empty_like(s)
+    return (kernel_output_like(x) if write_y else x.new_empty(0)), s, torch.empty_like(s)
 
 
 @torch.library.custom_op("fastdfd::tap_backward", mutates_args=())
@@ -66,7 +69,7 @@ def tap_backward(
 
 @tap_backward.register_fake
 def _(x, dy, ds1, ds2, mean, var, weight, eps, groups, impl):
-    return torch.empty_like(x)
+    return kernel_output_like(x)
 
 
 def _tap_setup(ctx, inputs, output):
@@ -158,5 +161,5 @@ def register_fused_backend(name: str, check: Callable[[Tensor], str | None],
     @register("moment_finalize", name, check=check_finalize or check)
     def moment_finalize(s1, s2, count, layout: PackedLayout, kind: str):
         # the one place where the layout meets the sums' dtype (a no-op for the matcher's own layouts)
-        return finalize_forward(s1, s2, count.to(s1.dtype), layout.running_var.to(s1.dtype),
-                                layout.eps.to(s1.dtype), layout.offsets, kind, name)
+        return finalize_forward(s1, s2, count.to(s1.dtype).contiguous(), layout.running_var.to(s1.dtype).contiguous(),
+                                layout.eps.to(s1.dtype).contiguous(), layout.offsets.contiguous(), kind, name)

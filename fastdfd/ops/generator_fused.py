@@ -36,11 +36,49 @@ def _opt(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None or t.numel() == 0 else t
 
 
+def _expect(what: str, t: Optional[Tensor], shape: tuple, device: torch.device) -> None:
+    """The launchers copy every operand to contiguous, but address it by these shapes: check them."""
+    if t is not None and (tuple(t.shape) != tuple(shape) or t.device != device):
+        raise ValueError(f"generator op: {what} must be {tuple(shape)} on {device}, got {tuple(t.shape)} on {t.device}")
+
+
+def _check_fc(z: Tensor, wz: Tensor, wy: Tensor, local: Tensor) -> None:
+    if z.dim() != 3 or wz.dim() != 3 or wy.dim() != 3:
+        raise ValueError(f"generator op: expected z [K, B, L], Wz [K, L, D], Wy [K, NCLS, D], got "
+                         f"{tuple(z.shape)}, {tuple(wz.shape)}, {tuple(wy.shape)}")
+    k, b, lat = z.shape
+    _expect("Wz", wz, (k, lat, wz.shape[2]), z.device)
+    _expect("Wy", wy, (k, wy.shape[1], wz.shape[2]), z.device)
+    _expect("local", local, (k, b), z.device)
+
+
+def _check_conv(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
+                upsample: int, y: Optional[Tensor] = None, dy: Optional[Tensor] = None, ds1: Optional[Tensor] = None,
+                ds2: Optional[Tensor] = None) -> None:
+    if x.dim() != 5 or weight.dim() != 5 or tuple(weight.shape[3:]) != (3, 3) or upsample not in (1, 2):
+        raise ValueError(f"generator op: expected x [K, B, CIN, h, w], weight [K, COUT, CIN, 3, 3] and upsample "
+                         f"1 or 2, got {tuple(x.shape)}, {tuple(weight.shape)}, {upsample}")
+    k, b, cin, h, w = x.shape
+    cout = weight.shape[1]
+    _expect("weight", weight, (k, cout, cin, 3, 3), x.device)
+    _expect("scale", scale, (k, cin), x.device)
+    _expect("shift", shift, (k, cin), x.device)
+    _expect("bias", bias, (k, cout), x.device)
+    if (scale is None) != (shift is None):
+        raise ValueError("generator op: scale and shift come together")
+    out = (k, b, cout, h * upsample, w * upsample)
+    _expect("y", y, out, x.device)
+    _expect("dy", dy, out, x.device)
+    _expect("dS1", ds1, (k, cout), x.device)
+    _expect("dS2", ds2, (k, cout), x.device)
+
+
 # ------------------------------------------------------------------ first layer (fc + gather)
 # Custom ops (not autograd.Functions): torch.compile(fullgraph=True) sees one opaque node each.
 @torch.library.custom_op("fastdfd::gen_linear_gather", mutates_args=())
 def gen_linear_gather(z: Tensor, wz: Tensor, wy: Tensor, local: Tensor, impl: str) -> tuple[Tensor, Tensor, Tensor]:
     """h = z @ Wz + Wy[local] [K, B, D], with fp32 sums of h and h^2 over the batch ([K, D])."""
+    _check_fc(z, wz, wy, local)
     return GEN_LAUNCHERS[impl]["linear_gather"](z, wz, wy, local)
 
 
@@ -83,6 +121,7 @@ def gen_conv_forward(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor]
                      bias: Optional[Tensor], upsample: int, tanh: bool, stats: bool,
                      impl: str) -> tuple[Tensor, Tensor, Tensor]:
     """Prologue (BN affine + LeakyReLU + upsample) -> conv3x3 (+bias, tanh) -> sums of y, y^2 per (k, co)."""
+    _check_conv(x, scale, shift, weight, bias, upsample)
     y, s1, s2 = GEN_LAUNCHERS[impl]["conv_forward"](x, scale, shift, weight, bias, upsample, LEAKY_SLOPE, tanh, stats)
     if s1 is None:  # sums not wanted (no output BN): autograd still needs tensors
         s1 = y.new_zeros(y.shape[0], y.shape[2], dtype=torch.float32)
@@ -103,6 +142,7 @@ def gen_conv_backward(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor
                       dy: Tensor, ds1: Tensor, ds2: Tensor, upsample: int,
                       tanh: bool, impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dscale, dshift, dweight); dscale/dshift are empty without a prologue."""
+    _check_conv(x, scale, shift, weight, None, upsample, y, dy, ds1, ds2)
     dx, dscale, dshift, dweight = GEN_LAUNCHERS[impl]["conv_backward"](x, scale, shift, weight, y, dy, ds1, ds2,
                                                                        upsample, LEAKY_SLOPE, tanh)
     if dscale is None:

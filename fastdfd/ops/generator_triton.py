@@ -6,26 +6,38 @@ TRITON_INTERPRET=1). Imported lazily: importing fastdfd never imports triton.
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
+
 from .generator_fused import register_generator_backend
 from .triton_backend import check
+
+
+def _on_device(t: torch.Tensor):
+    """Launch on the tensors' GPU, not the current one (nothing to do under the CPU interpreter)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _linear_gather(z, wz, wy, local):
     from fastdfd.kernels.generator_fc import linear_gather
 
-    return linear_gather(z, wz, wy, local, stats=True)
+    with _on_device(z):
+        return linear_gather(z, wz, wy, local, stats=True)
 
 
 def _conv_forward(x, scale, shift, weight, bias, upsample, slope, tanh, stats):
     from fastdfd.kernels.generator_conv import conv_forward
 
-    return conv_forward(x, scale, shift, weight, bias, upsample=upsample, slope=slope, tanh=tanh, stats=stats)
+    with _on_device(x):
+        return conv_forward(x, scale, shift, weight, bias, upsample=upsample, slope=slope, tanh=tanh, stats=stats)
 
 
 def _conv_backward(x, scale, shift, weight, y, dy, ds1, ds2, upsample, slope, tanh):
     from fastdfd.kernels.generator_conv import conv_backward
 
-    return conv_backward(x, scale, shift, weight, y, dy, ds1, ds2, upsample=upsample, slope=slope, tanh=tanh)
+    with _on_device(x):
+        return conv_backward(x, scale, shift, weight, y, dy, ds1, ds2, upsample=upsample, slope=slope, tanh=tanh)
 
 
 register_generator_backend(

@@ -32,7 +32,11 @@ class PackedLayout:
         eps: Sequence[float],
         dtype: torch.dtype = torch.float32,
     ) -> "PackedLayout":
-        """Pack per-layer running statistics (detached copies; the teacher is never touched)."""
+        """Pack per-layer running statistics (detached copies; the teacher is never touched).
+
+        Reads nothing back from the device, but copies three small host tensors to it
+        (blocking copies, which wait for the device's stream): build once, reuse.
+        """
         if not (len(means) == len(variances) == len(eps)) or not means:
             raise ValueError("need the same, non-zero number of means, variances and eps values")
         device = means[0].device
@@ -40,15 +44,41 @@ class PackedLayout:
         mean = torch.cat([m.detach().reshape(-1).to(dtype) for m in means])
         var = torch.cat([v.detach().reshape(-1).to(dtype) for v in variances])
         eps_c = torch.cat([torch.full((n,), float(e), dtype=dtype, device=device) for n, e in zip(sizes, eps)])
-        layer = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
+        # on the host, then one copy: repeat_interleave on a device would read the total size back
+        layer = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).to(device)
         channels = torch.tensor(sizes, dtype=dtype, device=device)
         offsets = torch.tensor([0] + sizes, dtype=torch.int64).cumsum(0).to(device=device, dtype=torch.int32)
         return PackedLayout(mean, var, eps_c, layer, channels, offsets, len(sizes))
 
     def counts(self, per_layer: Sequence[int]) -> torch.Tensor:
-        """Per-channel element counts from per-layer counts (one small host-to-device copy)."""
+        """Per-channel element counts from per-layer counts (one small host-to-device copy).
+
+        A blocking host-to-device copy waits for the device's current stream (PyTorch
+        synchronises the stream after a copy from pageable memory): build it once per
+        shape and reuse it, as the matcher does.
+        """
         c = torch.tensor(per_layer, dtype=self.running_mean.dtype).to(self.running_mean.device)
         return c[self.layer]
+
+
+def is_dense(x: torch.Tensor) -> bool:
+    """True when x is non-overlapping and dense: its strides are a permutation of a contiguous layout's.
+
+    Every element of x's storage span then belongs to exactly one index of x, so a tensor
+    allocated with x's strides (``torch.empty_like`` does exactly that for such x) has
+    the same footprint, and a kernel may address x, y, dy and dx with one set of strides.
+    Size-1 dims never move the address and are ignored. Slices (``x[:, :8]``, ``x[::2]``)
+    and expands (stride 0) are not dense.
+    """
+    if x.numel() == 0:
+        return True  # nothing to address
+    dims = sorted((st, sz) for sz, st in zip(x.shape, x.stride()) if sz != 1)
+    expected = 1
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def flat_strides(x: torch.Tensor) -> tuple[int, int, int] | None:
@@ -56,6 +86,7 @@ def flat_strides(x: torch.Tensor) -> tuple[int, int, int] | None:
 
     Kernels address element (n, c, p) of an [N, C, *spatial] tensor at
     n*stride_n + c*stride_c + p*stride_p: NCHW has stride_p == 1, channels_last stride_c == 1.
+    This says nothing about whether x is dense (see :func:`kernel_layout`).
     """
     sizes, strides = x.shape, x.stride()
     spatial = [(s, st) for s, st in zip(sizes[2:], strides[2:]) if s != 1]
@@ -66,17 +97,76 @@ def flat_strides(x: torch.Tensor) -> tuple[int, int, int] | None:
     return strides[0], strides[1], stride_p
 
 
-def kernel_layout(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """x (copied to contiguous only if its strides cannot be flattened) and its flat strides."""
+def _kernel_strides(x: torch.Tensor) -> tuple[int, int, int] | None:
+    """x's flat strides if every kernel may use x in place, else None."""
+    if not is_dense(x):
+        return None
     strides = flat_strides(x)
     if strides is None:
+        return None
+    _, stride_c, stride_p = strides
+    # the CPU kernels' inner loops run along p (NCHW-like) or along c (channels_last-like)
+    if stride_p != 1 and not (stride_c == 1 and x.shape[1] > 1):
+        return None
+    return strides
+
+
+def kernel_layout(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """x as the kernels may address it, and its flat strides (n, c, p).
+
+    x is kept as it is only when it is non-overlapping and dense, its spatial dims flatten,
+    and either p (NCHW, [N, C, L], ...) or c (channels_last, [N, C], [N, L, C] transposed)
+    is its unit-stride axis; anything else (slices, batch strides, expands, permuted
+    spatial dims) is copied to contiguous. Outputs allocated with :func:`empty_kernel_like`
+    then have exactly x's strides, so the kernels' one set of strides is valid for x, y,
+    dy and dx alike.
+    """
+    strides = _kernel_strides(x)
+    if strides is None:
         x = x.contiguous()
-        strides = flat_strides(x)
+        strides = _kernel_strides(x)
+        assert strides is not None, f"contiguous x {tuple(x.shape)} {x.stride()} has no kernel layout"
     return x, strides
 
 
+def kernel_output_like(x: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor shaped as x with the strides :func:`kernel_layout` gives x (y, dx).
+
+    Also what the custom ops' fake (meta) implementations return, so torch.compile sees
+    the strides the kernels really produce.
+    """
+    if _kernel_strides(x) is None:
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)  # kernel_layout's contiguous copy
+    return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+
+
+def empty_kernel_like(x: torch.Tensor) -> torch.Tensor:
+    """An output for a kernel-layout x (as :func:`kernel_layout` returns it): exactly x's strides."""
+    return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+
+
+def check_kernel_layout(x: torch.Tensor, strides: tuple[int, int, int], *others: torch.Tensor | None) -> None:
+    """Launchers' last check before raw addressing: x dense with these strides, others exactly alike."""
+    if not is_dense(x) or _kernel_strides(x) != tuple(strides):
+        raise RuntimeError(f"fastdfd: x {tuple(x.shape)} with strides {x.stride()} is not in kernel layout "
+                           f"{tuple(strides)} (call kernel_layout first)")
+    for t in others:
+        if t is not None and (t.shape != x.shape or t.stride() != x.stride() or t.dtype != x.dtype
+                              or t.device != x.device):
+            raise RuntimeError(f"fastdfd: a {t.dtype} tensor {tuple(t.shape)} with strides {t.stride()} does not "
+                               f"match x's layout ({x.dtype} {tuple(x.shape)} strides {x.stride()})")
+
+
 def like_strides(t: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
-    """``t`` (e.g. dy) with exactly x's strides, copied only when they differ (kernels index both alike)."""
-    if t is None or t.stride() == x.stride():
+    """``t`` (e.g. dy) with exactly x's shape, strides and dtype (x in kernel layout), copied only when needed.
+
+    dy from autograd can have any strides (an expand from ``y.sum()``, a slice, ...); the
+    kernels index it with x's.
+    """
+    if t is None:
+        return None
+    if t.shape != x.shape:
+        raise ValueError(f"fastdfd: gradient of shape {tuple(t.shape)} for an input of shape {tuple(x.shape)}")
+    if t.stride() == x.stride() and t.dtype == x.dtype and t.device == x.device:
         return t
-    return torch.empty_like(x).copy_(t)
+    return empty_kernel_like(x).copy_(t)

@@ -32,6 +32,11 @@ def check_moment_input(x: torch.Tensor, channels: int, groups: int, what: str = 
         raise ValueError(f"groups must be a positive int, got {groups!r}")
     if x.shape[0] % groups != 0 or x.shape[0] == 0:
         raise ValueError(f"batch size {x.shape[0]} is not a positive multiple of groups={groups}")
+    if x.numel() == 0:  # N > 0 and C matched: a zero spatial dim or zero channels
+        raise ValueError(
+            f"{what} of shape {tuple(x.shape)} has no elements per channel; batch statistics of an empty input "
+            "are undefined"
+        )
 
 
 def check_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, name: str = "") -> None:
@@ -84,6 +89,16 @@ def moment_finalize(
 ) -> torch.Tensor:
     """Every packed layer's distance at once: [G, C_total] sums -> [L, G] losses."""
     check_kind(kind)
+    if s1.dim() != 2 or s1.shape != s2.shape:
+        raise ValueError(f"s1 {tuple(s1.shape)} and s2 {tuple(s2.shape)} must both be [G, C_total]")
+    c_total = s1.shape[1]
+    if layout.running_var.numel() != c_total or layout.eps.numel() != c_total or count.numel() != c_total:
+        raise ValueError(
+            f"sums have {c_total} packed channels, but the layout has {layout.running_var.numel()} and count "
+            f"{count.numel()}"
+        )
+    if layout.offsets.numel() != layout.num_layers + 1:
+        raise ValueError(f"layout offsets {layout.offsets.numel()} do not match its {layout.num_layers} layers")
     return resolve("moment_finalize", s1)[1](s1, s2, count, layout, kind)
 
 
