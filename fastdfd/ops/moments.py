@@ -8,6 +8,7 @@ Shapes and values are checked here, once, so every backend sees valid input.
 from __future__ import annotations
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..backends import resolve
 from . import cpp_backend, cuda_backend, reference, triton_backend  # noqa: F401  (register the backends)
@@ -39,8 +40,56 @@ def check_moment_input(x: torch.Tensor, channels: int, groups: int, what: str = 
         )
 
 
+# Statistics tensors already validated, with the stamp they had then (see _stamp): a repeated
+# check of an unchanged tensor reads nothing back from the device. Weakly keyed by the tensor
+# object itself (by identity, so a freed tensor's id is never mistaken for a live one).
+_VALID_MEANS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_VALID_VARS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _stamp(t: torch.Tensor) -> tuple | None:
+    """What identifies a tensor's current values without reading them, or None if it cannot be told.
+
+    ``_version`` is bumped by every in-place op on the tensor or on a view sharing its
+    version counter (``fill_``, ``copy_``, ``mul_``, indexing assignment, an optimizer step);
+    data_ptr, shape, strides, dtype and device catch ``set_``/``.data =`` swaps. Invisible:
+    writes through ``.data`` (a separate version counter) and BN's own running-average update
+    (``F.batch_norm`` in training mode writes the buffers without bumping their version).
+    Inference-mode tensors have no version counter and are validated every time.
+    """
+    try:
+        return (t._version, t.data_ptr(), t.device, tuple(t.shape), t.stride(), t.dtype)
+    except (RuntimeError, NotImplementedError):  # inference tensors, fake/functional tensors
+        return None
+
+
+def _is_validated(cache: WeakIdKeyDictionary, t: torch.Tensor) -> tuple | None:
+    """t's stamp if t was validated (into ``cache``) and has not changed since, else None."""
+    stamp = _stamp(t)
+    if stamp is None:
+        return None
+    return stamp if cache.get(t) == stamp else None
+
+
+def _remember(cache: WeakIdKeyDictionary, t: torch.Tensor) -> None:
+    stamp = _stamp(t)
+    if stamp is not None:
+        cache[t] = stamp
+
+
 def check_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, name: str = "") -> None:
-    """Value checks on running statistics (synchronises; call once, not per step)."""
+    """Value checks on running statistics.
+
+    The value checks synchronise with the device, so each statistics tensor is checked once
+    and remembered (weakly, with its version counter): a repeated call on unchanged
+    statistics only checks shapes and reads nothing back from the device; an in-place
+    change (which bumps the tensor's version) makes the next call check it again.
+
+    Not seen as a change: writes through ``.data`` (a separate version counter) and a
+    BatchNorm layer's own running-average update in train mode (PyTorch's batch_norm
+    writes the buffers without bumping their version). Those statistics are then not
+    checked again; the values used are always the current ones.
+    """
     where = f" of {name}" if name else ""
     if running_mean is None or running_var is None:
         raise ValueError(f"BatchNorm layer{where} has no running statistics (track_running_stats=False)")
@@ -49,10 +98,38 @@ def check_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, n
             f"running_mean{where} {tuple(running_mean.shape)} and running_var {tuple(running_var.shape)} "
             "must be 1-D of the same length"
         )
-    if not bool(torch.isfinite(running_mean).all()) or not bool(torch.isfinite(running_var).all()):
+    mean_ok = _is_validated(_VALID_MEANS, running_mean) is not None
+    var_ok = _is_validated(_VALID_VARS, running_var) is not None
+    if mean_ok and var_ok:
+        return
+    if (not mean_ok and not bool(torch.isfinite(running_mean).all())) or (
+        not var_ok and not bool(torch.isfinite(running_var).all())
+    ):
         raise ValueError(f"running statistics{where} contain NaN or Inf")
-    if bool((running_var < 0).any()):
+    if not var_ok and bool((running_var < 0).any()):
         raise ValueError(f"running_var{where} has negative entries; a variance cannot be negative")
+    _remember(_VALID_MEANS, running_mean)
+    _remember(_VALID_VARS, running_var)
+
+
+def _single_layout(running_mean: torch.Tensor, running_var: torch.Tensor, eps: float,
+                   dtype: torch.dtype) -> PackedLayout:
+    """bn_moment_loss's one-layer PackedLayout, made on the device without host-to-device copies.
+
+    ``PackedLayout.build`` copies small host tensors to the device, and PyTorch waits for the
+    device's stream after a blocking copy from host memory: a per-call sync. One layer needs
+    none of that: fills and a clone of the statistics (a snapshot, as build's copies are).
+    """
+    c, device = running_mean.numel(), running_mean.device
+    return PackedLayout(
+        running_mean=running_mean.detach().reshape(-1).to(dtype, copy=True),
+        running_var=running_var.detach().reshape(-1).to(dtype, copy=True),
+        eps=torch.full((c,), float(eps), dtype=dtype, device=device),
+        layer=torch.zeros(c, dtype=torch.int64, device=device),
+        channels=torch.full((1,), float(c), dtype=dtype, device=device),
+        offsets=torch.arange(2, dtype=torch.int32, device=device) * c,
+        num_layers=1,
+    )
 
 
 def check_kind(kind: str) -> str:
@@ -133,7 +210,7 @@ def bn_moment_loss(
     check_moment_input(x, running_mean.numel(), groups)
     check_running_stats(running_mean, running_var)
     s1, s2 = moment_sums(x, running_mean, groups)
-    layout = PackedLayout.build([running_mean], [running_var], [eps], dtype=s1.dtype)
+    layout = _single_layout(running_mean, running_var, eps, s1.dtype)
     count = x.numel() // (x.shape[1] * groups)
     per_group = moment_finalize(s1, s2, s1.new_full((s1.shape[1],), float(count)), layout, kind)[0]
     if reduction == "sum":
