@@ -1,6 +1,6 @@
 """The paper's questions at small scale: one-knob ablations of the digits demo, several seeds.
 
-    python benchmarks/ablations.py [--seeds 3] [--quick] [--out runs/ablations] [--readme README.md]
+    python benchmarks/ablations.py [--seeds 3] [--quick] [--out runs/ablations] [--readme docs/ablations.md]
 
 Per seed one BN teacher is trained (the demo's ``train_digits_teacher``) and reused by every
 variant. Every variant is the demo's data-free pipeline (``fastdfd.cli.demo``: 10
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="a few steps, one seed (tests)")
     p.add_argument("--out", default="runs/ablations")
-    p.add_argument("--readme", default="README.md")
+    p.add_argument("--readme", default="docs/ablations.md")  # the page that holds the table between its markers
     p.add_argument("--no-readme", action="store_true")
     p.add_argument("--only", nargs="*", help="run only these variants")
     p.add_argument("--workers", type=int, default=None,
