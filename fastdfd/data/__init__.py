@@ -1,5 +1,6 @@
 """Evaluation datasets for fastdfd; everything is read from disk, nothing is downloaded."""
 
+from .class_names import class_names_for, imagenet_class_names
 from .cifar import CIFAR, CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
 from .digits import DigitsSplit, load_digits_split
 from .folders import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, ImageFolder
@@ -13,6 +14,8 @@ __all__ = [
     "CIFAR100_MEAN",
     "CIFAR100_STD",
     "DigitsSplit",
+    "class_names_for",
+    "imagenet_class_names",
     "load_digits_split",
     "IMAGE_EXTENSIONS",
     "IMAGENET_MEAN",
