@@ -19,7 +19,9 @@ from torch import nn
 from .distributed import DistContext
 from .input_space import InputSpace
 from .nn import GeneratorEnsemble, save_ensemble
+from .data.class_names import class_names_for
 from .train import Distiller, GeneratorTrainer, evaluate_accuracy
+from .train.quality import generator_quality, write_quality
 
 
 def space_record(space: str | InputSpace | None) -> dict:
@@ -43,6 +45,9 @@ def train_generators(
     offload: bool = False,
     progress: bool = True,
     input_space: str | InputSpace | None = None,
+    quality_per_class: int = 32,
+    verifier: nn.Module | None = None,
+    class_names: list[str] | None = None,
     **trainer_kwargs: Any,
 ) -> dict:
     """Train the full ``ensemble`` (this rank keeps its shard); rank 0 writes ``out/generators.pt``
@@ -52,6 +57,14 @@ def train_generators(
     The length is ``steps`` optimizer steps in all, or ``updates_per_generator``: the steps
     that give each generator that many updates whatever the chunk and the number of
     processes. Logs, checkpoints and sample grids go under ``out``.
+
+    After training, rank 0 measures the quality of the whole ensemble's images
+    (:mod:`fastdfd.train.quality`: ``quality_per_class`` fresh images per class, the teacher's top-1
+    against the intended class per class and overall, a ``verifier``'s when given, per-layer moment
+    distances) and writes ``out/quality.json``, ``out/quality_moments.png`` (needs matplotlib) and
+    ``out/quality_samples.png`` (one row per class, labelled with ``class_names``, by default the
+    ImageNet names for a 1000-class teacher); the overall figures go in ``summary.json`` and in
+    ``out/metrics_quality.csv``. ``quality_per_class=0`` skips it.
     """
     input_space = InputSpace.parse(input_space)
     if (steps is None) == (updates_per_generator is None):
@@ -85,6 +98,24 @@ def train_generators(
         full = GeneratorEnsemble.from_config({**ensemble.config(), "num_generators": len(classes), "classes": classes})
         full.load_state_dict({k: torch.cat([s[k] for s in shards]) for k in shards[0]})
         save_ensemble(full, out / "generators.pt")
+        if quality_per_class:
+            names = class_names if class_names is not None else class_names_for(trainer.teacher_probe.num_classes)
+            report = generator_quality(
+                trainer.teacher, full.to(device), n_per_class=quality_per_class, input_space=input_space,
+                verifier=verifier, kind=trainer.kind, seed=trainer.seed, class_names=names,
+                teacher_outputs="probabilities" if trainer.teacher_probe.probabilities else "logits")
+            summary["quality"] = {"teacher_top1_on_generated": report.teacher_top1, "n_per_class": quality_per_class,
+                                  **({"verifier_top1_on_generated": report.verifier_top1} if verifier is not None
+                                     else {}),
+                                  "files": write_quality(report, out, {"step": trainer.step})}
+            from .train.metrics import MetricsLog
+
+            qlog = MetricsLog(out / "metrics_quality.csv", tensorboard=False)
+            qlog.write([{"step": trainer.step, "teacher_top1_on_generated": report.teacher_top1,
+                         **({"verifier_top1_on_generated": report.verifier_top1} if verifier is not None else {})}])
+            qlog.close()
+            print(f"quality: the teacher's top-1 on generated images {report.teacher_top1 * 100:.1f}% "
+                  f"({quality_per_class} per class; {out / 'quality.json'})")
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     ctx.barrier()
     return summary

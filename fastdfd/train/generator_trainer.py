@@ -54,6 +54,7 @@ from .losses import total_variation
 from .memory import plan_generator_memory
 from .optim import StackedAdam
 from .probe import as_logits, check_ensemble_classes, probe_teacher
+from .quality import QualityReport, generator_quality
 
 
 @contextlib.contextmanager
@@ -390,3 +391,34 @@ class GeneratorTrainer(StepLoop):
             for name, p in self.ensemble.named_parameters():
                 p.copy_(state["ensemble"][name])
         self.optimizer.load_state_dict(state["optimizer"])
+
+    def quality(self, n_per_class: int = 32, *, verifier: nn.Module | None = None,
+                verifier_input_space: str | InputSpace | None = None, seed: int | None = None,
+                class_names=None, log: bool = True) -> QualityReport:
+        """The teacher's (and optionally a ``verifier``'s) top-1 on fresh images of the ensemble against
+        their intended classes, per class and overall, and the per-layer moment distances of those images
+        (:func:`fastdfd.train.quality.generator_quality`, this trainer's kind and input space).
+
+        Sampling uses a private RNG (``seed``, default this trainer's seed): training's stream is untouched.
+        With ``log``, one row (``step``, ``teacher_top1_on_generated`` and, with a verifier,
+        ``verifier_top1_on_generated``) goes to the metrics log: the JSON-lines log itself, or
+        ``<stem>_quality.csv`` beside a CSV log (whose columns are the step terms). Call it between fits.
+        """
+        report = generator_quality(
+            self.teacher, self.ensemble, n_per_class=n_per_class, input_space=self.input_space, verifier=verifier,
+            verifier_input_space=verifier_input_space, kind=self.kind, seed=self.seed if seed is None else seed,
+            class_names=class_names, teacher_outputs="probabilities" if self.teacher_probe.probabilities else "logits",
+        )
+        if log and self.dist.is_main and self.log.path is not None:
+            row = {"step": self.step, "teacher_top1_on_generated": report.teacher_top1}
+            if report.verifier_top1 is not None:
+                row["verifier_top1_on_generated"] = report.verifier_top1
+            path = self.log.path
+            if path.suffix == ".csv":
+                path = path.with_name(f"{path.stem}_quality.csv")
+            from .metrics import MetricsLog
+
+            qlog = MetricsLog(path, tensorboard=False)
+            qlog.write([row])
+            qlog.close()
+        return report
