@@ -24,6 +24,11 @@ def test_quick_demo_through_the_cli(tmp_path, capsys):
         assert 0.0 <= metrics[key] <= 1.0
     assert metrics["teacher_accuracy"] > 0.5  # one epoch already learns digits
     assert (out / "samples.png").stat().st_size > 0 and (out / "loss_curves.png").stat().st_size > 0
+    for name in ("ensemble", "single_generator"):
+        for key in ("teacher_top1_on_generated", "verifier_top1_on_generated"):
+            assert 0.0 <= metrics[key][name] <= 1.0
+        assert json.loads((out / f"quality_{name}" / "quality.json").read_text())["n_per_class"] == 100
+        assert (out / f"quality_{name}" / "quality_samples.png").stat().st_size > 0
     assert "data-free, 10-generator ensemble" in capsys.readouterr().out
 
 

@@ -27,9 +27,11 @@ from ..data import load_digits_split
 from ..models import create_model
 from ..nn import GeneratorEnsemble, save_ensemble
 from ..train import Distiller, GeneratorTrainer, evaluate_accuracy
+from ..train.quality import generator_quality, write_quality
 from ..train.supervised import fit_classifier
 
 NUM_CLASSES = 10
+QUALITY_PER_CLASS = 100  # fresh images per class for the teacher's / verifier's top-1 on generated images
 INPUT_SPACE = "minus_one_one"  # the digits teacher is trained on pixels scaled to [-1, 1]
 
 
@@ -131,12 +133,29 @@ def run_demo(out: str | Path = "runs/demo", settings: DemoSettings | None = None
     fit_classifier(real, data.x_train, data.y_train, epochs=s.real_epochs, seed=s.seed, progress=progress)
     timings["real_data_student"] = time.perf_counter() - t
 
+    # Quality of the generated images: the teacher's top-1 against the intended digit, and a verifier's.
+    # The verifier is the real-data student: another architecture (digits_student) and seed, trained on real
+    # digits after both generator stages, so it never took part in generator training.
+    t = time.perf_counter()
+    quality = {}
+    for name in results:
+        report = generator_quality(teacher, results[name][0], n_per_class=QUALITY_PER_CLASS, input_space=INPUT_SPACE,
+                                   verifier=real, kind=s.kind, seed=s.seed, class_names=[str(c) for c in range(10)])
+        write_quality(report, out / f"quality_{name}")
+        quality[name] = report
+    timings["quality"] = time.perf_counter() - t
+
     metrics = {
         "teacher_accuracy": evaluate_accuracy(teacher, test),
         "ensemble_student_accuracy": results["ensemble"][1],
         "single_generator_student_accuracy": results["single_generator"][1],
         "real_data_student_accuracy": evaluate_accuracy(real, test),
         "untrained_student_accuracy": untrained_acc,
+        "teacher_top1_on_generated": {k: r.teacher_top1 for k, r in quality.items()},
+        "verifier_top1_on_generated": {k: r.verifier_top1 for k, r in quality.items()},
+        "teacher_top1_on_generated_per_class": {k: r.to_dict()["teacher_top1_per_class"] for k, r in quality.items()},
+        "quality_images_per_class": QUALITY_PER_CLASS,
+        "verifier": "digits_student trained on the real training split (seed + 200), never used in generator training",
         "seconds": time.perf_counter() - start,
         "stage_seconds": timings,
         "test_images": int(data.y_test.numel()),
@@ -199,5 +218,10 @@ def format_table(m: dict) -> str:
     width = max(len(r[0]) for r in rows)
     lines = [f"{'model':<{width}}  accuracy", f"{'-' * width}  --------"]
     lines += [f"{name:<{width}}  {acc * 100:7.2f}%" for name, acc in rows]
+    if "teacher_top1_on_generated" in m:
+        for key, label in [("teacher_top1_on_generated", "teacher"), ("verifier_top1_on_generated", "verifier")]:
+            v = m[key]
+            lines.append(f"{label} top-1 on generated images: ensemble {v['ensemble'] * 100:.1f}%, "
+                         f"one generator {v['single_generator'] * 100:.1f}%")
     lines.append(f"held-out real digits: {m['test_images']}; wall time {m['seconds']:.0f} s")
     return "\n".join(lines)
