@@ -24,8 +24,9 @@ def build(seed: int = 0):
 def train(teacher, ensemble, ctx, scope: str, steps: int, checkpoint_dir=None, checkpoint_every=0):
     from fastdfd import GeneratorTrainer
 
+    # the digits teachers take pixels scaled to [-1, 1], as the demo declares
     trainer = GeneratorTrainer(teacher, ensemble, scope=scope, batch_size=3, lr=1e-2, seed=7, progress=False,
-                               log_every=1, distributed=ctx, checkpoint_dir=checkpoint_dir,
+                               log_every=1, distributed=ctx, checkpoint_dir=checkpoint_dir, input_space="minus_one_one",
                                checkpoint_every=checkpoint_every)
     return trainer
 
