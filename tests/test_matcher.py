@@ -296,3 +296,71 @@ def test_generator_scope_batch_must_split(digits_teacher):
     with MomentMatcher(digits_teacher, scope="generator"):
         with pytest.raises(RuntimeError, match="matcher.groups"):
             digits_teacher(torch.randn(4, 1, 16, 16))
+
+
+def mean_hook_distance(x, module, kind):
+    """The scale-free per-layer distance, float64 from its definition (per-channel mean, RMS for l2)."""
+    x = x.double()
+    nch = x.shape[1]
+    dims = [0] + list(range(2, x.dim()))
+    mean = x.mean(dims)
+    var = x.transpose(0, 1).contiguous().view(nch, -1).var(1, unbiased=False)
+    rm, rv, eps = module.running_mean.double(), module.running_var.double(), module.eps
+    if kind == "l2":  # root-mean-square differences
+        return ((rv - var) ** 2).mean().sqrt() + ((rm - mean) ** 2).mean().sqrt()
+    if kind == "mse":
+        return ((mean - rm) ** 2).mean() + ((var - rv) ** 2).mean()
+    vb, vr = var + eps, rv + eps
+    if kind == "kl":
+        return (0.5 * torch.log(vr / vb) + (vb + (mean - rm) ** 2) / (2 * vr) - 0.5).mean()
+    return (0.5 * torch.log(vb / vr) + (vr + (mean - rm) ** 2) / (2 * vb) - 0.5).mean()
+
+
+@pytest.mark.parametrize("kind", fastdfd.KINDS)
+def test_mean_normalization_against_float64_reference(resnets, kind):
+    teacher = copy.deepcopy(resnets["resnet18"]).double()
+    x = (0.2 + torch.randn(6, 3, 32, 32, dtype=torch.float64)).requires_grad_(True)
+    values = []
+    handles = [m.register_forward_hook(lambda mod, inp, out: values.append(mean_hook_distance(inp[0], mod, kind)))
+               for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)]
+    teacher(x)
+    for h in handles:
+        h.remove()
+    ref = (2.0 * values[0] + sum(values[1:])) / len(values)
+    (ref_grad,) = torch.autograd.grad(ref, x)
+    with MomentMatcher(teacher, kind=kind, normalization="mean", first_layer_multiplier=2.0) as matcher:
+        teacher(x)
+        loss = matcher.loss()
+        (grad,) = torch.autograd.grad(loss, x)
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-8, atol=1e-10 * float(ref_grad.abs().max()))
+
+
+def test_mean_normalization_generator_scope_and_scale(digits_teacher):
+    x = torch.randn(12, 1, 16, 16)
+    with MomentMatcher(digits_teacher, scope="generator", groups=3) as m:
+        digits_teacher(x)
+        layers = m.layer_losses()
+        summed = m.loss()
+    channels = {n: mod.num_features for n, mod in digits_teacher.named_modules() if isinstance(mod, nn.BatchNorm2d)}
+    with MomentMatcher(digits_teacher, scope="generator", groups=3, normalization="mean") as m:
+        digits_teacher(x)
+        got = m.loss()
+        assert "normalization='mean'" in repr(m)
+    want = sum(v / channels[n] for n, v in layers.items()) / len(layers)
+    torch.testing.assert_close(got, want)
+    assert got.shape == summed.shape == (3,)
+    with pytest.raises(ValueError, match="normalization"):
+        MomentMatcher(digits_teacher, normalization="max")
+
+
+def test_mean_normalization_does_not_grow_with_width():
+    """The same per-channel mismatch in a 4x wider layer: the summed KL grows 4x, the mean stays."""
+    def loss(width, normalization):
+        bn = nn.BatchNorm2d(width).eval()
+        x = torch.full((4, width, 2, 2), 0.5) + torch.arange(4.0).view(4, 1, 1, 1)
+        with MomentMatcher(nn.Sequential(bn), normalization=normalization) as m:
+            m.teacher(x)
+            return float(m.loss())
+    assert loss(32, "sum") == pytest.approx(4 * loss(8, "sum"), rel=1e-5)
+    assert loss(32, "mean") == pytest.approx(loss(8, "mean"), rel=1e-5)
