@@ -256,3 +256,26 @@ def test_distiller_evaluate():
     x = torch.randn(10, 1, 16, 16)
     y = teacher(x).argmax(1)
     assert d.evaluate([(x[:6], y[:6]), (x[6:], y[6:])]) == 1.0
+
+
+def test_mean_normalization_is_the_folded_layer_weights(digits_teacher):
+    """normalization='mean' on the trainer equals the summed form with layer weights 1/(C_l * L)."""
+    bns = [(n, m) for n, m in digits_teacher.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    weights = {n: 1.0 / (m.num_features * len(bns)) for n, m in bns}
+    a = trainer(digits_teacher, small_ensemble(k=2, num_classes=10), normalization="mean", scope="ensemble")
+    b = trainer(digits_teacher, small_ensemble(k=2, num_classes=10), layer_weights=weights, scope="ensemble")
+    ha, hb = a.fit(2), b.fit(2)
+    for ra, rb in zip(ha, hb):
+        assert ra["moment"] == pytest.approx(rb["moment"], rel=1e-5)
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
+    assert a.config()["normalization"] == "mean" and "normalization" not in b.config()
+    with pytest.raises(ValueError, match="normalization"):
+        trainer(digits_teacher, small_ensemble(), normalization="rms")
+
+
+def test_l2_prior_adds_the_mean_square_of_the_input(digits_teacher):
+    a = trainer(digits_teacher, small_ensemble(), l2_weight=0.5)
+    b = trainer(digits_teacher, small_ensemble())
+    assert a.config()["l2_weight"] == 0.5 and "l2_weight" not in b.config()
+    ra, rb = a.fit(1)[0], b.fit(1)[0]  # the same first step's images (same seed and ensemble)
+    assert ra["moment"] == pytest.approx(rb["moment"]) and ra["loss"] > rb["loss"]

@@ -4,7 +4,7 @@ Per step, for the k generators of this step (all, or a chunk of ``generators_per
 
     x      = ensemble(z, y)                       one batched pass, [k*B, C, S, S]
     logits = teacher(x)                           BN layers tapped by a MomentMatcher
-    L_k    = moment_weight * D_k + ce_weight * CE_k + tv_weight * TV_k
+    L_k    = moment_weight * D_k + ce_weight * CE_k + tv_weight * TV_k + l2_weight * mean(x_k^2)
     loss   = sum_k L_k                            (scope="generator": D_k from generator k's images)
              k * moment_weight * D + sum_k (...)  (scope="ensemble": one D over the whole batch)
 
@@ -45,7 +45,7 @@ from ..checkpoint import check_config
 from ..distributed import DistContext
 from ..input_space import InputSpace, generator_pixels
 from ..nn.ensemble import GeneratorEnsemble, ensemble_forward
-from ..nn.matcher import SCOPES, MomentMatcher
+from ..nn.matcher import NORMALIZATIONS, SCOPES, MomentMatcher
 from ..ops import check_kind
 from .graphed_step import GraphedStep, cuda_capture
 from .images import grid, save_png
@@ -77,8 +77,12 @@ class GeneratorTrainer(StepLoop):
     """Moment matching + cross-entropy (+ total variation) training of every generator.
 
     Args (beyond teacher and ensemble):
-        kind, scope, layer_weights, first_layer_multiplier: the MomentMatcher's settings.
+        kind, scope, layer_weights, first_layer_multiplier, normalization: the MomentMatcher's settings
+            (``normalization="mean"``: each layer's distance averaged over its channels and the layers
+            averaged, a scale that does not grow with the teacher's width or depth; ``"sum"``: the summed form).
         moment_weight, ce_weight, tv_weight: loss weights (digits study: 10 / 1 / 0).
+        l2_weight: an L2 image prior, the mean square of the teacher's input (DeepInversion's); folded into
+            ``loss`` (not a logged term of its own).
         batch_size: images per generator per step.
         offload: keep every generator's parameters and Adam moments in (pinned) host memory
             and move only the step's chunk to the teacher's device; for ensembles larger than
@@ -134,9 +138,11 @@ class GeneratorTrainer(StepLoop):
         scope: str = "generator",
         layer_weights: Sequence[float] | Mapping[str, float] | None = None,
         first_layer_multiplier: float = 1.0,
+        normalization: str = "sum",
         moment_weight: float = 10.0,
         ce_weight: float = 1.0,
         tv_weight: float = 0.0,
+        l2_weight: float = 0.0,
         batch_size: int = 32,
         generators_per_step: int | str | None = None,
         lr: float = 1e-3,
@@ -164,7 +170,9 @@ class GeneratorTrainer(StepLoop):
             raise ValueError(f"unknown scope {scope!r}; expected one of {SCOPES}")
         if batch_size < 1:
             raise ValueError("batch_size must be positive")
-        if min(moment_weight, ce_weight, tv_weight) < 0:
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"unknown normalization {normalization!r}; expected one of {NORMALIZATIONS}")
+        if min(moment_weight, ce_weight, tv_weight, l2_weight) < 0:
             raise ValueError("loss weights must be non-negative")
         self.teacher, self.ensemble = teacher, ensemble
         self.input_space = InputSpace.parse(input_space)
@@ -175,6 +183,7 @@ class GeneratorTrainer(StepLoop):
         self.kind, self.scope = kind, scope
         self.layer_weights, self.first_layer_multiplier = layer_weights, float(first_layer_multiplier)
         self.moment_weight, self.ce_weight, self.tv_weight = float(moment_weight), float(ce_weight), float(tv_weight)
+        self.normalization, self.l2_weight = normalization, float(l2_weight)
         self.batch_size = int(batch_size)
         self.lr, self.betas = float(lr), tuple(betas)
         # bf16 autocast of the teacher's forward (generators keep their own dtype) and a
@@ -265,7 +274,9 @@ class GeneratorTrainer(StepLoop):
             "ce_weight": self.ce_weight, "tv_weight": self.tv_weight, "lr": self.lr, "betas": list(self.betas),
             "first_layer_multiplier": self.first_layer_multiplier, "seed": self.seed,
             "layer_weights": dict(lw) if isinstance(lw, Mapping) else (None if lw is None else list(lw)),
-            # only when set: checkpoints written before input spaces existed still resume
+            # only when set: checkpoints written before these settings existed still resume
+            **({"normalization": self.normalization} if self.normalization != "sum" else {}),
+            **({"l2_weight": self.l2_weight} if self.l2_weight else {}),
             **({"input_space": str(self.input_space)} if self.input_space.name != "identity" else {}),
         }
 
@@ -273,7 +284,7 @@ class GeneratorTrainer(StepLoop):
     def _run(self) -> Iterator[MomentMatcher]:
         with frozen_eval(self.teacher), MomentMatcher(
             self.teacher, kind=self.kind, scope=self.scope, layer_weights=self.layer_weights,
-            first_layer_multiplier=self.first_layer_multiplier,
+            first_layer_multiplier=self.first_layer_multiplier, normalization=self.normalization,
         ) as matcher:
             matcher.distributed = self.dist
             try:
@@ -300,6 +311,8 @@ class GeneratorTrainer(StepLoop):
         ce = F.cross_entropy(logits.float(), y.reshape(-1), reduction="none").view(k, b).mean(1)
         tv = total_variation(x).view(k, b).mean(1) if self.tv_weight else ce.new_zeros(k)
         rest = self.ce_weight * ce + self.tv_weight * tv
+        if self.l2_weight:
+            rest = rest + self.l2_weight * x.float().pow(2).reshape(k, -1).mean(1)
         if self.scope == "generator":
             total = (self.moment_weight * moment + rest).sum()
         else:
