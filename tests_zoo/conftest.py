@@ -61,21 +61,23 @@ def _rows():
         checks = OUTCOMES.get(case.id)
         if not checks:
             continue
+        r64 = None
         try:
-            row = zoo.summary(zoo.measure(case.id))
+            r64 = zoo.measure64(case.id)
+        except Exception as exc:  # test_float64_exact / the rule tests already failed with it
+            float64_error = f"{type(exc).__name__}: {exc}"
+        else:
+            float64_error = None
+        try:
+            row = zoo.summary(zoo.measure(case.id), r64)
         except Exception as exc:  # the tests already failed with it
             row = {"library": case.library, "name": case.name, "variant": case.variant,
                    "input_shape": list(case.input_shape), "bn_flavours": {}, "bn_layers": None,
-                   "matcher_layers": None, "tolerance_rel": case.rtol, "logit_rel_err": None,
-                   "input_grad_rel_err": None, "loss_rel_err": None, "error": f"{type(exc).__name__}: {exc}"}
-        if "float64_exact" in checks:
-            try:
-                r64 = zoo.measure64(case.id)
-                row["float64_logit_rel_err"], row["float64_input_grad_rel_err"] = r64["logit"], r64["grad"]
-            except Exception as exc:
-                row["float64_error"] = f"{type(exc).__name__}: {exc}"
+                   "matcher_layers": None, "error": f"{type(exc).__name__}: {exc}"}
+        row["float64_error"] = float64_error
         row["checks"] = dict(sorted(checks.items()))
-        row["pass"] = all(v == "passed" for v in checks.values())
+        # a skipped check (test_float64_exact under autocast) is not a failure
+        row["pass"] = all(v in ("passed", "skipped") for v in checks.values())
         rows.append(row)
     return rows
 
@@ -107,32 +109,50 @@ def _versions():
     return out
 
 
+COLUMNS = [
+    # header, width, row key
+    ("f64-lg", 7, "float64_logit_rel_err"), ("f64-gr", 7, "float64_input_grad_rel_err"),
+    ("lg-tap", 7, "logit_norm_err_tapped_vs_ref64"), ("lg-untap", 8, "logit_norm_err_untapped_vs_ref64"),
+    ("gr-tap", 7, "input_grad_norm_err_tapped_vs_ref64"), ("gr-untap", 8, "input_grad_norm_err_untapped_vs_ref64"),
+    ("el-lg", 7, "logit_rel_err"), ("el-gr", 7, "input_grad_rel_err"),
+    ("floor-lg", 8, "floor_logit_rel_err"), ("floor-gr", 8, "floor_input_grad_rel_err"),
+]
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     rows = _rows()
     if not rows:
         return
     tr = terminalreporter
-    tr.section("zoo: tapped vs untapped teacher (rel err = max|a-b| / max|ref|)")
-    tr.write_line("floor: the untapped run with each BN input perturbed by one fp32 rounding; "
-                  "f64: the case in float64")
-    tr.write_line(f"{'case':58s} {'tol':>7s} {'logits':>8s} {'in-grad':>8s} {'loss':>8s} {'floor-lg':>8s} "
-                  f"{'floor-gr':>8s} {'f64-lg':>8s} {'f64-gr':>8s} {'layers':>7s}  result  BN flavours")
+    tr.section("zoo: tapped vs untapped teacher")
+    tr.write_line("f64-lg/gr: float64 tapped vs untapped, max|a-b|/max|b| (asserted <= 1e-10; '-': autocast, skipped)")
+    tr.write_line("lg/gr-tap, -untap: fp32 (autocast) run vs the float64 untapped reference, norm-wise "
+                  "||a-ref64||/||ref64|| (asserted: tap <= 2 x untap + atol)")
+    tr.write_line("el-lg/gr: elementwise max|tapped-untapped|/max|untapped| in fp32 (autocast); 'el<=1e-5': within "
+                  "1e-5 elementwise (autocast: the dtype's tolerance), reported, not asserted; floor: the untapped "
+                  "run with each BN input perturbed by one fp32 rounding, same measure as el")
+    header = " ".join(f"{h:>{w}s}" for h, w, _ in COLUMNS)
+    tr.write_line(f"{'case':58s} {header} {'el<=1e-5':>8s} {'layers':>7s}  result  BN flavours")
     for r in rows:
         cid = f"{r['library']}:{r['name']}" + ("" if r["variant"] == "eval fp32" else f" [{r['variant']}]")
-        layers = f"{_fmt(r['matcher_layers'])}/{r['bn_layers']}"
-        failed = [k for k, v in r["checks"].items() if v != "passed"]
+        layers = f"{_fmt(r.get('matcher_layers'))}/{_fmt(r.get('bn_layers'))}"
+        failed = [k for k, v in r["checks"].items() if v not in ("passed", "skipped")]
         result = "PASS" if r["pass"] else "FAIL(" + ",".join(failed) + ")"
         fl = ", ".join(f"{k.split('.', 1)[1]} x{n}" for k, n in r["bn_flavours"].items())
-        tr.write_line(f"{cid:58s} {r['tolerance_rel']:7.1e} {_fmt(r['logit_rel_err']):>8s} "
-                      f"{_fmt(r['input_grad_rel_err']):>8s} {_fmt(r['loss_rel_err']):>8s} "
-                      f"{_fmt(r.get('floor_logit_rel_err')):>8s} {_fmt(r.get('floor_input_grad_rel_err')):>8s} "
-                      f"{_fmt(r.get('float64_logit_rel_err')):>8s} {_fmt(r.get('float64_input_grad_rel_err')):>8s} "
-                      f"{layers:>7s}  {result}  {fl}")
+        cells = " ".join(f"{_fmt(r.get(key)):>{w}s}" for _, w, key in COLUMNS)
+        within = {True: "yes", False: "no", None: "-"}[r.get("within_elementwise")]
+        tr.write_line(f"{cid:58s} {cells} {within:>8s} {layers:>7s}  {result}  {fl}")
         if r.get("autocast_logit_rel_err_vs_fp32"):
             a = r["autocast_logit_rel_err_vs_fp32"]
             tr.write_line(f"{'':10s}logits against the untapped fp32 run: untapped {a['untapped']:.1e}, tapped {a['tapped']:.1e}")
-        if r["error"]:
-            tr.write_line(f"{'':10s}error: {r['error'][:300]}")
+        for key in ("error", "float64_error"):
+            if r.get(key):
+                tr.write_line(f"{'':10s}{key}: {r[key][:300]}")
+    n_strict = sum(r.get("within_elementwise") is True for r in rows)
+    n_strict32 = sum(r.get("within_elementwise") is True for r in rows if "autocast" not in r["variant"])
+    n32 = sum("autocast" not in r["variant"] for r in rows)
+    tr.write_line(f"passed {sum(r['pass'] for r in rows)}/{len(rows)} cases; strict elementwise target met by "
+                  f"{n_strict32}/{n32} fp32 cases ({n_strict}/{len(rows)} with autocast at its dtype tolerance)")
     path = config.getoption("--zoo-report")
     if path:
         doc = {
@@ -141,18 +161,39 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             "date": datetime.date.today().isoformat(),
             "machine": f"CPU, {os.cpu_count()} cores, no GPU",
             "versions": _versions(),
-            "rel_err": "max |tapped - untapped| / max |untapped| (logits, input gradient of a fixed "
-                       "random projection of the logits); loss against a float64 forward-hook reference",
+            "criteria": {
+                "float64": "float64_*: model, statistics and input in float64, tapped vs untapped: "
+                           "max |a - b| / max |b| of the logits, the input gradient and (train mode) the running "
+                           "statistics after the run; asserted <= float64 tolerance (not run under autocast)",
+                "rule": "*_norm_err_{tapped,untapped}_vs_ref64: the fp32 (autocast) run against the untapped "
+                        "teacher in float64 (ref64; under autocast: without autocast), ||a - ref64||_2 / "
+                        "||ref64||_2 over the whole tensor; asserted: tapped <= rule_factor x untapped + rule_atol "
+                        "(*_rule_bound, *_rule_ok)",
+                "elementwise": "logit_rel_err / input_grad_rel_err: max |tapped - untapped| / max |untapped| in fp32 "
+                               "(autocast: in the autocast dtype); within_elementwise: |a - b| <= tol (|b| + max |b|) "
+                               "everywhere for both, tol = elementwise_tol (1e-5 fp32, the dtype's under autocast); "
+                               "the strict target, reported, not asserted",
+                "input_gradient": "gradient w.r.t. the input of a fixed random projection of the logits (the same "
+                                  "projection in every run)",
+                "loss": "loss_rel_err: m.loss() against a float64 forward-hook reference",
+            },
             "noise_floor": "floor_*: the untapped run again with the input of every BN-like layer times "
                            "(1 + u * N(0, 1)), u = 2^-24 (fp32 unit roundoff), handed on in fp32 (under autocast "
                            "the next op rounds it): how far a BN computed in fp32 by a formula not bit-identical "
-                           "to torch's moves this teacher (one sample); reported, not asserted",
-            "tolerances": {"fp32": zoo.FP32_RTOL, "float64": zoo.FP64_RTOL, "autocast": {str(k): v for k, v in zoo.AUTOCAST_RTOL.items()},
+                           "to torch's moves this teacher (one sample); floor_*_rel_err against the untapped run "
+                           "(elementwise, as *_rel_err), floor_*_norm_err_vs_ref64 against ref64 (as the rule); "
+                           "reported, not asserted",
+            "tolerances": {"float64": zoo.FP64_RTOL, "rule_factor": zoo.RULE_FACTOR,
+                           "rule_atol_fp32": zoo.FP32_RULE_ATOL,
+                           "rule_atol_autocast": {str(k): v for k, v in zoo.AUTOCAST_RULE_ATOL.items()},
+                           "elementwise_fp32": zoo.FP32_RTOL,
+                           "elementwise_autocast": {str(k): v for k, v in zoo.AUTOCAST_RTOL.items()},
                            "loss_vs_float64_reference": zoo.LOSS_RTOL},
             "rows": rows,
             "other_tests": OTHER,
             "passed": sum(r["pass"] for r in rows),
             "failed": sum(not r["pass"] for r in rows),
+            "strict_elementwise_1e-5_met_fp32": f"{n_strict32}/{n32}",
         }
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(doc, indent=1) + "\n")
