@@ -28,11 +28,12 @@ from pathlib import Path
 
 import torch
 
-from fastdfd.cli.demo import NUM_CLASSES, DemoSettings, _data_free_student, train_digits_teacher
+from fastdfd.cli.demo import INPUT_SPACE, NUM_CLASSES, DemoSettings, _data_free_student, train_digits_teacher
 from fastdfd.data import load_digits_split
 from fastdfd.models import create_model
 from fastdfd.nn import GeneratorEnsemble
 from fastdfd.train import evaluate_accuracy
+from fastdfd.train.quality import generator_quality
 
 BEGIN, END = "<!-- ablations:begin -->", "<!-- ablations:end -->"
 COMMAND = "python benchmarks/ablations.py --seeds 3"
@@ -118,7 +119,10 @@ def _variant_job(job: tuple[DemoSettings, Variant, dict, float]) -> dict:
     test = list(zip(data.x_test.split(256), data.y_test.split(256)))
     t = time.perf_counter()
     ensemble, acc, gen, kd = _data_free_student(teacher, vs, v.num_generators, test, None, False, **v.knobs)
+    # the teacher's top-1 on fresh images against the intended class (50 per class; private RNG)
+    quality = generator_quality(teacher, ensemble, n_per_class=50, input_space=INPUT_SPACE, kind=vs.kind, seed=vs.seed)
     return {
+        "teacher_top1_on_generated": quality.teacher_top1,
         "variant": v.name, "seed": vs.seed, "accuracy": acc, "teacher_accuracy": teacher_acc,
         "seconds": time.perf_counter() - t, "generator_parameters": sum(p.numel() for p in ensemble.parameters()),
         "generator_final": gen[-1] if gen else {}, "distill_final": kd[-1] if kd else {},
@@ -163,6 +167,7 @@ def run_ablations(out: str | Path = "runs/ablations", seeds: int = 3, quick: boo
         for r in imap(_variant_job, jobs):
             runs.append(r)
             print(f"[{len(runs)}/{len(jobs)}] seed {r['seed']} {r['variant']:<26} student {r['accuracy'] * 100:6.2f}%"
+                  f"  teacher on generated {r['teacher_top1_on_generated'] * 100:5.1f}%"
                   f"  {r['seconds']:5.1f} s  ({time.perf_counter() - start:.0f} s in all)", flush=True)
     finally:
         if pool is not None:

@@ -64,11 +64,12 @@ class DemoSettings:
 
 def _data_free_student(teacher, settings: DemoSettings, num_generators: int, test, log_dir: Path | None,
                        progress: bool, *, widths: tuple[int, ...] | None = None, output_bn: bool = False,
-                       first_layer_multiplier: float = 1.0, student_bn: str = "mixed"):
+                       first_layer_multiplier: float = 1.0, student_bn: str = "mixed",
+                       trainer_kwargs: dict | None = None):
     """Train an ensemble of ``num_generators`` from the teacher, distill a student; return both.
 
     The keyword knobs (generator widths, output BN, the first BN layer's weight, the
-    student's BN statistics) default to the demo's choices; ``benchmarks/ablations.py``
+    student's BN statistics) default to the demo's choices (``trainer_kwargs``: more GeneratorTrainer settings); ``benchmarks/ablations.py``
     varies them one at a time. ``log_dir=None`` writes no CSV logs.
     """
     s = settings
@@ -82,6 +83,7 @@ def _data_free_student(teacher, settings: DemoSettings, num_generators: int, tes
         first_layer_multiplier=first_layer_multiplier, input_space=INPUT_SPACE,
         batch_size=s.generator_batch * batch_scale, lr=s.generator_lr, seed=s.seed, progress=progress,
         log_path=None if log_dir is None else log_dir / f"generators_k{num_generators}.csv", log_every=25,
+        **(trainer_kwargs or {}),
     )
     gen_history = trainer.fit(s.generator_steps)
     student = create_model("digits_student", num_classes=NUM_CLASSES)
