@@ -279,3 +279,18 @@ def test_l2_prior_adds_the_mean_square_of_the_input(digits_teacher):
     assert a.config()["l2_weight"] == 0.5 and "l2_weight" not in b.config()
     ra, rb = a.fit(1)[0], b.fit(1)[0]  # the same first step's images (same seed and ensemble)
     assert ra["moment"] == pytest.approx(rb["moment"]) and ra["loss"] > rb["loss"]
+
+
+def test_named_presets_build_a_trainer(digits_teacher):
+    from fastdfd.train.settings import PRESETS, preset
+
+    assert preset("paper").normalization == "sum" and preset("paper").output_bn
+    assert preset("paper").trainer_kwargs()["batch_size"] == 64
+    for name in PRESETS:
+        s = preset(name).replace(batch_size=2, widths=(8, 4), latent_dim=8)
+        ens = GeneratorEnsemble(2, 10, image_size=16, channels=1, **s.ensemble_kwargs())
+        t = GeneratorTrainer(digits_teacher, ens, progress=False, input_space="minus_one_one", **s.trainer_kwargs())
+        assert len(t.fit(1)) == 1  # builds and steps
+        assert t.normalization == s.normalization and t.scope == s.scope
+    with pytest.raises(ValueError, match="known"):
+        preset("nope")
