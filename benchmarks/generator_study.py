@@ -1,6 +1,7 @@
 """The generator study: one knob at a time, on the pretrained EfficientNet-Lite0 and on the digits demo.
 
     python benchmarks/generator_study.py lite0 NAME KEY=VALUE ...   # one Lite0 run (benchmarks/real_teacher.py)
+    python benchmarks/generator_study.py table                      # the runs so far as a markdown table
     python benchmarks/generator_study.py digits NAME KEY=VALUE ...  # one digits run (the demo's generator stage
                                                                     # + its distillation, 10 generators)
 
@@ -90,7 +91,26 @@ def digits(name, pairs):
             "ce_end": gen_h[-1]["ce"], "steps": s.generator_steps, "wall_s": time.perf_counter() - start}
 
 
+def table(runs) -> str:
+    """The study as a markdown table (every run, in the order run)."""
+    lines = ["| teacher | run | seed | steps | teacher top-1 on generated | verifier top-1 | "
+             "student | moment start -> end | ce start -> end | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        v = r.get("verifier_top1_on_generated")
+        st = r.get("student_accuracy")
+        lines.append(
+            f"| {r['teacher']} | {r['name']} | {r['seed']} | {r['steps']} | "
+            f"{r['teacher_top1_on_generated'] * 100:.1f}% | {'' if v is None else f'{v * 100:.1f}%'} | "
+            f"{'' if st is None else f'{st * 100:.2f}%'} | {r['moment_start']:.4g} -> {r['moment_end']:.4g} | "
+            f"{r['ce_start']:.3g} -> {r['ce_end']:.3g} | {r['wall_s']:.0f} |")
+    return "\n".join(lines)
+
+
 def main():
+    if sys.argv[1:] == ["table"]:
+        print(table(json.loads(OUT.read_text())))
+        return
     which, name, *pairs = sys.argv[1:]
     rec = {"lite0": lite0, "digits": digits}[which](name, pairs)
     rec["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
