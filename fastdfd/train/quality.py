@@ -102,7 +102,8 @@ def generator_quality(
     ``input_space`` (the verifier's with ``verifier_input_space``, by default the same) and the
     networks run in eval mode without gradients (their modes are restored). ``moment_images``
     caps the images of the one moment forward (scope ``ensemble``, unweighted distances of ``kind``;
-    taken evenly over the classes when there are more). ``seed`` seeds a private RNG.
+    taken evenly over the classes when there are more); only those and the grid's columns are kept
+    in memory, the rest are scored and dropped chunk by chunk. ``seed`` seeds a private RNG.
     """
     if n_per_class < 1:
         raise ValueError("n_per_class must be positive")
@@ -117,7 +118,9 @@ def generator_quality(
     modes = [(m, m.training) for m in (teacher, verifier) if m is not None]
     for m, _ in modes:
         m.eval()
-    images, labels, t_pred, v_pred = [], [], [], []
+    images, labels, y_seen, t_pred, v_pred = [], [], [], [], []
+    # images kept per (generator, class): the grid's columns, or the moment forward's even share if larger
+    keep_per = min(n_per_class, max(sample_columns, moment_images // (k * per)))
     try:
         for lo in range(0, k, chunk):
             rows = torch.arange(lo, min(k, lo + chunk), device=device)
@@ -130,9 +133,13 @@ def generator_quality(
             t_pred.append(_predict(teacher, space.from_generator(x), probabilities))
             if verifier is not None:
                 v_pred.append(_predict(verifier, vspace.from_generator(x)))
-            images.append(x.cpu())
-            labels.append(y.cpu())
-        x_all, y_all = torch.cat(images), torch.cat(labels)
+            # keep only what the grid and the moment forward need (not every image: 1000 classes at 224 px)
+            keep = (torch.arange(per_gen, device=device) % n_per_class < keep_per).repeat(rows.numel())
+            images.append(x[keep].cpu())
+            labels.append(y[keep].cpu())
+            y_seen.append(y.cpu())
+        x_all, y_kept = torch.cat(images), torch.cat(labels)
+        y_all = torch.cat(y_seen)
         t_ok = torch.cat(t_pred).cpu() == y_all
         v_ok = torch.cat(v_pred).cpu() == y_all if verifier is not None else None
         classes = sorted(set(y_all.tolist()))
@@ -142,7 +149,7 @@ def generator_quality(
         v_per = {c: float(v_ok[m].float().mean()) for c, m in per_class.items()} if v_ok is not None else None
 
         # moment distances: one forward of (at most) moment_images images, evenly over the classes
-        order = torch.argsort(y_all, stable=True)
+        order = torch.argsort(y_kept, stable=True)
         if len(order) > moment_images:
             order = order[torch.linspace(0, len(order) - 1, moment_images).long()]
         teacher_device = next(teacher.parameters()).device
@@ -154,7 +161,7 @@ def generator_quality(
             m.train(was)
 
     # the sample grid: the first columns of every class, one row per class (at most max_grid_rows)
-    rows_px = [generator_pixels(x_all[y_all == c][:sample_columns]) for c in classes[:max_grid_rows]]
+    rows_px = [generator_pixels(x_all[y_kept == c][:sample_columns]) for c in classes[:max_grid_rows]]
     cols = min(r.shape[0] for r in rows_px)
     samples = torch.stack([r[:cols] for r in rows_px])
     names = None
