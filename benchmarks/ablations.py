@@ -4,9 +4,11 @@
 
 Per seed one BN teacher is trained (the demo's ``train_digits_teacher``) and reused by every
 variant. Every variant is the demo's data-free pipeline (``fastdfd.cli.demo``: 10
-class generators, per-generator statistics, kl, moment weight 10, cross-entropy 1, no
-output BN, first-layer multiplier 1, the student's BN over the mixed batch) at a smaller
-step budget, with exactly one knob changed. Writes ``results.json`` (every run) and
+class generators, per-generator statistics, kl summed over channels and layers,
+moment weight 10, cross-entropy 1, no output BN, first-layer multiplier 1, the student's BN
+over the mixed batch) at a smaller step budget, with exactly one knob changed; the paper's
+preset changes several at once. Every run also records the teacher's top-1 on 50 fresh
+generated images per class (``teacher_top1_on_generated``). Writes ``results.json`` (every run) and
 ``table.md`` under ``--out`` and, unless ``--quick`` or ``--no-readme``, replaces the text
 between the ``<!-- ablations:begin -->`` / ``<!-- ablations:end -->`` markers of the README.
 """
@@ -84,6 +86,8 @@ def variants(s: DemoSettings) -> list[Variant]:
         Variant("single_same_capacity", f"1 generator, batch x10, widths {list(widths)} (~ensemble's parameters)",
                 knobs={"widths": widths}, num_generators=1),
         Variant("scope_ensemble", "statistics over the mixed batch (scope=ensemble)", {"scope": "ensemble"}),
+        Variant("normalization_mean", "kl averaged over channels and layers (normalization=mean)",
+                {"normalization": "mean"}),
         Variant("kind_kl_reverse", "moment distance kl_reverse", {"kind": "kl_reverse"}),
         Variant("kind_l2", "moment distance l2 (DeepInversion), weight 10 kept", {"kind": "l2"}),
         Variant("kind_mse", "moment distance mse (GDFQ), weight 10 kept", {"kind": "mse"}),
@@ -93,10 +97,11 @@ def variants(s: DemoSettings) -> list[Variant]:
         Variant("output_bn", "generator output BN on (the paper's)", knobs={"output_bn": True}),
         Variant("student_bn_per_generator", "student BN statistics per generator's block",
                 knobs={"student_bn": "per_generator"}),
-        # two knobs: the student-BN question asked of label-faithful (mixed-statistics) generators,
-        # compared with scope_ensemble, since the baseline's generators ignore their labels
-        Variant("scope_ensemble_student_bn_per_generator", "two knobs: scope=ensemble and student BN per block",
-                {"scope": "ensemble"}, knobs={"student_bn": "per_generator"}),
+        # the paper's settings as one preset (fastdfd.train.settings.preset("paper")): summed kl, per-generator
+        # statistics, output BN, Adam lr 1e-3, 64 images per generator per step
+        Variant("paper_preset", "the paper's preset: summed kl, scope generator, output BN, lr 1e-3, batch 64",
+                {"normalization": "sum", "scope": "generator", "generator_lr": 1e-3, "generator_batch": 64},
+                knobs={"output_bn": True}),
     ]
 
 
