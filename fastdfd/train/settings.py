@@ -54,7 +54,9 @@ PRESETS: dict[str, GeneratorSettings] = {
                                lr=1e-3, betas=(0.5, 0.999), batch_size=64, output_bn=True, widths=(128, 64),
                                latent_dim=100),
     "default": GeneratorSettings(),
-    "scale_free": GeneratorSettings(scope="ensemble", normalization="mean", moment_weight=1.0, ce_weight=1.0, lr=1e-2,
+    # measured (docs/generators.md): teacher top-1 on generated digits 100% (summed/per-generator: 10.8%);
+    # EfficientNet-Lite0 at moment weight 10-30: 51-53% after 200 steps (summed: 0%)
+    "scale_free": GeneratorSettings(scope="ensemble", normalization="mean", moment_weight=10.0, ce_weight=1.0, lr=1e-2,
                                     output_bn=False),
 }
 
