@@ -15,22 +15,26 @@ from fastdfd.nn import BNTap
 from .conftest import randomize_bn_stats
 
 
-def hook_distance(x, module, kind):
-    """The distance a forward hook would compute, in float64, straight from design.md."""
+def hook_distance(x, module, kind, normalization="sum"):
+    """The distance a forward hook would compute, in float64, straight from design.md.
+
+    ``normalization="mean"``: the scale-free per-layer form (per-channel mean; RMS for l2).
+    """
     x = x.double()
     nch = x.shape[1]
     dims = [0] + list(range(2, x.dim()))
     mean = x.mean(dims)
     var = x.transpose(0, 1).contiguous().view(nch, -1).var(1, unbiased=False)
     rm, rv, eps = module.running_mean.double(), module.running_var.double(), module.eps
-    if kind == "l2":  # DeepInversion's r_feature, verbatim
-        return torch.norm(rv - var, 2) + torch.norm(rm - mean, 2)
+    per_channel = 1.0 if normalization == "sum" else nch
+    if kind == "l2":  # DeepInversion's r_feature, verbatim (mean: root-mean-square differences)
+        return (torch.norm(rv - var, 2) + torch.norm(rm - mean, 2)) / per_channel ** 0.5
     if kind == "mse":
         return ((mean - rm) ** 2).mean() + ((var - rv) ** 2).mean()
     vb, vr = var + eps, rv + eps
     if kind == "kl":
-        return (0.5 * torch.log(vr / vb) + (vb + (mean - rm) ** 2) / (2 * vr) - 0.5).sum()
-    return (0.5 * torch.log(vb / vr) + (vr + (mean - rm) ** 2) / (2 * vb) - 0.5).sum()
+        return (0.5 * torch.log(vr / vb) + (vb + (mean - rm) ** 2) / (2 * vr) - 0.5).sum() / per_channel
+    return (0.5 * torch.log(vb / vr) + (vr + (mean - rm) ** 2) / (2 * vb) - 0.5).sum() / per_channel
 
 
 class HookLoss:
@@ -298,30 +302,12 @@ def test_generator_scope_batch_must_split(digits_teacher):
             digits_teacher(torch.randn(4, 1, 16, 16))
 
 
-def mean_hook_distance(x, module, kind):
-    """The scale-free per-layer distance, float64 from its definition (per-channel mean, RMS for l2)."""
-    x = x.double()
-    nch = x.shape[1]
-    dims = [0] + list(range(2, x.dim()))
-    mean = x.mean(dims)
-    var = x.transpose(0, 1).contiguous().view(nch, -1).var(1, unbiased=False)
-    rm, rv, eps = module.running_mean.double(), module.running_var.double(), module.eps
-    if kind == "l2":  # root-mean-square differences
-        return ((rv - var) ** 2).mean().sqrt() + ((rm - mean) ** 2).mean().sqrt()
-    if kind == "mse":
-        return ((mean - rm) ** 2).mean() + ((var - rv) ** 2).mean()
-    vb, vr = var + eps, rv + eps
-    if kind == "kl":
-        return (0.5 * torch.log(vr / vb) + (vb + (mean - rm) ** 2) / (2 * vr) - 0.5).mean()
-    return (0.5 * torch.log(vb / vr) + (vr + (mean - rm) ** 2) / (2 * vb) - 0.5).mean()
-
-
 @pytest.mark.parametrize("kind", fastdfd.KINDS)
 def test_mean_normalization_against_float64_reference(resnets, kind):
     teacher = copy.deepcopy(resnets["resnet18"]).double()
     x = (0.2 + torch.randn(6, 3, 32, 32, dtype=torch.float64)).requires_grad_(True)
     values = []
-    handles = [m.register_forward_hook(lambda mod, inp, out: values.append(mean_hook_distance(inp[0], mod, kind)))
+    handles = [m.register_forward_hook(lambda mod, inp, out: values.append(hook_distance(inp[0], mod, kind, "mean")))
                for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)]
     teacher(x)
     for h in handles:
