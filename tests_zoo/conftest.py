@@ -127,7 +127,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr.section("zoo: tapped vs untapped teacher")
     tr.write_line("f64-lg/gr: float64 tapped vs untapped, max|a-b|/max|b| (asserted <= 1e-10; '-': autocast, skipped)")
     tr.write_line("lg/gr-tap, -untap: fp32 (autocast) run vs the float64 untapped reference, norm-wise "
-                  "||a-ref64||/||ref64|| (asserted: tap <= 2 x untap + atol)")
+                  "||a-ref64||/||ref64|| (asserted: tap <= 2 x max(untap, floor) + atol)")
     tr.write_line("el-lg/gr: elementwise max|tapped-untapped|/max|untapped| in fp32 (autocast); 'el<=1e-5': within "
                   "1e-5 elementwise (autocast: the dtype's tolerance), reported, not asserted; floor: the untapped "
                   "run with each BN input perturbed by one fp32 rounding, same measure as el")

@@ -79,20 +79,16 @@ class BNTap(nn.Module):
         return shift
 
     def _own_forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._hand_back()
-        return self.original(x)
+        return self.restore()(x)
 
-    def _hand_back(self) -> nn.Module:
-        """The layer with the current parameter/buffer objects (``.to()`` may have replaced them)."""
+    def restore(self) -> nn.Module:
+        """The layer with the current parameter/buffer objects (``.to()`` may have replaced them) and
+        mode: what its own forward runs with, and what goes back into the teacher on removal."""
         bn = self.original
         bn._parameters.update(self._parameters)
         bn._buffers.update(self._buffers)
         bn.train(self.training)  # the teacher's mode may have been switched while attached
         return bn
-
-    def restore(self) -> nn.Module:
-        """Hand the layer back, as it is now, to go back into the teacher."""
-        return self._hand_back()
 
     def extra_repr(self) -> str:
         return (f"{type(self.original).__name__}({self.num_features}, eps={self.eps}), slot={self.slot}, "

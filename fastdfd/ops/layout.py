@@ -137,7 +137,7 @@ def kernel_output_like(x: torch.Tensor) -> torch.Tensor:
     """
     if _kernel_strides(x) is None:
         return torch.empty(x.shape, dtype=x.dtype, device=x.device)  # kernel_layout's contiguous copy
-    return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+    return empty_kernel_like(x)
 
 
 def empty_kernel_like(x: torch.Tensor) -> torch.Tensor:
@@ -147,7 +147,7 @@ def empty_kernel_like(x: torch.Tensor) -> torch.Tensor:
 
 def check_kernel_layout(x: torch.Tensor, strides: tuple[int, int, int], *others: torch.Tensor | None) -> None:
     """Launchers' last check before raw addressing: x dense with these strides, others exactly alike."""
-    if not is_dense(x) or _kernel_strides(x) != tuple(strides):
+    if _kernel_strides(x) != tuple(strides):  # None (not dense, or no flat layout) never matches
         raise RuntimeError(f"fastdfd: x {tuple(x.shape)} with strides {x.stride()} is not in kernel layout "
                            f"{tuple(strides)} (call kernel_layout first)")
     for t in others:

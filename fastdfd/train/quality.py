@@ -153,7 +153,7 @@ def generator_quality(
         if len(order) > moment_images:
             order = order[torch.linspace(0, len(order) - 1, moment_images).long()]
         teacher_device = next(teacher.parameters()).device
-        with MomentMatcher(teacher, kind=kind, scope="ensemble") as matcher:
+        with MomentMatcher(teacher, kind=kind, scope="ensemble") as matcher, torch.no_grad():  # values only
             teacher(space.from_generator(x_all[order].to(teacher_device)))
             distances = {name: float(v) for name, v in matcher.layer_losses().items()}
     finally:
