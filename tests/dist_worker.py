@@ -59,6 +59,9 @@ def run(rank: int, world: int, init_file: str, scope: str, steps: int, out: str)
             grad = {k: torch.cat([g[k] for g in grads]) for k in shards[0]}
             torch.save({"state": full, "grads": grad, "moments": [g["moment"] for g in grads], "history": history},
                        os.path.join(out, f"{scope}.pt"))
+        # both ranks tear the group down together: a rank that destroys it while its peer still
+        # writes can abort ("terminate called without an active exception", seen once in a full run)
+        ctx.barrier()
     finally:
         dist.destroy_process_group()
 
