@@ -29,8 +29,15 @@ Budget: under 4 minutes on one H100. Sections, each written to the JSON as it fi
    generators, 16 per step x 8 images, hooks + Python loop against fastdfd: images/s per
    GPU, and the GPU-hours of an assumed synthesis budget beside the published ones.
 
+Every timed row carries the H200 performance model's prediction beside the measurement
+(benchmarks/perf_model.py: ``predicted_ms``, ``roofline_ms``, ``measured_over_predicted``,
+``roofline_fraction`` = roofline / measured, and the predicted speed-ups over the anchors), so
+the first run on a card says at once where each kernel stands against its limit.
+``--budget-s`` stops starting new work after that many seconds and records what it skipped
+(benchmarks/device_check.py runs the suite inside a 4-minute card check).
+
 ``--tiny`` runs the same code at toy sizes on the CPU (Triton interpreter) so the script
-itself is tested without a GPU.
+itself is tested without a GPU; its predictions are still the H200's.
 """
 
 from __future__ import annotations
@@ -60,13 +67,19 @@ from benchmarks.ensemble_suite import (  # noqa: E402
     time_cuda_graph,
     time_ensembles,
 )
+from benchmarks.ensemble_suite import GRAPH_CASES, TINY_GRAPH_CASES  # noqa: E402
 from benchmarks.imagenet_suite import time_imagenet  # noqa: E402
+from benchmarks import perf_model  # noqa: E402
 from benchmarks.providers import PROVIDERS, bn_layer_step, generator_step, randomize_bn  # noqa: E402
 
 CIFAR_R34 = [(256, 64, 32), (256, 128, 16), (256, 256, 8), (256, 512, 4)]
 IMAGENET_R50 = [(64, 64, 112), (64, 64, 56), (64, 256, 56), (64, 128, 28), (64, 512, 28),
                 (64, 256, 14), (64, 1024, 14), (64, 512, 7), (64, 2048, 7)]
 TINY = [(4, 3, 5), (6, 8, 3)]
+# (name, teacher, classes, channels, generators, images each, size, widths, bf16 autocast)
+STEP_CASES = [("cifar-r34 64 gens x 32 img, 32 px, bf16", "resnet34", 10, 3, 64, 32, 32, (128, 64), True),
+              ("imagenet-r50 8 gens x 16 img, 224 px, bf16", "resnet50_imagenet", 1000, 3, 8, 16, 224, (128, 64), True)]
+TINY_STEP_CASES = [("tiny digits-like", "digits_teacher", 10, 1, 4, 3, 16, (8, 4), False)]
 SECTIONS = ("moments", "steps", "ensembles", "imagenet")
 
 
@@ -141,10 +154,46 @@ def rel(a, b) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
+def _past(deadline: float, report: dict, what: str) -> bool:
+    """True (and the skip recorded) once the run's time budget is spent: a short device lease
+    keeps what finished rather than losing everything to an overrun."""
+    if time.perf_counter() < deadline:
+        return False
+    report.setdefault("skipped", []).append({"what": what, "reason": "time budget spent"})
+    return True
+
+
+def attach_predictions(rows, predictions, key, ms_field="ms"):
+    """Writes the H200 model's prediction (benchmarks/perf_model.py) beside each measured row."""
+    by_key = {(p.case, p.provider): p for p in predictions}
+    for r in rows:
+        pred = by_key.get(key(r))
+        if pred is not None and ms_field in r:
+            r.update(perf_model.measured_vs_predicted(r[ms_field], pred))
+    return rows
+
+
+def _predicted(make, report):
+    """The model's predictions, or [] with the error recorded (a model bug must not cost a measurement)."""
+    try:
+        return make()
+    except Exception as e:  # noqa: BLE001
+        report.setdefault("model_errors", []).append(f"{type(e).__name__}: {e}"[:300])
+        return []
+
+
+def _vs_model(r) -> str:
+    if "predicted_ms" not in r:
+        return ""
+    return f"  | H200 model {r['predicted_ms']:8.3f} ms, x{r['measured_over_predicted']:5.2f}, roofline {100 * r['roofline_fraction']:5.1f}%"
+
+
 # ----------------------------------------------------------------------------- sections
-def check_layers(shapes, dtypes, providers, device, report):
+def check_layers(shapes, dtypes, providers, device, report, deadline=float("inf")):
     rows = []
     for n, c, s in shapes:
+        if _past(deadline, report, f"correctness from shape {[n, c, s, s]} on"):
+            break
         for dtype in dtypes:
             bn, x, dy = make_layer(n, c, s, dtype, device)
             ref_loss, ref_dx = reference64(bn, x, dy)
@@ -166,9 +215,11 @@ def check_layers(shapes, dtypes, providers, device, report):
     return rows
 
 
-def time_layers(shapes, dtypes, providers, device, copy_gbps, report, reps):
+def time_layers(shapes, dtypes, providers, device, copy_gbps, report, reps, deadline=float("inf")):
     rows = []
     for n, c, s in shapes:
+        if _past(deadline, report, f"layer timings from shape {[n, c, s, s]} on"):
+            break
         for dtype in dtypes:
             bn, x, dy = make_layer(n, c, s, dtype, device)
             ideal_bytes = 5 * x.numel() * x.element_size()
@@ -233,6 +284,8 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-compiled", action="store_true", help="leave out hooks-compiled (saves compile time)")
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help=f"comma-separated subset of {','.join(SECTIONS)} (to fit a short device lease)")
+    parser.add_argument("--budget-s", type=float, default=float("inf"),
+                        help="stop starting new work after this many seconds; what is skipped is recorded")
     args = parser.parse_args(argv)
     sections = [x.strip() for x in args.sections.split(",") if x.strip()]
     unknown = sorted(set(sections) - set(SECTIONS))
@@ -257,45 +310,48 @@ def main(argv=None) -> int:
         out.write_text(json.dumps(report, indent=1))
 
     started = time.perf_counter()
+    deadline = started + args.budget_s
     report["copy_gbps"] = copy_bandwidth(device, 2**16 if args.tiny else 2**28)
     save()
     print(f"{info['card']}: device copy {report['copy_gbps']:.0f} GB/s; torch {info['torch']}, triton {info['triton']}")
 
     dtypes = [torch.float32] if args.tiny else [torch.float32, torch.bfloat16]
-    if "moments" in sections:
+    if "moments" in sections and not _past(deadline, report, "section moments"):
         shapes = TINY if args.tiny else CIFAR_R34 + IMAGENET_R50
-        checks = check_layers(shapes, dtypes, providers, device, report)
+        checks = check_layers(shapes, dtypes, providers, device, report, deadline)
         save()
         bad += [r for r in checks if not r["ok"]]
         print(f"correctness: {len(checks) - len(bad)}/{len(checks)} provider x case checks within tolerance")
         for r in bad:
             print(f"  FAIL {r['provider']} {r['shape']} {r['dtype']}: loss {r['loss_rel_err']:.2e} dx {r['dx_rel_err']:.2e}")
 
-        layers = time_layers(shapes, dtypes, providers, device, report["copy_gbps"], report, reps=3 if args.tiny else 20)
+        layers = time_layers(shapes, dtypes, providers, device, report["copy_gbps"], report,
+                             reps=3 if args.tiny else 20, deadline=deadline)
+        attach_predictions(layers, _predicted(lambda: perf_model.layer_predictions(shapes, dtypes, providers), report),
+                           lambda r: (f"{r['shape']} {r['dtype']}", r["provider"]))
         save()
         print("\none BN layer, forward+backward (median ms; GB/s as a share of copy bandwidth; speed-up vs hooks)")
         for r in layers:
             print(f"  {str(r['shape']):<22} {r['dtype']:<9} {r['provider']:<15} {r['ms']:8.3f} ms "
-                  f"{r['gbps']:8.0f} GB/s {100 * r['copy_fraction']:5.1f}%  {r['speedup_vs_hooks']:5.2f}x")
+                  f"{r['gbps']:8.0f} GB/s {100 * r['copy_fraction']:5.1f}%  {r['speedup_vs_hooks']:5.2f}x"
+                  f"{_vs_model(r)}")
 
-    if "steps" in sections:
-        if args.tiny:
-            cases = [("tiny digits-like", "digits_teacher", 10, 1, 4, 3, 16, (8, 4), False)]
-        else:  # (name, teacher, classes, channels, generators, images each, size, widths, bf16 autocast)
-            cases = [("cifar-r34 64 gens x 32 img, 32 px, bf16", "resnet34", 10, 3, 64, 32, 32, (128, 64), True),
-                     ("imagenet-r50 8 gens x 16 img, 224 px, bf16", "resnet50_imagenet", 1000, 3, 8, 16, 224,
-                      (128, 64), True)]
+    if "steps" in sections and not _past(deadline, report, "section steps"):
+        cases = TINY_STEP_CASES if args.tiny else STEP_CASES
         # (--tiny: the interpreter takes half a minute per step with the generator kernels, and
         # section 5 runs them anyway)
         steps = time_steps(cases, providers, device, report, reps=2 if args.tiny else 10, generator_kernels=not args.tiny)
+        attach_predictions(steps, _predicted(lambda: perf_model.step_predictions(cases, providers, not args.tiny),
+                                             report), lambda r: (r["case"], r["provider"]))
         save()
         print("\ngenerator-training step (ms, images/s, peak GiB, loss vs hooks)")
         for r in steps:
             peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
             print(f"  {r['case']:<44} {r['provider']:<15} {r['ms']:9.2f} ms {r['images_per_s']:9.0f} img/s "
-                  f"{peak:>6} GiB  {r['speedup_vs_hooks']:5.2f}x  loss diff {r['loss_rel_diff_vs_hooks']:.1e}")
+                  f"{peak:>6} GiB  {r['speedup_vs_hooks']:5.2f}x  loss diff {r['loss_rel_diff_vs_hooks']:.1e}"
+                  f"{_vs_model(r)}")
 
-    if "ensembles" in sections:
+    if "ensembles" in sections and not _past(deadline, report, "section ensembles"):
         ens_cases = TINY_CASES if args.tiny else CASES
         ens_providers = [p for p in ENSEMBLE_PROVIDERS if not (p == "grouped-compiled" and (args.skip_compiled or args.tiny))]
         ens_checks = check_ensembles(ens_cases, device, report, dtypes=dtypes)
@@ -305,8 +361,12 @@ def main(argv=None) -> int:
                   f"{r['image_max_err']:.2e} (torch {r['torch_image_max_err']:.2e})  grad checksum "
                   f"{r['grad_checksum_rel_err']:.2e} (torch {r['torch_grad_checksum_rel_err']:.2e})")
         bad += [r for r in ens_checks if not r["ok"]]
+        ens_dtype = torch.float32 if args.tiny else torch.bfloat16
         ens_rows = time_ensembles(ens_cases, ens_providers, device, report, bench, reps=1 if args.tiny else 5,
-                                  dtype=torch.float32 if args.tiny else torch.bfloat16)
+                                  dtype=ens_dtype)
+        attach_predictions(ens_rows, _predicted(lambda: perf_model.ensemble_predictions(
+            ens_cases, [p for p in ens_providers if p != "fastdfd-cpp"], ens_dtype), report),
+            lambda r: (f"{r['case']} {r['mode']}", r["provider"]))
         save()
         print("\nK generators at once (median ms; speed-up vs python-loop / vmap / grouped-eager)")
         for r in ens_rows:
@@ -315,23 +375,29 @@ def main(argv=None) -> int:
                 continue
             ratios = "  ".join(f"{a}: {r[f'speedup_vs_{a}']:6.2f}x" for a in ("python-loop", "vmap", "grouped-eager")
                                if f"speedup_vs_{a}" in r)
-            print(f"  {r['case']:<42} {r['mode']:<6} {r['provider']:<18} {r['ms']:9.2f} ms  {ratios}")
+            print(f"  {r['case']:<42} {r['mode']:<6} {r['provider']:<18} {r['ms']:9.2f} ms  {ratios}{_vs_model(r)}")
         graph_rows = time_cuda_graph(device, report, tiny=args.tiny)
+        attach_predictions(graph_rows, _predicted(lambda: perf_model.graph_predictions(
+            TINY_GRAPH_CASES if args.tiny else GRAPH_CASES), report),
+            lambda r: (r["case"], "graph" if r["cuda_graph"] else "eager"), ms_field="ms_per_step")
         save()
         print("\ngenerator training, eager vs CUDA graph (images/s; max |param diff| after the same steps)")
         for r in graph_rows:
             print(f"  {r['case']:<36} graph={'on ' if r['cuda_graph'] else 'off'} {r['images_per_s']:10.0f} img/s "
                   f"{r['ms_per_step']:8.2f} ms/step  {r['speedup_vs_eager']:5.2f}x  diff "
-                  f"{r['max_abs_param_diff_vs_eager']:.1e} {'ok' if r['ok'] else 'FAIL'}")
+                  f"{r['max_abs_param_diff_vs_eager']:.1e} {'ok' if r['ok'] else 'FAIL'}"
+                  + _vs_model({**r, "ms": r["ms_per_step"]}))
         bad += [r for r in graph_rows if not r["ok"]]
 
-    if "imagenet" in sections:
+    if "imagenet" in sections and not _past(deadline, report, "section imagenet"):
         imagenet = time_imagenet(device, report, bench, tiny=args.tiny, reps=1 if args.tiny else 5)
+        inet = _predicted(lambda: perf_model.imagenet_predictions(args.tiny), report)
+        attach_predictions(imagenet["rows"], inet, lambda r: (inet[0].case if inet else None, r["provider"]))
         save()
         print(f"\nImageNet generator training ({imagenet['config']})")
         for r in imagenet["rows"]:
             print(f"  {r['provider']:<11} {r['ms']:9.1f} ms/step {r['images_per_s']:8.1f} img/s  "
-                  f"{r['speedup_vs_hooks_loop']:5.2f}x  projected {r['projected_gpu_hours']:8.1f} GPU-hours")
+                  f"{r['speedup_vs_hooks_loop']:5.2f}x  projected {r['projected_gpu_hours']:8.1f} GPU-hours{_vs_model(r)}")
         print(f"  assumption: {imagenet['assumption']}")
         print(f"  published: {imagenet['published_gpu_hours']}")
     report["seconds"] = time.perf_counter() - started
