@@ -482,7 +482,8 @@ inline T atomicAdd(T* address, T val) {
   if constexpr (std::is_integral<T>::value) {
     return __atomic_fetch_add(address, val, __ATOMIC_RELAXED);
   } else {
-    T old = __atomic_load_n(address, __ATOMIC_RELAXED), want;
+    T old, want;
+    __atomic_load(address, &old, __ATOMIC_RELAXED);  // the generic form: floats too
     do want = old + val;
     while (!__atomic_compare_exchange(address, &old, &want, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
     return old;
