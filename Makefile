@@ -1,10 +1,12 @@
 # make demo | make test | make bench  -- each creates .venv on first use.
 # make test-zoo  -- its own .venv-zoo (torch 2.14.1 + torchvision + timm): real zoo teachers under MomentMatcher.
+# make test-triton  -- every kernel configuration compiled for sm_90 under Triton 3.6.0 (installed
+#   beside the venv in .triton/) and the venv's own, failing on errors, spills or > 240 registers.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench test-zoo clean
+.PHONY: demo test bench test-zoo test-triton clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +41,22 @@ $(ZOO_VENV)/.installed-zoo: pyproject.toml | $(ZOO_PY)
 
 test-zoo: $(ZOO_VENV)/.installed-zoo
 	$(ZOO_PY) -m pytest -q tests_zoo
+
+# The oldest supported Triton (the card machine's), by pip --target beside the venv: the check's
+# processes put it first on PYTHONPATH, so the venv's torch and newest Triton stay untouched.
+# Triton has no runtime dependencies on Python >= 3.10; --no-deps keeps pip from touching the rest.
+TRITON_OLD ?= 3.6.0
+TRITON_OLD_DIR := .triton/$(TRITON_OLD)
+
+$(TRITON_OLD_DIR)/.installed: | $(PY)
+	$(PY) -m pip install -q --no-deps --target $(TRITON_OLD_DIR) "triton==$(TRITON_OLD)"
+	touch $@
+
+test-triton: $(VENV)/.installed-test $(TRITON_OLD_DIR)/.installed
+	$(PY) -m pytest -q tests/test_aot_check.py
+	mkdir -p build
+	$(PY) -m fastdfd.kernels.aot_versions --triton $(TRITON_OLD_DIR) --triton venv --arch 90 \
+		--json build/triton-aot-sm90.json --table build/triton-aot-sm90.md
 
 bench: $(VENV)/.installed-test
 	$(PY) -m pytest -q benchmarks --benchmark-only --benchmark-columns=min,median,mean,rounds

@@ -1,20 +1,26 @@
 """Ahead-of-time compilation of every kernel configuration, without a GPU.
 
-    python -m fastdfd.kernels.aot [--arch 80 --arch 90] [--json report.json]
+    python -m fastdfd.kernels.aot [--arch 80 --arch 90] [--json report.json] [--jobs module:attr]
 
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` runs the whole
 Triton -> PTX -> cubin pipeline for the target chip. It rejects what the interpreter lets
 through (unsupported casts, layouts, register-file overflows), and the cubin tells the
-resources each configuration needs: registers, spill bytes, shared memory (read with the
-cuobjdump that ships with Triton). Configurations are those the launchers pick at the
-layer shapes of CIFAR ResNet-34 and ImageNet ResNet-50, in NCHW and channels_last, for
-every dtype and flag. Run it in a process *without* TRITON_INTERPRET (the interpreter
-replaces jitted functions); exits non-zero if anything fails to compile.
+resources each configuration needs: registers, stack and local memory (spills), and the
+local loads/stores in its SASS, read with the cuobjdump that ships with the Triton in use;
+shared memory is Triton's dynamic allocation (the cubin's static figure on sm_90 is only
+the 1 KiB that sm_90 reserves for every block). Configurations are those the launchers pick at
+the layer shapes of CIFAR ResNet-34 and ImageNet ResNet-50, in NCHW and channels_last, for
+every dtype and flag; ``--jobs`` swaps in another iterable of (name, fn, signature,
+constexprs, num_warps). Run it in a process *without* TRITON_INTERPRET (the interpreter
+replaces jitted functions); exits non-zero, with a line naming each configuration, on a
+compile error, a spill or any local memory, or registers above the limit (aot_rules).
+Several Triton versions at once: :mod:`fastdfd.kernels.aot_versions`.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import re
@@ -22,6 +28,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from fastdfd.kernels.aot_rules import failures
 
 # (N, C, P) of BN inputs: CIFAR ResNet-34 at batch 256, ImageNet ResNet-50 at batch 64,
 # a BatchNorm1d head, and the digits demo under per-generator statistics.
@@ -94,8 +102,10 @@ def _generator_jobs():
     from fastdfd.kernels import generator_fc as gf
     from fastdfd.models.generator import LEAKY_SLOPE
 
-    dtypes = {k: v for k, v in DTYPES.items() if k != "fp16"}  # generators train in fp32 or bf16
-    for dt, ptr in dtypes.items():
+    elem_bytes = {"fp32": 4, "bf16": 2}  # generators train in fp32 or bf16
+    for dt, ptr in DTYPES.items():
+        if dt not in elem_bytes:
+            continue
         for cfg in sorted({tuple(gf.linear_gather_config(*shape).items()) for shape in GENERATOR_FC}):
             sig = {"z_ptr": ptr, "wz_ptr": ptr, "wy_ptr": ptr, "local_ptr": "*i64", "h_ptr": ptr,
                    "part1_ptr": "*fp32", "part2_ptr": "*fp32", "B": "i32", "L": "i32", "D": "i32", "NCLS": "i32"}
@@ -103,7 +113,7 @@ def _generator_jobs():
             yield (f"gen_fc {dt} {c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}", gf._linear_gather_kernel, sig,
                    {"STATS": True, **c}, gf.NUM_WARPS)
         for cin, cout, up in GENERATOR_LAYERS:
-            cfgs = gc.conv_configs(cin, cout)
+            cfgs = gc.conv_configs(cin, cout, elem_bytes[dt])
             last = up == 1
             flags = {"UP": up, "PROLOGUE": True, "SLOPE": LEAKY_SLOPE, "TANH": last}
             base = {"B": "i32", "CIN": "i32", "COUT": "i32", "H": "i32", "W": "i32"}
@@ -122,62 +132,104 @@ def _generator_jobs():
 
 
 def _resources(cubin: bytes) -> dict:
-    """Registers / stack / shared / local bytes from cuobjdump's resource usage of a cubin."""
+    """reg / stack / local / shared_static from cuobjdump -res-usage, local_ops from the SASS.
+
+    STACK is where ptxas spills; LOCAL is other per-thread local memory; LDL/STL count every
+    local-memory access the code makes, whatever the resource table says.
+    """
     import triton
 
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if not tool.exists():
+    if not tool.exists():  # no figures at all: aot_rules fails every row rather than pass it
         return {}
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
-    found = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out))
-    return {k.lower(): int(v) for k, v in found.items()}
+        usage = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True).stdout
+    found = {k.lower(): int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
+    if "shared" in found:
+        found["shared_static"] = found.pop("shared")
+    if sass:
+        found["local_ops"] = len(re.findall(r"\b(?:LDL|STL)(?:\.\w+)*\s", sass))
+    return found
 
 
-def compile_all(archs: list[int]) -> list[dict]:
+def _mma(ptx: str) -> str:
+    """The tensor-core instruction of tl.dot, as "wgmma m64n32k16 bf16": wgmma (Hopper's
+    warpgroup MMA, B operand in shared memory) or mma.sync (Ampere's, per warp); empty without a dot."""
+    found = re.findall(r"\b(wgmma|mma)\.[\w.]*?\.(m\d+n\d+k\d+)(?:\.row\.col)?\.f32\.(\w+)\.", ptx)
+    return ", ".join(f"{'wgmma' if op == 'wgmma' else 'mma.sync'} {shape} {dt}" for op, shape, dt in sorted(set(found)))
+
+
+def all_jobs():
+    """Every configuration the launchers pick."""
+    return [*_jobs(), *_generator_jobs()]
+
+
+def _error_line(e: Exception) -> str:
+    # Triton's CompilationError puts the source position first and the reason last
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[-1] if lines else ''}"
+
+
+def compile_all(archs: list[int], jobs=None) -> list[dict]:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    jobs = list(all_jobs() if jobs is None else jobs)
     rows = []
     for arch in archs:
         target = GPUTarget("cuda", arch, 32)
-        for name, fn, sig, const, warps in [*_jobs(), *_generator_jobs()]:
+        for name, fn, sig, const, warps in jobs:
             full_sig = {**sig, **{k: "constexpr" for k in const}}
-            row = {"arch": f"sm_{arch}", "kernel": name}
+            row = {"triton": triton.__version__, "arch": f"sm_{arch}", "kernel": name}
             try:
                 compiled = triton.compile(ASTSource(fn, full_sig, constexprs=const), target=target,
                                           options={"num_warps": warps})
-                row.update(ok=True, num_warps=compiled.metadata.num_warps, **_resources(compiled.asm["cubin"]))
-                row.setdefault("shared", compiled.metadata.shared)
+                row.update(ok=True, num_warps=compiled.metadata.num_warps, shared=compiled.metadata.shared,
+                           mma=_mma(compiled.asm["ptx"]), **_resources(compiled.asm["cubin"]))
             except Exception as e:  # report every failure, not just the first
-                row.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                row.update(ok=False, error=_error_line(e))
             rows.append(row)
     return rows
+
+
+def _load_jobs(spec: str):
+    module, _, attr = spec.partition(":")
+    jobs = getattr(importlib.import_module(module), attr or "JOBS")
+    return jobs() if callable(jobs) else jobs
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, action="append", help="compute capability x10 (default 80 and 90)")
     parser.add_argument("--json", help="write the report here")
+    parser.add_argument("--jobs", help="module:attr, configurations to compile instead of the launchers' own")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: ahead-of-time compilation needs the real JIT", file=sys.stderr)
         return 2
-    rows = compile_all(args.arch or [80, 90])
+    rows = compile_all(args.arch or [80, 90], _load_jobs(args.jobs) if args.jobs else None)
     for r in rows:
         if r["ok"]:
-            print(f"{r['arch']}  {r['kernel']:<44} regs {r.get('reg', '?'):>3}  spill/local {r.get('local', '?'):>4} B"
-                  f"  stack {r.get('stack', '?'):>4} B  shared {r.get('shared', '?'):>6} B  warps {r['num_warps']}")
+            print(f"{r['arch']}  {r['kernel']:<44} regs {r.get('reg', '?'):>3}  stack {r.get('stack', '?'):>4} B"
+                  f"  local {r.get('local', '?'):>4} B  ldl/stl {r.get('local_ops', '?'):>3}"
+                  f"  shared {r['shared']:>6} B  warps {r['num_warps']}  {r['mma']}")
         else:
             print(f"{r['arch']}  {r['kernel']:<44} FAILED  {r['error']}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
-    failed = [r for r in rows if not r["ok"]]
-    print(f"{len(rows) - len(failed)} compiled, {len(failed)} failed")
-    return 1 if failed else 0
+    bad = failures(rows)
+    for line in bad:
+        print(line)
+    import triton
+
+    compiled = sum(r["ok"] for r in rows)
+    print(f"triton {triton.__version__}: {compiled} compiled, {len(rows) - compiled} failed to compile, "
+          f"{len(bad)} failed the check")
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -248,12 +248,20 @@ def _block(n: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(n)))
 
 
-def conv_configs(cin: int, cout: int) -> dict[str, dict]:
-    """Tile sizes of the three kernels for one layer's channel counts."""
+def conv_configs(cin: int, cout: int, elem_bytes: int) -> dict[str, dict]:
+    """Tile sizes of the three kernels for one layer's channel counts and operand width.
+
+    The operand tiles are built in registers (prologue on load) and software-pipelined, so
+    their K depth sets the register count. Compiled for sm_90 under Triton 3.6, the K depths
+    fwd 32 (fp32) and wgrad 64 sat at 236-255 registers of 255; the K depths below give at
+    most 181 under 3.6 and 3.9 (python -m fastdfd.kernels.aot_versions). Tile M and N, and
+    so the wgmma shape, are unchanged; the dot accumulates over K in the MMA's own k-steps
+    whatever the block depth.
+    """
     return {
-        "fwd": {"BLOCK_M": 64, "BLOCK_N": _block(cout, 64), "BLOCK_K": _block(cin, 32)},
+        "fwd": {"BLOCK_M": 64, "BLOCK_N": _block(cout, 64), "BLOCK_K": _block(cin, 16 if elem_bytes >= 4 else 32)},
         "dgrad": {"BLOCK_M": 64, "BLOCK_N": _block(cin, 64), "BLOCK_K": 16},  # g is formed from two loads
-        "wgrad": {"BLOCK_M": _block(cin, 64), "BLOCK_N": _block(cout, 64), "BLOCK_K": 64},
+        "wgrad": {"BLOCK_M": _block(cin, 64), "BLOCK_N": _block(cout, 64), "BLOCK_K": 32},
     }
 
 
@@ -269,7 +277,7 @@ def conv_forward(x, scale, shift, weight, bias, *, upsample: int, slope: float, 
     x = x.contiguous()
     wt = weight.permute(0, 3, 4, 2, 1).reshape(k, 9, cin, cout).contiguous()
     y = torch.empty(k, b, cout, big_h, big_w, device=x.device, dtype=weight.dtype)
-    cfg = conv_configs(cin, cout)["fwd"]
+    cfg = conv_configs(cin, cout, weight.element_size())["fwd"]
     m_tiles = triton.cdiv(b * big_h * big_w, cfg["BLOCK_M"])
     part1 = torch.empty((k, m_tiles, cout) if stats else (1,), device=x.device, dtype=torch.float32)
     part2 = torch.empty_like(part1)
@@ -299,7 +307,7 @@ def conv_backward(x, scale, shift, weight, t, dy, ds1, ds2, *, upsample: int, sl
     sc = scale.contiguous() if prologue else ds1
     sh = shift.contiguous() if prologue else ds1
     flags = _flags(prologue, slope, upsample, tanh)
-    cfgs = conv_configs(cin, cout)
+    cfgs = conv_configs(cin, cout, weight.element_size())
 
     cfg = cfgs["dgrad"]
     m_tiles = triton.cdiv(b * h * w, cfg["BLOCK_M"])

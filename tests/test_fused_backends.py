@@ -198,12 +198,11 @@ def test_every_kernel_compiles_ahead_of_time_for_sm80_and_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "fastdfd.kernels.aot", "--arch", "80", "--arch", "90"],
                           capture_output=True, text=True, env=env, timeout=600)
-    report = "\n".join(line for line in proc.stdout.splitlines() if line.startswith("sm_") or "compiled" in line)
+    report = "\n".join(line for line in proc.stdout.splitlines() if line.startswith(("sm_", "FAIL", "triton ")))
     print(report)  # registers, spills and shared memory per kernel, in the -rA / -s output
+    # the exit status carries the rules (aot_rules: no compile error, no local memory, <= 240 registers)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert " 0 failed" in proc.stdout
-    spills = re.findall(r"spill/local\s+(\d+) B", proc.stdout)
-    assert spills and all(int(v) == 0 for v in spills), "register spills:\n" + report
+    assert re.search(r"\b0 failed to compile, 0 failed the check", proc.stdout), report
 
 
 @pytest.mark.parametrize("name", ["torch", "fused"])
