@@ -69,6 +69,19 @@ def test_train_generators_distill_evaluate(tmp_path, teacher_file, capsys):
     assert not (tmp_path / "never").exists()
 
 
+def test_train_generators_flags_start_from_a_preset():
+    from fastdfd.cli.commands import _generator_settings
+    from fastdfd.train.settings import preset
+
+    base = ["train-generators", "--teacher", "t", "--weights", "w", "--num-classes", "10", "--out", "o"]
+    assert _generator_settings(build_parser().parse_args(base)) == preset("default")
+    paper = _generator_settings(build_parser().parse_args([*base, "--preset", "paper", "--ce-weight", "0.5",
+                                                           "--no-output-bn", "--widths", "16,8"]))
+    assert paper == preset("paper").replace(ce_weight=0.5, output_bn=False, widths=(16, 8))
+    assert paper.normalization == "sum" and paper.scope == "generator" and paper.lr == 1e-3
+    assert _generator_settings(build_parser().parse_args([*base, "--output-bn"])).output_bn
+
+
 def test_cli_refuses_bad_input_clearly(tmp_path, teacher_file, capsys):
     assert main(["evaluate", "--model", "resnet18", "--weights", str(teacher_file), "--data", "digits",
                  "--channels", "1"]) == 2

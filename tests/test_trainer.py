@@ -65,7 +65,7 @@ def test_batched_generator_scope_equals_independent_trainings(digits_teacher):
     """Per-generator gradients of one batched step == each generator trained alone."""
     ens = small_ensemble(3, 3).double()
     teacher = digits_teacher.double()
-    tr = trainer(teacher, ens, tv_weight=0.5, moment_weight=3.0)
+    tr = trainer(teacher, ens, tv_weight=0.5, moment_weight=3.0, scope="generator")
     z, y, local = ens.draw(4, None, torch.Generator().manual_seed(3))
     z = z.double()
     params = ens.stacked()
@@ -74,7 +74,7 @@ def test_batched_generator_scope_equals_independent_trainings(digits_teacher):
         batched = torch.autograd.grad(total, list(params.values()))
     for k, gen in enumerate(ens.unbind()):
         alone = GeneratorEnsemble.stack([gen], num_classes=3).double()
-        tr1 = trainer(teacher, alone, tv_weight=0.5, moment_weight=3.0)
+        tr1 = trainer(teacher, alone, tv_weight=0.5, moment_weight=3.0, scope="generator")
         p1 = alone.stacked()
         with tr1._run() as matcher:
             t1 = tr1.objective(p1, z[k:k + 1], y[k:k + 1], local[k:k + 1] * 0, matcher)[0]
@@ -263,12 +263,13 @@ def test_mean_normalization_is_the_folded_layer_weights(digits_teacher):
     bns = [(n, m) for n, m in digits_teacher.named_modules() if isinstance(m, nn.BatchNorm2d)]
     weights = {n: 1.0 / (m.num_features * len(bns)) for n, m in bns}
     a = trainer(digits_teacher, small_ensemble(k=2, num_classes=10), normalization="mean", scope="ensemble")
-    b = trainer(digits_teacher, small_ensemble(k=2, num_classes=10), layer_weights=weights, scope="ensemble")
+    b = trainer(digits_teacher, small_ensemble(k=2, num_classes=10), layer_weights=weights, scope="ensemble",
+                normalization="sum")
     ha, hb = a.fit(2), b.fit(2)
     for ra, rb in zip(ha, hb):
         assert ra["moment"] == pytest.approx(rb["moment"], rel=1e-5)
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
-    assert a.config()["normalization"] == "mean" and "normalization" not in b.config()
+    assert a.config()["normalization"] == "mean" and "normalization" not in b.config()  # sum: absent (old runs)
     with pytest.raises(ValueError, match="normalization"):
         trainer(digits_teacher, small_ensemble(), normalization="rms")
 
@@ -294,3 +295,15 @@ def test_named_presets_build_a_trainer(digits_teacher):
         assert t.normalization == s.normalization and t.scope == s.scope
     with pytest.raises(ValueError, match="known"):
         preset("nope")
+
+
+def test_the_default_preset_is_the_trainer_s_defaults():
+    import inspect
+
+    from fastdfd.train.settings import preset
+
+    params = inspect.signature(GeneratorTrainer.__init__).parameters
+    for key, value in preset("default").trainer_kwargs().items():
+        assert params[key].default == value, key
+    assert preset("default").normalization == "mean" and preset("default").scope == "ensemble"
+    assert not preset("default").output_bn

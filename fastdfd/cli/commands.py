@@ -88,20 +88,27 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--channels", type=int, default=3, help="image channels")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--generators", type=int, default=None, help="ensemble size K (default: one per class)")
-    p.add_argument("--latent-dim", type=int, default=100)
-    p.add_argument("--widths", default="128,64", help="generator widths, comma separated")
-    p.add_argument("--no-output-bn", action="store_true", help="drop the generator's final scale-only BN")
+    p.add_argument("--preset", choices=("default", "paper"), default="default",
+                   help="generator settings the flags below start from (fastdfd.train.settings; docs/generators.md): "
+                        "default, the scale-free loss; paper, Luo et al.'s")
+    p.add_argument("--latent-dim", type=int, default=None, help="z dimension (preset: 100)")
+    p.add_argument("--widths", default=None, help="generator widths, comma separated (preset: 128,64)")
+    p.add_argument("--output-bn", dest="output_bn", action="store_true", default=None,
+                   help="the generator's final scale-only BN (the paper's; off in the default preset)")
+    p.add_argument("--no-output-bn", dest="output_bn", action="store_false", help="no final BN")
     p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=32, help="images per generator per step")
+    p.add_argument("--batch-size", type=int, default=None, help="images per generator per step (preset: 32; paper 64)")
     p.add_argument("--generators-per-step", type=_chunk, default=None,
                    help="generators per step (default all); 'auto': the largest that fits the GPU's free memory")
     p.add_argument("--kind", choices=KINDS, default="kl")
-    p.add_argument("--scope", choices=("generator", "ensemble"), default="generator")
-    p.add_argument("--moment-weight", type=float, default=10.0)
-    p.add_argument("--ce-weight", type=float, default=1.0)
+    p.add_argument("--scope", choices=("generator", "ensemble"), default=None, help="(preset: ensemble; paper generator)")
+    p.add_argument("--normalization", choices=("sum", "mean"), default=None,
+                   help="the moment loss summed or averaged over channels and layers (preset: mean; paper sum)")
+    p.add_argument("--moment-weight", type=float, default=None, help="(preset: 10)")
+    p.add_argument("--ce-weight", type=float, default=None, help="(preset: 0.1; paper 1)")
     p.add_argument("--tv-weight", type=float, default=0.0)
     p.add_argument("--first-layer-multiplier", type=float, default=1.0)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=None, help="Adam's (preset: 1e-2; paper 1e-3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
@@ -160,23 +167,35 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=models)
 
 
+def _generator_settings(args: argparse.Namespace):
+    """The --preset's GeneratorSettings with every flag the user gave laid over it."""
+    from ..train.settings import preset
+
+    given = {"scope": args.scope, "normalization": args.normalization, "moment_weight": args.moment_weight,
+             "ce_weight": args.ce_weight, "lr": args.lr, "batch_size": args.batch_size, "output_bn": args.output_bn,
+             "latent_dim": args.latent_dim,
+             "widths": None if args.widths is None else tuple(int(w) for w in args.widths.split(","))}
+    return preset(args.preset).replace(**{k: v for k, v in given.items() if v is not None})
+
+
 def train_generators(args: argparse.Namespace) -> dict:
     """Under torchrun each process trains its shard of the ensemble; rank 0 writes generators.pt."""
     space = input_space_arg(args.input_space, args.channels)
     device = local_device(args.device)
     ctx = init_from_env(device)
     teacher = load_weights(_model(args.teacher, args.num_classes, args.channels), args.weights, "teacher")
+    s = _generator_settings(args)
     torch.manual_seed(args.seed)  # every process builds the same initial ensemble, then keeps its shard
     ensemble = GeneratorEnsemble(
         args.generators or args.num_classes, args.num_classes, image_size=args.image_size, channels=args.channels,
-        latent_dim=args.latent_dim, widths=[int(w) for w in args.widths.split(",")],
-        output_bn=not args.no_output_bn,
+        **s.ensemble_kwargs(),
     )
     summary = pipeline.train_generators(
         teacher, ensemble, args.out, steps=args.steps, ctx=ctx, device=device, resume=args.resume,
-        offload=args.offload, kind=args.kind, scope=args.scope, moment_weight=args.moment_weight,
-        ce_weight=args.ce_weight, tv_weight=args.tv_weight, first_layer_multiplier=args.first_layer_multiplier,
-        batch_size=args.batch_size, generators_per_step=args.generators_per_step, lr=args.lr, seed=args.seed,
+        offload=args.offload, kind=args.kind, scope=s.scope, normalization=s.normalization,
+        moment_weight=s.moment_weight, ce_weight=s.ce_weight, tv_weight=args.tv_weight,
+        first_layer_multiplier=args.first_layer_multiplier, batch_size=s.batch_size,
+        generators_per_step=args.generators_per_step, lr=s.lr, betas=s.betas, seed=args.seed,
         checkpoint_every=args.checkpoint_every, sample_every=args.sample_every, autocast=args.bf16,
         channels_last=args.bf16, cuda_graph=args.cuda_graph, input_space=space,
     )

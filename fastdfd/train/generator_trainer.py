@@ -78,9 +78,13 @@ class GeneratorTrainer(StepLoop):
 
     Args (beyond teacher and ensemble):
         kind, scope, layer_weights, first_layer_multiplier, normalization: the MomentMatcher's settings
-            (``normalization="mean"``: each layer's distance averaged over its channels and the layers
-            averaged, a scale that does not grow with the teacher's width or depth; ``"sum"``: the summed form).
-        moment_weight, ce_weight, tv_weight: loss weights (digits study: 10 / 1 / 0).
+            (``normalization="mean"``, the default: each layer's distance averaged over its channels and the
+            layers averaged, a scale that does not grow with the teacher's width or depth; ``"sum"``: the
+            paper's summed form). Default scope ``"ensemble"``: one set of statistics over every generator's
+            images, the class mixture the running statistics describe.
+        moment_weight, ce_weight, tv_weight: loss weights (default 10 / 0.1 / 0: the moment term 100 times
+            the cross-entropy, measured on the digits CNN and the pretrained EfficientNet-Lite0 in
+            docs/generators.md; the paper's 10 / 1 is ``preset("paper")``).
         l2_weight: an L2 image prior, the mean square of the teacher's input (DeepInversion's); folded into
             ``loss`` (not a logged term of its own).
         batch_size: images per generator per step.
@@ -97,7 +101,7 @@ class GeneratorTrainer(StepLoop):
             device's free memory; a configuration that cannot fit is refused before the
             first step, with the figures.
             every generator evenly and each keeps its own Adam state.
-        lr, betas: Adam's (per generator).
+        lr, betas: Adam's (per generator); default 1e-2, (0.5, 0.999).
         seed: seeds this trainer's own RNG (latents, labels, chunks); global RNG untouched.
         log_path: per-step metrics, ``.csv`` or JSON lines; ``log_every``: host sync period.
         tensorboard: also write the metrics to ``<log dir>/tensorboard/<log stem>/``: None (default)
@@ -135,17 +139,17 @@ class GeneratorTrainer(StepLoop):
         ensemble: GeneratorEnsemble,
         *,
         kind: str = "kl",
-        scope: str = "generator",
+        scope: str = "ensemble",
         layer_weights: Sequence[float] | Mapping[str, float] | None = None,
         first_layer_multiplier: float = 1.0,
-        normalization: str = "sum",
+        normalization: str = "mean",
         moment_weight: float = 10.0,
-        ce_weight: float = 1.0,
+        ce_weight: float = 0.1,
         tv_weight: float = 0.0,
         l2_weight: float = 0.0,
         batch_size: int = 32,
         generators_per_step: int | str | None = None,
-        lr: float = 1e-3,
+        lr: float = 1e-2,
         betas: tuple[float, float] = (0.5, 0.999),
         seed: int = 0,
         log_path: str | os.PathLike | None = None,
