@@ -34,7 +34,7 @@ def _chunk(value):
 def _generator_kwargs(recipe: Recipe) -> dict:
     g = recipe["generators"]
     return dict(
-        kind=g["kind"], scope=g["scope"], moment_weight=g["moment_weight"], ce_weight=g["ce_weight"],
+        kind=g["kind"], scope=g["scope"], normalization=g["normalization"], moment_weight=g["moment_weight"], ce_weight=g["ce_weight"],
         tv_weight=g["tv_weight"], first_layer_multiplier=g["first_layer_multiplier"], batch_size=g["batch_size"],
         generators_per_step=_chunk(g["generators_per_step"]), lr=g["lr"], betas=(g["beta1"], g["beta2"]),
         seed=recipe["seed"] + 1, checkpoint_every=g["checkpoint_every"], sample_every=g["sample_every"],

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..nn.matcher import NORMALIZATIONS
 from ..ops import KINDS
 
 DATASETS = ("digits", "cifar10", "cifar100", "folder")
@@ -89,7 +90,10 @@ SECTIONS: dict[str, dict[str, Field]] = {
         "beta2": _nonneg("Adam beta2"),
         "kind": Field("str", "moment distance", choices=tuple(KINDS)),
         "scope": Field("str", "statistics per generator, or over the whole (global) batch", choices=SCOPES),
-        "moment_weight": _nonneg("weight of the summed BN moment loss"),
+        "normalization": Field("str", "sum: each BN layer's distance summed over its channels, layers summed (the "
+                                      "paper's; grows with the teacher's width and depth); mean: averaged over "
+                                      "channels and layers (docs/generators.md)", choices=NORMALIZATIONS),
+        "moment_weight": _nonneg("weight of the BN moment loss"),
         "ce_weight": _nonneg("weight of the teacher's cross-entropy against the label"),
         "tv_weight": _nonneg("weight of the total-variation image prior"),
         "first_layer_multiplier": _nonneg("extra weight on the first BN layer's moment loss"),
