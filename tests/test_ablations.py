@@ -19,7 +19,7 @@ def test_quick_ablations_run_every_variant(tmp_path):
     assert readme.read_text() == f"x\n{BEGIN}\nold\n{END}\ny\n"  # --quick never touches the README
     results = json.loads((out / "results.json").read_text())
     names = [v.name for v in variants(budget(True))]
-    assert len(names) == 14 and names[0] == "baseline"
+    assert len(names) == 11 and names[0] == "baseline"
     assert [r["variant"] for r in results["runs"]] == names  # one seed, every variant ran
     for run in results["runs"]:
         assert {"variant", "seed", "accuracy", "teacher_accuracy", "seconds", "settings"} <= set(run)
@@ -27,10 +27,12 @@ def test_quick_ablations_run_every_variant(tmp_path):
         assert 0.0 <= run["teacher_top1_on_generated"] <= 1.0
     by = {r["variant"]: r for r in results["runs"]}
     assert by["single_same_budget"]["settings"]["num_generators"] == 1
-    assert by["kind_mse"]["settings"]["kind"] == "mse" and by["scope_ensemble"]["settings"]["scope"] == "ensemble"
+    assert by["kind_l2"]["settings"]["kind"] == "l2" and by["scope_generator"]["settings"]["scope"] == "generator"
     assert by["student_bn_per_generator"]["settings"]["student_bn"] == "per_generator"
-    assert by["normalization_mean"]["settings"]["normalization"] == "mean"
-    assert by["paper_preset"]["settings"]["output_bn"] is True
+    assert by["normalization_sum"]["settings"]["normalization"] == "sum"
+    assert by["ce_weight_1"]["settings"]["ce_weight"] == 1.0
+    paper = by["paper_preset"]["settings"]
+    assert paper["output_bn"] is True and paper["normalization"] == "sum" and paper["scope"] == "generator"
     counts = results["generator_parameters"]
     assert abs(counts["single_same_capacity"] - counts["ensemble"]) < 0.03 * counts["ensemble"]
     assert by["single_same_capacity"]["generator_parameters"] == counts["single_same_capacity"]
