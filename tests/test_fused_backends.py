@@ -192,6 +192,7 @@ def test_unsupported_dtype_falls_back_with_a_warning():
         fastdfd.bn_moment_loss(x.double(), rm, rv)
 
 
+@pytest.mark.compile_kernels
 def test_every_kernel_compiles_ahead_of_time_for_sm80_and_sm90():
     """The GPU compiler rejects what the interpreter lets through; no GPU needed."""
     pytest.importorskip("triton")
