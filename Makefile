@@ -22,9 +22,10 @@ $(VENV)/.installed-test: pyproject.toml | $(PY)
 demo: $(VENV)/.installed-demo
 	$(PY) -m fastdfd demo
 
-# the full Triton AOT compile (marker compile_kernels) runs in test-triton, which CI runs after this
+# the full Triton AOT compile and the largest interpreter cases (marker triton_heavy) run in
+# test-triton, which CI runs after this
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q tests -m "not compile_kernels"
+	$(PY) -m pytest -q tests -m "not triton_heavy"
 
 # torchvision from pip does not import beside the main venv's torch 2.13, hence a venv of its own.
 # torch/torchvision first, so that -e . (torch>=2.4) keeps them and pulls no other torch.
@@ -55,7 +56,7 @@ $(TRITON_OLD_DIR)/.installed: | $(PY)
 
 test-triton: $(VENV)/.installed-test $(TRITON_OLD_DIR)/.installed
 	$(PY) -m pytest -q tests/test_aot_check.py
-	$(PY) -m pytest -q tests/test_fused_backends.py -m compile_kernels
+	$(PY) -m pytest -q tests -m triton_heavy
 	mkdir -p build
 	$(PY) -m fastdfd.kernels.aot_versions --triton $(TRITON_OLD_DIR) --triton venv --arch 90 \
 		--json build/triton-aot-sm90.json --table build/triton-aot-sm90.md

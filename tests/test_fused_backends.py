@@ -192,7 +192,7 @@ def test_unsupported_dtype_falls_back_with_a_warning():
         fastdfd.bn_moment_loss(x.double(), rm, rv)
 
 
-@pytest.mark.compile_kernels
+@pytest.mark.triton_heavy
 def test_every_kernel_compiles_ahead_of_time_for_sm80_and_sm90():
     """The GPU compiler rejects what the interpreter lets through; no GPU needed."""
     pytest.importorskip("triton")
@@ -206,6 +206,7 @@ def test_every_kernel_compiles_ahead_of_time_for_sm80_and_sm90():
     assert re.search(r"\b0 failed to compile, 0 failed the check", proc.stdout), report
 
 
+@pytest.mark.triton_heavy  # 75 s under the Triton interpreter: in make test-triton
 @pytest.mark.parametrize("name", ["torch", "fused"])
 def test_generator_step_compiles_fullgraph(name, backend):
     """torch.compile(fullgraph=True) of a generator step with a MomentMatcher: no graph breaks."""

@@ -142,6 +142,7 @@ def _grads_as_ensemble(gens, num_classes):
     return dict(GeneratorEnsemble.stack(gens, num_classes).named_parameters())
 
 
+@pytest.mark.triton_heavy  # 95 s under the Triton interpreter: in make test-triton
 @pytest.mark.parametrize("case", ENSEMBLE_CASES, ids=lambda c: "K{}B{}s{}c{}{}".format(*c[:4], "-outbn" * c[4]))
 def test_kernel_path_equals_reference_and_standalone_generators(case, backend):
     k, b, size, channels, out_bn = case
