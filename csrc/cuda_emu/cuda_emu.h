@@ -489,21 +489,22 @@ inline T atomicAdd(T* address, T val) {
     return old;
   }
 }
-template <class T>
-inline T atomicMax(T* address, T val) {
-  static_assert(std::is_integral<T>::value, "atomicMax takes integers");
+// atomicMax / atomicMin: one compare-and-swap loop, replacing the stored value while val beats it
+template <class T, class Beats>
+inline T atomic_replace_while(T* address, T val, Beats beats) {
+  static_assert(std::is_integral<T>::value, "atomicMax / atomicMin take integers");
   T old = __atomic_load_n(address, __ATOMIC_RELAXED);
-  while (old < val && !__atomic_compare_exchange_n(address, &old, val, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+  while (beats(val, old) && !__atomic_compare_exchange_n(address, &old, val, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
   }
   return old;
 }
 template <class T>
+inline T atomicMax(T* address, T val) {
+  return atomic_replace_while(address, val, [](T a, T b) { return b < a; });
+}
+template <class T>
 inline T atomicMin(T* address, T val) {
-  static_assert(std::is_integral<T>::value, "atomicMin takes integers");
-  T old = __atomic_load_n(address, __ATOMIC_RELAXED);
-  while (val < old && !__atomic_compare_exchange_n(address, &old, val, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
-  }
-  return old;
+  return atomic_replace_while(address, val, [](T a, T b) { return a < b; });
 }
 template <class T>
 inline T atomicExch(T* address, T val) {

@@ -33,11 +33,13 @@ from ..models import create_model
 from ..nn import GeneratorEnsemble, save_ensemble
 from ..train import Distiller, GeneratorTrainer, evaluate_accuracy
 from ..train.quality import generator_quality, write_quality
+from ..train.settings import preset
 from ..train.supervised import fit_classifier
 
 NUM_CLASSES = 10
 QUALITY_PER_CLASS = 100  # fresh images per class for the teacher's / verifier's top-1 on generated images
 INPUT_SPACE = "minus_one_one"  # the digits teacher is trained on pixels scaled to [-1, 1]
+_DEFAULT = preset("default")  # the library's generator settings, which the demo keeps but for ce_weight
 
 
 @dataclass(frozen=True)
@@ -48,14 +50,14 @@ class DemoSettings:
     real_epochs: int = 12
     generator_steps: int = 300
     generator_batch: int = 32  # images per generator per step (x10 for the single generator)
-    generator_lr: float = 1e-2
+    generator_lr: float = _DEFAULT.lr
     latent_dim: int = 64
     widths: tuple[int, ...] = (32, 16)
-    moment_weight: float = 10.0
+    moment_weight: float = _DEFAULT.moment_weight
     ce_weight: float = 0.01  # the library's default is 0.1; see the module docstring
-    scope: str = "ensemble"
-    kind: str = "kl"
-    normalization: str = "mean"  # the scale-free loss (MomentMatcher); "sum" is the paper's
+    scope: str = _DEFAULT.scope
+    kind: str = _DEFAULT.kind
+    normalization: str = _DEFAULT.normalization  # the scale-free loss; "sum" is the paper's
     distill_steps: int = 400
     distill_batch: int = 32
     distill_lr: float = 0.05
