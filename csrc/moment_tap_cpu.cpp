@@ -10,10 +10,12 @@
 // per (segment g, channel c), S1 = sum (x - mu_r), S2 = sum (x - mu_r)^2.
 // Backward, one pass: dx = dy * gamma * rsqrt(var_r + eps) + dS1[g, c] + 2 (x - mu_r) dS2[g, c].
 //
-// Parallelism (ATen's parallel_for): NCHW splits over (segment, channel) pairs, each row of P
-// contiguous values a vectorisable inner loop; channels_last splits each segment's positions
-// into chunks whose per-channel partial sums (contiguous over C, vectorisable) are added up
-// afterwards in double. Accumulation is in float for fp32/fp16/bf16 input (double for fp64).
+// Parallelism (ATen's parallel_for), both passes in x's memory order: the forward cuts each
+// segment's rows (P values of an (image, channel) in NCHW, C values of an (image, position) in
+// channels_last) into chunks whose per-channel partial sums are added up afterwards in double;
+// the backward is elementwise over the rows. Each row is a vectorisable inner loop. Sums run in
+// float over one row (NCHW) or 256 rows (channels_last) for fp32/fp16/bf16 input (double for
+// fp64), then in double.
 #include <torch/extension.h>
 
 #include "generator_cpu.h"
@@ -92,12 +94,32 @@ void bn_affine(const A* var, const A* w, const A* b, double eps, int64_t C, std:
   }
 }
 
-// Chunks per segment for the channels_last split: enough for every thread, never empty.
-int64_t chunks_for(const Geometry& g) {
-  const int64_t positions = g.rows * g.P;
-  const int64_t want = std::max<int64_t>(1, 4 * at::get_num_threads() / std::max<int64_t>(1, g.G));
-  return std::max<int64_t>(1, std::min(positions, want));
+// Both passes walk x in memory order. A "row" is x's unit-stride run: the P values of one
+// (image, channel) in NCHW, the C values of one (image, position) in channels_last. Walking
+// channel by channel instead (one task per channel, jumping an image's stride between rows) left
+// the forward at 2-30x the time of a plain copy of x: every short row was a new page and the
+// hardware prefetcher never caught on.
+struct Rows {
+  int64_t per_segment, length;  // rows of one segment, values per row
+};
+Rows rows_of(const Geometry& g) {
+  return g.channels_last() ? Rows{g.rows * g.P, g.C} : Rows{g.rows * g.C, g.P};
 }
+// Offset of row r of segment grp (r counted in memory order within the segment).
+inline int64_t row_offset(const Geometry& g, int64_t grp, int64_t r) {
+  if (g.channels_last()) return (grp * g.rows + r / g.P) * g.sn + (r % g.P) * g.sp;
+  return (grp * g.rows + r / g.C) * g.sn + (r % g.C) * g.sc;
+}
+
+// Chunks per segment for the forward's reduction: enough tasks for every thread, never empty.
+int64_t chunks_for(const Geometry& g, const Rows& rows) {
+  const int64_t want = std::max<int64_t>(1, 4 * at::get_num_threads() / std::max<int64_t>(1, g.G));
+  return std::max<int64_t>(1, std::min(rows.per_segment, want));
+}
+
+// Rows summed in float before they are added into the double partials (channels_last), which
+// bounds the float sums' length whatever the batch.
+constexpr int64_t kFlushRows = 256;
 
 template <typename T>
 void tap_forward_impl(const T* x, T* y, typename Acc<T>::type* s1, typename Acc<T>::type* s2,
@@ -106,69 +128,74 @@ void tap_forward_impl(const T* x, T* y, typename Acc<T>::type* s1, typename Acc<
   using A = typename Acc<T>::type;
   std::vector<A> scale, shift;
   if (y) bn_affine(var, w, b, eps, g.C, scale, shift);
-  if (!g.channels_last()) {
-    at::parallel_for(0, g.G * g.C, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t gc = begin; gc < end; ++gc) {
-        const int64_t grp = gc / g.C, c = gc % g.C;
-        const A mu = mean[c];
-        double a1 = 0, a2 = 0;
-        for (int64_t n = grp * g.rows; n < (grp + 1) * g.rows; ++n) {
-          const T* xr = x + n * g.sn + c * g.sc;
-          A r1 = 0, r2 = 0;
+  const Rows rows = rows_of(g);
+  const int64_t chunks = chunks_for(g, rows), L = rows.length;
+  // per (segment, chunk) task: its per-channel partial sums, added up in double afterwards
+  std::vector<double> part1(g.G * chunks * g.C, 0.0), part2(g.G * chunks * g.C, 0.0);
+  at::parallel_for(0, g.G * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> b1, b2;  // channels_last: float block sums, one per channel
+    if (g.channels_last()) b1.resize(g.C), b2.resize(g.C);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t grp = t / chunks, k = t % chunks;
+      const int64_t r0 = k * rows.per_segment / chunks, r1 = (k + 1) * rows.per_segment / chunks;
+      double* p1 = part1.data() + t * g.C;
+      double* p2 = part2.data() + t * g.C;
+      if (!g.channels_last()) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t c = r % g.C, off = row_offset(g, grp, r);
+          const T* xr = x + off;
+          const A mu = mean[c];
+          A a1 = 0, a2 = 0;
           if (y) {
-            T* yr = y + n * g.sn + c * g.sc;
+            T* yr = y + off;
             const A sc = scale[c], sh = shift[c];
-#pragma omp simd reduction(+ : r1, r2)
-            for (int64_t p = 0; p < g.P; ++p) {
+#pragma omp simd reduction(+ : a1, a2)
+            for (int64_t p = 0; p < L; ++p) {
               const A d = static_cast<A>(xr[p]) - mu;
-              r1 += d;
-              r2 += d * d;
+              a1 += d;
+              a2 += d * d;
               yr[p] = static_cast<T>(d * sc + sh);
             }
           } else {
-#pragma omp simd reduction(+ : r1, r2)
-            for (int64_t p = 0; p < g.P; ++p) {
+#pragma omp simd reduction(+ : a1, a2)
+            for (int64_t p = 0; p < L; ++p) {
               const A d = static_cast<A>(xr[p]) - mu;
-              r1 += d;
-              r2 += d * d;
+              a1 += d;
+              a2 += d * d;
             }
           }
-          a1 += r1;
-          a2 += r2;
+          p1[c] += a1;
+          p2[c] += a2;
         }
-        s1[grp * g.C + c] = static_cast<A>(a1);
-        s2[grp * g.C + c] = static_cast<A>(a2);
+        continue;
       }
-    });
-    return;
-  }
-  const int64_t chunks = chunks_for(g), positions = g.rows * g.P;
-  std::vector<A> part1(g.G * chunks * g.C, A(0)), part2(g.G * chunks * g.C, A(0));
-  at::parallel_for(0, g.G * chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t grp = t / chunks, k = t % chunks;
-      A* p1 = part1.data() + t * g.C;
-      A* p2 = part2.data() + t * g.C;
-      for (int64_t j = k * positions / chunks; j < (k + 1) * positions / chunks; ++j) {
-        const int64_t n = grp * g.rows + j / g.P, p = j % g.P;
-        const T* xr = x + n * g.sn + p * g.sp;
-        if (y) {
-          T* yr = y + n * g.sn + p * g.sp;
+      for (int64_t f0 = r0; f0 < r1; f0 += kFlushRows) {
+        std::fill(b1.begin(), b1.end(), A(0));
+        std::fill(b2.begin(), b2.end(), A(0));
+        A* q1 = b1.data();
+        A* q2 = b2.data();
+        for (int64_t r = f0; r < std::min(r1, f0 + kFlushRows); ++r) {
+          const int64_t off = row_offset(g, grp, r);
+          const T* xr = x + off;
+          if (y) {
+            T* yr = y + off;
 #pragma omp simd
-          for (int64_t c = 0; c < g.C; ++c) {
-            const A d = static_cast<A>(xr[c]) - mean[c];
-            p1[c] += d;
-            p2[c] += d * d;
-            yr[c] = static_cast<T>(d * scale[c] + shift[c]);
-          }
-        } else {
+            for (int64_t c = 0; c < L; ++c) {
+              const A d = static_cast<A>(xr[c]) - mean[c];
+              q1[c] += d;
+              q2[c] += d * d;
+              yr[c] = static_cast<T>(d * scale[c] + shift[c]);
+            }
+          } else {
 #pragma omp simd
-          for (int64_t c = 0; c < g.C; ++c) {
-            const A d = static_cast<A>(xr[c]) - mean[c];
-            p1[c] += d;
-            p2[c] += d * d;
+            for (int64_t c = 0; c < L; ++c) {
+              const A d = static_cast<A>(xr[c]) - mean[c];
+              q1[c] += d;
+              q2[c] += d * d;
+            }
           }
         }
+        for (int64_t c = 0; c < g.C; ++c) p1[c] += q1[c], p2[c] += q2[c];
       }
     }
   });
@@ -185,6 +212,9 @@ void tap_forward_impl(const T* x, T* y, typename Acc<T>::type* s1, typename Acc<
   }
 }
 
+// Values per backward task: large enough that a task's overhead is noise, small enough to balance.
+constexpr int64_t kBackwardGrainValues = 16384;
+
 template <typename T>
 void tap_backward_impl(const T* x, const T* dy, T* dx, const typename Acc<T>::type* ds1,
                        const typename Acc<T>::type* ds2, const typename Acc<T>::type* mean,
@@ -193,52 +223,38 @@ void tap_backward_impl(const T* x, const T* dy, T* dx, const typename Acc<T>::ty
   using A = typename Acc<T>::type;
   std::vector<A> scale, shift;
   bn_affine(var, w, static_cast<const A*>(nullptr), eps, g.C, scale, shift);
-  if (!g.channels_last()) {
-    at::parallel_for(0, g.G * g.C, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t gc = begin; gc < end; ++gc) {
-        const int64_t grp = gc / g.C, c = gc % g.C;
-        const A mu = mean[c], g1 = ds1[grp * g.C + c], g2 = 2 * ds2[grp * g.C + c], sc = scale[c];
-        for (int64_t n = grp * g.rows; n < (grp + 1) * g.rows; ++n) {
-          const int64_t off = n * g.sn + c * g.sc;
-          const T* xr = x + off;
-          T* dxr = dx + off;
-          if (dy) {
-            const T* dyr = dy + off;
-#pragma omp simd
-            for (int64_t p = 0; p < g.P; ++p)
-              dxr[p] = static_cast<T>(static_cast<A>(dyr[p]) * sc + g1 + (static_cast<A>(xr[p]) - mu) * g2);
-          } else {
-#pragma omp simd
-            for (int64_t p = 0; p < g.P; ++p) dxr[p] = static_cast<T>(g1 + (static_cast<A>(xr[p]) - mu) * g2);
-          }
-        }
-      }
-    });
-    return;
-  }
-  const int64_t positions = g.rows * g.P;
-  at::parallel_for(0, g.G * positions, 64, [&](int64_t begin, int64_t end) {
-    std::vector<A> g2(g.C);
-    int64_t last_grp = -1;
+  std::vector<A> g2(g.G * g.C);  // 2 dS2, the factor of (x - mu_r)
+  for (int64_t i = 0; i < g.G * g.C; ++i) g2[i] = 2 * ds2[i];
+  const Rows rows = rows_of(g);
+  const int64_t L = rows.length, grain = std::max<int64_t>(1, kBackwardGrainValues / L);
+  at::parallel_for(0, g.G * rows.per_segment, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t grp = t / positions, j = t % positions;
-      if (grp != last_grp) {
-        for (int64_t c = 0; c < g.C; ++c) g2[c] = 2 * ds2[grp * g.C + c];
-        last_grp = grp;
-      }
-      const A* g1 = ds1 + grp * g.C;
-      const int64_t off = (grp * g.rows + j / g.P) * g.sn + (j % g.P) * g.sp;
+      const int64_t grp = t / rows.per_segment, r = t % rows.per_segment, off = row_offset(g, grp, r);
       const T* xr = x + off;
       T* dxr = dx + off;
-      if (dy) {
-        const T* dyr = dy + off;
+      const T* dyr = dy ? dy + off : nullptr;
+      if (!g.channels_last()) {
+        const int64_t c = r % g.C;
+        const A mu = mean[c], c1 = ds1[grp * g.C + c], c2 = g2[grp * g.C + c], sc = scale[c];
+        if (dyr) {
 #pragma omp simd
-        for (int64_t c = 0; c < g.C; ++c)
-          dxr[c] = static_cast<T>(static_cast<A>(dyr[c]) * scale[c] + g1[c] + (static_cast<A>(xr[c]) - mean[c]) * g2[c]);
+          for (int64_t p = 0; p < L; ++p)
+            dxr[p] = static_cast<T>(static_cast<A>(dyr[p]) * sc + c1 + (static_cast<A>(xr[p]) - mu) * c2);
+        } else {
+#pragma omp simd
+          for (int64_t p = 0; p < L; ++p) dxr[p] = static_cast<T>(c1 + (static_cast<A>(xr[p]) - mu) * c2);
+        }
+        continue;
+      }
+      const A* c1 = ds1 + grp * g.C;
+      const A* c2 = g2.data() + grp * g.C;
+      if (dyr) {
+#pragma omp simd
+        for (int64_t c = 0; c < L; ++c)
+          dxr[c] = static_cast<T>(static_cast<A>(dyr[c]) * scale[c] + c1[c] + (static_cast<A>(xr[c]) - mean[c]) * c2[c]);
       } else {
 #pragma omp simd
-        for (int64_t c = 0; c < g.C; ++c)
-          dxr[c] = static_cast<T>(g1[c] + (static_cast<A>(xr[c]) - mean[c]) * g2[c]);
+        for (int64_t c = 0; c < L; ++c) dxr[c] = static_cast<T>(c1[c] + (static_cast<A>(xr[c]) - mean[c]) * c2[c]);
       }
     }
   });
@@ -402,6 +418,15 @@ std::vector<at::Tensor> finalize_backward(const at::Tensor& s1, const at::Tensor
   return {ds1, ds2};
 }
 
+// The threads ATen's parallel_for really runs in this extension, for a test: 1 when the file is
+// compiled without OpenMP against an OpenMP build of torch, whose parallel_for opens its
+// `#pragma omp parallel` inline (the pragma then compiles away, silently).
+int64_t parallel_threads_used(int64_t tasks) {
+  std::vector<char> seen(std::max(1, at::get_num_threads()), 0);
+  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) { seen[at::get_thread_num()] = 1; });
+  return std::count(seen.begin(), seen.end(), 1);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -410,5 +435,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tap_backward", &tap_backward);
   m.def("finalize_forward", &finalize_forward);
   m.def("finalize_backward", &finalize_backward);
+  m.def("parallel_threads_used", &parallel_threads_used);
   bind_generator_ops(m);
 }

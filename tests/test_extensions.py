@@ -27,6 +27,17 @@ def test_cpp_is_the_cpu_default_when_it_builds():
     assert (extensions.cache_dir() / f"fastdfd_cpu-{extensions.build_key(extensions.SPECS['cpu'])}").is_dir()
 
 
+def test_cpu_extension_runs_parallel_for_on_every_thread():
+    """ATen's parallel_for opens its OpenMP region inline: an extension built without -fopenmp ran serially."""
+    module, why = extensions.load("cpu")
+    if module is None:
+        pytest.skip(f"cpu extension unavailable here: {why}")
+    threads = torch.get_num_threads()
+    if threads < 2:
+        pytest.skip("one intra-op thread here")
+    assert module.parallel_threads_used(64) == threads
+
+
 def test_no_ext_switch_falls_back_silently(monkeypatch, fresh_loader):
     monkeypatch.setenv("FASTDFD_NO_EXT", "1")
     with warnings.catch_warnings():

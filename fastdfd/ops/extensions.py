@@ -41,12 +41,17 @@ class ExtensionSpec:
     sources: list[str]  # relative to csrc/
     cflags: list[str] = field(default_factory=list)
     cuda_cflags: list[str] = field(default_factory=list)
+    ldflags: list[str] = field(default_factory=list)
     needs_cuda: bool = False
 
 
 SPECS = {
-    # -march=native: built on first use on the machine that runs it (the CPU is in the cache key)
-    "cpu": ExtensionSpec("fastdfd_cpu", ["moment_tap_cpu.cpp", "generator_cpu.cpp"], cflags=["-O3", "-march=native", "-fopenmp-simd"]),
+    # -march=native: built on first use on the machine that runs it (the CPU is in the cache key).
+    # -fopenmp: ATen's parallel_for is a header template that opens `#pragma omp parallel` itself
+    # (AT_PARALLEL_OPENMP builds, the pip wheels): compiled without it, every parallel_for here ran
+    # on one thread. The link resolves libgomp.so.1 to the copy torch has already loaded.
+    "cpu": ExtensionSpec("fastdfd_cpu", ["moment_tap_cpu.cpp", "generator_cpu.cpp"],
+                         cflags=["-O3", "-march=native", "-fopenmp"], ldflags=["-fopenmp"]),
     "cuda": ExtensionSpec("fastdfd_cuda", ["moment_tap_cuda_binding.cpp", "moment_tap_cuda.cu"],
                           cflags=["-O3"], cuda_cflags=["-O3", "--use_fast_math"], needs_cuda=True),
 }
@@ -94,7 +99,7 @@ def build_key(spec: ExtensionSpec) -> str:
     for src in sorted(set(spec.sources) | {p.name for p in root.glob("*.h")} | {p.name for p in root.glob("*.cuh")}):
         h.update(src.encode())
         h.update((root / src).read_bytes())
-    h.update(" ".join(spec.cflags + spec.cuda_cflags).encode())
+    h.update(" ".join(spec.cflags + spec.cuda_cflags + spec.ldflags).encode())
     h.update(_tool_version([os.environ.get("CXX", "c++"), "--version"]).encode())
     h.update(f"{torch.__version__}|{sys.version}|{platform.machine()}|{_cpu_fingerprint()}".encode())
     return h.hexdigest()[:16]
@@ -123,7 +128,9 @@ def load(which: str, verbose: bool = False) -> tuple[ModuleType | None, str | No
             root = csrc_dir()
             module = cpp_load(
                 name=f"{spec.name}_{key}", sources=[str(root / s) for s in spec.sources],
-                extra_cflags=spec.cflags, extra_cuda_cflags=spec.cuda_cflags, build_directory=str(build),
+                # copies: torch's load() appends to the lists it is given (the build key hashes them)
+                extra_cflags=list(spec.cflags), extra_cuda_cflags=list(spec.cuda_cflags),
+                extra_ldflags=list(spec.ldflags), build_directory=str(build),
                 verbose=verbose,
             )
         except Exception as e:  # compiler error, missing headers, ...
