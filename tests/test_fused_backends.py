@@ -232,3 +232,35 @@ def test_generator_step_compiles_fullgraph(name, backend):
         (g_comp,) = torch.autograd.grad(compiled, params["conv0_weight"])
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g_comp, g_eager, rtol=1e-4, atol=1e-6)
+
+
+_COMPILED_FIRST = """
+import torch
+from torch import nn
+from fastdfd import MomentMatcher
+
+torch.manual_seed(0)
+net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.BatchNorm2d(8)).eval().requires_grad_(False)
+for m in net.modules():
+    if isinstance(m, nn.BatchNorm2d):
+        m.running_mean.normal_(0, 0.3), m.running_var.uniform_(0.5, 1.5)
+matcher = MomentMatcher(net)
+x = torch.randn(4, 3, 9, 7)
+
+
+def loss(x):
+    net(x)
+    return matcher.loss()
+
+
+compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")(x)  # before any eager call
+torch.testing.assert_close(compiled, loss(x))
+print("ok")
+"""
+
+
+def test_first_call_compiled_fullgraph_in_a_fresh_process():
+    """Dispatch's first resolution (the extension's build and load) and the matcher's first layout are
+    traced when the very first call is compiled: neither may break the graph."""
+    proc = subprocess.run([sys.executable, "-c", _COMPILED_FIRST], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

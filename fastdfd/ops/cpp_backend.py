@@ -22,7 +22,7 @@ def check(x: Tensor) -> str | None:
         return f"{x.device.type} tensors (the cpp backend is for CPU tensors)"
     if x.dtype not in SUPPORTED_DTYPES:
         return f"{x.dtype} inputs"
-    return extensions.load("cpu")[1]
+    return extensions.unavailable("cpu")
 
 
 def _ext():

@@ -25,7 +25,7 @@ def check(x: Tensor) -> str | None:
         return f"{x.device.type} tensors (the cuda backend is for CUDA tensors)"
     if x.dtype not in SUPPORTED_DTYPES:
         return f"{x.dtype} inputs (the kernels take fp16, bf16 and fp32)"
-    return extensions.load("cuda")[1]
+    return extensions.unavailable("cuda")
 
 
 def check_finalize(s1: Tensor) -> str | None:

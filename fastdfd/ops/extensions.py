@@ -142,3 +142,13 @@ def load(which: str, verbose: bool = False) -> tuple[ModuleType | None, str | No
                       RuntimeWarning, stacklevel=3)
     _LOADED[which] = (module, why)
     return _LOADED[which]
+
+
+# Dispatch asks this on every call, torch.compile's trace included. Traced, the first call's
+# build-and-load (os.stat, hashlib, the compiler) broke the graph, and failed under
+# fullgraph=True; it is run eagerly instead and its answer, fixed for the process, kept as a constant.
+@torch.compiler.assume_constant_result
+def unavailable(which: str) -> str | None:
+    """Why the extension ``which`` cannot be used in this process, or None when it is loaded."""
+    return load(which)[1]
+

@@ -20,7 +20,7 @@ def check(x: Tensor) -> str | None:
         return f"{x.device.type} tensors (the cpp backend is for CPU tensors)"
     if x.dtype != torch.float32:
         return f"{x.dtype} generator parameters (the cpp generator kernels take fp32)"
-    return extensions.load("cpu")[1]
+    return extensions.unavailable("cpu")
 
 
 def _ext():

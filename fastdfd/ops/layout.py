@@ -44,8 +44,9 @@ class PackedLayout:
         mean = torch.cat([m.detach().reshape(-1).to(dtype) for m in means])
         var = torch.cat([v.detach().reshape(-1).to(dtype) for v in variances])
         eps_c = torch.cat([torch.full((n,), float(e), dtype=dtype, device=device) for n, e in zip(sizes, eps)])
-        # on the host, then one copy: repeat_interleave on a device would read the total size back
-        layer = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).to(device)
+        # from the Python sizes, then one copy: repeat_interleave on a device would read the total size
+        # back, and under torch.compile's trace its output size is data-dependent
+        layer = torch.tensor([i for i, n in enumerate(sizes) for _ in range(n)], dtype=torch.int64).to(device)
         channels = torch.tensor(sizes, dtype=dtype, device=device)
         offsets = torch.tensor([0] + sizes, dtype=torch.int64).cumsum(0).to(device=device, dtype=torch.int32)
         return PackedLayout(mean, var, eps_c, layer, channels, offsets, len(sizes))

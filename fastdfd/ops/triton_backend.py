@@ -23,6 +23,8 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
 
 
+# run eagerly under torch.compile's trace (the import would break the graph), kept as a constant
+@torch.compiler.assume_constant_result
 def _triton_missing() -> str | None:
     if not _MISSING:
         try:
