@@ -22,7 +22,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     groups: dict[str, dict[str, float]] = {}
     for bench in session.benchmarks:
-        provider = _provider(bench.param or bench.name)
+        provider = "memory-floor" if "memory_floor" in bench.name else _provider(bench.param or bench.name)
         groups.setdefault(bench.group, {})[provider] = bench.stats.median
     tr = terminalreporter
     tr.write_sep("=", "speed-up against the anchor (median time of anchor / provider; same process, same inputs)")
@@ -30,5 +30,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         anchor = "hooks" if "hooks" in times else ("python-loop" if "python-loop" in times else None)
         if anchor is None:
             continue
-        cells = "  ".join(f"{p}: {times[anchor] / t:5.2f}x" for p, t in times.items() if p != anchor)
+        cells = "  ".join(f"{p}: {times[anchor] / t:5.2f}x" for p, t in times.items()
+                          if p not in (anchor, "memory-floor"))
         tr.write_line(f"{group:<45} {cells}   (anchor {anchor}: {times[anchor] * 1e3:.2f} ms)")
+    floors = {g: t for g, t in groups.items() if "memory-floor" in t}
+    if floors:
+        tr.write_sep("-", "time over the memory floor (median / the floor's: a clone and an add, the fused tap's "
+                          "least traffic)")
+        for group, times in floors.items():
+            floor = times["memory-floor"]
+            cells = "  ".join(f"{p}: {t / floor:5.2f}x" for p, t in times.items() if p != "memory-floor")
+            tr.write_line(f"{group:<45} {cells}   (floor: {floor * 1e3:.2f} ms)")

@@ -97,6 +97,16 @@ def bn_layer_step(provider: str, bn: nn.BatchNorm2d) -> tuple[Callable, Callable
     return step, cleanup
 
 
+def memory_floor_step(x: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copies with a fused tap's minimum traffic (5 tensors of x's size): the bench's memory floor.
+
+    Not a provider (it computes no loss): a clone for the forward (read x, write y) and an add for
+    the backward (read x and dy, write dx), both ATen's parallel, vectorised kernels writing fresh
+    tensors, so that they pay the same first-touch page faults as every provider's outputs.
+    """
+    return x.clone(), torch.add(x, dy)
+
+
 # ------------------------------------------------------------------- generator step
 def generator_step(provider: str, teacher: nn.Module, ensemble: GeneratorEnsemble, batch: int,
                    seed: int = 0, generator_backend: str | None = "torch") -> tuple[Callable, Callable]:

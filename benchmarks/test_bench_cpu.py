@@ -13,7 +13,7 @@ from fastdfd import GeneratorEnsemble
 from fastdfd.models import create_model
 
 from .ensemble_providers import ensemble_step
-from .providers import bn_layer_step, generator_step, randomize_bn
+from .providers import bn_layer_step, generator_step, memory_floor_step, randomize_bn
 
 CPU_PROVIDERS = ["hooks", "hooks-compiled", "fastdfd-torch", "fastdfd-cpp"]
 # (channels, spatial) of CIFAR ResNet-34 BN inputs at batch 256
@@ -33,6 +33,19 @@ def test_bn_layer_forward_backward(benchmark, provider, channels, size):
     benchmark.group = f"bn-layer c{channels} s{size} b{BATCH}"
     benchmark(step, x, dy)
     cleanup()
+
+
+@pytest.mark.parametrize("channels,size", LAYERS, ids=[f"c{c}s{s}" for c, s in LAYERS])
+def test_bn_layer_memory_floor(benchmark, channels, size):
+    """The least any fused tap can move, timed like the providers: x read and y written (forward),
+    x and dy read and dx written (backward), into fresh outputs as every provider allocates them."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(BATCH, channels, size, size, generator=g)
+    dy = torch.randn(BATCH, channels, size, size, generator=g)
+    step = memory_floor_step
+    step(x, dy)
+    benchmark.group = f"bn-layer c{channels} s{size} b{BATCH}"
+    benchmark(step, x, dy)
 
 
 @pytest.mark.parametrize("provider", CPU_PROVIDERS)
