@@ -7,9 +7,12 @@ def pytest_configure(config):
     torch.manual_seed(0)
 
 
+FLOORS = ("memory-floor", "floor-fresh-outputs")
+
+
 def _provider(param: str) -> str:
     # parametrize ids look like "c64s32-hooks-compiled" or "fastdfd-torch" or "batched"
-    for name in ("hooks-compiled", "hooks", "fastdfd-torch", "fastdfd-triton", "fastdfd-cpp", "fastdfd-cuda",
+    for name in ("fastdfd-cpp-compiled", "hooks-compiled", "hooks", "fastdfd-torch", "fastdfd-triton", "fastdfd-cpp", "fastdfd-cuda",
                  "python-loop-graph", "python-loop", "vmap", "grouped-eager", "grouped-compiled"):
         if param.endswith(name):
             return name
@@ -22,7 +25,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     groups: dict[str, dict[str, float]] = {}
     for bench in session.benchmarks:
-        provider = "memory-floor" if "memory_floor" in bench.name else _provider(bench.param or bench.name)
+        provider = _provider(bench.param or bench.name)
+        if "memory_floor" in bench.name:  # ids like "c64s32-fresh"
+            provider = "floor-fresh-outputs" if bench.name.endswith("fresh]") else "memory-floor"
         groups.setdefault(bench.group, {})[provider] = bench.stats.median
     tr = terminalreporter
     tr.write_sep("=", "speed-up against the anchor (median time of anchor / provider; same process, same inputs)")
@@ -30,13 +35,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         anchor = "hooks" if "hooks" in times else ("python-loop" if "python-loop" in times else None)
         if anchor is None:
             continue
-        cells = "  ".join(f"{p}: {times[anchor] / t:5.2f}x" for p, t in times.items()
-                          if p not in (anchor, "memory-floor"))
+        cells = "  ".join(f"{p}: {times[anchor] / t:5.2f}x" for p, t in times.items() if p not in (anchor, *FLOORS))
         tr.write_line(f"{group:<45} {cells}   (anchor {anchor}: {times[anchor] * 1e3:.2f} ms)")
     floors = {g: t for g, t in groups.items() if "memory-floor" in t}
     if floors:
-        tr.write_sep("-", "time over the memory floor (median / the floor's: a clone and an add, the fused tap's "
-                          "least traffic)")
+        tr.write_sep("-", "time over the memory floor (median / the floor's: a copy and an add into preallocated "
+                          "outputs, the fused tap's least traffic)")
         for group, times in floors.items():
             floor = times["memory-floor"]
             cells = "  ".join(f"{p}: {t / floor:5.2f}x" for p, t in times.items() if p != "memory-floor")

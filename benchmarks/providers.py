@@ -9,6 +9,8 @@ quantities, so that results can be checked against each other before they are ti
 - ``hooks-compiled``: the same under ``torch.compile`` (inductor).
 - ``fastdfd-torch`` / ``fastdfd-triton`` / ``fastdfd-cpp`` / ``fastdfd-cuda``: the
   MomentMatcher on that backend (one tap per BN layer, one packed finalize).
+- ``fastdfd-cpp-compiled`` (generator step only): the same under ``torch.compile``, so that the
+  teacher's convolutions are compiled as they are for ``hooks-compiled``.
 
 Two workloads: one BN layer forward+backward (the upstream gradient dy of the BN output
 is given, as inside a network), and a whole generator-training step (ensemble -> teacher
@@ -97,14 +99,27 @@ def bn_layer_step(provider: str, bn: nn.BatchNorm2d) -> tuple[Callable, Callable
     return step, cleanup
 
 
-def memory_floor_step(x: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Copies with a fused tap's minimum traffic (5 tensors of x's size): the bench's memory floor.
+def memory_floor_step(fresh_outputs: bool) -> Callable:
+    """Copies with a fused tap's least traffic (5 tensors of x's size): the bench's memory floor.
 
-    Not a provider (it computes no loss): a clone for the forward (read x, write y) and an add for
-    the backward (read x and dy, write dx), both ATen's parallel, vectorised kernels writing fresh
-    tensors, so that they pay the same first-touch page faults as every provider's outputs.
+    Not a provider (it computes no loss): a copy for the forward (read x, write y) and an add for
+    the backward (read x and dy, write dx), ATen's parallel, vectorised kernels. With
+    ``fresh_outputs=False`` they write into buffers allocated once: bytes moved over the copy
+    bandwidth, the floor proper. With ``True`` they allocate y and dx on every call, as every
+    provider must (autograd's outputs are new tensors): what that adds is the allocator's (glibc
+    serves allocations above its mmap threshold, 32 MiB at most, with fresh pages, each one
+    faulted in and zeroed by the kernel on first write), the same for every provider.
     """
-    return x.clone(), torch.add(x, dy)
+    buffers: dict[str, torch.Tensor] = {}
+
+    def step(x: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if fresh_outputs:
+            return x.clone(), torch.add(x, dy)
+        if not buffers:
+            buffers.update(y=torch.empty_like(x), dx=torch.empty_like(x))
+        return buffers["y"].copy_(x), torch.add(x, dy, out=buffers["dx"])
+
+    return step
 
 
 # ------------------------------------------------------------------- generator step
@@ -141,13 +156,15 @@ def generator_step(provider: str, teacher: nn.Module, ensemble: GeneratorEnsembl
         cleanup = hooks.remove
     else:
         matcher = MomentMatcher(teacher, kind="l2")
-        backend = _backend_of(provider)
+        backend = _backend_of(provider.removesuffix("-compiled"))
 
         def forward():
             with fastdfd.backend(backend):
                 logits = teacher(images())
                 return matcher.loss() + F.cross_entropy(logits.float(), y.reshape(-1))
 
+        if provider.endswith("-compiled"):  # the fused ops are custom ops: one graph, the teacher compiled around them
+            forward = torch.compile(forward)
         cleanup = matcher.remove
 
     def step():
