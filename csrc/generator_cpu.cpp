@@ -208,6 +208,7 @@ std::vector<torch::Tensor> generator_conv_forward(const torch::Tensor& x_in, con
                                                   const torch::Tensor& weight_in,
                                                   const c10::optional<torch::Tensor>& bias_in, int64_t up, double slope,
                                                   bool tanh_out) {
+  follow_torch_threads();
   const auto x = x_in.contiguous();
   const auto weight = weight_in.contiguous();
   const Geometry g = geometry(x, weight, up);
@@ -285,6 +286,7 @@ std::vector<torch::Tensor> generator_conv_backward(const torch::Tensor& x_in, co
                                                    const torch::Tensor& dy_in, const torch::Tensor& ds1_in,
                                                    const torch::Tensor& ds2_in, int64_t up, double slope,
                                                    bool tanh_out) {
+  follow_torch_threads();
   const auto x = x_in.contiguous();
   const auto weight = weight_in.contiguous();
   const auto t = t_in.contiguous(), dy = dy_in.contiguous();

@@ -24,6 +24,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <vector>
 
@@ -95,20 +96,28 @@ void bn_affine(const A* var, const A* w, const A* b, double eps, int64_t C, std:
 }
 
 // Both passes walk x in memory order. A "row" is x's unit-stride run: the P values of one
-// (image, channel) in NCHW, the C values of one (image, position) in channels_last. Walking
-// channel by channel instead (one task per channel, jumping an image's stride between rows) left
-// the forward at 2-30x the time of a plain copy of x: every short row was a new page and the
-// hardware prefetcher never caught on.
+// (image, channel) in NCHW-like x, the C values of one (image, position) in channels_last-like x.
+// Rows are numbered within a segment so that consecutive numbers are neighbours in memory:
+// image-major when the image stride is the larger (NCHW, NHWC), image-minor otherwise (a
+// (C, N, H, W) tensor seen through a permute). Walking channel by channel instead, jumping an
+// image's stride between short rows, left the forward at 2-30x the time of a plain copy of x.
 struct Rows {
   int64_t per_segment, length;  // rows of one segment, values per row
+  int64_t other, s_other;       // the row's second index (channel, or position): count and stride
+  bool image_major;
 };
 Rows rows_of(const Geometry& g) {
-  return g.channels_last() ? Rows{g.rows * g.P, g.C} : Rows{g.rows * g.C, g.P};
+  const int64_t other = g.channels_last() ? g.P : g.C, s_other = g.channels_last() ? g.sp : g.sc;
+  return {g.rows * other, g.channels_last() ? g.C : g.P, other, s_other, g.sn >= s_other};
 }
-// Offset of row r of segment grp (r counted in memory order within the segment).
-inline int64_t row_offset(const Geometry& g, int64_t grp, int64_t r) {
-  if (g.channels_last()) return (grp * g.rows + r / g.P) * g.sn + (r % g.P) * g.sp;
-  return (grp * g.rows + r / g.C) * g.sn + (r % g.C) * g.sc;
+// The second index of row r (the channel, in NCHW-like x).
+inline int64_t row_other(const Geometry& g, const Rows& R, int64_t r) {
+  return R.image_major ? r % R.other : r / g.rows;
+}
+// Offset of row r of segment grp.
+inline int64_t row_offset(const Geometry& g, const Rows& R, int64_t grp, int64_t r) {
+  const int64_t image = R.image_major ? r / R.other : r % g.rows;
+  return (grp * g.rows + image) * g.sn + row_other(g, R, r) * R.s_other;
 }
 
 // Chunks per segment for the forward's reduction: enough tasks for every thread, never empty.
@@ -142,7 +151,7 @@ void tap_forward_impl(const T* x, T* y, typename Acc<T>::type* s1, typename Acc<
       double* p2 = part2.data() + t * g.C;
       if (!g.channels_last()) {
         for (int64_t r = r0; r < r1; ++r) {
-          const int64_t c = r % g.C, off = row_offset(g, grp, r);
+          const int64_t c = row_other(g, rows, r), off = row_offset(g, rows, grp, r);
           const T* xr = x + off;
           const A mu = mean[c];
           A a1 = 0, a2 = 0;
@@ -175,7 +184,7 @@ void tap_forward_impl(const T* x, T* y, typename Acc<T>::type* s1, typename Acc<
         A* q1 = b1.data();
         A* q2 = b2.data();
         for (int64_t r = f0; r < std::min(r1, f0 + kFlushRows); ++r) {
-          const int64_t off = row_offset(g, grp, r);
+          const int64_t off = row_offset(g, rows, grp, r);
           const T* xr = x + off;
           if (y) {
             T* yr = y + off;
@@ -229,12 +238,12 @@ void tap_backward_impl(const T* x, const T* dy, T* dx, const typename Acc<T>::ty
   const int64_t L = rows.length, grain = std::max<int64_t>(1, kBackwardGrainValues / L);
   at::parallel_for(0, g.G * rows.per_segment, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t grp = t / rows.per_segment, r = t % rows.per_segment, off = row_offset(g, grp, r);
+      const int64_t grp = t / rows.per_segment, r = t % rows.per_segment, off = row_offset(g, rows, grp, r);
       const T* xr = x + off;
       T* dxr = dx + off;
       const T* dyr = dy ? dy + off : nullptr;
       if (!g.channels_last()) {
-        const int64_t c = r % g.C;
+        const int64_t c = row_other(g, rows, r);
         const A mu = mean[c], c1 = ds1[grp * g.C + c], c2 = g2[grp * g.C + c], sc = scale[c];
         if (dyr) {
 #pragma omp simd
@@ -275,6 +284,7 @@ const A* opt_ptr(const c10::optional<at::Tensor>& t) {
 std::vector<at::Tensor> tap_forward(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
                                     const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
                                     double eps, int64_t groups, bool write_y, int64_t sn, int64_t sc, int64_t sp) {
+  follow_torch_threads();
   const Geometry g = geometry(x, groups, sn, sc, sp);
   check_stats(mean, g.C, acc_type(x), "mean");
   if (write_y) check_stats(var, g.C, acc_type(x), "var");
@@ -296,6 +306,7 @@ at::Tensor tap_backward(const at::Tensor& x, const c10::optional<at::Tensor>& dy
                         const at::Tensor& ds2, const at::Tensor& mean, const at::Tensor& var,
                         const c10::optional<at::Tensor>& weight, double eps, int64_t groups, int64_t sn, int64_t sc,
                         int64_t sp) {
+  follow_torch_threads();
   const Geometry g = geometry(x, groups, sn, sc, sp);
   if (dy.has_value()) {
     TORCH_CHECK(dy->sizes() == x.sizes() && dy->strides() == x.strides() && dy->scalar_type() == x.scalar_type() &&
@@ -391,6 +402,7 @@ void check_finalize(const at::Tensor& s1, const at::Tensor& s2, const at::Tensor
 at::Tensor finalize_forward(const at::Tensor& s1, const at::Tensor& s2, const at::Tensor& count,
                             const at::Tensor& var, const at::Tensor& eps, const at::Tensor& offsets,
                             int64_t kind) {
+  follow_torch_threads();
   check_finalize(s1, s2, count, var, eps, offsets);
   const int64_t L = offsets.numel() - 1, G = s1.size(0), Ct = s1.size(1);
   at::Tensor out = at::empty({L, G}, s1.options());
@@ -405,6 +417,7 @@ at::Tensor finalize_forward(const at::Tensor& s1, const at::Tensor& s2, const at
 std::vector<at::Tensor> finalize_backward(const at::Tensor& s1, const at::Tensor& s2, const at::Tensor& count,
                                           const at::Tensor& var, const at::Tensor& eps, const at::Tensor& offsets,
                                           const at::Tensor& dout, int64_t kind) {
+  follow_torch_threads();
   check_finalize(s1, s2, count, var, eps, offsets);
   const int64_t L = offsets.numel() - 1, G = s1.size(0), Ct = s1.size(1);
   check_stats(dout, L * G, s1.scalar_type(), "dout");
@@ -422,9 +435,14 @@ std::vector<at::Tensor> finalize_backward(const at::Tensor& s1, const at::Tensor
 // compiled without OpenMP against an OpenMP build of torch, whose parallel_for opens its
 // `#pragma omp parallel` inline (the pragma then compiles away, silently).
 int64_t parallel_threads_used(int64_t tasks) {
-  std::vector<char> seen(std::max(1, at::get_num_threads()), 0);
-  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) { seen[at::get_thread_num()] = 1; });
-  return std::count(seen.begin(), seen.end(), 1);
+  follow_torch_threads();
+  std::vector<std::atomic<bool>> seen(std::max(1, at::get_num_threads()) + 1);  // the last: out of range
+  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
+    const auto i = static_cast<size_t>(at::get_thread_num());
+    seen[std::min(i, seen.size() - 1)] = true;
+  });
+  TORCH_CHECK(!seen.back(), "fastdfd cpp: parallel_for ran more threads than at::get_num_threads()");
+  return std::count_if(seen.begin(), seen.end(), [](const std::atomic<bool>& b) { return b.load(); });
 }
 
 }  // namespace

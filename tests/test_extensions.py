@@ -1,6 +1,8 @@
 """Building the csrc/ extensions: cache, opt-out, and a failed build that falls back with one warning."""
 
+import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +19,9 @@ def fresh_loader(monkeypatch):
     monkeypatch.setattr(extensions, "_LOADED", {})
     monkeypatch.setattr(extensions, "_WARNED", set())
     monkeypatch.setattr(backends, "_WARNED", set())
+    torch._dynamo.reset()  # a compiled graph keeps the backend it was traced with
+    yield
+    torch._dynamo.reset()
 
 
 def test_cpp_is_the_cpu_default_when_it_builds():
@@ -35,7 +40,31 @@ def test_cpu_extension_runs_parallel_for_on_every_thread():
     threads = torch.get_num_threads()
     if threads < 2:
         pytest.skip("one intra-op thread here")
-    assert module.parallel_threads_used(64) == threads
+    assert module.parallel_threads_used(max(64, 4 * threads)) == threads
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
+def test_cpu_extension_shares_torchs_openmp_runtime():
+    """-fopenmp links libgomp.so.1 by soname; a second runtime beside torch's would oversubscribe."""
+    module, why = extensions.load("cpu")
+    if module is None:
+        pytest.skip(f"cpu extension unavailable here: {why}")
+    runtimes = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
+                if re.search(r"/lib(gomp|iomp5|omp)[^/]*\.so", line)}
+    assert len(runtimes) <= 1, runtimes
+
+
+def test_a_compiler_without_openmp_builds_the_serial_extension(monkeypatch, fresh_loader):
+    built = []
+
+    def fake_build(spec, verbose):
+        built.append(list(spec.cflags))
+        return (None, "clang: error: unsupported option '-fopenmp'") if "-fopenmp" in spec.cflags else ("module", None)
+
+    monkeypatch.setattr(extensions, "_build", fake_build)
+    with pytest.warns(RuntimeWarning, match="built without OpenMP"):
+        assert extensions.load("cpu") == ("module", None)
+    assert "-fopenmp" in built[0] and "-fopenmp-simd" in built[1] and "-fopenmp" not in built[1]
 
 
 def test_no_ext_switch_falls_back_silently(monkeypatch, fresh_loader):

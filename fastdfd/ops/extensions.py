@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
 
@@ -109,6 +109,27 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FASTDFD_EXT_DIR", Path.home() / ".cache" / "fastdfd" / "extensions"))
 
 
+def _build(spec: ExtensionSpec, verbose: bool) -> tuple[ModuleType | None, str | None]:
+    try:
+        from torch.utils.cpp_extension import load as cpp_load
+
+        key = build_key(spec)
+        build = cache_dir() / f"{spec.name}-{key}"
+        build.mkdir(parents=True, exist_ok=True)
+        root = csrc_dir()
+        module = cpp_load(
+            name=f"{spec.name}_{key}", sources=[str(root / s) for s in spec.sources],
+            # copies: torch's load() appends to the lists it is given (the build key hashes them)
+            extra_cflags=list(spec.cflags), extra_cuda_cflags=list(spec.cuda_cflags),
+            extra_ldflags=list(spec.ldflags), build_directory=str(build),
+            verbose=verbose,
+        )
+        return module, None
+    except Exception as e:  # compiler error, missing headers, ...
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        return None, f"building {spec.name} failed: {lines[-1] if lines else type(e).__name__}"
+
+
 def load(which: str, verbose: bool = False) -> tuple[ModuleType | None, str | None]:
     """The built extension ``which`` ("cpu" or "cuda"), building it if needed: (module, None) or (None, why)."""
     if which in _LOADED:
@@ -119,23 +140,16 @@ def load(which: str, verbose: bool = False) -> tuple[ModuleType | None, str | No
     why = missing_tools(spec)
     module = None
     if why is None:
-        try:
-            from torch.utils.cpp_extension import load as cpp_load
-
-            key = build_key(spec)
-            build = cache_dir() / f"{spec.name}-{key}"
-            build.mkdir(parents=True, exist_ok=True)
-            root = csrc_dir()
-            module = cpp_load(
-                name=f"{spec.name}_{key}", sources=[str(root / s) for s in spec.sources],
-                # copies: torch's load() appends to the lists it is given (the build key hashes them)
-                extra_cflags=list(spec.cflags), extra_cuda_cflags=list(spec.cuda_cflags),
-                extra_ldflags=list(spec.ldflags), build_directory=str(build),
-                verbose=verbose,
-            )
-        except Exception as e:  # compiler error, missing headers, ...
-            lines = [ln for ln in str(e).splitlines() if ln.strip()]
-            why = f"building {spec.name} failed: {lines[-1] if lines else type(e).__name__}"
+        module, why = _build(spec, verbose)
+        if module is None and "-fopenmp" in spec.cflags:
+            # a compiler without OpenMP (Apple clang): the same kernels, their loops on one thread
+            serial = replace(spec, cflags=[f if f != "-fopenmp" else "-fopenmp-simd" for f in spec.cflags],
+                             ldflags=[f for f in spec.ldflags if f != "-fopenmp"])
+            module, _ = _build(serial, verbose)
+            if module is not None:
+                warnings.warn(f"fastdfd: the {which} extension was built without OpenMP ({why}); its loops run on "
+                              "one thread", RuntimeWarning, stacklevel=2)
+                why = None
     if why is not None and which not in _WARNED:
         _WARNED.add(which)
         warnings.warn(f"fastdfd: the {which} extension is unavailable ({why}); using the next backend",
@@ -147,6 +161,8 @@ def load(which: str, verbose: bool = False) -> tuple[ModuleType | None, str | No
 # Dispatch asks this on every call, torch.compile's trace included. Traced, the first call's
 # build-and-load (os.stat, hashlib, the compiler) broke the graph, and failed under
 # fullgraph=True; it is run eagerly instead and its answer, fixed for the process, kept as a constant.
+# A compiled graph keeps the backend it was traced with (FASTDFD_NO_EXT set later does not reach it;
+# torch._dynamo.reset() retraces).
 @torch.compiler.assume_constant_result
 def unavailable(which: str) -> str | None:
     """Why the extension ``which`` cannot be used in this process, or None when it is loaded."""
