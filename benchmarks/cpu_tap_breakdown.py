@@ -8,7 +8,7 @@
    hooks) at a layer too small for its kernels to matter, [2, 512, 1, 1]: the Python, dispatch and
    autograd work per call.
 
-    python benchmarks/cpu_tap_breakdown.py      # medians in ms / us; ratios are what to read
+    python -m benchmarks.cpu_tap_breakdown      # medians in ms / us; ratios are what to read
 """
 
 from __future__ import annotations
