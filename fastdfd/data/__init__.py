@@ -2,6 +2,7 @@
 
 from .class_names import class_names_for, imagenet_class_names
 from .cifar import CIFAR, CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
+from .cifar_jpeg import CIFAR10_CLASSES, CIFAR10JPEG
 from .digits import DigitsSplit, load_digits_split
 from .folders import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, ImageFolder
 from .loaders import SPEC_FORMS, make_eval_loader
@@ -13,6 +14,8 @@ __all__ = [
     "CIFAR10_STD",
     "CIFAR100_MEAN",
     "CIFAR100_STD",
+    "CIFAR10_CLASSES",
+    "CIFAR10JPEG",
     "DigitsSplit",
     "class_names_for",
     "imagenet_class_names",

@@ -19,12 +19,16 @@ from ..input_space import InputSpace
 
 __all__ = ["NATIVE_SPACES", "SPEC_FORMS", "InInputSpace", "in_input_space", "make_eval_loader", "native_space"]
 
-SPEC_FORMS = ("digits", "cifar10:ROOT", "cifar100:ROOT", "folder:ROOT")
+SPEC_FORMS = ("digits", "cifar10:ROOT", "cifar100:ROOT", "folder:ROOT", "cifar10-jpeg:ROOT",
+              "cifar10-jpeg-tune:ROOT", "cifar10-jpeg-heldout:ROOT")
+# the CIFAR-10 JPEG test tar (:mod:`.cifar_jpeg`): scheme -> split
+_JPEG_SCHEMES = {"cifar10-jpeg": "all", "cifar10-jpeg-tune": "tune", "cifar10-jpeg-heldout": "heldout"}
 
 _CIFAR_SIZE = 32
 # each scheme's own normalisation (what its datasets return when no input space is asked for)
-NATIVE_SPACES = {"digits": "minus_one_one", "cifar10": "cifar10", "cifar100": "cifar100", "folder": "imagenet"}
-_CHANNELS = {"digits": 1, "cifar10": 3, "cifar100": 3, "folder": 3}
+NATIVE_SPACES = {"digits": "minus_one_one", "cifar10": "cifar10", "cifar100": "cifar100", "folder": "imagenet",
+                 **{scheme: "cifar10" for scheme in _JPEG_SCHEMES}}
+_CHANNELS = {"digits": 1, "cifar10": 3, "cifar100": 3, "folder": 3, **{scheme: 3 for scheme in _JPEG_SCHEMES}}
 
 SpaceSpec = Union[str, InputSpace, None]
 
@@ -44,7 +48,7 @@ def parse_spec(spec: str, what: str = "eval data") -> Tuple[str, Optional[str]]:
     scheme = scheme.strip().lower()
     if scheme == "digits" and not root:
         return scheme, None
-    if scheme in ("cifar10", "cifar100", "folder") and sep and root.strip():
+    if scheme in ("cifar10", "cifar100", "folder", *_JPEG_SCHEMES) and sep and root.strip():
         return scheme, root.strip()
     raise ValueError(
         f"unrecognised {what} spec {spec!r}; accepted forms: {', '.join(SPEC_FORMS)}"
@@ -117,6 +121,12 @@ def _build(scheme: str, root: Optional[str], image_size: Optional[int],
             resize = _resize_to(image_size)
         dataset = CIFAR(root, name=scheme, split="test", transform=resize, normalize=space is None)
         return (dataset if space is None else InInputSpace(dataset, space)), dataset.num_classes
+    if scheme in _JPEG_SCHEMES:
+        from .cifar_jpeg import CIFAR10JPEG
+
+        resize = _resize_to(image_size) if image_size is not None and image_size != _CIFAR_SIZE else None
+        dataset = CIFAR10JPEG(root, split=_JPEG_SCHEMES[scheme], transform=resize, normalize=space is None)
+        return (dataset if space is None else InInputSpace(dataset, space)), dataset.num_classes
     from .folders import ImageFolder
 
     size = 224 if image_size is None else image_size
@@ -139,7 +149,10 @@ def make_eval_loader(
 
     ``spec`` is one of ``digits`` (held-out split, 16x16 unless ``image_size``),
     ``cifar10:ROOT``, ``cifar100:ROOT`` (test split, resized if ``image_size``
-    differs from 32) or ``folder:ROOT`` (ImageNet-style eval, 224 by default).
+    differs from 32), ``folder:ROOT`` (ImageNet-style eval, 224 by default), or the CIFAR-10
+    JPEG test tar (``ROOT`` its folder or the tar; :class:`~fastdfd.data.cifar_jpeg.CIFAR10JPEG`):
+    ``cifar10-jpeg:ROOT`` all 10,000 images, ``cifar10-jpeg-tune:ROOT`` the tune half,
+    ``cifar10-jpeg-heldout:ROOT`` the held-out half.
     ``input_space`` (an :class:`~fastdfd.input_space.InputSpace`, a preset name or
     ``mean=...;std=...``): the images are pixels in [0, 1] (digits: ``(x + 1) / 2``)
     normalised with it; None keeps each dataset's own normalisation (:data:`NATIVE_SPACES`).

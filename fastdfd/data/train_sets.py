@@ -209,4 +209,7 @@ def make_train_dataset(
         return _digits(image_size)
     if scheme in ("cifar10", "cifar100"):
         return _cifar(scheme, root, image_size, augment)
+    if scheme.startswith("cifar10-jpeg"):
+        raise ValueError(f"{spec!r} is the CIFAR-10 test set (JPEG): an evaluation source, not training data; "
+                         "train on cifar10:ROOT (torchvision's layout)")
     return _folder(root, image_size, augment)
