@@ -4,12 +4,17 @@ The standard measure of inversion quality is the teacher's top-1 on freshly gene
 against the class each image was generated for; a *verifier* (a second network trained
 independently and never used in generator training) gives the same measure without the bias
 of having been trained against. Per-layer moment distances of the same images say which BN
-layers' statistics the images still miss.
+layers' statistics the images still miss. The diversity of each class's images in the teacher's
+penultimate features (:mod:`fastdfd.train.diversity`: a spread and an effective number of distinct
+images) says whether a generator makes many images of its class or one repeated; with real images
+of the classes (``reference``), the same figures for them stand beside.
 
     report = generator_quality(teacher, ensemble, n_per_class=32, input_space="imagenet")
     report.teacher_top1            # overall, in [0, 1]
     report.teacher_per_class       # {class id: top-1}
     report.layer_distances         # {BN layer name: distance}  (scope "ensemble", unweighted)
+    report.diversity_per_class     # {class id: {"spread", "effective_images", "images"}}
+    report.collapsed_classes       # classes under diversity.COLLAPSE_THRESHOLD distinct images
     write_quality(report, run_dir) # quality.json, quality_moments.png, quality_samples.png
 
 Sampling uses its own RNG (``seed``): the global RNG and any trainer's stream are untouched.
@@ -28,6 +33,7 @@ from torch import nn
 from ..input_space import InputSpace, generator_pixels
 from ..nn.ensemble import GeneratorEnsemble, ensemble_forward
 from ..nn.matcher import MomentMatcher
+from .diversity import COLLAPSE_THRESHOLD, class_diversity, penultimate_features
 from .images import grid, save_png
 from .probe import as_logits
 
@@ -48,6 +54,19 @@ class QualityReport:
     class_names: dict[int, str] | None = None
     seed: int = 0
     samples: torch.Tensor | None = field(default=None, repr=False)  # [classes, cols, C, S, S] pixels
+    diversity_per_class: dict[int, dict[str, float]] = field(default_factory=dict)
+    reference_diversity_per_class: dict[int, dict[str, float]] | None = None  # real images of the classes
+    diversity_features: str = "penultimate"  # or "logits" for a teacher without an nn.Linear head
+
+    @property
+    def collapsed_classes(self) -> list[int]:
+        """Classes whose images count fewer than :data:`~fastdfd.train.diversity.COLLAPSE_THRESHOLD`
+        distinct ones by the effective number."""
+        return [c for c, d in self.diversity_per_class.items() if d["effective_images"] < COLLAPSE_THRESHOLD]
+
+    @staticmethod
+    def _mean(per_class: dict[int, dict[str, float]] | None, key: str) -> float | None:
+        return sum(d[key] for d in per_class.values()) / len(per_class) if per_class else None
 
     def to_dict(self) -> dict:
         out = {
@@ -60,6 +79,20 @@ class QualityReport:
             "moment_distance_mean": (sum(self.layer_distances.values()) / len(self.layer_distances)
                                      if self.layer_distances else None),
         }
+        if self.diversity_per_class:
+            out["diversity"] = {
+                "features": self.diversity_features, "collapse_threshold": COLLAPSE_THRESHOLD,
+                "effective_images_mean": self._mean(self.diversity_per_class, "effective_images"),
+                "spread_mean": self._mean(self.diversity_per_class, "spread"),
+                "collapsed_classes": self.collapsed_classes,
+                "per_class": {str(c): v for c, v in self.diversity_per_class.items()},
+            }
+            if self.reference_diversity_per_class:
+                ref = self.reference_diversity_per_class
+                out["diversity"]["reference"] = {
+                    "effective_images_mean": self._mean(ref, "effective_images"),
+                    "spread_mean": self._mean(ref, "spread"), "per_class": {str(c): v for c, v in ref.items()},
+                }
         if self.verifier_top1 is not None:
             out["verifier_top1_on_generated"] = self.verifier_top1
             out["verifier_top1_per_class"] = {str(c): v for c, v in (self.verifier_per_class or {}).items()}
@@ -68,12 +101,46 @@ class QualityReport:
         return out
 
 
-def _predict(model: nn.Module, x: torch.Tensor, probabilities: bool = False) -> torch.Tensor:
+def _logits(model: nn.Module, x: torch.Tensor, probabilities: bool = False) -> torch.Tensor:
     device = next(model.parameters()).device
     out = model(x.to(device))
     if isinstance(out, (tuple, list)):
         out = out[0]
-    return as_logits(out, probabilities).argmax(1).to(x.device)
+    return as_logits(out, probabilities).to(x.device)
+
+
+def _predict(model: nn.Module, x: torch.Tensor, probabilities: bool = False) -> torch.Tensor:
+    return _logits(model, x, probabilities).argmax(1)
+
+
+def _logits_and_features(model: nn.Module, x: torch.Tensor, probabilities: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits and the penultimate features [N, D] (float32, on the CPU): the input of the last
+    nn.Linear, or None for a model without one (its logits then stand in)."""
+    if not _has_linear(model):
+        return _logits(model, x, probabilities), None
+    with penultimate_features(model) as feats:
+        logits = _logits(model, x, probabilities)
+    return logits, feats[-1].float().cpu()
+
+
+@torch.no_grad()
+def reference_diversity(teacher: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, *,
+                        input_space: str | InputSpace | None = None, batch_size: int = 256,
+                        teacher_outputs: str = "logits") -> dict[int, dict[str, float]]:
+    """:func:`~fastdfd.train.diversity.class_diversity` of real images: ``pixels`` [N, C, S, S] in [0, 1]
+    (float), ``labels`` [N], normalised with ``input_space`` for the teacher (eval mode, restored)."""
+    space = InputSpace.parse(input_space)
+    was = teacher.training
+    teacher.eval()
+    feats = []
+    try:
+        for lo in range(0, pixels.shape[0], batch_size):
+            logits, f = _logits_and_features(teacher, space.normalize(pixels[lo:lo + batch_size].float()),
+                                             teacher_outputs == "probabilities")
+            feats.append(logits.float().cpu() if f is None else f)
+    finally:
+        teacher.train(was)
+    return class_diversity(torch.cat(feats), labels.cpu())
 
 
 @torch.no_grad()
@@ -93,6 +160,7 @@ def generator_quality(
     max_grid_rows: int = 32,
     class_names: Sequence[str] | None = None,
     teacher_outputs: str = "logits",
+    reference: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> QualityReport:
     """The teacher's (and a verifier's) top-1 on fresh images of ``ensemble``, per class and overall,
     and per-layer moment distances of those images.
@@ -104,6 +172,10 @@ def generator_quality(
     caps the images of the one moment forward (scope ``ensemble``, unweighted distances of ``kind``;
     taken evenly over the classes when there are more); only those and the grid's columns are kept
     in memory, the rest are scored and dropped chunk by chunk. ``seed`` seeds a private RNG.
+
+    Diversity (:mod:`fastdfd.train.diversity`) is measured per class on the teacher's penultimate
+    features of every generated image; ``reference`` = (pixels [N, C, S, S] in [0, 1], labels [N]),
+    real images of the classes, gets the same figures (:func:`reference_diversity`).
     """
     if n_per_class < 1:
         raise ValueError("n_per_class must be positive")
@@ -118,7 +190,7 @@ def generator_quality(
     modes = [(m, m.training) for m in (teacher, verifier) if m is not None]
     for m, _ in modes:
         m.eval()
-    images, labels, y_seen, t_pred, v_pred = [], [], [], [], []
+    images, labels, y_seen, t_pred, v_pred, t_feats = [], [], [], [], [], []
     # images kept per (generator, class): the grid's columns, or the moment forward's even share if larger
     keep_per = min(n_per_class, max(sample_columns, moment_images // (k * per)))
     try:
@@ -130,7 +202,9 @@ def generator_quality(
             x = ensemble_forward(ensemble.stacked(rows), ensemble.spec, z.to(ensemble.fc_z.dtype), local)
             x = x.reshape(-1, *x.shape[2:])
             y = y.reshape(-1)
-            t_pred.append(_predict(teacher, space.from_generator(x), probabilities))
+            logits, feats = _logits_and_features(teacher, space.from_generator(x), probabilities)
+            t_pred.append(logits.argmax(1))
+            t_feats.append(logits.float().cpu() if feats is None else feats)
             if verifier is not None:
                 v_pred.append(_predict(verifier, vspace.from_generator(x)))
             # keep only what the grid and the moment forward need (not every image: 1000 classes at 224 px)
@@ -147,6 +221,7 @@ def generator_quality(
         counts = {c: int(t_ok[m].sum()) for c, m in per_class.items()}
         t_per = {c: counts[c] / int(m.sum()) for c, m in per_class.items()}
         v_per = {c: float(v_ok[m].float().mean()) for c, m in per_class.items()} if v_ok is not None else None
+        diversity = class_diversity(torch.cat(t_feats), y_all)
 
         # moment distances: one forward of (at most) moment_images images, evenly over the classes
         order = torch.argsort(y_kept, stable=True)
@@ -171,8 +246,16 @@ def generator_quality(
         n_per_class=n_per_class, classes=classes, teacher_top1=float(t_ok.float().mean()), teacher_per_class=t_per,
         teacher_counts=counts, layer_distances=distances, kind=kind,
         verifier_top1=None if v_ok is None else float(v_ok.float().mean()), verifier_per_class=v_per,
-        class_names=names, seed=int(seed), samples=samples,
+        class_names=names, seed=int(seed), samples=samples, diversity_per_class=diversity,
+        diversity_features="penultimate" if _has_linear(teacher) else "logits",
+        reference_diversity_per_class=None if reference is None else reference_diversity(
+            teacher, reference[0], reference[1], input_space=space, batch_size=batch_size,
+            teacher_outputs=teacher_outputs),
     )
+
+
+def _has_linear(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Linear) for m in model.modules())
 
 
 def _matplotlib():
@@ -231,8 +314,10 @@ def save_sample_grid(report: QualityReport, path: str | Path) -> Path:
             ax.imshow(strip.permute(1, 2, 0).numpy())
         name = report.class_names.get(cls) if report.class_names else None
         label = f"{cls}: {name}" if name else f"class {cls}"
-        ax.set_ylabel(f"{label}\n{report.teacher_per_class[cls] * 100:.0f}%", rotation=0, ha="right", va="center",
-                      fontsize=8)
+        div = report.diversity_per_class.get(cls)
+        eff = f"\n{div['effective_images']:.1f} distinct" if div else ""
+        ax.set_ylabel(f"{label}\n{report.teacher_per_class[cls] * 100:.0f}%{eff}", rotation=0, ha="right",
+                      va="center", fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(f"generated samples, one row per class; teacher top-1 {report.teacher_top1 * 100:.1f}%", fontsize=9)
@@ -257,4 +342,5 @@ def write_quality(report: QualityReport, out: str | Path, extra: dict | None = N
     return written
 
 
-__all__ = ["QualityReport", "generator_quality", "save_moment_plot", "save_sample_grid", "write_quality"]
+__all__ = ["QualityReport", "generator_quality", "reference_diversity", "save_moment_plot", "save_sample_grid",
+           "write_quality"]
