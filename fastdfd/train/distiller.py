@@ -36,6 +36,7 @@ from ..nn.ensemble import GeneratorEnsemble
 from .evaluate import evaluate_accuracy
 from .generator_trainer import frozen_eval
 from .loop import StepLoop
+from .augment import AUGMENTS, random_crop_flip
 from .losses import distillation_kl
 from .probe import as_logits, check_ensemble_classes, check_student, probe_teacher
 
@@ -56,6 +57,9 @@ class Distiller(StepLoop):
             statistics are computed over (see the module docstring); single process only.
         input_space, teacher_outputs: as for :class:`GeneratorTrainer`; the student sees the same normalised
             images as the teacher, so it is evaluated on real data in the teacher's input space.
+        augment: ``"none"`` (default) or ``"crop_flip"``: each step's images get a random crop (black padding
+            of ``image_size // 8`` pixels, 4 at 32 px) and a horizontal flip
+            (:func:`fastdfd.train.augment.random_crop_flip`) before the teacher and the student see them.
 
     Refused up front (ValueError naming both figures or objects): the student being the teacher or
     sharing its parameters, a student whose output width is not the teacher's, images the teacher or
@@ -94,7 +98,11 @@ class Distiller(StepLoop):
         student_bn: str = "mixed",
         input_space: str | InputSpace | None = None,
         teacher_outputs: str = "logits",
+        augment: str = "none",
     ):
+        if augment not in AUGMENTS:
+            raise ValueError(f"unknown augment {augment!r}; expected one of {AUGMENTS}")
+        self.augment = augment
         if student_bn not in STUDENT_BN:
             raise ValueError(f"unknown student_bn {student_bn!r}; expected one of {STUDENT_BN}")
         self.student_bn = student_bn
@@ -144,6 +152,7 @@ class Distiller(StepLoop):
             "temperature": self.temperature, "batch_size": self.batch_size, "generators_per_step": self.schedule.chunk,
             "optimizer": self.optimizer_name, "lr": self.lr, "total_steps": self.total_steps, "seed": self.seed,
             **self.hparams, **({"student_bn": self.student_bn} if self.student_bn != "mixed" else {}),
+            **({"augment": self.augment} if self.augment != "none" else {}),
         }
 
     @contextlib.contextmanager
@@ -159,6 +168,8 @@ class Distiller(StepLoop):
     def _step(self, _ctx) -> torch.Tensor:
         chunk = self.schedule.next()
         x, _ = self.ensemble.sample(self.batch_size, chunk, rng=self.rng)
+        if self.augment == "crop_flip":  # on g + 1 = 2 * pixels: the padding is black, as the field's CIFAR loaders pad
+            x = random_crop_flip(x + 1, max(1, x.shape[-1] // 8), self.rng) - 1
         x = self.input_space.from_generator(x)  # pixels, normalised as the teacher (and so the student) expects
         with torch.no_grad():
             t_logits = as_logits(self.teacher(x), self.teacher_probe.probabilities)

@@ -5,6 +5,7 @@ Per step, for the k generators of this step (all, or a chunk of ``generators_per
     x      = ensemble(z, y)                       one batched pass, [k*B, C, S, S]
     logits = teacher(x)                           BN layers tapped by a MomentMatcher
     L_k    = moment_weight * D_k + ce_weight * CE_k + tv_weight * TV_k + l2_weight * mean(x_k^2)
+             - adversarial_weight * KL(T(x_k) || S(x_k)) + diversity_weight * MS_k
     loss   = sum_k L_k                            (scope="generator": D_k from generator k's images)
              k * moment_weight * D + sum_k (...)  (scope="ensemble": one D over the whole batch)
 
@@ -50,7 +51,7 @@ from ..ops import check_kind
 from .graphed_step import GraphedStep, cuda_capture
 from .images import grid, save_png
 from .loop import StepLoop
-from .losses import total_variation
+from .losses import distillation_kl, mode_seeking, total_variation
 from .memory import plan_generator_memory
 from .optim import StackedAdam
 from .probe import as_logits, check_ensemble_classes, probe_teacher
@@ -87,6 +88,15 @@ class GeneratorTrainer(StepLoop):
             docs/generators.md; the paper's 10 / 1 is ``preset("paper")``).
         l2_weight: an L2 image prior, the mean square of the teacher's input (DeepInversion's); folded into
             ``loss`` (not a logged term of its own).
+        adversarial_weight, student: the generators also *maximise* the disagreement of ``student`` with the
+            teacher on their images, ``KL(softmax(T(x)) || softmax(S(x)))`` per image (the adversarial term of
+            DFAD, Fang et al. 2019, and CMI, Fang et al. 2021): they seek what the student has not yet learned.
+            The student runs frozen in eval mode inside the step (its weights and BN statistics untouched);
+            ``student`` may be set or replaced between fits. Default 0: off.
+        diversity_weight: a mode-seeking term (Mao et al., "Mode Seeking Generative Adversarial Networks",
+            2019) against collapse of a generator onto one image: per generator, the step's images are paired
+            (first half against second half) and ``mean|z_i - z_j| / (mean|x_i - x_j| + 1e-5)`` is minimised,
+            so images move apart as their latents do. Default 0: off. Both fold into ``loss``.
         batch_size: images per generator per step.
         offload: keep every generator's parameters and Adam moments in (pinned) host memory
             and move only the step's chunk to the teacher's device; for ensembles larger than
@@ -147,6 +157,9 @@ class GeneratorTrainer(StepLoop):
         ce_weight: float = 0.1,
         tv_weight: float = 0.0,
         l2_weight: float = 0.0,
+        adversarial_weight: float = 0.0,
+        diversity_weight: float = 0.0,
+        student: nn.Module | None = None,
         batch_size: int = 32,
         generators_per_step: int | str | None = None,
         lr: float = 1e-2,
@@ -176,8 +189,14 @@ class GeneratorTrainer(StepLoop):
             raise ValueError("batch_size must be positive")
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"unknown normalization {normalization!r}; expected one of {NORMALIZATIONS}")
-        if min(moment_weight, ce_weight, tv_weight, l2_weight) < 0:
+        if min(moment_weight, ce_weight, tv_weight, l2_weight, adversarial_weight, diversity_weight) < 0:
             raise ValueError("loss weights must be non-negative")
+        if adversarial_weight and student is None:
+            raise ValueError("adversarial_weight > 0 needs the student whose disagreement the generators maximise")
+        if diversity_weight and batch_size < 2:
+            raise ValueError("diversity_weight > 0 pairs a generator's images: batch_size must be at least 2")
+        if student is not None and student is teacher:
+            raise ValueError("the student given for the adversarial term is the teacher itself")
         self.teacher, self.ensemble = teacher, ensemble
         self.input_space = InputSpace.parse(input_space)
         # one probe forward: images, classes and output kind refused here, not mid-run
@@ -188,6 +207,8 @@ class GeneratorTrainer(StepLoop):
         self.layer_weights, self.first_layer_multiplier = layer_weights, float(first_layer_multiplier)
         self.moment_weight, self.ce_weight, self.tv_weight = float(moment_weight), float(ce_weight), float(tv_weight)
         self.normalization, self.l2_weight = normalization, float(l2_weight)
+        self.adversarial_weight, self.diversity_weight = float(adversarial_weight), float(diversity_weight)
+        self.student = student
         self.batch_size = int(batch_size)
         self.lr, self.betas = float(lr), tuple(betas)
         # bf16 autocast of the teacher's forward (generators keep their own dtype) and a
@@ -281,12 +302,15 @@ class GeneratorTrainer(StepLoop):
             # only when set: checkpoints written before these settings existed still resume
             **({"normalization": self.normalization} if self.normalization != "sum" else {}),
             **({"l2_weight": self.l2_weight} if self.l2_weight else {}),
+            **({"adversarial_weight": self.adversarial_weight} if self.adversarial_weight else {}),
+            **({"diversity_weight": self.diversity_weight} if self.diversity_weight else {}),
             **({"input_space": str(self.input_space)} if self.input_space.name != "identity" else {}),
         }
 
     @contextlib.contextmanager
     def _run(self) -> Iterator[MomentMatcher]:
-        with frozen_eval(self.teacher), MomentMatcher(
+        adversary = frozen_eval(self.student) if self.adversarial_weight else contextlib.nullcontext()
+        with frozen_eval(self.teacher), adversary, MomentMatcher(
             self.teacher, kind=self.kind, scope=self.scope, layer_weights=self.layer_weights,
             first_layer_multiplier=self.first_layer_multiplier, normalization=self.normalization,
         ) as matcher:
@@ -304,6 +328,7 @@ class GeneratorTrainer(StepLoop):
         """
         k, b = z.shape[0], z.shape[1]
         x = ensemble_forward(params, self.ensemble.spec, z.to(params["fc_z"].dtype), local)
+        seeking = mode_seeking(x, z) if self.diversity_weight else None  # [k], on the generators' own output
         k_global = k * self.dist.world  # scope="ensemble": every generator of the step carries the shared term
         x = self.input_space.from_generator(x.reshape(k * b, *x.shape[2:]))  # pixels, normalised for the teacher
         matcher.groups = k if self.scope == "generator" else None
@@ -317,6 +342,11 @@ class GeneratorTrainer(StepLoop):
         rest = self.ce_weight * ce + self.tv_weight * tv
         if self.l2_weight:
             rest = rest + self.l2_weight * x.float().pow(2).reshape(k, -1).mean(1)
+        if self.adversarial_weight:
+            disagreement = distillation_kl(self.student(x), logits, 1.0, reduction="none").view(k, b).mean(1)
+            rest = rest - self.adversarial_weight * disagreement
+        if seeking is not None:
+            rest = rest + self.diversity_weight * seeking
         if self.scope == "generator":
             total = (self.moment_weight * moment + rest).sum()
         else:

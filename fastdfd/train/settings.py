@@ -30,6 +30,8 @@ class GeneratorSettings:
     ce_weight: float = 0.1
     tv_weight: float = 0.0
     l2_weight: float = 0.0
+    adversarial_weight: float = 0.0
+    diversity_weight: float = 0.0
     lr: float = 1e-2
     betas: tuple[float, float] = (0.5, 0.999)
     batch_size: int = 32

@@ -1,0 +1,256 @@
+"""CIFAR-10 end to end: a student distilled from a pretrained CIFAR ResNet with no training data, scored on
+the real test images, within a wall-time budget.
+
+    python -m benchmarks.cifar10_datafree --data ../shared/data/cifar10 --teacher resnet56 --student resnet20 \\
+        --minutes 60 --out runs/c10 [--seed N] [--preset default|paper]
+
+``--data`` holds ``test.tar`` (the CIFAR-10 test set as JPEG, :class:`fastdfd.data.CIFAR10JPEG`) and the
+pretrained ``resnet{20,32,44,56}.th`` (option-A CIFAR ResNets, trained on ImageNet mean/std inputs). Only
+the teacher's weights reach training: its BN running statistics and its predictions. The tune half
+(files 0000-0499 of each class) scores the time-to-accuracy curve; the held-out half (0500-0999) the final
+figures, once.
+
+The schedule (every setting is a field of :class:`Settings`, and a flag):
+
+1. warm-up: ``warmup_fraction`` of the budget trains the 10 class generators alone (moment matching and
+   cross-entropy, the preset's loss), so that their images carry the teacher's classes;
+2. then rounds until the budget ends: ``gen_steps`` generator steps, with the adversarial term
+   (the generators seek the student's disagreement with the teacher) and the mode-seeking term, then
+   ``student_steps`` distillation steps on fresh images of the ensemble as it is, augmented by a random crop
+   and flip; the student's SGD rate follows a cosine in *time* over the budget.
+
+The budget clock counts everything but the curve's evaluations and the final scoring (their seconds are
+reported apart). Writes ``OUT/result.json``, ``OUT/student.pt`` (a state_dict of
+``create_model("cifar_<student>", num_classes=10)``, inputs in ImageNet mean/std), ``OUT/curve.png``, and
+the generators' quality report in ``OUT/quality/`` (teacher top-1 on fresh images, per-class diversity beside
+real tune images, sample grid).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import torch
+
+from fastdfd.data import CIFAR10_CLASSES, CIFAR10JPEG, make_eval_loader
+from fastdfd.models import create_model
+from fastdfd.models.weights import load_weights
+from fastdfd.nn import GeneratorEnsemble
+from fastdfd.train import Distiller, GeneratorTrainer
+from fastdfd.train.evaluate import evaluate_accuracy
+from fastdfd.train.quality import generator_quality, write_quality
+from fastdfd.train.settings import preset
+
+INPUT_SPACE = "imagenet"  # what the field's pretrained CIFAR ResNets were trained on
+MILESTONES = (0.5, 0.75, 0.9)  # fractions of the teacher's top-1 whose minutes are reported
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One run of the benchmark; the generator loss and optimizer come from ``preset`` (fastdfd.train.settings)."""
+
+    data: str = "../shared/data/cifar10"
+    teacher: str = "resnet56"
+    student: str = "resnet20"
+    minutes: float = 60.0
+    seed: int = 0
+    preset: str = "default"
+    # generators
+    gen_batch: int = 16  # images per generator per generator step
+    warmup_fraction: float = 0.1  # of the budget, generators alone before the student starts
+    gen_steps: int = 1  # generator steps per round
+    adversarial_weight: float = 1.0  # the generators maximise KL(teacher || student) on their images
+    diversity_weight: float = 0.0  # mode seeking
+    # student
+    student_steps: int = 5  # distillation steps per round
+    distill_batch: int = 25  # images per generator per distillation step (250 a step)
+    lr: float = 0.1
+    weight_decay: float = 5e-4
+    temperature: float = 4.0
+    augment: str = "crop_flip"
+    # measurement
+    curve_points: int = 12  # evaluations of the student on the tune half over the budget
+    quality_per_class: int = 64
+    threads: int = 0  # 0: torch's default
+
+
+def _teacher(s: Settings) -> torch.nn.Module:
+    model = create_model(f"cifar_{s.teacher}", num_classes=10)
+    return load_weights(model, Path(s.data) / f"{s.teacher}.th", "teacher").eval()
+
+
+def _loader(s: Settings, split: str):
+    return make_eval_loader(f"cifar10-jpeg-{split}:{s.data}", input_space=INPUT_SPACE, batch_size=500)[0]
+
+
+class BudgetClock:
+    """Wall seconds of training only: paused around measurements."""
+
+    def __init__(self) -> None:
+        self.spent, self._since = 0.0, time.perf_counter()
+
+    def pause(self) -> None:
+        self.spent += time.perf_counter() - self._since
+        self._since = None
+
+    def resume(self) -> None:
+        self._since = time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.spent + (time.perf_counter() - self._since if self._since is not None else 0.0)
+
+
+def run(s: Settings, out: Path, verbose: bool = True) -> dict:
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    torch.manual_seed(s.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    budget = s.minutes * 60.0
+    clock = BudgetClock()
+    teacher = _teacher(s)
+    student = create_model(f"cifar_{s.student}", num_classes=10)
+    g = replace(preset(s.preset), batch_size=s.gen_batch, adversarial_weight=s.adversarial_weight,
+                diversity_weight=s.diversity_weight)
+    ensemble = GeneratorEnsemble(10, 10, image_size=32, channels=3, **g.ensemble_kwargs())
+    trainer = GeneratorTrainer(teacher, ensemble, **g.replace(adversarial_weight=0.0).trainer_kwargs(),
+                               seed=s.seed, input_space=INPUT_SPACE, progress=False, log_every=5)
+    distiller = Distiller(teacher, student, ensemble, batch_size=s.distill_batch, lr=s.lr,
+                          weight_decay=s.weight_decay, temperature=s.temperature, augment=s.augment,
+                          seed=s.seed, input_space=INPUT_SPACE, progress=False, log_every=5)
+    tune = _loader(s, "tune")
+    curve, measure_s = [], 0.0
+    next_eval = budget / s.curve_points
+
+    def evaluate_point() -> None:
+        nonlocal measure_s, next_eval
+        clock.pause()
+        t0 = time.perf_counter()
+        top1 = evaluate_accuracy(student, tune, "cpu")
+        measure_s += time.perf_counter() - t0
+        curve.append({"seconds": round(clock.seconds(), 1), "student_top1_tune": top1,
+                      "generator_steps": trainer.step, "distill_steps": distiller.step})
+        if verbose:
+            print(f"[{clock.seconds():7.1f} s] student tune top-1 {top1:.4f} (gen {trainer.step}, "
+                  f"distill {distiller.step})", flush=True)
+        next_eval += budget / s.curve_points
+        clock.resume()
+
+    # 1. generators alone
+    while clock.seconds() < s.warmup_fraction * budget:
+        trainer.fit(5)
+    # 2. rounds: generators against the student, then the student on the generators' fresh images
+    trainer.adversarial_weight, trainer.student = s.adversarial_weight, student
+    start_distill = clock.seconds()
+    while clock.seconds() < budget:
+        if s.gen_steps:
+            trainer.fit(s.gen_steps)
+        # cosine in time over what the budget leaves the student (the step count is not known in advance)
+        frac = min(1.0, (clock.seconds() - start_distill) / max(1e-9, budget - start_distill))
+        distiller.scheduler.base_lrs = [s.lr * 0.5 * (1 + math.cos(math.pi * frac))]
+        distiller.fit(s.student_steps)
+        if clock.seconds() >= next_eval:
+            evaluate_point()
+    if not curve or curve[-1]["distill_steps"] != distiller.step:
+        evaluate_point()
+    clock.pause()
+
+    # final figures: the held-out half, once
+    t0 = time.perf_counter()
+    held = _loader(s, "heldout")
+    teacher_top1, student_top1 = evaluate_accuracy(teacher, held, "cpu"), evaluate_accuracy(student, held, "cpu")
+    teacher_tune = evaluate_accuracy(teacher, tune, "cpu")
+    real = CIFAR10JPEG(s.data, split="tune", normalize=False)
+    labels = torch.from_numpy(real.labels)
+    keep = torch.cat([torch.nonzero(labels == c)[: s.quality_per_class, 0] for c in range(10)])
+    report = generator_quality(teacher, ensemble, n_per_class=s.quality_per_class, input_space=INPUT_SPACE,
+                               seed=s.seed, class_names=list(CIFAR10_CLASSES),
+                               reference=(real.pixels()[keep], labels[keep]))
+    write_quality(report, out / "quality", {"generator_steps": trainer.step})
+    torch.save(student.state_dict(), out / "student.pt")
+    final_s = time.perf_counter() - t0
+    minutes_to = {}
+    for m in MILESTONES:
+        hit = next((p["seconds"] for p in curve if p["student_top1_tune"] >= m * teacher_tune), None)
+        minutes_to[f"{int(m * 100)}%"] = None if hit is None else round(hit / 60, 2)
+    result = {
+        "teacher_top1_heldout": teacher_top1, "student_top1_heldout": student_top1,
+        "ratio": student_top1 / teacher_top1, "teacher_top1_tune": teacher_tune,
+        "student_top1_tune_final": curve[-1]["student_top1_tune"],
+        "seconds": round(clock.seconds(), 1), "seconds_measuring": round(measure_s + final_s, 1),
+        "seconds_wall": round(time.perf_counter() - started, 1),
+        "generator_steps": trainer.step, "distill_steps": distiller.step,
+        "minutes_to_fraction_of_teacher_tune": minutes_to,
+        "curve": curve,
+        "generated_teacher_top1": report.teacher_top1,
+        "generated_effective_images_mean": report.to_dict()["diversity"]["effective_images_mean"],
+        "real_effective_images_mean": report.to_dict()["diversity"]["reference"]["effective_images_mean"],
+        "collapsed_classes": report.collapsed_classes,
+        "settings": asdict(s), "generator_settings": asdict(g), "seed": s.seed,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+                   f"{torch.get_num_threads()} threads",
+    }
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    plot_curve(result, out / "curve.png")
+    if verbose:
+        print(json.dumps({k: v for k, v in result.items() if k not in ("curve", "settings", "generator_settings")},
+                         indent=1), flush=True)
+    return result
+
+
+def plot_curve(result: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping curve.png")
+        return
+    c = result["curve"]
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    ax.plot([p["seconds"] / 60 for p in c], [100 * p["student_top1_tune"] for p in c], marker="o", ms=3,
+            label="student (data-free)")
+    ax.axhline(100 * result["teacher_top1_tune"], ls="--", c="grey", lw=0.8, label="teacher")
+    ax.axhline(90 * result["teacher_top1_tune"], ls=":", c="grey", lw=0.8, label="0.9 x teacher")
+    ax.set_xlabel("minutes of training (2-core CPU)")
+    ax.set_ylabel("top-1 on the tune half (%)")
+    s = result["settings"]
+    ax.set_title(f"{s['teacher']} -> {s['student']}, seed {s['seed']}, preset {s['preset']}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse(argv=None) -> tuple[Settings, Path]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    for f in fields(Settings):
+        default = getattr(Settings, f.name)
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(default), default=default,
+                       **({"choices": ("default", "paper")} if f.name == "preset" else {}))
+    a = vars(p.parse_args(argv))
+    out = a.pop("out")
+    s = Settings(**a)
+    if not (Path(s.data) / "test.tar").is_file():
+        p.error(f"--data {s.data} holds no test.tar (the CIFAR-10 JPEG test set)")
+    if s.minutes <= 0 or not 0 <= s.warmup_fraction < 1 or s.student_steps < 1 or s.curve_points < 1:
+        p.error("--minutes must be positive, --warmup-fraction in [0, 1), --student-steps and --curve-points >= 1")
+    return s, out
+
+
+def main(argv=None) -> dict:
+    s, out = parse(argv)
+    return run(s, out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""The method's added terms: the adversarial term and mode seeking in the generator loss, crop-and-flip
+augmentation in distillation; exact values against direct computations, and bad settings refused."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastdfd import Distiller, GeneratorTrainer
+from fastdfd.models import create_model
+from fastdfd.nn.ensemble import ensemble_forward
+from fastdfd.train.augment import random_crop_flip
+from fastdfd.train.losses import distillation_kl, mode_seeking
+
+from .conftest import randomize_bn_stats
+from .test_trainer import small_ensemble, trainer
+
+
+def test_per_image_kl_averages_to_the_batch_kl():
+    s, t = torch.randn(7, 5), torch.randn(7, 5)
+    per = distillation_kl(s, t, 3.0, reduction="none")
+    assert per.shape == (7,) and torch.allclose(per.mean(), distillation_kl(s, t, 3.0))
+    expect = (F.softmax(t / 3, 1) * (F.log_softmax(t / 3, 1) - F.log_softmax(s / 3, 1))).sum(1) * 9
+    assert torch.allclose(per, expect, atol=1e-6)
+    with pytest.raises(ValueError, match="reduction"):
+        distillation_kl(s, t, 1.0, reduction="sum")
+
+
+def test_mode_seeking_is_latent_distance_over_image_distance():
+    x, z = torch.randn(2, 5, 3, 4, 4), torch.randn(2, 5, 6)
+    out = mode_seeking(x, z)  # 5 images: pairs (0, 2), (1, 3); the fifth is left out
+    for k in range(2):
+        ratios = [(z[k, i] - z[k, i + 2]).abs().mean() / ((x[k, i] - x[k, i + 2]).abs().mean() + 1e-5)
+                  for i in range(2)]
+        assert out[k] == pytest.approx(float(sum(ratios) / 2), rel=1e-6)
+    collapsed = x[:, :1].expand(2, 5, 3, 4, 4)
+    assert (mode_seeking(collapsed, z) > 1e4).all()  # one image for every latent: the term is at its largest
+    with pytest.raises(ValueError, match="no pair"):
+        mode_seeking(x[:, :1], z[:, :1])
+
+
+def _objective(t, z, y, local):
+    with t._run() as matcher:
+        total, *_ = t.objective(t.ensemble.stacked(), z, y, local, matcher)
+    return total
+
+
+def test_adversarial_and_mode_seeking_terms_enter_the_loss_exactly(digits_teacher):
+    student = randomize_bn_stats(create_model("digits_student", num_classes=10), seed=3)
+    student.train()
+    before = copy.deepcopy(student.state_dict())
+    ens = small_ensemble(k=2, num_classes=10)
+    plain = trainer(digits_teacher, ens, scope="generator")
+    adv = trainer(digits_teacher, ens, scope="generator", adversarial_weight=0.7, diversity_weight=0.3,
+                  student=student)
+    z, y, local = ens.draw(4, None, torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        x = adv.input_space.from_generator(ensemble_forward(ens.stacked(), ens.spec, z, local).flatten(0, 1))
+        student.eval()
+        kl = distillation_kl(student(x), digits_teacher.eval()(x), 1.0, reduction="none").view(2, 4).mean(1)
+        student.train()
+        ms = mode_seeking(ensemble_forward(ens.stacked(), ens.spec, z, local), z)
+    got = _objective(adv, z, y, local)
+    want = _objective(plain, z, y, local) - 0.7 * kl.sum() + 0.3 * ms.sum()
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+    assert adv.config()["adversarial_weight"] == 0.7 and adv.config()["diversity_weight"] == 0.3
+    assert "adversarial_weight" not in plain.config()
+    # a step trains the generators only: the student's weights and BN statistics are untouched, its mode restored
+    adv.fit(2)
+    assert student.training
+    for name, value in student.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert all(p.requires_grad for p in student.parameters())
+
+
+def test_bad_method_settings_are_refused(digits_teacher):
+    ens = small_ensemble()
+    with pytest.raises(ValueError, match="needs the student"):
+        trainer(digits_teacher, ens, adversarial_weight=1.0)
+    with pytest.raises(ValueError, match="batch_size must be at least 2"):
+        trainer(digits_teacher, ens, diversity_weight=1.0, batch_size=1)
+    with pytest.raises(ValueError, match="non-negative"):
+        trainer(digits_teacher, ens, diversity_weight=-1.0)
+    with pytest.raises(ValueError, match="is the teacher itself"):
+        trainer(digits_teacher, ens, adversarial_weight=1.0, student=digits_teacher)
+    with pytest.raises(ValueError, match="unknown augment"):
+        Distiller(digits_teacher, create_model("digits_student", num_classes=10), ens, augment="mixup", progress=False)
+
+
+def test_random_crop_flip_is_a_per_image_padded_crop_and_flip():
+    x = torch.randn(40, 3, 9, 7, dtype=torch.float64)
+    y = random_crop_flip(x, 2, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)  # the same draws, in the same order
+    dy, dx = (torch.randint(0, 5, (40, 1, 1), generator=g) for _ in range(2))
+    flip = torch.rand(40, 1, 1, generator=g) < 0.5
+    padded = F.pad(x, (2, 2, 2, 2))
+    for i in range(40):
+        crop = padded[i, :, dy[i, 0, 0]:dy[i, 0, 0] + 9, dx[i, 0, 0]:dx[i, 0, 0] + 7]
+        assert torch.equal(y[i], crop.flip(-1) if flip[i] else crop), i
+    unpadded = random_crop_flip(x, 0, torch.Generator().manual_seed(1))  # no padding: flips only, nothing lost
+    assert all(torch.equal(a, b) or torch.equal(a, b.flip(-1)) for a, b in zip(unpadded, x))
+    with pytest.raises(ValueError, match="N, C, H, W"):
+        random_crop_flip(x[0], 1)
+
+
+def test_distiller_augments_with_black_padding_and_resumes_in_its_config(digits_teacher):
+    ens = small_ensemble(k=2, num_classes=10)
+    student = create_model("digits_student", num_classes=10)
+    d = Distiller(digits_teacher, student, ens, batch_size=4, augment="crop_flip", progress=False,
+                  input_space="minus_one_one")
+    assert d.config()["augment"] == "crop_flip"
+    seen = []
+    hook = digits_teacher.register_forward_pre_hook(lambda _m, a: seen.append(a[0].clone()))
+    try:
+        d.fit(1)
+    finally:
+        hook.remove()
+    # [-1, 1] input space: black pixels are -1; a crop of 2 px padding at 16 px shows some padded border
+    x = seen[0]
+    assert x.min() >= -1 - 1e-6 and bool((x == -1).any())
+    assert "augment" not in Distiller(digits_teacher, copy.deepcopy(student), ens, progress=False).config()
