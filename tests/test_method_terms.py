@@ -120,3 +120,58 @@ def test_distiller_augments_with_black_padding_and_resumes_in_its_config(digits_
     x = seen[0]
     assert x.min() >= -1 - 1e-6 and bool((x == -1).any())
     assert "augment" not in Distiller(digits_teacher, copy.deepcopy(student), ens, progress=False).config()
+
+
+# ------------------------------------------------------------------ the image pool
+def test_image_pool_is_a_ring_buffer_of_the_newest_rows():
+    from fastdfd.train.pool import ImagePool
+
+    pool = ImagePool(5)
+    with pytest.raises(RuntimeError, match="empty"):
+        pool.draw(1)
+    x = torch.arange(7.0).view(7, 1, 1, 1).expand(7, 2, 3, 3)
+    logits = torch.arange(7.0).view(7, 1).expand(7, 4)
+    pool.push(x[:3], logits[:3])
+    assert len(pool) == 3 and pool.images[:3, 0, 0, 0].tolist() == [0, 1, 2]
+    pool.push(x[3:7], logits[3:7])  # wraps: rows 5 and 6 overwrite 0 and 1
+    assert len(pool) == 5 and pool.pushed == 7 and pool.images[:, 0, 0, 0].tolist() == [5, 6, 2, 3, 4]
+    assert torch.equal(pool.images[:, 0, 0, 0], pool.logits[:, 0])  # rows stay paired
+    pool.push(x, logits)  # more than the capacity at once: the newest 5
+    assert sorted(pool.images[:, 0, 0, 0].tolist()) == [2, 3, 4, 5, 6]
+    images, drawn = pool.draw(50, torch.Generator().manual_seed(0))
+    assert images.shape == (50, 2, 3, 3) and torch.equal(images[:, 0, 0, 0], drawn[:, 0])
+    assert set(drawn[:, 0].tolist()) == {2.0, 3.0, 4.0, 5.0, 6.0}
+    with pytest.raises(ValueError, match="pool holds images"):
+        pool.push(torch.zeros(1, 2, 4, 4), torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="capacity must be positive"):
+        ImagePool(0)
+
+
+def test_trainer_fills_the_pool_and_the_distiller_learns_from_it_without_the_teacher(digits_teacher):
+    from fastdfd.train.pool import ImagePool
+
+    ens = small_ensemble(k=2, num_classes=10)
+    pool = ImagePool(100)
+    seen = []
+    hook = digits_teacher.register_forward_hook(lambda _m, a, out: seen.append((a[0].detach(), out.detach())))
+    try:
+        t = trainer(digits_teacher, ens, pool=pool)
+        t.fit(3)
+    finally:
+        hook.remove()
+    steps = seen[-3:]  # the probe's forward came first
+    assert len(pool) == 3 * 2 * 4 and pool.pushed == 24
+    assert torch.equal(pool.images[:24], torch.cat([x for x, _ in steps]))
+    assert torch.equal(pool.logits[:24], torch.cat([y for _, y in steps]).float())
+    assert any("pool" in r for r in t._graph_obstacles())
+    student = create_model("digits_student", num_classes=10)
+    d = Distiller(digits_teacher, student, ens, batch_size=3, pool=pool, progress=False, log_every=1,
+                  input_space="minus_one_one", augment="crop_flip")
+    calls = []
+    hook = digits_teacher.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        rows = d.fit(4)
+    finally:
+        hook.remove()
+    assert not calls and len(rows) == 4 and d.config()["pool"] == 100
+    assert all(r["kd"] >= 0 for r in rows)

@@ -54,6 +54,7 @@ from .loop import StepLoop
 from .losses import distillation_kl, mode_seeking, total_variation
 from .memory import plan_generator_memory
 from .optim import StackedAdam
+from .pool import ImagePool
 from .probe import as_logits, check_ensemble_classes, probe_teacher
 from .quality import QualityReport, generator_quality
 
@@ -97,6 +98,8 @@ class GeneratorTrainer(StepLoop):
             2019) against collapse of a generator onto one image: per generator, the step's images are paired
             (first half against second half) and ``mean|z_i - z_j| / (mean|x_i - x_j| + 1e-5)`` is minimised,
             so images move apart as their latents do. Default 0: off. Both fold into ``loss``.
+        pool: an :class:`fastdfd.train.pool.ImagePool` that every step fills with its images (in the teacher's
+            input space, detached) and the teacher's logits on them, for ``Distiller(..., pool=pool)``.
         batch_size: images per generator per step.
         offload: keep every generator's parameters and Adam moments in (pinned) host memory
             and move only the step's chunk to the teacher's device; for ensembles larger than
@@ -160,6 +163,7 @@ class GeneratorTrainer(StepLoop):
         adversarial_weight: float = 0.0,
         diversity_weight: float = 0.0,
         student: nn.Module | None = None,
+        pool: ImagePool | None = None,
         batch_size: int = 32,
         generators_per_step: int | str | None = None,
         lr: float = 1e-2,
@@ -209,6 +213,7 @@ class GeneratorTrainer(StepLoop):
         self.normalization, self.l2_weight = normalization, float(l2_weight)
         self.adversarial_weight, self.diversity_weight = float(adversarial_weight), float(diversity_weight)
         self.student = student
+        self.pool = pool
         self.batch_size = int(batch_size)
         self.lr, self.betas = float(lr), tuple(betas)
         # bf16 autocast of the teacher's forward (generators keep their own dtype) and a
@@ -271,6 +276,8 @@ class GeneratorTrainer(StepLoop):
         if self.dist.world > 1 and self.scope == "ensemble":
             reasons.append(f"scope='ensemble' over {self.dist.world} processes all-reduces the moment sums "
                            "inside the step (no collectives in a captured graph here; use scope='generator')")
+        if self.pool is not None:
+            reasons.append("a pool is filled at a position that moves every step (a graph replays one copy)")
         why = None if offloaded else self.optimizer.graph_obstacle()
         if why is not None:
             reasons.append(why)
@@ -324,7 +331,7 @@ class GeneratorTrainer(StepLoop):
     def objective(self, params, z, y, local, matcher: MomentMatcher):
         """The summed loss of k generators on latents z [k, B, latent] and labels y [k, B].
 
-        Returns (total, moment [k] or scalar, ce [k], tv [k], logits).
+        Returns (total, moment [k] or scalar, ce [k], tv [k], logits [k*B, classes], the teacher's input [k*B, C, S, S]).
         """
         k, b = z.shape[0], z.shape[1]
         x = ensemble_forward(params, self.ensemble.spec, z.to(params["fc_z"].dtype), local)
@@ -351,7 +358,7 @@ class GeneratorTrainer(StepLoop):
             total = (self.moment_weight * moment + rest).sum()
         else:
             total = k_global * self.moment_weight * moment + rest.sum()
-        return total, moment, ce, tv, logits
+        return total, moment, ce, tv, logits, x
 
     def _rows(self, chunk: list[int] | None) -> torch.Tensor | None:
         """The chunk's generator indices on the device (from pinned memory on a GPU: no host sync)."""
@@ -374,7 +381,9 @@ class GeneratorTrainer(StepLoop):
             params = {n: t.detach().to(self.compute_device, non_blocking=True).requires_grad_(True)
                       for n, t in params.items()}
             z, y, local = (t.to(self.compute_device, non_blocking=True) for t in (z, y, local))
-        total, moment, ce, tv, logits = self.objective(params, z, y, local, matcher)
+        total, moment, ce, tv, logits, x = self.objective(params, z, y, local, matcher)
+        if self.pool is not None:  # the images and the teacher's logits this step computed anyway
+            self.pool.push(x, logits.float())
         grads = torch.autograd.grad(total, list(params.values()))
         self.optimizer.step(dict(zip(params, grads)), rows)
         acc = (logits.argmax(1) == y.reshape(-1)).float().mean()
