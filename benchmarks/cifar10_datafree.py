@@ -45,6 +45,7 @@ from fastdfd.models.weights import load_weights
 from fastdfd.nn import GeneratorEnsemble
 from fastdfd.train import Distiller, GeneratorTrainer
 from fastdfd.train.evaluate import evaluate_accuracy
+from fastdfd.train.pool import ImagePool
 from fastdfd.train.quality import generator_quality, write_quality
 from fastdfd.train.settings import preset
 
@@ -62,16 +63,19 @@ class Settings:
     minutes: float = 60.0
     seed: int = 0
     preset: str = "default"
+    generator: str = "scope=generator"  # overrides of the preset's fields, "scope=generator,ce_weight=1.0" (one knob at a time)
     # generators
     gen_batch: int = 16  # images per generator per generator step
     warmup_fraction: float = 0.1  # of the budget, generators alone before the student starts
     gen_steps: int = 1  # generator steps per round
-    adversarial_weight: float = 1.0  # the generators maximise KL(teacher || student) on their images
+    adversarial_weight: float = 0.0  # the generators maximise KL(teacher || student) on their images
     diversity_weight: float = 0.0  # mode seeking
     # student
-    student_steps: int = 5  # distillation steps per round
-    distill_batch: int = 25  # images per generator per distillation step (250 a step)
-    lr: float = 0.1
+    student_steps: int = 4  # distillation steps per round
+    distill_batch: int = 13  # images per generator per distillation step (130 a step)
+    pool: int = 5000  # > 0: the student learns from a pool of this many of the generator steps' images and teacher
+    #                logits (no teacher pass of its own); 0: from fresh images of the ensemble
+    lr: float = 0.05
     weight_decay: float = 5e-4
     temperature: float = 4.0
     augment: str = "crop_flip"
@@ -107,6 +111,21 @@ class BudgetClock:
         return self.spent + (time.perf_counter() - self._since if self._since is not None else 0.0)
 
 
+def overrides(spec: str) -> dict:
+    """``"key=value,..."`` -> GeneratorSettings fields, each value parsed as its field's type; ValueError names a
+    key that is not a field."""
+    base, out = preset("default"), {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if not hasattr(base, key) or key.startswith("_"):
+            raise ValueError(f"--generator {item!r}: {key!r} is not a generator setting "
+                             f"({', '.join(f.name for f in fields(base))})")
+        kind = type(getattr(base, key))
+        out[key] = (value.strip().lower() in ("1", "true", "yes")) if kind is bool else kind(value.strip())
+    return out
+
+
 def run(s: Settings, out: Path, verbose: bool = True) -> dict:
     if s.threads:
         torch.set_num_threads(s.threads)
@@ -118,12 +137,13 @@ def run(s: Settings, out: Path, verbose: bool = True) -> dict:
     teacher = _teacher(s)
     student = create_model(f"cifar_{s.student}", num_classes=10)
     g = replace(preset(s.preset), batch_size=s.gen_batch, adversarial_weight=s.adversarial_weight,
-                diversity_weight=s.diversity_weight)
+                diversity_weight=s.diversity_weight, **overrides(s.generator))
     ensemble = GeneratorEnsemble(10, 10, image_size=32, channels=3, **g.ensemble_kwargs())
-    trainer = GeneratorTrainer(teacher, ensemble, **g.replace(adversarial_weight=0.0).trainer_kwargs(),
+    pool = ImagePool(s.pool) if s.pool else None
+    trainer = GeneratorTrainer(teacher, ensemble, **g.trainer_kwargs(), student=student, pool=pool,
                                seed=s.seed, input_space=INPUT_SPACE, progress=False, log_every=5)
     distiller = Distiller(teacher, student, ensemble, batch_size=s.distill_batch, lr=s.lr,
-                          weight_decay=s.weight_decay, temperature=s.temperature, augment=s.augment,
+                          weight_decay=s.weight_decay, temperature=s.temperature, augment=s.augment, pool=pool,
                           seed=s.seed, input_space=INPUT_SPACE, progress=False, log_every=5)
     tune = _loader(s, "tune")
     curve, measure_s = [], 0.0
@@ -143,11 +163,12 @@ def run(s: Settings, out: Path, verbose: bool = True) -> dict:
         next_eval += budget / s.curve_points
         clock.resume()
 
-    # 1. generators alone
+    # 1. generators alone (the student is untrained: no adversarial term yet)
+    trainer.adversarial_weight = 0.0
     while clock.seconds() < s.warmup_fraction * budget:
         trainer.fit(5)
-    # 2. rounds: generators against the student, then the student on the generators' fresh images
-    trainer.adversarial_weight, trainer.student = s.adversarial_weight, student
+    # 2. rounds: generators against the student, then the student on the generators' images
+    trainer.adversarial_weight = g.adversarial_weight
     start_distill = clock.seconds()
     while clock.seconds() < budget:
         if s.gen_steps:
@@ -187,6 +208,7 @@ def run(s: Settings, out: Path, verbose: bool = True) -> dict:
         "seconds": round(clock.seconds(), 1), "seconds_measuring": round(measure_s + final_s, 1),
         "seconds_wall": round(time.perf_counter() - started, 1),
         "generator_steps": trainer.step, "distill_steps": distiller.step,
+        "pool_images_pushed": None if pool is None else pool.pushed,
         "minutes_to_fraction_of_teacher_tune": minutes_to,
         "curve": curve,
         "generated_teacher_top1": report.teacher_top1,
