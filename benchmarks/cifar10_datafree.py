@@ -10,14 +10,17 @@ the teacher's weights reach training: its BN running statistics and its predicti
 (files 0000-0499 of each class) scores the time-to-accuracy curve; the held-out half (0500-0999) the final
 figures, once.
 
-The schedule (every setting is a field of :class:`Settings`, and a flag):
+The schedule (every setting is a field of :class:`Settings`, and a flag; the defaults are what the studies in
+docs/cifar10.md kept):
 
-1. warm-up: ``warmup_fraction`` of the budget trains the 10 class generators alone (moment matching and
-   cross-entropy, the preset's loss), so that their images carry the teacher's classes;
-2. then rounds until the budget ends: ``gen_steps`` generator steps, with the adversarial term
-   (the generators seek the student's disagreement with the teacher) and the mode-seeking term, then
-   ``student_steps`` distillation steps on fresh images of the ensemble as it is, augmented by a random crop
-   and flip; the student's SGD rate follows a cosine in *time* over the budget.
+1. warm-up: ``warmup_fraction`` of the budget trains the 10 class generators alone (the preset's loss, with
+   per-generator BN statistics by default: each generator's batch must carry the whole data's spread);
+2. then rounds until the budget ends: ``gen_steps`` generator steps (with the adversarial and mode-seeking
+   terms when their weights are set), then ``student_steps`` distillation steps. With ``pool`` > 0 the
+   student learns from a pool of the generator steps' own images and the teacher's logits on them
+   (:class:`fastdfd.train.pool.ImagePool`: no teacher pass of its own); with ``pool = 0`` from fresh images
+   of the ensemble as it is. Either way the images get a random crop and flip (``augment``), and the
+   student's SGD rate follows a cosine in *time* over the budget.
 
 The budget clock counts everything but the curve's evaluations and the final scoring (their seconds are
 reported apart). Writes ``OUT/result.json``, ``OUT/student.pt`` (a state_dict of

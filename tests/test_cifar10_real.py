@@ -135,3 +135,15 @@ def test_pretrained_teachers_give_the_measured_heldout_figures(depth, top1):
     loader, _ = make_eval_loader(f"cifar10-jpeg-heldout:{SHARED}", input_space="imagenet", batch_size=500)
     assert len(loader.dataset) == 5000
     assert evaluate_accuracy(model, loader, "cpu") == pytest.approx(top1, abs=1e-9)
+
+
+@needs_shared
+def test_the_recipe_checks_out_against_the_real_data():
+    from fastdfd.recipes import load_recipe
+    from fastdfd.recipes.preflight import preflight
+
+    recipe = load_recipe("cifar10_resnet56_resnet20", [f"data.root={SHARED}", f"teacher.weights={SHARED / 'resnet56.th'}"])
+    prep = preflight(recipe)
+    assert prep.teacher_trained and len(prep.eval_loader.dataset) == 5000
+    x, y = next(iter(prep.eval_loader))
+    assert (prep.teacher.eval()(x).argmax(1) == y).float().mean() > 0.5  # the held-out half, in ImageNet mean/std

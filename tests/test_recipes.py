@@ -20,7 +20,8 @@ from fastdfd.recipes.schema import SECTIONS, TOP
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED = ["cifar10_resnet34_resnet18", "cifar100_resnet34_resnet18", "cifar10_wrn40_2_wrn16_2",
            "cifar100_wrn40_2_wrn16_2", "imagenet_resnet50_resnet50", "imagenet_resnet50_resnet18",
-           "imagenet_resnet50_mobilenetv2", "imagenet32_ensemble", "imagenet32_single", "digits"]
+           "imagenet_resnet50_mobilenetv2", "imagenet32_ensemble", "imagenet32_single", "digits",
+           "cifar10_resnet56_resnet20"]
 
 # a digits run of seconds: every stage, every file
 TINY = ["teacher_training.epochs=1", "generators.updates_per_generator=4", "generators.batch_size=4",
@@ -48,7 +49,9 @@ def test_bundled_recipe_checks_builds_and_has_its_page(name):
     text = (REPO / page.group(1)).read_text()
     assert name.split("_")[0] in text or name in text
     # the teacher's input space: the normalisation each dataset's teachers are trained with, stated on the page
-    space = {"cifar10": "cifar10", "cifar100": "cifar100", "digits": "minus_one_one", "folder": "imagenet"}
+    # (the JPEG test set's recipe: the field's pretrained checkpoints, trained on ImageNet mean/std)
+    space = {"cifar10": "cifar10", "cifar100": "cifar100", "digits": "minus_one_one", "folder": "imagenet",
+             "cifar10-jpeg-heldout": "imagenet"}
     assert recipe["teacher"]["input_space"] == space[data["dataset"]]
     assert f'`teacher.input_space = "{space[data["dataset"]]}"`' in " ".join(text.split())
 

@@ -14,7 +14,7 @@ from typing import Any
 from ..nn.matcher import NORMALIZATIONS
 from ..ops import KINDS
 
-DATASETS = ("digits", "cifar10", "cifar100", "folder")
+DATASETS = ("digits", "cifar10", "cifar100", "folder", "cifar10-jpeg-heldout", "cifar10-jpeg-tune")
 SCOPES = ("generator", "ensemble")
 OPTIMIZERS = ("sgd", "adam")
 
@@ -44,9 +44,12 @@ TOP = {
 
 SECTIONS: dict[str, dict[str, Field]] = {
     "data": {
-        "dataset": Field("str", "what the teacher was trained on", choices=DATASETS),
+        "dataset": Field("str", "what the teacher was trained on; cifar10-jpeg-*: the CIFAR-10 test set as JPEG "
+                                "(root holds test.tar), evaluation only, for a teacher given by its weights",
+                         choices=DATASETS),
         "root": Field("str", "cifar: the folder holding torchvision's cifar-10-batches-py/ or cifar-100-python/; "
-                             "folder: holds train/ and val/; digits: empty"),
+                             "cifar10-jpeg-*: the folder holding test.tar; folder: holds train/ and val/; "
+                             "digits: empty"),
         "num_classes": _pos("classes of the teacher; checked against the data"),
         "channels": _pos("image channels"),
         "image_size": _pos("generated (and evaluated) image side in pixels"),
