@@ -1,7 +1,15 @@
-"""Checkpoint files: atomic writes, format/configuration checks, a bounded rotation."""
+"""Checkpoint files: atomic writes with a digest, format/configuration checks, a bounded rotation.
+
+Every file :func:`atomic_save` writes gets a sidecar ``<name>.sha256`` holding the SHA-256 of the bytes
+on disk (read back after the fsync), and :func:`load_file` verifies it before unpickling: a file
+overwritten in place, same size or not, is refused as corrupt (and a resume falls back to the
+previous checkpoint) instead of feeding garbage into the optimizer's state. Files written before the
+digests existed (no sidecar) still load.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tempfile
@@ -19,36 +27,84 @@ class CorruptCheckpointError(CheckpointError):
     """A checkpoint file that cannot be read back (truncated, overwritten, not a torch file)."""
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``.
+DIGEST_SUFFIX = ".sha256"
 
-    A crash mid-write leaves the previous file intact, never a truncated one.
-    """
+
+def digest_path(path: str | os.PathLike) -> Path:
+    """Where the SHA-256 of ``path`` is kept: ``<path>.sha256``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(path.name + DIGEST_SUFFIX)
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, write) -> str:
+    """``write(f)`` into a temporary file beside ``path``, fsync, rename over it; the SHA-256 of the bytes
+    on disk (read back before the rename). Nothing is left behind on failure."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        digest = file_digest(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return digest
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``; then the
+    SHA-256 of what is on disk into ``<path>.sha256`` (:func:`digest_path`), written the same way.
+
+    A crash mid-write leaves the previous file intact, never a truncated one; a crash between the
+    two renames leaves a file whose digest does not match, which :func:`load_file` refuses as corrupt.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    digest = _atomic_write(path, lambda f: torch.save(obj, f))
+    _atomic_write(digest_path(path), lambda f: f.write(f"{digest}  {path.name}\n".encode()))  # sha256sum's format
     return path
+
+
+def verify_digest(path: str | os.PathLike) -> None:
+    """CorruptCheckpointError when ``path``'s bytes do not match its ``.sha256`` sidecar (none: nothing to check)."""
+    path = Path(path)
+    sidecar = digest_path(path)
+    if not sidecar.is_file():
+        return
+    try:
+        expected = sidecar.read_text().split()[0]
+    except (OSError, IndexError) as e:
+        raise CorruptCheckpointError(f"checkpoint {path}: its digest file {sidecar} is unreadable ({e})") from e
+    actual = file_digest(path)
+    if actual != expected:
+        raise CorruptCheckpointError(f"checkpoint {path} does not match its SHA-256 ({sidecar.name}: "
+                                     f"{expected[:16]}..., file: {actual[:16]}...): it was changed after it "
+                                     "was written")
 
 
 def load_file(path: str | os.PathLike, expected_format: str, mmap: bool = False) -> dict:
     """Load a checkpoint written by :func:`atomic_save` and check what it holds.
 
     ``mmap``: map the file instead of reading it (tensors are read lazily), for checking a
-    checkpoint without paying for its size.
+    checkpoint without paying for its memory. The file's SHA-256 is verified first where it has a
+    ``.sha256`` sidecar (:func:`verify_digest`): CorruptCheckpointError on a mismatch.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
+    verify_digest(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # truncated, corrupted or not a torch file
@@ -88,6 +144,7 @@ class CheckpointRotation:
         path = atomic_save(obj, self.directory / f"step_{step:08d}.pt")
         for old in self.paths()[: -self.keep]:
             old.unlink(missing_ok=True)
+            digest_path(old).unlink(missing_ok=True)
         return path
 
     def step_of(self, path: Path) -> int:

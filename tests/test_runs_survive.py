@@ -99,9 +99,48 @@ def test_a_corrupted_newest_checkpoint_falls_back_to_the_previous(tmp_path):
     newest = tmp_path / "ck" / "step_00000006.pt"
     newest.write_bytes(newest.read_bytes()[:100])  # cut short, as by a full disk
     again = trainer()
-    with pytest.warns(RuntimeWarning, match="unreadable.*trying the previous"):
+    with pytest.warns(RuntimeWarning, match="(unreadable|SHA-256).*trying the previous"):
         assert again.resume()
     assert again.step == 4
+
+
+def test_a_checkpoint_overwritten_in_place_is_refused_and_the_run_still_ends_bit_identical(tmp_path):
+    """4 KB overwritten in the middle of the newest checkpoint, the size unchanged: torch.load reads it, the
+    digest does not match, so the resume takes the previous one and the final generators are an uninterrupted
+    run's."""
+    from fastdfd import GeneratorEnsemble, GeneratorTrainer
+    from fastdfd.checkpoint import CorruptCheckpointError, load_file
+
+    torch.manual_seed(0)
+    teacher = randomize_bn_stats(create_model("digits_teacher", num_classes=10))
+
+    def trainer(ck):
+        torch.manual_seed(1)
+        ens = GeneratorEnsemble(2, 10, image_size=16, channels=1, latent_dim=8, widths=(8, 4), output_bn=False)
+        return GeneratorTrainer(teacher, ens, batch_size=2, progress=False, checkpoint_dir=ck, checkpoint_every=2,
+                                keep_checkpoints=3)
+
+    whole = trainer(tmp_path / "whole")
+    whole.fit(8)
+    cut = trainer(tmp_path / "ck")
+    cut.fit(6)
+    newest = tmp_path / "ck" / "step_00000006.pt"
+    data = bytearray(newest.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 4096] = bytes(4096)[: len(data[mid:mid + 4096])]
+    newest.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match="does not match its SHA-256"):
+        load_file(newest, GeneratorTrainer.FORMAT)
+    again = trainer(tmp_path / "ck")
+    with pytest.warns(RuntimeWarning, match="SHA-256.*trying the previous"):
+        assert again.resume()
+    assert again.step == 4
+    again.fit(4)
+    for name, value in whole.ensemble.state_dict().items():
+        assert torch.equal(value, again.ensemble.state_dict()[name]), name
+    assert not list((tmp_path / "ck").glob(".*.tmp"))  # no temporary files left behind
+    assert sorted(p.name for p in (tmp_path / "ck").glob("*.sha256")) == [
+        "step_00000004.pt.sha256", "step_00000006.pt.sha256", "step_00000008.pt.sha256"]
 
 
 def test_sample_grids_are_written_and_leave_training_unchanged(tmp_path):

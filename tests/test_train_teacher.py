@@ -299,7 +299,7 @@ def test_cli_trains_writes_files_and_the_checkpoint_loads(tmp_path, cifar10_root
     out = tmp_path / "run"
     summary = _run(["--model", "wrn16_1", "--data", f"cifar10:{cifar10_root}", "--epochs", "2",
                     "--batch-size", "5", "--lr", "0.01", "--workers", "0", "--no-progress", "--out", str(out)])
-    assert {p.name for p in out.iterdir()} - {"tensorboard"} == {"teacher.pt", "metrics.csv", "summary.json"}
+    assert {p.name for p in out.iterdir()} - {"tensorboard"} == {"teacher.pt", "teacher.pt.sha256", "metrics.csv", "summary.json"}
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
     assert on_disk["eval"] == f"cifar10:{cifar10_root}" and 0.0 <= on_disk["accuracy"] <= 1.0
