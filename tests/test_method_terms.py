@@ -175,3 +175,4 @@ def test_trainer_fills_the_pool_and_the_distiller_learns_from_it_without_the_tea
         hook.remove()
     assert not calls and len(rows) == 4 and d.config()["pool"] == 100
     assert all(r["kd"] >= 0 for r in rows)
+

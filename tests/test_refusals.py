@@ -132,3 +132,21 @@ def test_teacher_sees_normalised_pixels_and_the_student_the_same():
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     torch.testing.assert_close(seen["teacher"], ((g + 1) / 2 - mean) / std)
     torch.testing.assert_close(seen["student"], seen["teacher"])
+
+
+def test_a_zero_running_variance_is_named_before_training():
+    """A BN channel with running_var = 0 makes its moment distance divide by eps alone: said up front, with the layer."""
+    import warnings as _w
+
+    from fastdfd.nn.matcher import MomentMatcher
+
+    teacher = _teacher()
+    bn = next(m for m in teacher.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    name = next(n for n, m in teacher.named_modules() if m is bn)
+    with torch.no_grad():
+        bn.running_var[:2] = 0
+    with pytest.warns(RuntimeWarning, match=rf"2 BatchNorm channel\(s\) have running_var = 0: {name} \(2 of"):
+        MomentMatcher(teacher)
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        MomentMatcher(_teacher())  # healthy statistics: nothing said

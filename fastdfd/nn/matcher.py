@@ -131,6 +131,7 @@ class MomentMatcher:
                              "nothing to match; pass skip_without_stats=True to leave such layers out of the loss")
         for name, bn, _ in layers:
             check_running_stats(bn.running_mean, bn.running_var, name)
+        self._warn_zero_variances(layers)
         for cls in sorted({class_name(bn) for _, bn, flavour in layers if not flavour.fused}):
             warnings.warn(f"fastdfd: {cls} overrides BatchNorm's forward; its layers run their own forward and the "
                           "moment sums are taken from their input (exact, one more read of each input)",
@@ -156,6 +157,20 @@ class MomentMatcher:
         self._hook = teacher.register_forward_pre_hook(self._start_forward)
 
     # ------------------------------------------------------------------ set-up
+    @staticmethod
+    def _warn_zero_variances(layers) -> None:
+        """A channel whose running variance is 0 (a pruned or dead filter) divides the moment loss by the
+        layer's eps alone: any activity the generators give it dominates every other term. Said once per
+        matcher, with the layers and counts (one host read, at construction)."""
+        zero = [(name, int((bn.running_var == 0).sum()), bn.running_var.numel()) for name, bn, _ in layers]
+        zero = [z for z in zero if z[1]]
+        if zero:
+            listed = ", ".join(f"{name} ({n} of {c})" for name, n, c in zero[:5])
+            warnings.warn(f"fastdfd: {sum(z[1] for z in zero)} BatchNorm channel(s) have running_var = 0: {listed}"
+                          f"{' and more' if len(zero) > 5 else ''}. The moment loss divides by var + eps there, so "
+                          "any activity in those channels dominates it; zero those channels' filters (a pruned "
+                          "network's) or give them the variance they see", RuntimeWarning, stacklevel=3)
+
     def _layer_weights(self, layer_weights, first_layer_multiplier: float) -> torch.Tensor:
         n = len(self.layer_names)
         if layer_weights is None:
