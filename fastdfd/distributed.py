@@ -56,14 +56,30 @@ class DistContext:
 
 def local_device(name: str | torch.device | None = None) -> torch.device:
     """``name``, else this process's GPU (LOCAL_RANK under torchrun), else the CPU; a CUDA
-    device is made current, so kernels and NCCL of this process land on it."""
+    device is made current, so kernels and NCCL of this process land on it.
+
+    ``"cuda"`` without an index is this process's GPU (LOCAL_RANK, else 0). ValueError, in one line,
+    for a name torch does not know (``"gpu"``), a CUDA device on a machine without one, or an index
+    beyond the GPUs present.
+    """
     if name:
-        device = torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError as e:
+            raise ValueError(f"unknown device {str(name)!r}: expected cpu, cuda, cuda:N or another torch "
+                             f"device type ({' '.join(str(e).split())[:160]})") from None
     elif torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     else:
         device = torch.device("cpu")
     if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(name)!r}: this machine has no CUDA device (torch {torch.__version__}, "
+                             f"CUDA build {torch.version.cuda or 'none'}); use --device cpu")
+        if device.index is None:  # torch.cuda.set_device refuses a device without an index
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) here")
         torch.cuda.set_device(device)
     return device
 

@@ -150,3 +150,24 @@ def test_a_zero_running_variance_is_named_before_training():
     with _w.catch_warnings():
         _w.simplefilter("error")
         MomentMatcher(_teacher())  # healthy statistics: nothing said
+
+
+def test_devices_are_resolved_or_refused_in_one_line(capsys):
+    """`--device cuda` means this process's GPU (torch.cuda.set_device refuses an index-less device); `gpu` and a
+    GPU the machine lacks are one-line errors naming the device, for every subcommand."""
+    from fastdfd.cli import main
+    from fastdfd.distributed import local_device
+
+    assert local_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        local_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device.*use --device cpu"):
+            local_device("cuda")
+    else:  # pragma: no cover - a GPU machine
+        assert local_device("cuda").index is not None
+    args = ["--teacher", "digits_teacher", "--num-classes", "10", "--channels", "1", "--image-size", "16",
+            "--steps", "1", "--out", "unused", "--weights", "unused.pt"]
+    assert main(["train-generators", *args, "--device", "gpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown device 'gpu'" in err[0]
