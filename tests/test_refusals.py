@@ -171,3 +171,25 @@ def test_devices_are_resolved_or_refused_in_one_line(capsys):
     assert main(["train-generators", *args, "--device", "gpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown device 'gpu'" in err[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_a_teacher_in_another_dtype_is_refused_before_the_first_step(dtype):
+    teacher = _teacher().to(dtype)
+    ens = GeneratorEnsemble(2, 10, image_size=16, channels=1, latent_dim=8, widths=(8, 4), output_bn=False)
+    name = str(dtype).replace("torch.", "")
+    with pytest.raises(ValueError, match=f"the teacher is {name} but the generator ensemble is float32"):
+        GeneratorTrainer(teacher, ens, batch_size=2, progress=False, input_space="minus_one_one")
+    student = create_model("digits_student", num_classes=10).to(dtype)
+    with pytest.raises(ValueError, match=f"the teacher is {name} but the generator ensemble is float32"):
+        Distiller(teacher, student, ens, progress=False, input_space="minus_one_one")
+
+
+def test_a_teacher_on_another_device_is_named_with_both_devices():
+    ens = GeneratorEnsemble(2, 10, image_size=16, channels=1, latent_dim=8, widths=(8, 4), output_bn=False)
+    teacher = _teacher().to("meta")
+    with pytest.raises(ValueError, match="the teacher is on meta but the generator ensemble is on cpu"):
+        GeneratorTrainer(teacher, ens, batch_size=2, progress=False, input_space="minus_one_one")
+    student = create_model("digits_student", num_classes=10).to("meta")
+    with pytest.raises(ValueError, match="the student is on meta but the generator ensemble is on cpu"):
+        Distiller(_teacher(), student, ens, progress=False, input_space="minus_one_one")

@@ -131,6 +131,24 @@ def check_student(teacher: nn.Module, student: nn.Module, probe: TeacherProbe, c
         raise ValueError(f"the student has {out.shape[1]} outputs but the teacher has {probe.num_classes}")
 
 
+def check_placement(ensemble, models: dict, *, check_device: bool = True) -> None:
+    """Every model in ``models`` ({"teacher": m, ...}) on the ensemble's device and in its floating dtype,
+    else a one-line ValueError naming both (the probe casts its images, so a mismatch would only show at the
+    first step, as a raw torch error). ``check_device=False``: dtypes only (offload streams each chunk to
+    the teacher's device)."""
+    device, dtype = ensemble.fc_z.device, ensemble.fc_z.dtype
+    for what, model in models.items():
+        m_device, m_dtype = _device_dtype(model)
+        if check_device and m_device != device:
+            raise ValueError(f"the {what} is on {m_device} but the generator ensemble is on {device}: put both on one "
+                             f"device ({what}.to({str(device)!r}))")
+        if m_dtype != dtype:
+            raise ValueError(f"the {what} is {str(m_dtype).replace('torch.', '')} but the generator ensemble is "
+                             f"{str(dtype).replace('torch.', '')}: give them one dtype ({what}.to("
+                             f"{dtype}) or ensemble.to({m_dtype})); for bf16 compute keep both float32 and "
+                             "train with autocast=True")
+
+
 def as_logits(outputs: torch.Tensor, probabilities: bool) -> torch.Tensor:
     """The teacher's rows as logits: log-probabilities for a softmax teacher (same softmax), else unchanged."""
     if not probabilities:
