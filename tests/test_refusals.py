@@ -193,3 +193,27 @@ def test_a_teacher_on_another_device_is_named_with_both_devices():
     student = create_model("digits_student", num_classes=10).to("meta")
     with pytest.raises(ValueError, match="the student is on meta but the generator ensemble is on cpu"):
         Distiller(_teacher(), student, ens, progress=False, input_space="minus_one_one")
+
+
+@pytest.mark.parametrize("chunk", [2.5, True, "auto", 0, 3])
+def test_bad_generator_chunks_are_refused_not_truncated(chunk):
+    ens = GeneratorEnsemble(2, 10, image_size=16, channels=1, latent_dim=8, widths=(8, 4), output_bn=False)
+    with pytest.raises(ValueError, match=r"generators_per_step must be an integer in \[1, 2\]"):
+        Distiller(_teacher(), create_model("digits_student", num_classes=10), ens, generators_per_step=chunk,
+                  progress=False, input_space="minus_one_one")
+    if chunk != "auto":  # the trainer's 'auto' is the memory planner's
+        with pytest.raises(ValueError, match=r"generators_per_step must be an integer"):
+            GeneratorTrainer(_teacher(), ens, generators_per_step=chunk, progress=False, input_space="minus_one_one")
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--steps", "-5", "argument --steps: expected a positive integer, got '-5'"),
+    ("--generators-per-step", "abc", "argument --generators-per-step: expected a positive integer or 'auto', got 'abc'"),
+])
+def test_bad_numbers_on_the_command_line_name_their_flag(flag, value, message, capsys):
+    from fastdfd.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["train-generators", "--teacher", "digits_teacher", "--weights", "unused.pt", "--out", "unused",
+              flag, value])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err

@@ -33,7 +33,26 @@ def model_help(what: str = "architecture") -> str:
 
 
 def _chunk(value: str):
-    return value if value == "auto" else int(value)
+    """--generators-per-step: a positive integer or 'auto'; argparse names the flag in its one-line error."""
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {value!r}")
+    return n
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return n
 
 
 def _model(name: str, num_classes: int, in_channels: int) -> nn.Module:
@@ -96,7 +115,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-bn", dest="output_bn", action="store_true", default=None,
                    help="the generator's final scale-only BN (the paper's; off in the default preset)")
     p.add_argument("--no-output-bn", dest="output_bn", action="store_false", help="no final BN")
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--steps", type=_positive_int, default=2000)
     p.add_argument("--batch-size", type=int, default=None, help="images per generator per step (preset: 32; paper 64)")
     p.add_argument("--generators-per-step", type=_chunk, default=None,
                    help="generators per step (default all); 'auto': the largest that fits the GPU's free memory")
@@ -131,9 +150,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help=INPUT_SPACE_HELP + "; the same as train-generators was given (checked against its "
                                            "summary.json), and the --eval data are fed in it")
     p.add_argument("--generators", required=True, help="generators.pt written by train-generators")
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--steps", type=_positive_int, default=2000)
     p.add_argument("--batch-size", type=int, default=32, help="images per generator per step")
-    p.add_argument("--generators-per-step", type=int, default=None)
+    p.add_argument("--generators-per-step", type=_positive_int, default=None)
     p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--temperature", type=float, default=4.0)

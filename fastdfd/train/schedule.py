@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 
@@ -15,10 +17,18 @@ class ChunkSchedule:
     """
 
     def __init__(self, num_generators: int, chunk: int | None, seed: int = 0):
-        chunk = num_generators if chunk is None else int(chunk)
-        if not 1 <= chunk <= num_generators:
-            raise ValueError(f"generators_per_step must be in [1, {num_generators}], got {chunk}")
-        self.num_generators, self.chunk = num_generators, chunk
+        if chunk is None:
+            chunk = num_generators
+        # a bool is an int to Python and 2.5 would truncate: neither is a generator count (numpy's ints are)
+        try:
+            count = None if isinstance(chunk, bool) else operator.index(chunk)
+        except TypeError:
+            count = None
+        if count is None or not 1 <= count <= num_generators:
+            hint = " ('auto', the memory planner's choice, is the GeneratorTrainer's alone)" if chunk == "auto" else ""
+            raise ValueError(f"generators_per_step must be an integer in [1, {num_generators}] or None (all), "
+                             f"got {chunk!r}{hint}")
+        self.num_generators, self.chunk = num_generators, count
         self.rng = torch.Generator().manual_seed(seed)
         self.queue: list[int] = []
 
