@@ -217,3 +217,15 @@ def test_bad_numbers_on_the_command_line_name_their_flag(flag, value, message, c
         main(["train-generators", "--teacher", "digits_teacher", "--weights", "unused.pt", "--out", "unused",
               flag, value])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_teacher_with_nan_weights_is_named_not_blamed_on_the_learning_rate():
+    teacher = _teacher()
+    with torch.no_grad():
+        next(m for m in teacher.modules() if isinstance(m, nn.Conv2d)).weight[0, 0, 0, 0] = float("nan")
+    ens = GeneratorEnsemble(2, 10, image_size=16, channels=1, latent_dim=8, widths=(8, 4), output_bn=False)
+    with pytest.raises(ValueError, match=r"the teacher's .*weight holds NaN or Inf: its weights are broken"):
+        GeneratorTrainer(teacher, ens, batch_size=2, progress=False, input_space="minus_one_one")
+    with pytest.raises(ValueError, match="holds NaN or Inf"):
+        Distiller(teacher, create_model("digits_student", num_classes=10), ens, progress=False,
+                  input_space="minus_one_one")

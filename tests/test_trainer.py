@@ -189,7 +189,10 @@ def test_non_finite_loss_stops_with_step_and_term_and_keeps_last_checkpoint(digi
     with pytest.raises(NonFiniteLossError, match="non-finite ce loss .* at step 5") as err:
         tr.fit(10)
     assert err.value.step == 5 and err.value.term == "ce"
+    assert f"The last checkpoint, {tmp_path / 'step_00000004.pt'}, was written before" in str(err.value)
     assert sorted(p.name for p in tmp_path.glob("step_*.pt")) == ["step_00000002.pt", "step_00000004.pt"]
+    with pytest.raises(NonFiniteLossError, match="No checkpoint was written before this step"):
+        trainer(NaNAfter(digits_teacher, n=3), small_ensemble(), log_every=1).fit(4)
     good = trainer(digits_teacher, small_ensemble(seed=3), checkpoint_dir=tmp_path)
     assert good.resume() and good.step == 4
     assert all(torch.isfinite(p).all() for p in good.ensemble.parameters())

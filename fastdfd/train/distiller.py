@@ -39,7 +39,8 @@ from .loop import StepLoop
 from .augment import AUGMENTS, random_crop_flip
 from .losses import distillation_kl
 from .pool import ImagePool
-from .probe import as_logits, check_ensemble_classes, check_placement, check_student, probe_teacher
+from .probe import (as_logits, check_ensemble_classes, check_finite_weights, check_placement, check_student,
+                    probe_teacher)
 
 OPTIMIZERS = ("sgd", "adam")
 STUDENT_BN = ("mixed", "per_generator")
@@ -121,6 +122,7 @@ class Distiller(StepLoop):
         self.teacher, self.student, self.ensemble = teacher, student, ensemble
         self.input_space = InputSpace.parse(input_space)
         spec = ensemble.spec
+        check_finite_weights(teacher, "teacher")
         check_placement(ensemble, {"teacher": teacher, "student": student})  # named, before the probes' forwards
         self.teacher_probe = probe_teacher(teacher, spec.channels, spec.image_size, self.input_space, teacher_outputs)
         check_ensemble_classes(ensemble, self.teacher_probe)

@@ -55,7 +55,7 @@ from .losses import distillation_kl, mode_seeking, total_variation
 from .memory import plan_generator_memory
 from .optim import StackedAdam
 from .pool import ImagePool
-from .probe import as_logits, check_ensemble_classes, check_placement, probe_teacher
+from .probe import as_logits, check_ensemble_classes, check_finite_weights, check_placement, probe_teacher
 from .quality import QualityReport, generator_quality
 
 
@@ -205,6 +205,7 @@ class GeneratorTrainer(StepLoop):
         self.input_space = InputSpace.parse(input_space)
         # one probe forward: images, classes and output kind refused here, not mid-run
         spec = ensemble.spec
+        check_finite_weights(teacher, "teacher")
         check_placement(ensemble, {"teacher": teacher, **({"student": student} if student is not None else {})},
                         check_device=not offload)  # before the probe: its forward would fail on a mismatch, unnamed
         self.teacher_probe = probe_teacher(teacher, spec.channels, spec.image_size, self.input_space, teacher_outputs)

@@ -166,7 +166,7 @@ class StepLoop:
         if self.device.type == "cuda":
             extra["gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         rows = [{"step": s, **dict(zip(self.TERMS, v)), **extra} for (s, _), v in zip(pending, values)]
-        check_finite(rows, self.FINITE)
+        check_finite(rows, self.FINITE, self.rotation.latest() if self.rotation is not None else None)
         self.history.extend(rows)
         self.log.write(rows)
         bar.update(len(rows))

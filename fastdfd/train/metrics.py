@@ -33,21 +33,27 @@ def tensorboard_available() -> bool:
 class NonFiniteLossError(RuntimeError):
     """Training produced NaN/Inf: raised with the step and the loss term that went bad."""
 
-    def __init__(self, step: int, term: str, value: float):
-        super().__init__(
-            f"non-finite {term} loss ({value}) at step {step}; stopped. The last checkpoint written "
-            "before this step is intact; lower the learning rate or the loss weights and resume from it."
-        )
+    def __init__(self, step: int, term: str, value: float, last_checkpoint: str | os.PathLike | None = None):
+        if last_checkpoint is not None:
+            where = (f"The last checkpoint, {last_checkpoint}, was written before this step and is intact; lower the "
+                     "learning rate or the loss weights and resume from it.")
+        else:
+            where = ("No checkpoint was written before this step; lower the learning rate or the loss weights and "
+                     "start again (checkpoint_every keeps a run to resume from).")
+        super().__init__(f"non-finite {term} loss ({value}) at step {step}; stopped. {where}")
         self.step, self.term, self.value = step, term, value
+        self.last_checkpoint = last_checkpoint
 
 
-def check_finite(rows: Sequence[Mapping[str, float]], terms: Sequence[str]) -> None:
-    """Raise on the first row (step) with a non-finite value among ``terms``."""
+def check_finite(rows: Sequence[Mapping[str, float]], terms: Sequence[str],
+                 last_checkpoint: str | os.PathLike | None = None) -> None:
+    """Raise on the first row (step) with a non-finite value among ``terms``, naming ``last_checkpoint``
+    (the newest one written, None when there is none)."""
     for row in rows:
         for term in terms:
             v = row[term]
             if not math.isfinite(v):
-                raise NonFiniteLossError(int(row["step"]), term, v)
+                raise NonFiniteLossError(int(row["step"]), term, v, last_checkpoint)
 
 
 class MetricsLog:

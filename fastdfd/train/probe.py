@@ -131,6 +131,17 @@ def check_student(teacher: nn.Module, student: nn.Module, probe: TeacherProbe, c
         raise ValueError(f"the student has {out.shape[1]} outputs but the teacher has {probe.num_classes}")
 
 
+def check_finite_weights(model: nn.Module, what: str) -> None:
+    """ValueError naming the first parameter or buffer of ``model`` holding NaN or Inf (a broken checkpoint
+    would otherwise show as a non-finite loss at the first step, blamed on the learning rate). One host
+    read for the whole model."""
+    tensors = [(n, t) for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_floating_point()]
+    if not tensors or bool(torch.stack([t.detach().isfinite().all() for _, t in tensors]).all()):
+        return
+    bad = next(n for n, t in tensors if not bool(t.detach().isfinite().all()))
+    raise ValueError(f"the {what}'s {bad} holds NaN or Inf: its weights are broken (check the file they came from)")
+
+
 def check_placement(ensemble, models: dict, *, check_device: bool = True) -> None:
     """Every model in ``models`` ({"teacher": m, ...}) on the ensemble's device and in its floating dtype,
     else a one-line ValueError naming both (the probe casts its images, so a mismatch would only show at the
