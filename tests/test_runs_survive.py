@@ -163,3 +163,28 @@ def test_sample_grids_are_written_and_leave_training_unchanged(tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[16:24] == (8 * 16).to_bytes(4, "big") + (3 * 16).to_bytes(4, "big")  # 8 images x 3 generators
     for name, p in plain.state_dict().items():
         assert torch.equal(p, with_grids.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_stops_at_a_step_with_a_checkpoint_and_one_line(tmp_path, teacher_file, sig, status):
+    """Ctrl-C or SIGTERM: the current step ends, a checkpoint of it is written (however far the next periodic one
+    is), one line says so, the exit status is 128 + the signal; --resume then goes on from that step."""
+    base = [sys.executable, "-m", "fastdfd", "train-generators", *ARGS, "--weights", str(teacher_file),
+            "--steps", "100000", "--checkpoint-every", "100000", "--out", str(tmp_path / "run")]
+    victim = subprocess.Popen(base, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
+    metrics = tmp_path / "run" / "metrics.csv"
+    deadline = time.time() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) > 1):
+        assert victim.poll() is None, victim.stderr.read()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    victim.send_signal(sig)
+    err = victim.communicate(timeout=120)[1]
+    assert victim.returncode == status, err[-3000:]
+    said = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("generators:")]  # less the progress bar
+    assert len(said) == 1 and f"stopped by {signal.Signals(sig).name} after step" in said[0], said
+    assert "Traceback" not in err
+    step = int(said[0].split("after step ")[1].split(":")[0])
+    assert (tmp_path / "run" / "checkpoints" / f"step_{step:08d}.pt").exists()
+    rows = metrics.read_text().splitlines()[1:]
+    assert int(rows[-1].split(",")[0]) == step  # every step up to the stop was logged

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from .. import __version__
+from ..train.stops import RunInterrupted
 
 
 def _demo(args: argparse.Namespace) -> dict:
@@ -66,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"fastdfd {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RunInterrupted as e:  # SIGINT/SIGTERM after a whole step, saved: one line, 128 + the signal
+        print(f"fastdfd {args.command}: {e}", file=sys.stderr)
+        return e.exit_status
     finally:
         # under torchrun: the command's trainer (and any DDP wrapper) is gone by now, so the
         # group can be torn down before interpreter exit instead of during it

@@ -23,6 +23,7 @@ from ..checkpoint import CheckpointRotation, CorruptCheckpointError, atomic_save
 from ..distributed import DistContext
 from .metrics import MetricsLog, check_finite
 from .schedule import ChunkSchedule
+from .stops import RunInterrupted, StopOnSignal
 
 
 class StepLoop:
@@ -116,17 +117,21 @@ class StepLoop:
         self._window_start = time.perf_counter()
         bar = tqdm(total=steps, disable=not self.progress, desc=self.DESC, leave=False)
         try:
-            with self._run() as ctx:
+            with self._run() as ctx, StopOnSignal(enabled=self.dist.world == 1) as stop:
                 for i in range(steps):
                     pending.append((self.step + 1, self._step(ctx)))
                     self.step += 1
                     self._after_step()
                     due = self.checkpoint_every and self.step % self.checkpoint_every == 0
-                    if len(pending) >= self.log_every or due or i == steps - 1:
+                    stopping = stop.signum is not None  # SIGINT/SIGTERM: end here, with this step saved
+                    if len(pending) >= self.log_every or due or stopping or i == steps - 1:
                         self._flush(pending, bar)
                         pending = []
-                    if due:
+                    if due or (stopping and self.rotation is not None):
                         self._save_checkpoint()
+                    if stopping:
+                        raise RunInterrupted(self.step, stop.signum,
+                                             self.rotation.latest() if self.rotation is not None else None)
         finally:
             bar.close()
             self.log.close()  # flush the TensorBoard events of this fit
