@@ -32,6 +32,18 @@ def space_record(space: str | InputSpace | None) -> dict:
     return {"name": space.name, "spec": spec, "mean": list(space.mean), "std": list(space.std)}
 
 
+def _resume(loop, what: str, out: Path, ctx: DistContext) -> None:
+    """Resume ``loop`` from its newest usable checkpoint, and say where it starts either way (a resume that
+    finds nothing, under a mistyped ``out`` for one, must not restart from step 0 without a word)."""
+    if loop.resume():
+        if ctx.is_main:
+            print(f"{what}: resumed at step {loop.step}")
+    elif ctx.is_main:
+        where = out / "checkpoints"
+        why = "no such directory" if not where.is_dir() else "no usable checkpoint in it"
+        print(f"{what}: --resume found nothing to resume in {where} ({why}); starting at step 0")
+
+
 def train_generators(
     teacher: nn.Module,
     ensemble: GeneratorEnsemble,
@@ -85,8 +97,8 @@ def train_generators(
             print(f"memory plan: {trainer.memory_plan.describe()}")
     if steps is None:  # the schedule visits this shard's generators evenly, chunk at a time
         steps = math.ceil(updates_per_generator * ensemble.num_generators / trainer.schedule.chunk)
-    if resume and trainer.resume() and ctx.is_main:
-        print(f"generators: resumed at step {trainer.step}")
+    if resume:
+        _resume(trainer, "generators", out, ctx)
     trainer.fit(max(0, steps - trainer.step))
     # collectives on every rank; rank 0 puts the shards back together and writes the ensemble
     shards = ctx.all_gather_object({k: v.detach().cpu() for k, v in ensemble.state_dict().items()})
@@ -150,8 +162,8 @@ def distill(
         checkpoint_dir=out / "checkpoints", distributed=ctx, progress=progress and ctx.is_main,
         input_space=input_space, **distiller_kwargs,
     )
-    if resume and distiller.resume() and ctx.is_main:
-        print(f"distill: resumed at step {distiller.step}")
+    if resume:
+        _resume(distiller, "distill", out, ctx)
     distiller.fit(max(0, steps - distiller.step))
     summary: dict[str, Any] = {"steps": distiller.step, "student": str(out / "student.pt"),
                                "input_space": space_record(input_space)}

@@ -188,3 +188,38 @@ def test_a_signal_stops_at_a_step_with_a_checkpoint_and_one_line(tmp_path, teach
     assert (tmp_path / "run" / "checkpoints" / f"step_{step:08d}.pt").exists()
     rows = metrics.read_text().splitlines()[1:]
     assert int(rows[-1].split(",")[0]) == step  # every step up to the stop was logged
+
+
+@pytest.mark.parametrize("log_name", ["metrics.csv", "metrics.jsonl"])
+def test_a_resumed_run_logs_each_step_once(tmp_path, log_name):
+    from fastdfd import GeneratorEnsemble, GeneratorTrainer
+
+    teacher = randomize_bn_stats(create_model("digits_teacher", num_classes=10))
+
+    def trainer():
+        torch.manual_seed(1)
+        ens = GeneratorEnsemble(2, 10, image_size=16, channels=1, latent_dim=8, widths=(8, 4), output_bn=False)
+        return GeneratorTrainer(teacher, ens, batch_size=2, progress=False, checkpoint_dir=tmp_path / "ck",
+                                checkpoint_every=4, log_every=1, log_path=tmp_path / log_name, tensorboard=False)
+
+    trainer().fit(6)  # steps 5 and 6 logged, the newest checkpoint at 4
+    again = trainer()
+    assert again.resume() and again.step == 4
+    again.fit(3)
+    text = (tmp_path / log_name).read_text().splitlines()
+    steps = ([int(r.split(",")[0]) for r in text[1:]] if log_name.endswith(".csv")
+             else [json.loads(r)["step"] for r in text])
+    assert steps == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_resume_with_nothing_to_resume_says_so(tmp_path, capsys):
+    from fastdfd import GeneratorEnsemble
+    from fastdfd.distributed import DistContext
+    from fastdfd.pipeline import train_generators
+
+    teacher = randomize_bn_stats(create_model("digits_teacher", num_classes=10))
+    ens = GeneratorEnsemble(2, 10, image_size=16, channels=1, latent_dim=8, widths=(8, 4), output_bn=False)
+    train_generators(teacher, ens, tmp_path / "typo", ctx=DistContext(), device=torch.device("cpu"), steps=1,
+                     resume=True, progress=False, quality_per_class=0, batch_size=2, tensorboard=False)
+    assert (f"generators: --resume found nothing to resume in {tmp_path / 'typo' / 'checkpoints'} "
+            "(no such directory); starting at step 0") in capsys.readouterr().out

@@ -203,6 +203,7 @@ class StepLoop:
         self.rng.set_state(state["rng"])
         self.step = int(state["step"])
         self.history = list(state["history"])
+        self.log.truncate_after(self.step)  # the steps after the checkpoint will be logged again
 
     def resume(self, steps: set[int] | None = None) -> bool:
         """Load the newest readable checkpoint of ``checkpoint_dir`` (among ``steps`` if given).

@@ -74,6 +74,7 @@ class MetricsLog:
         self._fields: list[str] | None = None
         self._writer = None
         self._rows_written = 0
+        self._purge_step: int | None = None
         if tensorboard and not tensorboard_available():
             raise ImportError(f"tensorboard=True needs the tensorboard package: {TENSORBOARD_PIP}")
         use_tb = tensorboard if tensorboard is not None else tensorboard_available()
@@ -99,11 +100,32 @@ class MetricsLog:
         if self.tensorboard_dir is not None:
             self._write_tensorboard(rows)
 
+    def truncate_after(self, step: int) -> None:
+        """Drop the rows logged past ``step`` (a run resumed from a checkpoint of that step logs them again):
+        the file is rewritten atomically, and TensorBoard's next writer purges its events from ``step + 1``."""
+        self._purge_step = int(step) + 1
+        if self.path is None or not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        if self.path.suffix == ".csv":
+            if not lines:
+                return
+            header, rows = lines[:1], lines[1:]
+            keep = header + [ln for ln in rows if not ln.strip() or int(float(ln.split(",", 1)[0])) <= step]
+        else:
+            keep = [ln for ln in lines if not ln.strip() or int(json.loads(ln).get("step", 0)) <= step]
+        if len(keep) == len(lines):
+            return
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, self.path)
+
     def _write_tensorboard(self, rows: Sequence[Mapping[str, float]]) -> None:
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(os.fspath(self.tensorboard_dir))
+            self._writer = SummaryWriter(os.fspath(self.tensorboard_dir), purge_step=self._purge_step)
+            self._purge_step = None  # once: later writers of this run append
         for row in rows:
             axis = next((k for k in STEP_KEYS if k in row), None)
             step = int(row[axis]) if axis is not None else self._rows_written
