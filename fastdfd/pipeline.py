@@ -7,9 +7,10 @@ its shard of the ensemble, and rank 0 writes the files.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from torch import nn
 from .distributed import DistContext
 from .input_space import InputSpace
 from .nn import GeneratorEnsemble, save_ensemble
+from .rundir import RunLock, claim, write_manifest
 from .data.class_names import class_names_for
 from .train import Distiller, GeneratorTrainer, evaluate_accuracy
 from .train.quality import generator_quality, write_quality
@@ -30,6 +32,18 @@ def space_record(space: str | InputSpace | None) -> dict:
     spec = space.name if space.name != "custom" else (
         f"mean={','.join(map(repr, space.mean))};std={','.join(map(repr, space.std))}")
     return {"name": space.name, "spec": spec, "mean": list(space.mean), "std": list(space.std)}
+
+
+@contextlib.contextmanager
+def _owned(out: Path, ctx: DistContext, what: str, resume: bool, overwrite: bool) -> Iterator[None]:
+    """Rank 0 claims ``out`` for this run (a fresh run refuses another run's files unless ``overwrite``) and holds
+    its lock while the stage writes (a second writer is refused, naming the first)."""
+    if not ctx.is_main:
+        yield
+        return
+    claim(out, resume=resume, overwrite=overwrite)
+    with RunLock(out, what):
+        yield
 
 
 def _resume(loop, what: str, out: Path, ctx: DistContext) -> None:
@@ -54,6 +68,7 @@ def train_generators(
     steps: int | None = None,
     updates_per_generator: int | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     offload: bool = False,
     progress: bool = True,
     input_space: str | InputSpace | None = None,
@@ -77,11 +92,25 @@ def train_generators(
     ``out/quality_samples.png`` (one row per class, labelled with ``class_names``, by default the
     ImageNet names for a 1000-class teacher); the overall figures go in ``summary.json`` and in
     ``out/metrics_quality.csv``. ``quality_per_class=0`` skips it.
+
+    ``out`` belongs to one run (:mod:`fastdfd.rundir`): a fresh run refuses a directory holding another
+    run's files unless ``overwrite`` (which empties it), and a second writer is refused while this one holds
+    the directory's lock. Checkpoints record the teacher's fingerprint: a resume against another teacher is
+    refused, naming both.
     """
     input_space = InputSpace.parse(input_space)
     if (steps is None) == (updates_per_generator is None):
         raise ValueError("pass exactly one of steps and updates_per_generator")
     out = Path(out)
+    with _owned(out, ctx, "generator run", resume, overwrite):
+        return _train_generators(teacher, ensemble, out, ctx=ctx, device=device, steps=steps,
+                                 updates_per_generator=updates_per_generator, resume=resume, offload=offload,
+                                 progress=progress, input_space=input_space, quality_per_class=quality_per_class,
+                                 verifier=verifier, class_names=class_names, **trainer_kwargs)
+
+
+def _train_generators(teacher, ensemble, out: Path, *, ctx, device, steps, updates_per_generator, resume, offload,
+                      progress, input_space, quality_per_class, verifier, class_names, **trainer_kwargs) -> dict:
     if ctx.world > 1:
         ensemble = ensemble.shard(*ctx.shard(ensemble.num_generators))
     if not offload:
@@ -99,6 +128,8 @@ def train_generators(
         steps = math.ceil(updates_per_generator * ensemble.num_generators / trainer.schedule.chunk)
     if resume:
         _resume(trainer, "generators", out, ctx)
+    if ctx.is_main:
+        write_manifest(out, trainer)
     trainer.fit(max(0, steps - trainer.step))
     # collectives on every rank; rank 0 puts the shards back together and writes the ensemble
     shards = ctx.all_gather_object({k: v.detach().cpu() for k, v in ensemble.state_dict().items()})
@@ -144,15 +175,25 @@ def distill(
     device: torch.device,
     eval_loader: Iterable | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     input_space: str | InputSpace | None = None,
     **distiller_kwargs: Any,
 ) -> dict:
     """Distill ``student`` from ``teacher`` on images of the whole ``ensemble`` (each rank
     samples its shard; DDP student); rank 0 writes ``out/student.pt`` and scores it on
-    ``eval_loader``, whose images must be in the teacher's ``input_space``."""
+    ``eval_loader``, whose images must be in the teacher's ``input_space``. ``out`` is owned as in
+    :func:`train_generators`; checkpoints record the teacher's and the generators' fingerprints."""
     input_space = InputSpace.parse(input_space)
     out = Path(out)
+    with _owned(out, ctx, "distillation run", resume, overwrite):
+        return _distill(teacher, student, ensemble, out, steps=steps, ctx=ctx, device=device,
+                        eval_loader=eval_loader, resume=resume, progress=progress, input_space=input_space,
+                        **distiller_kwargs)
+
+
+def _distill(teacher, student, ensemble, out: Path, *, steps, ctx, device, eval_loader, resume, progress,
+             input_space, **distiller_kwargs) -> dict:
     if ctx.world > 1:
         ensemble = ensemble.shard(*ctx.shard(ensemble.num_generators))
     ensemble = ensemble.to(device)
@@ -164,6 +205,8 @@ def distill(
     )
     if resume:
         _resume(distiller, "distill", out, ctx)
+    if ctx.is_main:
+        write_manifest(out, distiller)
     distiller.fit(max(0, steps - distiller.step))
     summary: dict[str, Any] = {"steps": distiller.step, "student": str(out / "student.pt"),
                                "input_space": space_record(input_space)}

@@ -223,3 +223,61 @@ def test_resume_with_nothing_to_resume_says_so(tmp_path, capsys):
                      resume=True, progress=False, quality_per_class=0, batch_size=2, tensorboard=False)
     assert (f"generators: --resume found nothing to resume in {tmp_path / 'typo' / 'checkpoints'} "
             "(no such directory); starting at step 0") in capsys.readouterr().out
+
+
+def test_a_resume_against_another_teacher_or_other_generators_is_refused(tmp_path):
+    from fastdfd import Distiller, GeneratorEnsemble, GeneratorTrainer
+    from fastdfd.checkpoint import CheckpointError
+
+    def ens(seed=1):
+        torch.manual_seed(seed)
+        return GeneratorEnsemble(2, 10, image_size=16, channels=1, latent_dim=8, widths=(8, 4), output_bn=False)
+
+    teacher = randomize_bn_stats(create_model("digits_teacher", num_classes=10), seed=0)
+    other = randomize_bn_stats(create_model("digits_teacher", num_classes=10), seed=5)
+    a = GeneratorTrainer(teacher, ens(), batch_size=2, progress=False, checkpoint_dir=tmp_path / "g", checkpoint_every=2)
+    a.fit(2)
+    b = GeneratorTrainer(other, ens(), batch_size=2, progress=False, checkpoint_dir=tmp_path / "g")
+    with pytest.raises(CheckpointError, match=r"trained against another teacher \(fingerprint \w+ in the checkpoint, "
+                                              r"\w+ now\)"):
+        b.resume()
+    assert GeneratorTrainer(teacher, ens(), batch_size=2, progress=False, checkpoint_dir=tmp_path / "g").resume()
+    student = create_model("digits_student", num_classes=10)
+    d = Distiller(teacher, student, ens(), batch_size=2, progress=False, checkpoint_dir=tmp_path / "d",
+                  checkpoint_every=1)
+    d.fit(1)
+    with pytest.raises(CheckpointError, match="trained against another generators"):
+        Distiller(teacher, create_model("digits_student", num_classes=10), ens(seed=2), batch_size=2, progress=False,
+                  checkpoint_dir=tmp_path / "d").resume()
+
+
+def test_a_run_directory_has_one_owner(tmp_path):
+    from fastdfd import GeneratorEnsemble
+    from fastdfd.distributed import DistContext
+    from fastdfd.pipeline import train_generators
+    from fastdfd.rundir import RunLock
+
+    teacher = randomize_bn_stats(create_model("digits_teacher", num_classes=10))
+
+    def run(**kw):
+        torch.manual_seed(1)
+        ens = GeneratorEnsemble(2, 10, image_size=16, channels=1, latent_dim=8, widths=(8, 4), output_bn=False)
+        return train_generators(teacher, ens, tmp_path / "run", ctx=DistContext(), device=torch.device("cpu"),
+                                steps=2, progress=False, quality_per_class=0, batch_size=2, tensorboard=False, **kw)
+
+    run()
+    manifest = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert set(manifest) == {"identity", "settings", "software"} and len(manifest["identity"]["teacher"]) == 16
+    assert manifest["settings"]["batch_size"] == 2 and manifest["software"]["torch"] == torch.__version__
+    with pytest.raises(ValueError, match=r"already holds a run \(.*generators.pt.*\); pass --resume to continue it, "
+                                         "--overwrite to discard it"):
+        run()
+    (tmp_path / "run" / "stray.txt").write_text("from the first run")
+    run(overwrite=True)
+    assert not (tmp_path / "run" / "stray.txt").exists() and (tmp_path / "run" / "generators.pt").exists()
+    with pytest.raises(ValueError, match="pass one of them"):
+        run(resume=True, overwrite=True)
+    with RunLock(tmp_path / "run", "generator run"):  # another writer holds the directory
+        with pytest.raises(ValueError, match=rf"in use by another generator run \(.*\"pid\": {os.getpid()}"):
+            run(resume=True)
+    run(resume=True)  # the lock went with its holder

@@ -131,6 +131,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
+    p.add_argument("--overwrite", action="store_true", help="discard a previous run's files in OUT first")
     p.add_argument("--sample-every", type=int, default=0, help="write OUT/samples/step_N.png every N steps")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast and a channels_last teacher (GPUs)")
     p.add_argument("--offload", action="store_true",
@@ -160,7 +161,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval", default=None,
                    help="evaluate on: digits, cifar10:ROOT, cifar100:ROOT, folder:ROOT (in --input-space)")
     p.add_argument("--checkpoint-every", type=int, default=500)
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
+    p.add_argument("--overwrite", action="store_true", help="discard a previous run's files in OUT first")
     p.add_argument("--device", default=None)
     p.add_argument("--out", required=True)
     p.set_defaults(func=distill)
@@ -211,6 +213,7 @@ def train_generators(args: argparse.Namespace) -> dict:
     )
     summary = pipeline.train_generators(
         teacher, ensemble, args.out, steps=args.steps, ctx=ctx, device=device, resume=args.resume,
+        overwrite=args.overwrite,
         offload=args.offload, kind=args.kind, scope=s.scope, normalization=s.normalization,
         moment_weight=s.moment_weight, ce_weight=s.ce_weight, tv_weight=args.tv_weight,
         first_layer_multiplier=args.first_layer_multiplier, batch_size=s.batch_size,
@@ -241,7 +244,7 @@ def distill(args: argparse.Namespace) -> dict:
             raise ValueError(f"--eval data has {data_classes} classes but the teacher has {n}")
     summary = pipeline.distill(
         teacher, student, ensemble, args.out, steps=args.steps, ctx=ctx, device=device, eval_loader=loader,
-        resume=args.resume, temperature=args.temperature, batch_size=args.batch_size,
+        resume=args.resume, overwrite=args.overwrite, temperature=args.temperature, batch_size=args.batch_size,
         generators_per_step=args.generators_per_step, optimizer=args.optimizer, lr=args.lr, seed=args.seed,
         checkpoint_every=args.checkpoint_every, input_space=space,
     )

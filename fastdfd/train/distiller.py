@@ -33,6 +33,7 @@ from torch import nn
 from ..distributed import DistContext
 from ..input_space import InputSpace
 from ..nn.ensemble import GeneratorEnsemble
+from ..rundir import fingerprint
 from .evaluate import evaluate_accuracy
 from .generator_trainer import frozen_eval
 from .loop import StepLoop
@@ -123,6 +124,7 @@ class Distiller(StepLoop):
         self.input_space = InputSpace.parse(input_space)
         spec = ensemble.spec
         check_finite_weights(teacher, "teacher")
+        self._identity = {"teacher": fingerprint(teacher), "generators": fingerprint(ensemble)}
         check_placement(ensemble, {"teacher": teacher, "student": student})  # named, before the probes' forwards
         self.teacher_probe = probe_teacher(teacher, spec.channels, spec.image_size, self.input_space, teacher_outputs)
         check_ensemble_classes(ensemble, self.teacher_probe)

@@ -46,6 +46,7 @@ from ..checkpoint import check_config
 from ..distributed import DistContext
 from ..input_space import InputSpace, generator_pixels
 from ..nn.ensemble import GeneratorEnsemble, ensemble_forward
+from ..rundir import fingerprint
 from ..nn.matcher import NORMALIZATIONS, SCOPES, MomentMatcher
 from ..ops import check_kind
 from .graphed_step import GraphedStep, cuda_capture
@@ -206,6 +207,7 @@ class GeneratorTrainer(StepLoop):
         # one probe forward: images, classes and output kind refused here, not mid-run
         spec = ensemble.spec
         check_finite_weights(teacher, "teacher")
+        self._identity = {"teacher": fingerprint(teacher)}  # what a checkpoint of this run was trained against
         check_placement(ensemble, {"teacher": teacher, **({"student": student} if student is not None else {})},
                         check_device=not offload)  # before the probe: its forward would fail on a mismatch, unnamed
         self.teacher_probe = probe_teacher(teacher, spec.channels, spec.image_size, self.input_space, teacher_outputs)

@@ -19,7 +19,8 @@ from typing import ContextManager
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint import CheckpointRotation, CorruptCheckpointError, atomic_save, check_config, load_file
+from ..checkpoint import (CheckpointError, CheckpointRotation, CorruptCheckpointError, atomic_save, check_config,
+                          load_file)
 from ..distributed import DistContext
 from .metrics import MetricsLog, check_finite
 from .schedule import ChunkSchedule
@@ -107,6 +108,20 @@ class StepLoop:
     def _check_models(self, state: dict, path) -> None:
         """Refuse a checkpoint of other models (checked before the hyperparameters)."""
 
+    def identity(self) -> dict[str, str]:
+        """What this run trains against, as :func:`fastdfd.rundir.fingerprint` digests ({"teacher": ...}); saved in
+        every checkpoint and checked on load. Subclasses set ``self._identity`` at construction (before any fit
+        installs taps in the teacher)."""
+        return dict(getattr(self, "_identity", {}))
+
+    def _check_identity(self, state: dict, path) -> None:
+        saved, current = state.get("identity") or {}, self.identity()
+        for key in sorted(set(saved) & set(current)):  # checkpoints written before identities existed still load
+            if saved[key] != current[key]:
+                raise CheckpointError(f"checkpoint {path} was trained against another {key} (fingerprint "
+                                      f"{saved[key]} in the checkpoint, {current[key]} now): resume it with the "
+                                      f"{key} it was written for, or start a new run")
+
     # ------------------------------------------------------------- loop
     def fit(self, steps: int) -> list[dict[str, float]]:
         """Train ``steps`` more steps; returns the metrics rows of these steps."""
@@ -187,6 +202,7 @@ class StepLoop:
             "schedule": self.schedule.state_dict(),
             "rng": self.rng.get_state(),
             "history": list(self.history),
+            "identity": self.identity(),
             **self._model_state(),
         }
 
@@ -196,6 +212,7 @@ class StepLoop:
     def load(self, path: str | os.PathLike) -> None:
         """Restore a checkpoint of the same configuration; training then continues exactly."""
         state = load_file(path, self.FORMAT)
+        self._check_identity(state, path)
         self._check_models(state, path)
         check_config(path, state["config"], self._full_config(), self.WHAT)
         self._load_model_state(state, path)
