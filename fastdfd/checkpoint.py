@@ -45,6 +45,12 @@ def file_digest(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: Path, write) -> str:
     """``write(f)`` into a temporary file beside ``path``, fsync, rename over it; the SHA-256 of the bytes
     on disk (read back before the rename). Nothing is left behind on failure."""
@@ -55,6 +61,7 @@ def _atomic_write(path: Path, write) -> str:
             f.flush()
             os.fsync(f.fileno())
         digest = file_digest(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a written file gets the mode open() would give it
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

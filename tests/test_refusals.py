@@ -229,3 +229,55 @@ def test_a_teacher_with_nan_weights_is_named_not_blamed_on_the_learning_rate():
     with pytest.raises(ValueError, match="holds NaN or Inf"):
         Distiller(teacher, create_model("digits_student", num_classes=10), ens, progress=False,
                   input_space="minus_one_one")
+
+
+def test_a_disk_error_is_one_line_naming_the_cause(tmp_path, monkeypatch, capsys):
+    """A full disk (ENOSPC from the checkpoint write) and an --out that cannot be a directory: one line, status 2."""
+    import errno
+
+    from fastdfd.cli import main
+
+    weights = tmp_path / "teacher.pt"
+    torch.save(_teacher().state_dict(), weights)
+    args = ["train-generators", "--teacher", "digits_teacher", "--weights", str(weights), "--num-classes", "10",
+            "--channels", "1", "--image-size", "16", "--widths", "8,4", "--latent-dim", "8", "--batch-size", "2",
+            "--steps", "2", "--checkpoint-every", "1", "--device", "cpu"]
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main([*args, "--out", str(blocker / "run")]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and not ln.startswith("generators:")]
+    assert len(err) == 1 and "cannot write or read" in err[0] and "a_file" in err[0], err
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "checkpoints"))
+
+    monkeypatch.setattr("fastdfd.checkpoint.torch.save", full)
+    assert main([*args, "--out", str(tmp_path / "run")]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and not ln.startswith("generators:")]
+    assert len(err) == 1 and "No space left on device" in err[0], err
+    assert not list((tmp_path / "run").rglob("*.tmp"))  # nothing half-written left behind
+
+
+def test_written_files_follow_the_umask_and_the_loader_fits_the_machine(tmp_path):
+    import os as _os
+
+    from fastdfd.checkpoint import atomic_save
+    from fastdfd.train.teacher import DEFAULT_WORKERS, TeacherSettings
+
+    old = _os.umask(0o022)
+    try:
+        path = atomic_save({"x": torch.zeros(1)}, tmp_path / "generators.pt")
+    finally:
+        _os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644 and (tmp_path / "generators.pt.sha256").stat().st_mode & 0o777 == 0o644
+    assert TeacherSettings().workers == DEFAULT_WORKERS == min(4, max(1, (_os.cpu_count() or 1) // 2))
+
+
+def test_a_bn_without_running_statistics_gets_advice_that_works():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.Flatten(),
+                          nn.LazyLinear(10))
+    model(torch.randn(2, 1, 16, 16))
+    ens = GeneratorEnsemble(2, 10, image_size=16, channels=1, latent_dim=8, widths=(8, 4), output_bn=False)
+    t = GeneratorTrainer(model, ens, batch_size=2, progress=False)
+    with pytest.raises(ValueError, match=r"MomentMatcher\(\.\.\., skip_without_stats=True\).*the trainers take none"):
+        t.fit(1)

@@ -67,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"fastdfd {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a read-only directory, a full disk: the cause in one line, not a chained traceback
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"fastdfd {args.command}: error: cannot write or read{where}: {e.strerror or e}; the checkpoints already "
+              "written are intact", file=sys.stderr)
+        return 2
     except RunInterrupted as e:  # SIGINT/SIGTERM after a whole step, saved: one line, 128 + the signal
         print(f"fastdfd {args.command}: {e}", file=sys.stderr)
         return e.exit_status

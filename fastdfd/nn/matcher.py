@@ -128,7 +128,9 @@ class MomentMatcher:
                 raise ValueError(f"none of the BatchNorm layers of {type(teacher).__name__} has running statistics")
         elif without:
             raise ValueError(f"BatchNorm layer {without[0]!r} has no running statistics (track_running_stats=False): "
-                             "nothing to match; pass skip_without_stats=True to leave such layers out of the loss")
+                             "nothing to match; MomentMatcher(..., skip_without_stats=True) leaves such layers out of the "
+                             "loss (the trainers take none: give the layer running statistics, e.g. "
+                             "track_running_stats=True and one pass over calibration data)")
         for name, bn, _ in layers:
             check_running_stats(bn.running_mean, bn.running_var, name)
         self._warn_zero_variances(layers)

@@ -26,13 +26,18 @@ from .metrics import MetricsLog, NonFiniteLossError
 __all__ = ["TEACHER_PRESETS", "TeacherSettings", "cosine_lr", "train_teacher"]
 
 
+# half the cores, at most 4: the loader shares the machine with the training step
+DEFAULT_WORKERS = min(4, max(1, (os.cpu_count() or 1) // 2))
+
+
 @dataclass(frozen=True)
 class TeacherSettings:
     """One teacher-training recipe. Defaults: the standard CIFAR recipe (SGD with Nesterov
     momentum 0.9, lr 0.1, weight decay 5e-4, batch 128, 200 epochs, cosine to 0 per step).
 
     ``warmup_epochs``: linear warm-up from ~0 to ``lr`` before the cosine (0: none).
-    ``workers``: DataLoader worker processes (0 loads in the training process).
+    ``workers``: DataLoader worker processes (0 loads in the training process); default half this machine's
+    cores, at most 4 (1 on a 2-core machine: more would take the cores the training step needs).
     """
 
     epochs: int = 200
@@ -43,7 +48,7 @@ class TeacherSettings:
     weight_decay: float = 5e-4
     warmup_epochs: int = 0
     label_smoothing: float = 0.0
-    workers: int = 4
+    workers: int = DEFAULT_WORKERS
 
     def __post_init__(self) -> None:
         checks = [
