@@ -84,7 +84,30 @@ def _missing(path: Path, what: str) -> FileNotFoundError:
     )
 
 
-class CIFAR(Dataset):
+class UInt8ImageItems(Dataset):
+    """Items of an NHWC uint8 array ``images`` with ``labels``: the [C, H, W] float image in [0, 1], then
+    ``transform`` (if any), then ``(image - _mean_t) / _std_t`` when ``normalize``; with the int label."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    transform: Optional[Callable[[torch.Tensor], torch.Tensor]]
+    normalize: bool
+    _mean_t: torch.Tensor
+    _std_t: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple:
+        image = torch.from_numpy(self.images[index]).permute(2, 0, 1).float().div_(255.0)
+        if self.transform is not None:
+            image = self.transform(image)
+        if self.normalize:
+            image = (image - self._mean_t) / self._std_t
+        return image, int(self.labels[index])
+
+
+class CIFAR(UInt8ImageItems):
     """CIFAR-10 or CIFAR-100 split as (float32 image [3, 32, 32], int label) items.
 
     Images are scaled to [0, 1]; ``transform`` (if given) is then applied to that
@@ -148,14 +171,3 @@ class CIFAR(Dataset):
             if names is not None and len(names) == self.num_classes:
                 return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
         return [str(i) for i in range(self.num_classes)]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple:
-        image = torch.from_numpy(self.images[index]).permute(2, 0, 1).float().div_(255.0)
-        if self.transform is not None:
-            image = self.transform(image)
-        if self.normalize:
-            image = (image - self._mean_t) / self._std_t
-        return image, int(self.labels[index])

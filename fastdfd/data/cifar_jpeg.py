@@ -16,9 +16,8 @@ from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from .cifar import CIFAR10_MEAN, CIFAR10_STD
+from .cifar import CIFAR10_MEAN, CIFAR10_STD, UInt8ImageItems
 
 __all__ = ["CIFAR10_CLASSES", "CIFAR10JPEG", "JPEG_SPLITS", "find_cifar10_tar"]
 
@@ -81,7 +80,7 @@ def _decode(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return out
 
 
-class CIFAR10JPEG(Dataset):
+class CIFAR10JPEG(UInt8ImageItems):
     """A half (or all) of the CIFAR-10 JPEG test tar as (float32 image [3, 32, 32], int label) items.
 
     Args:
@@ -112,17 +111,6 @@ class CIFAR10JPEG(Dataset):
         self._mean_t = torch.tensor(CIFAR10_MEAN).view(3, 1, 1)
         self._std_t = torch.tensor(CIFAR10_STD).view(3, 1, 1)
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
     def pixels(self) -> torch.Tensor:
         """Every image of the split at once: float32 [N, 3, 32, 32] in [0, 1] (no transform, no normalisation)."""
         return torch.from_numpy(self.images).permute(0, 3, 1, 2).float().div_(255.0)
-
-    def __getitem__(self, index: int) -> tuple:
-        image = torch.from_numpy(self.images[index]).permute(2, 0, 1).float().div_(255.0)
-        if self.transform is not None:
-            image = self.transform(image)
-        if self.normalize:
-            image = (image - self._mean_t) / self._std_t
-        return image, int(self.labels[index])
