@@ -208,10 +208,10 @@ def test_cli_flag(tmp_path, teacher_file, capsys):
 
     args = ["train-generators", "--teacher", "digits_teacher", "--weights", str(teacher_file), "--num-classes", "10",
             "--channels", "1", "--image-size", "16", "--widths", "8,4", "--latent-dim", "8", "--steps", "2",
-            "--batch-size", "2", "--generators-per-step", "5", "--checkpoint-every", "0", "--out", str(tmp_path)]
+            "--batch-size", "2", "--generators-per-step", "5", "--checkpoint-every", "0", "--out", str(tmp_path / "run")]
     assert main([*args, "--cuda-graph"]) == 0  # auto: eager on a CPU, and says why
     assert "CUDA graph off: the step runs on cpu" in capsys.readouterr().out
-    assert main([*args, "--cuda-graph", "on"]) != 0
+    assert main([*args, "--cuda-graph", "on", "--overwrite"]) != 0
     assert "cannot be captured in a CUDA graph: the step runs on cpu" in capsys.readouterr().err
 
 

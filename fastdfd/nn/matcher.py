@@ -169,9 +169,9 @@ class MomentMatcher:
         if zero:
             listed = ", ".join(f"{name} ({n} of {c})" for name, n, c in zero[:5])
             warnings.warn(f"fastdfd: {sum(z[1] for z in zero)} BatchNorm channel(s) have running_var = 0: {listed}"
-                          f"{' and more' if len(zero) > 5 else ''}. The moment loss divides by var + eps there, so "
-                          "any activity in those channels dominates it; zero those channels' filters (a pruned "
-                          "network's) or give them the variance they see", RuntimeWarning, stacklevel=3)
+                          f"{' and more' if len(zero) > 5 else ''}. The moment loss divides by var + eps there: harmless "
+                          "where the channel is constant (a dead or pruned filter, as in some pretrained networks), "
+                          "but any activity the generators give it dominates the loss", RuntimeWarning, stacklevel=3)
 
     def _layer_weights(self, layer_weights, first_layer_multiplier: float) -> torch.Tensor:
         n = len(self.layer_names)

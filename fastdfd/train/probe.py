@@ -135,7 +135,8 @@ def check_finite_weights(model: nn.Module, what: str) -> None:
     """ValueError naming the first parameter or buffer of ``model`` holding NaN or Inf (a broken checkpoint
     would otherwise show as a non-finite loss at the first step, blamed on the learning rate). One host
     read for the whole model."""
-    tensors = [(n, t) for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_floating_point()]
+    tensors = [(n, t) for n, t in list(model.named_parameters()) + list(model.named_buffers())
+               if t.is_floating_point() and t.device.type != "meta"]  # meta tensors have no values to read
     if not tensors or bool(torch.stack([t.detach().isfinite().all() for _, t in tensors]).all()):
         return
     bad = next(n for n, t in tensors if not bool(t.detach().isfinite().all()))
