@@ -23,7 +23,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,22 +40,22 @@ BEGIN, END = "<!-- ablations:begin -->", "<!-- ablations:end -->"
 COMMAND = "python benchmarks/ablations.py --seeds 3"
 
 # The per-run budget of the full study: the demo's own (issue 13 asks for the table at the demo's budget).
-BUDGET = {k: getattr(DemoSettings(), k) for k in ("generator_steps", "distill_steps", "distill_batch")}
+BUDGET = {"generator_steps": DemoSettings().generator_steps, "distill_steps": DemoSettings().distill_steps,
+          "distill_batch_size": DemoSettings().distill.batch_size}
 
 
 @dataclass(frozen=True)
 class Variant:
     name: str
     change: str  # what differs from the baseline, for the table
-    settings: dict = field(default_factory=dict)  # DemoSettings overrides (scope, kind, moment_weight)
-    knobs: dict = field(default_factory=dict)  # keywords of the demo's _data_free_student
+    settings: dict = field(default_factory=dict)  # DemoSettings.replace changes (scope, kind, output_bn, ...)
     num_generators: int = NUM_CLASSES
 
 
 def generator_parameters(num_generators: int, widths, s: DemoSettings) -> int:
     """Parameter count of an ensemble (all generators together)."""
     ens = GeneratorEnsemble(num_generators, NUM_CLASSES, image_size=s.image_size, channels=1,
-                            latent_dim=s.latent_dim, widths=widths, output_bn=False)
+                            latent_dim=s.generator.architecture.latent_dim, widths=widths, output_bn=False)
     return sum(math.prod(shape) for shape in ens.param_shapes().values())
 
 
@@ -64,10 +64,10 @@ def same_capacity_widths(s: DemoSettings) -> tuple[tuple[int, ...], int, int]:
 
     Returns (widths, the single generator's count, the ensemble's count).
     """
-    target = generator_parameters(NUM_CLASSES, s.widths, s)
+    target = generator_parameters(NUM_CLASSES, s.generator.architecture.widths, s)
     best = None
     for step in range(100, 2001):
-        widths = tuple(max(1, round(w * step / 100)) for w in s.widths)
+        widths = tuple(max(1, round(w * step / 100)) for w in s.generator.architecture.widths)
         n = generator_parameters(1, widths, s)
         if best is None or abs(n - target) < abs(best[1] - target):
             best = (widths, n)
@@ -80,31 +80,32 @@ def variants(s: DemoSettings) -> list[Variant]:
     """The baseline (the demo's settings) and every one-knob change (same-capacity widths computed from ``s``)."""
     widths, _, _ = same_capacity_widths(s)
     return [
-        Variant("baseline", f"demo settings: 10 generators, scope {s.scope}, kl {s.normalization}, moment weight "
-                            f"{s.moment_weight:g}, ce weight {s.ce_weight:g}"),
+        Variant("baseline", f"demo settings: 10 generators, scope {s.generator.loss.scope}, kl "
+                            f"{s.generator.loss.normalization}, moment weight {s.generator.loss.moment_weight:g}, "
+                            f"ce weight {s.generator.loss.ce_weight:g}"),
         Variant("single_same_budget", "1 generator, batch x10 (same images per step)", num_generators=1),
         Variant("single_same_capacity", f"1 generator, batch x10, widths {list(widths)} (~ensemble's parameters)",
-                knobs={"widths": widths}, num_generators=1),
+                {"widths": widths}, num_generators=1),
         Variant("scope_generator", "statistics per generator (scope=generator)", {"scope": "generator"}),
         Variant("normalization_sum", "kl summed over channels and layers (normalization=sum, the paper's)",
                 {"normalization": "sum"}),
         Variant("ce_weight_1", "cross-entropy weight 1 (moment : ce = 10 : 1)", {"ce_weight": 1.0}),
         Variant("ce_weight_0.1", "cross-entropy weight 0.1 (moment : ce = 100 : 1)", {"ce_weight": 0.1}),
         Variant("kind_l2", "moment distance l2 (DeepInversion), weights kept", {"kind": "l2"}),
-        Variant("output_bn", "generator output BN on (the paper's)", knobs={"output_bn": True}),
+        Variant("output_bn", "generator output BN on (the paper's)", {"output_bn": True}),
         Variant("student_bn_per_generator", "student BN statistics per generator's block",
-                knobs={"student_bn": "per_generator"}),
-        # the paper's settings as one preset (fastdfd.train.settings.preset("paper")): summed kl, per-generator
+                {"distill_student_bn": "per_generator"}),
+        # the paper's settings as one preset (fastdfd.settings.preset("paper")): summed kl, per-generator
         # statistics, moment weight 10 against cross-entropy 1, output BN, Adam lr 1e-3, 64 images per generator
         Variant("paper_preset", "the paper's preset: summed kl, scope generator, ce weight 1, output BN, lr 1e-3, "
                                 "batch 64",
                 {"normalization": "sum", "scope": "generator", "moment_weight": 10.0, "ce_weight": 1.0,
-                 "generator_lr": 1e-3, "generator_batch": 64}, knobs={"output_bn": True}),
+                 "lr": 1e-3, "batch_size": 64, "output_bn": True}),
     ]
 
 
 def budget(quick: bool) -> DemoSettings:
-    return DemoSettings.quick() if quick else replace(DemoSettings(), **BUDGET)
+    return DemoSettings.quick() if quick else DemoSettings().replace(**BUDGET)
 
 
 def _teacher_job(s: DemoSettings) -> dict:
@@ -129,17 +130,16 @@ def _variant_job(job: tuple[DemoSettings, Variant, dict, float]) -> dict:
     data = load_digits_split(image_size=vs.image_size, seed=vs.seed)  # the split train_digits_teacher used
     test = list(zip(data.x_test.split(256), data.y_test.split(256)))
     t = time.perf_counter()
-    ensemble, acc, gen, kd = _data_free_student(teacher, vs, v.num_generators, test, None, False, **v.knobs)
+    ensemble, acc, gen, kd = _data_free_student(teacher, vs, v.num_generators, test, None, False)
     # the teacher's top-1 on fresh images against the intended class (50 per class; private RNG)
-    quality = generator_quality(teacher, ensemble, n_per_class=50, input_space=INPUT_SPACE, kind=vs.kind, seed=vs.seed,
+    quality = generator_quality(teacher, ensemble, n_per_class=50, input_space=INPUT_SPACE, kind=vs.generator.loss.kind, seed=vs.seed,
                                 verifier=verifier)
     return {
         "teacher_top1_on_generated": quality.teacher_top1, "verifier_top1_on_generated": quality.verifier_top1,
         "variant": v.name, "seed": vs.seed, "accuracy": acc, "teacher_accuracy": teacher_acc,
         "seconds": time.perf_counter() - t, "generator_parameters": sum(p.numel() for p in ensemble.parameters()),
         "generator_final": gen[-1] if gen else {}, "distill_final": kd[-1] if kd else {},
-        "settings": {**asdict(vs), "num_generators": v.num_generators,
-                     **{k: list(x) if isinstance(x, tuple) else x for k, x in v.knobs.items()}},
+        "settings": {**vs.flat(), "num_generators": v.num_generators},
     }
 
 
@@ -163,17 +163,18 @@ def run_ablations(out: str | Path = "runs/ablations", seeds: int = 3, quick: boo
     todo = [v for v in variants(base) if only is None or v.name in only]
     widths, n_single, n_ensemble = same_capacity_widths(base)
     print(f"generator parameters: 10-generator ensemble {n_ensemble:,}; one generator of widths "
-          f"{list(base.widths)} {generator_parameters(1, base.widths, base):,}; same-capacity single generator "
+          f"{list(base.generator.architecture.widths)} "
+          f"{generator_parameters(1, base.generator.architecture.widths, base):,}; same-capacity single generator "
           f"(widths {list(widths)}) {n_single:,}", flush=True)
     pool = (multiprocessing.get_context("spawn").Pool(workers, initializer=_one_thread) if workers > 1 else None)
     imap = pool.imap_unordered if pool is not None else map
     try:
-        teachers = sorted(imap(_teacher_job, [replace(base, seed=seed) for seed in range(seeds)]),
+        teachers = sorted(imap(_teacher_job, [base.replace(seed=seed) for seed in range(seeds)]),
                           key=lambda t: t["seed"])
         for t in teachers:
             print(f"seed {t['seed']}: teacher {t['accuracy'] * 100:.2f}% ({t['seconds']:.0f} s)", flush=True)
         cost = {"single_same_capacity": 2}  # the slow one first, so the workers finish together
-        jobs = [(replace(base, seed=t["seed"], **v.settings), v, t, t["accuracy"])
+        jobs = [(base.replace(seed=t["seed"], **v.settings), v, t, t["accuracy"])
                 for v in sorted(todo, key=lambda v: -cost.get(v.name, 1)) for t in teachers]
         runs = []
         for r in imap(_variant_job, jobs):
@@ -191,10 +192,12 @@ def run_ablations(out: str | Path = "runs/ablations", seeds: int = 3, quick: boo
     results = {
         "command": COMMAND if not quick else "python benchmarks/ablations.py --quick",
         "date": datetime.date.today().isoformat(),
-        "seeds": seeds, "quick": quick, "workers": workers, "budget": {k: getattr(base, k) for k in BUDGET},
+        "seeds": seeds, "quick": quick, "workers": workers, "budget": {"generator_steps": base.generator_steps,
+                                                                         "distill_steps": base.distill_steps,
+                                                                         "distill_batch": base.distill.batch_size},
         "variants": [{"name": v.name, "change": v.change} for v in todo],
         "generator_parameters": {"ensemble": n_ensemble, "single_same_capacity": n_single,
-                                 "single": generator_parameters(1, base.widths, base)},
+                                 "single": generator_parameters(1, base.generator.architecture.widths, base)},
         "teachers": teachers, "runs": runs, "summary": summarize(runs, todo),
         "seconds": time.perf_counter() - start,
         "torch": torch.__version__,

@@ -100,20 +100,19 @@ def main(argv: list[str]) -> None:
     seed, gen_change, distill_changes = int(argv[0]), argv[1], argv[2:]
     knobs = _pairs(gen_change)
     patch = {k: float(knobs.pop(k, 0.0)) for k in ("ls", "ce_floor", "ce_pmax")}
-    s = replace(DemoSettings(), seed=seed, **BASE)
-    s = replace(s, **{k: type(getattr(s, k))(v) for k, v in knobs.items()})
+    s = DemoSettings().replace(seed=seed, **BASE)
+    s = s.replace(**{k: float(v) if "weight" in k or k == "lr" else v for k, v in knobs.items()})
+    g = s.generator
     data, test, teacher = train_digits_teacher(s)
     trainer_module.F = _PatchedCE(patch["ls"], patch["ce_floor"], patch["ce_pmax"])
     torch.manual_seed(s.seed + NUM_CLASSES)
-    ens = GeneratorEnsemble(NUM_CLASSES, NUM_CLASSES, image_size=s.image_size, channels=1, latent_dim=s.latent_dim,
-                            widths=s.widths, output_bn=False)
+    ens = GeneratorEnsemble(NUM_CLASSES, NUM_CLASSES, image_size=s.image_size, channels=1,
+                            latent_dim=g.architecture.latent_dim, widths=g.architecture.widths, output_bn=False)
     t0 = time.time()
-    history = GeneratorTrainer(teacher, ens, kind=s.kind, scope=s.scope, normalization=s.normalization,
-                               moment_weight=s.moment_weight, ce_weight=s.ce_weight, input_space=INPUT_SPACE,
-                               batch_size=s.generator_batch, lr=s.generator_lr, seed=s.seed,
+    history = GeneratorTrainer(teacher, ens, loss=g.loss, optim=g.optimizer, input_space=INPUT_SPACE, seed=s.seed,
                                progress=False).fit(s.generator_steps)
     trainer_module.F = F
-    q = generator_quality(teacher, ens, n_per_class=100, input_space=INPUT_SPACE, kind=s.kind, seed=s.seed)
+    q = generator_quality(teacher, ens, n_per_class=100, input_space=INPUT_SPACE, kind=g.loss.kind, seed=s.seed)
     print(f"GEN seed={seed} gv={gen_change} teacher={evaluate_accuracy(teacher, test):.4f} top1={q.teacher_top1:.3f} "
           f"ce_end={history[-1]['ce']:.4f} t={time.time() - t0:.0f}s", flush=True)
     state = {k: v.clone() for k, v in ens.state_dict().items()}
@@ -123,8 +122,9 @@ def main(argv: list[str]) -> None:
         torch.manual_seed(seed + 300)
         student = create_model("digits_student", num_classes=NUM_CLASSES)
         steps = int(kw.get("steps", s.distill_steps))
-        d = _AugmentingDistiller(teacher, student, ens, temperature=float(kw.get("T", s.temperature)),
-                                 batch_size=int(kw.get("batch", s.distill_batch)), lr=float(kw.get("lr", s.distill_lr)),
+        d = _AugmentingDistiller(teacher, student, ens, temperature=float(kw.get("T", s.distill.temperature)),
+                                 batch_size=int(kw.get("batch", s.distill.batch_size)),
+                                 lr=float(kw.get("lr", s.distill.lr)),
                                  total_steps=steps, seed=s.seed, progress=False, input_space=INPUT_SPACE)
         d.mix, d.shift = kw.get("mix", "0") not in ("0", "false"), int(kw.get("shift", 0))
         t0 = time.time()

@@ -50,7 +50,7 @@ from fastdfd.train import Distiller, GeneratorTrainer
 from fastdfd.train.evaluate import evaluate_accuracy
 from fastdfd.train.pool import ImagePool
 from fastdfd.train.quality import generator_quality, write_quality
-from fastdfd.train.settings import preset
+from fastdfd.settings import DistillSettings, GeneratorSettings, LoopSettings, preset
 
 INPUT_SPACE = "imagenet"  # what the field's pretrained CIFAR ResNets were trained on
 MILESTONES = (0.5, 0.75, 0.9)  # fractions of the teacher's top-1 whose minutes are reported
@@ -58,7 +58,7 @@ MILESTONES = (0.5, 0.75, 0.9)  # fractions of the teacher's top-1 whose minutes 
 
 @dataclass(frozen=True)
 class Settings:
-    """One run of the benchmark; the generator loss and optimizer come from ``preset`` (fastdfd.train.settings)."""
+    """One run of the benchmark; the generator loss and optimizer come from ``preset`` (fastdfd.settings)."""
 
     data: str = "../shared/data/cifar10"
     teacher: str = "resnet56"
@@ -115,17 +115,19 @@ class BudgetClock:
 
 
 def overrides(spec: str) -> dict:
-    """``"key=value,..."`` -> GeneratorSettings fields, each value parsed as its field's type; ValueError names a
-    key that is not a field."""
-    base, out = preset("default"), {}
+    """``"key=value,..."`` -> generator settings fields (:class:`fastdfd.settings.GeneratorSettings`), each value
+    parsed and checked by its field's spec; ValueError names a key that is not a field."""
+    out = {}
+    classes = GeneratorSettings.CLASSES
     for item in filter(None, (part.strip() for part in spec.split(","))):
         key, _, value = item.partition("=")
         key = key.strip()
-        if not hasattr(base, key) or key.startswith("_"):
-            raise ValueError(f"--generator {item!r}: {key!r} is not a generator setting "
-                             f"({', '.join(f.name for f in fields(base))})")
-        kind = type(getattr(base, key))
-        out[key] = (value.strip().lower() in ("1", "true", "yes")) if kind is bool else kind(value.strip())
+        owner = next((cls for cls in classes if key in cls.field_names()), None)
+        if owner is None:
+            known = ", ".join(n for cls in classes for n in cls.field_names())
+            raise ValueError(f"--generator {item!r}: {key!r} is not a generator setting ({known})")
+        spec_ = owner.spec(key)
+        out[key] = spec_.check(spec_.parse(value.strip()), f"--generator {key}")
     return out
 
 
@@ -139,15 +141,18 @@ def run(s: Settings, out: Path, verbose: bool = True) -> dict:
     clock = BudgetClock()
     teacher = _teacher(s)
     student = create_model(f"cifar_{s.student}", num_classes=10)
-    g = replace(preset(s.preset), batch_size=s.gen_batch, adversarial_weight=s.adversarial_weight,
-                diversity_weight=s.diversity_weight, **overrides(s.generator))
-    ensemble = GeneratorEnsemble(10, 10, image_size=32, channels=3, **g.ensemble_kwargs())
+    g = preset(s.preset).replace(batch_size=s.gen_batch, adversarial_weight=s.adversarial_weight,
+                                 diversity_weight=s.diversity_weight, **overrides(s.generator))
+    a = g.architecture
+    ensemble = GeneratorEnsemble(10, 10, image_size=32, channels=3, latent_dim=a.latent_dim, widths=a.widths,
+                                 output_bn=a.output_bn)
     pool = ImagePool(s.pool) if s.pool else None
-    trainer = GeneratorTrainer(teacher, ensemble, **g.trainer_kwargs(), student=student, pool=pool,
-                               seed=s.seed, input_space=INPUT_SPACE, progress=False, log_every=5)
-    distiller = Distiller(teacher, student, ensemble, batch_size=s.distill_batch, lr=s.lr,
-                          weight_decay=s.weight_decay, temperature=s.temperature, augment=s.augment, pool=pool,
-                          seed=s.seed, input_space=INPUT_SPACE, progress=False, log_every=5)
+    loop = LoopSettings(seed=s.seed, progress=False, log_every=5)
+    trainer = GeneratorTrainer(teacher, ensemble, loss=g.loss, optim=g.optimizer, loop=loop, student=student,
+                               pool=pool, input_space=INPUT_SPACE)
+    distiller = Distiller(teacher, student, ensemble, settings=DistillSettings(
+        batch_size=s.distill_batch, lr=s.lr, weight_decay=s.weight_decay, temperature=s.temperature,
+        augment=s.augment), loop=loop, pool=pool, input_space=INPUT_SPACE)
     tune = _loader(s, "tune")
     curve, measure_s = [], 0.0
     next_eval = budget / s.curve_points
@@ -167,11 +172,11 @@ def run(s: Settings, out: Path, verbose: bool = True) -> dict:
         clock.resume()
 
     # 1. generators alone (the student is untrained: no adversarial term yet)
-    trainer.adversarial_weight = 0.0
+    trainer.loss = g.loss.replace(adversarial_weight=0.0)
     while clock.seconds() < s.warmup_fraction * budget:
         trainer.fit(5)
     # 2. rounds: generators against the student, then the student on the generators' images
-    trainer.adversarial_weight = g.adversarial_weight
+    trainer.loss = g.loss
     start_distill = clock.seconds()
     while clock.seconds() < budget:
         if s.gen_steps:

@@ -13,6 +13,7 @@ matters), and the largest parameter difference between the two after the same st
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 
 import torch
@@ -115,7 +116,7 @@ def _graph_trainer(case, device, graph: bool, log_every: int):
     tr = GeneratorTrainer(teacher, ens, batch_size=b, lr=1e-2, progress=False, log_every=log_every,
                           cuda_graph=graph and on_gpu)
     if graph and not on_gpu:  # the CPU smoke run: the static-buffer path with direct calls for the graph
-        tr.cuda_graph, tr._capture = True, direct_capture
+        tr.plan, tr._capture = dataclasses.replace(tr.plan, cuda_graph=True, graph_reason=None), direct_capture
     return tr
 
 

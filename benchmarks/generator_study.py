@@ -45,6 +45,21 @@ def _parse(pairs, cls):
     return out
 
 
+def _parse_demo(pairs):
+    """``key=value`` pairs for :meth:`DemoSettings.replace`: the demo's own fields as integers, every other key a
+    generator setting parsed by its own spec."""
+    from fastdfd.cli.demo import DemoSettings
+    from fastdfd.settings import GeneratorSettings
+
+    own = {f.name for f in fields(DemoSettings)}
+    specs = {sp.name: sp for cls in GeneratorSettings.CLASSES for sp in cls.specs()}
+    out = {}
+    for pair in pairs:
+        k, v = pair.split("=", 1)
+        out[k] = int(v) if k in own else specs[k].parse(v)
+    return out
+
+
 def lite0(name, pairs):
     from benchmarks.real_teacher import Settings, run
 
@@ -72,19 +87,19 @@ def digits(name, pairs):
             if p.startswith(key + "="):
                 knobs[key] = p.split("=", 1)[1]
                 pairs.remove(p)
-    s = DemoSettings(**_parse(pairs, DemoSettings))
+    s = DemoSettings().replace(**_parse_demo(pairs))
     start = time.perf_counter()
     data, test, teacher = train_digits_teacher(s)
     k = int(knobs.pop("k", NUM_CLASSES))
-    kw = {"output_bn": knobs.get("output_bn", "0").lower() in ("1", "true")}
-    extra = {key: float(v) for key, v in knobs.items() if key != "output_bn"}
-    ensemble, acc, gen_h, _ = _data_free_student(teacher, s, k, test, None, False, trainer_kwargs=extra, **kw)
+    s = s.replace(output_bn=knobs.get("output_bn", "0").lower() in ("1", "true"),
+                  **{key: float(v) for key, v in knobs.items() if key != "output_bn"})
+    ensemble, acc, gen_h, _ = _data_free_student(teacher, s, k, test, None, False)
     torch.manual_seed(s.seed + 200)
     verifier = create_model("digits_student", num_classes=NUM_CLASSES)
     fit_classifier(verifier, data.x_train, data.y_train, epochs=s.real_epochs, seed=s.seed, progress=False)
     q = generator_quality(teacher, ensemble, n_per_class=100, input_space=INPUT_SPACE, verifier=verifier,
-                          kind=s.kind, seed=s.seed)
-    return {"teacher": "digits", "name": name, "seed": s.seed, "settings": {**asdict(s), **knobs, "k": k},
+                          kind=s.generator.loss.kind, seed=s.seed)
+    return {"teacher": "digits", "name": name, "seed": s.seed, "settings": {**s.flat(), **knobs, "k": k},
             "teacher_top1_on_generated": q.teacher_top1, "verifier_top1_on_generated": q.verifier_top1,
             "student_accuracy": acc, "teacher_accuracy": evaluate_accuracy(teacher, test),
             "moment_start": gen_h[0]["moment"], "moment_end": gen_h[-1]["moment"], "ce_start": gen_h[0]["ce"],

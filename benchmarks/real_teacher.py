@@ -33,11 +33,11 @@ from fastdfd.data import imagenet_class_names  # noqa: E402
 from fastdfd.nn import GeneratorEnsemble  # noqa: E402
 from fastdfd.train import GeneratorTrainer  # noqa: E402
 from fastdfd.train.quality import generator_quality, write_quality  # noqa: E402
-from fastdfd.train.settings import preset  # noqa: E402
+from fastdfd.settings import preset  # noqa: E402
 
 CLASSES = (1, 207, 281, 340, 407, 430, 511, 817, 954, 980)
 RESULTS = ROOT / "benchmarks" / "results"
-_DEFAULT = preset("default")  # the library's loss and optimizer settings
+_DEFAULT = preset("default")  # the library's loss and optimizer settings (the study varies them one at a time)
 TIME_LIMIT_S = 14 * 60  # training; loading the teacher and the quality measurement fit in the 15th minute
 
 
@@ -47,13 +47,13 @@ class Settings:
     steps: int = 800
     image_size: int = 64
     batch_size: int = 8  # images per generator per step
-    lr: float = _DEFAULT.lr
-    normalization: str = _DEFAULT.normalization
-    kind: str = _DEFAULT.kind
-    scope: str = _DEFAULT.scope
+    lr: float = _DEFAULT.optimizer.lr
+    normalization: str = _DEFAULT.loss.normalization
+    kind: str = _DEFAULT.loss.kind
+    scope: str = _DEFAULT.loss.scope
     # the library's default preset (moment : ce = 100 : 1); the study's best on this teacher alone was 30 : 1
-    moment_weight: float = _DEFAULT.moment_weight
-    ce_weight: float = _DEFAULT.ce_weight
+    moment_weight: float = _DEFAULT.loss.moment_weight
+    ce_weight: float = _DEFAULT.loss.ce_weight
     tv_weight: float = 0.0
     l2_weight: float = 0.0
     output_bn: bool = False

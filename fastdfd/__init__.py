@@ -5,8 +5,7 @@ from .backends import backend
 from .nn import GeneratorEnsemble, MomentMatcher
 from .ops import KINDS, bn_moment_loss
 from .train import Distiller, GeneratorTrainer, NonFiniteLossError
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "KINDS", "Distiller", "GeneratorEnsemble", "GeneratorTrainer", "MomentMatcher", "NonFiniteLossError",

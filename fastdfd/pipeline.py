@@ -21,6 +21,7 @@ from .distributed import DistContext
 from .input_space import InputSpace
 from .nn import GeneratorEnsemble, save_ensemble
 from .rundir import RunLock, claim, write_manifest
+from .settings import DistillSettings, ExecutionSettings, LoopSettings, LossSettings, OptimizerSettings
 from .data.class_names import class_names_for
 from .train import Distiller, GeneratorTrainer, evaluate_accuracy
 from .train.quality import generator_quality, write_quality
@@ -69,13 +70,14 @@ def train_generators(
     updates_per_generator: int | None = None,
     resume: bool = False,
     overwrite: bool = False,
-    offload: bool = False,
-    progress: bool = True,
     input_space: str | InputSpace | None = None,
     quality_per_class: int = 32,
     verifier: nn.Module | None = None,
     class_names: list[str] | None = None,
-    **trainer_kwargs: Any,
+    loss: LossSettings | None = None,
+    optim: OptimizerSettings | None = None,
+    execution: ExecutionSettings | None = None,
+    loop: LoopSettings | None = None,
 ) -> dict:
     """Train the full ``ensemble`` (this rank keeps its shard); rank 0 writes ``out/generators.pt``
     and ``out/summary.json``, which records the teacher's ``input_space`` (the one ``distill``
@@ -83,7 +85,8 @@ def train_generators(
 
     The length is ``steps`` optimizer steps in all, or ``updates_per_generator``: the steps
     that give each generator that many updates whatever the chunk and the number of
-    processes. Logs, checkpoints and sample grids go under ``out``.
+    processes. Logs, checkpoints and sample grids go under ``out``. ``loss``, ``optim``, ``execution`` and
+    ``loop`` are the trainer's settings (:class:`fastdfd.train.GeneratorTrainer`), passed whole.
 
     After training, rank 0 measures the quality of the whole ensemble's images
     (:mod:`fastdfd.train.quality`: ``quality_per_class`` fresh images per class, the teacher's top-1
@@ -104,26 +107,25 @@ def train_generators(
     out = Path(out)
     with _owned(out, ctx, "generator run", resume, overwrite):
         return _train_generators(teacher, ensemble, out, ctx=ctx, device=device, steps=steps,
-                                 updates_per_generator=updates_per_generator, resume=resume, offload=offload,
-                                 progress=progress, input_space=input_space, quality_per_class=quality_per_class,
-                                 verifier=verifier, class_names=class_names, **trainer_kwargs)
+                                 updates_per_generator=updates_per_generator, resume=resume, input_space=input_space,
+                                 quality_per_class=quality_per_class, verifier=verifier, class_names=class_names,
+                                 settings=dict(loss=loss, optim=optim, execution=execution or ExecutionSettings(),
+                                               loop=loop or LoopSettings()))
 
 
-def _train_generators(teacher, ensemble, out: Path, *, ctx, device, steps, updates_per_generator, resume, offload,
-                      progress, input_space, quality_per_class, verifier, class_names, **trainer_kwargs) -> dict:
+def _train_generators(teacher, ensemble, out: Path, *, ctx, device, steps, updates_per_generator, resume, input_space,
+                      quality_per_class, verifier, class_names, settings: dict) -> dict:
     if ctx.world > 1:
         ensemble = ensemble.shard(*ctx.shard(ensemble.num_generators))
-    if not offload:
+    if not settings["execution"].offload:
         ensemble = ensemble.to(device)
+    settings["loop"] = settings["loop"].replace(progress=settings["loop"].progress and ctx.is_main)
     trainer = GeneratorTrainer(
         teacher.to(device), ensemble, log_path=out / "metrics.csv", checkpoint_dir=out / "checkpoints",
-        sample_dir=out / "samples", distributed=ctx, offload=offload, progress=progress and ctx.is_main,
-        input_space=input_space, **trainer_kwargs,
+        sample_dir=out / "samples", distributed=ctx, input_space=input_space, **settings,
     )
     if ctx.is_main:
-        print(trainer.placement)
-        if trainer.memory_plan is not None:
-            print(f"memory plan: {trainer.memory_plan.describe()}")
+        print(f"plan: {trainer.plan.describe()}")
     if steps is None:  # the schedule visits this shard's generators evenly, chunk at a time
         steps = math.ceil(updates_per_generator * ensemble.num_generators / trainer.schedule.chunk)
     if resume:
@@ -136,7 +138,7 @@ def _train_generators(teacher, ensemble, out: Path, *, ctx, device, steps, updat
     classes = [c for part in ctx.all_gather_object(ensemble.classes) for c in part]
     summary = {"steps": trainer.step, "final": trainer.history[-1] if trainer.history else {},
                "generators": str(out / "generators.pt"), "processes": ctx.world,
-               "placement": trainer.placement, "input_space": space_record(input_space)}
+               "placement": trainer.plan.describe(), "input_space": space_record(input_space)}
     if ctx.is_main:
         full = GeneratorEnsemble.from_config({**ensemble.config(), "num_generators": len(classes), "classes": classes})
         full.load_state_dict({k: torch.cat([s[k] for s in shards]) for k in shards[0]})
@@ -145,7 +147,7 @@ def _train_generators(teacher, ensemble, out: Path, *, ctx, device, steps, updat
             names = class_names if class_names is not None else class_names_for(trainer.teacher_probe.num_classes)
             report = generator_quality(
                 trainer.teacher, full.to(device), n_per_class=quality_per_class, input_space=input_space,
-                verifier=verifier, kind=trainer.kind, seed=trainer.seed, class_names=names,
+                verifier=verifier, kind=trainer.loss.kind, seed=trainer.seed, class_names=names,
                 teacher_outputs="probabilities" if trainer.teacher_probe.probabilities else "logits")
             summary["quality"] = {"teacher_top1_on_generated": report.teacher_top1, "n_per_class": quality_per_class,
                                   **({"verifier_top1_on_generated": report.verifier_top1} if verifier is not None
@@ -176,32 +178,33 @@ def distill(
     eval_loader: Iterable | None = None,
     resume: bool = False,
     overwrite: bool = False,
-    progress: bool = True,
     input_space: str | InputSpace | None = None,
-    **distiller_kwargs: Any,
+    settings: DistillSettings | None = None,
+    loop: LoopSettings | None = None,
 ) -> dict:
     """Distill ``student`` from ``teacher`` on images of the whole ``ensemble`` (each rank
     samples its shard; DDP student); rank 0 writes ``out/student.pt`` and scores it on
     ``eval_loader``, whose images must be in the teacher's ``input_space``. ``out`` is owned as in
-    :func:`train_generators`; checkpoints record the teacher's and the generators' fingerprints."""
+    :func:`train_generators`; checkpoints record the teacher's and the generators' fingerprints. ``settings`` and
+    ``loop`` are the distiller's (:class:`fastdfd.train.Distiller`), passed whole."""
     input_space = InputSpace.parse(input_space)
     out = Path(out)
     with _owned(out, ctx, "distillation run", resume, overwrite):
         return _distill(teacher, student, ensemble, out, steps=steps, ctx=ctx, device=device,
-                        eval_loader=eval_loader, resume=resume, progress=progress, input_space=input_space,
-                        **distiller_kwargs)
+                        eval_loader=eval_loader, resume=resume, input_space=input_space, settings=settings,
+                        loop=loop or LoopSettings())
 
 
-def _distill(teacher, student, ensemble, out: Path, *, steps, ctx, device, eval_loader, resume, progress,
-             input_space, **distiller_kwargs) -> dict:
+def _distill(teacher, student, ensemble, out: Path, *, steps, ctx, device, eval_loader, resume, input_space,
+             settings, loop) -> dict:
     if ctx.world > 1:
         ensemble = ensemble.shard(*ctx.shard(ensemble.num_generators))
     ensemble = ensemble.to(device)
     teacher, student = teacher.to(device), student.to(device)
     distiller = Distiller(
         teacher, student, ensemble, total_steps=steps, log_path=out / "metrics.csv",
-        checkpoint_dir=out / "checkpoints", distributed=ctx, progress=progress and ctx.is_main,
-        input_space=input_space, **distiller_kwargs,
+        checkpoint_dir=out / "checkpoints", distributed=ctx, input_space=input_space, settings=settings,
+        loop=loop.replace(progress=loop.progress and ctx.is_main),
     )
     if resume:
         _resume(distiller, "distill", out, ctx)

@@ -103,7 +103,7 @@ def claim(directory: str | os.PathLike, *, resume: bool, overwrite: bool) -> Non
 
 def software() -> dict[str, str | None]:
     """The versions a run's results depend on: fastdfd, torch (and its CUDA), Python."""
-    from . import __version__
+    from .version import __version__
 
     return {"fastdfd": __version__, "torch": torch.__version__, "cuda": torch.version.cuda,
             "python": sys.version.split()[0]}

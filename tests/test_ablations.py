@@ -28,7 +28,7 @@ def test_quick_ablations_run_every_variant(tmp_path):
     by = {r["variant"]: r for r in results["runs"]}
     assert by["single_same_budget"]["settings"]["num_generators"] == 1
     assert by["kind_l2"]["settings"]["kind"] == "l2" and by["scope_generator"]["settings"]["scope"] == "generator"
-    assert by["student_bn_per_generator"]["settings"]["student_bn"] == "per_generator"
+    assert by["student_bn_per_generator"]["settings"]["distill_student_bn"] == "per_generator"
     assert by["normalization_sum"]["settings"]["normalization"] == "sum"
     assert by["ce_weight_1"]["settings"]["ce_weight"] == 1.0
     paper = by["paper_preset"]["settings"]

@@ -70,16 +70,30 @@ def test_train_generators_distill_evaluate(tmp_path, teacher_file, capsys):
 
 
 def test_train_generators_flags_start_from_a_preset():
-    from fastdfd.cli.commands import _generator_settings
-    from fastdfd.train.settings import preset
+    from fastdfd.cli.commands import generator_settings_from_flags
+    from fastdfd.settings import preset
 
     base = ["train-generators", "--teacher", "t", "--weights", "w", "--num-classes", "10", "--out", "o"]
-    assert _generator_settings(build_parser().parse_args(base)) == preset("default")
-    paper = _generator_settings(build_parser().parse_args([*base, "--preset", "paper", "--ce-weight", "0.5",
-                                                           "--no-output-bn", "--widths", "16,8"]))
-    assert paper == preset("paper").replace(ce_weight=0.5, output_bn=False, widths=(16, 8))
-    assert paper.normalization == "sum" and paper.scope == "generator" and paper.lr == 1e-3
-    assert _generator_settings(build_parser().parse_args([*base, "--output-bn"])).output_bn
+    s = generator_settings_from_flags(build_parser().parse_args(base))
+    assert (s["architecture"], s["loss"], s["optim"]) == tuple(vars(preset("default")).values())
+    paper = generator_settings_from_flags(build_parser().parse_args(
+        [*base, "--preset", "paper", "--ce-weight", "0.5", "--no-output-bn", "--widths", "16,8", "--betas", "0.9,0.99",
+         "--layer-weights", "2,1,1", "--cuda-graph", "auto", "--generators-per-step", "all"]))
+    want = preset("paper").replace(ce_weight=0.5, output_bn=False, widths=(16, 8), betas=(0.9, 0.99),
+                                   layer_weights=(2.0, 1.0, 1.0))
+    assert (paper["architecture"], paper["loss"], paper["optim"]) == tuple(vars(want).values())
+    assert paper["execution"].cuda_graph == "auto" and paper["execution"].generators_per_step is None
+
+
+def test_a_bad_setting_flag_is_one_line_naming_the_flag(capsys):
+    base = ["train-generators", "--teacher", "t", "--weights", "w", "--num-classes", "10", "--out", "o"]
+    for flag, value, expected in [("--ce-weight", "-1", "at least 0"), ("--scope", "class", "expected one of ensemble, generator"),
+                                  ("--betas", "0.9", "2 of them"), ("--generators-per-step", "0", "'all' or 'auto'")]:
+        with pytest.raises(SystemExit) as e:
+            build_parser().parse_args([*base, flag, value])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument {flag}" in err and expected in err, err
 
 
 def test_cli_refuses_bad_input_clearly(tmp_path, teacher_file, capsys):

@@ -6,6 +6,8 @@ tensors and the recorded ops are replayed on the real tensors: the semantics of 
 so a value baked in at capture time shows up as a divergence from eager training).
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ from fastdfd.distributed import DistContext
 from fastdfd.models import create_model
 from fastdfd.train.graphed_step import GraphedStep, direct_capture, fx_capture
 from fastdfd.train.optim import StackedAdam
+from fastdfd.train.plan import graph_obstacles
 
 from .conftest import randomize_bn_stats
 
@@ -30,7 +33,8 @@ def _trainer(teacher, capture=None, warmup=2, **kw):
     kw = {"batch_size": 3, "lr": 1e-2, "progress": False, "log_every": 2, "generators_per_step": 2, **kw}
     tr = GeneratorTrainer(teacher, _ensemble(), **kw)
     if capture is not None:  # the graphed path forced on the CPU, with a stand-in for the capture
-        tr.cuda_graph, tr._capture, tr.GRAPH_WARMUP = True, capture, warmup
+        tr.plan = dataclasses.replace(tr.plan, cuda_graph=True, graph_reason=None)
+        tr._capture, tr.GRAPH_WARMUP = capture, warmup
     return tr
 
 
@@ -181,16 +185,18 @@ def test_cuda_graph_true_is_refused_with_the_reasons(teacher):
         _trainer(teacher, cuda_graph=True, offload=True)
     with pytest.raises(ValueError, match="scope='ensemble' over 2 processes"):
         _trainer(teacher, cuda_graph=True, scope="ensemble", distributed=DistContext(0, 2))
-    with pytest.raises(ValueError, match="cuda_graph must be"):
+    with pytest.raises(ValueError, match="cuda_graph = 'yes': expected off, auto or on"):
         _trainer(teacher, cuda_graph="yes")
 
 
-def test_obstacles_name_only_what_blocks_capture(teacher, monkeypatch):
-    tr = _trainer(teacher, scope="generator", distributed=DistContext(0, 2))
-    assert [r for r in tr._graph_obstacles() if "processes" in r] == []  # per-generator stats: no collective
-    tr.device = tr.compute_device = torch.device("cuda", 0)  # as if on a GPU (nothing runs)
-    monkeypatch.setattr(tr.optimizer, "graph_obstacle", lambda: None)
-    assert tr._graph_obstacles() == []
+def test_obstacles_name_only_what_blocks_capture(teacher):
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")  # as if on a GPU (nothing runs)
+    common = dict(offload=False, world=2, pool=False, optimizer_obstacle=None)
+    assert graph_obstacles(compute_device=cuda, device=cuda, scope="generator", **common) == []  # no collective
+    assert "processes" in graph_obstacles(compute_device=cuda, device=cuda, scope="ensemble", **common)[0]
+    assert "offload" in graph_obstacles(compute_device=cuda, device=cpu, scope="generator", **common)[0]
+    tr = _trainer(teacher, scope="generator", distributed=DistContext(0, 2), cuda_graph="auto")
+    assert tr.graph_refusal == "the step runs on cpu, not on a CUDA device"
     assert "offload" in StackedAdam({"w": torch.zeros(2, 3)}, compute_device="cpu:0").graph_obstacle()
 
 

@@ -80,11 +80,11 @@ def test_bad_method_settings_are_refused(digits_teacher):
         trainer(digits_teacher, ens, adversarial_weight=1.0)
     with pytest.raises(ValueError, match="batch_size must be at least 2"):
         trainer(digits_teacher, ens, diversity_weight=1.0, batch_size=1)
-    with pytest.raises(ValueError, match="non-negative"):
+    with pytest.raises(ValueError, match="at least 0"):
         trainer(digits_teacher, ens, diversity_weight=-1.0)
     with pytest.raises(ValueError, match="is the teacher itself"):
         trainer(digits_teacher, ens, adversarial_weight=1.0, student=digits_teacher)
-    with pytest.raises(ValueError, match="unknown augment"):
+    with pytest.raises(ValueError, match="augment = .mixup.: expected one of none, crop_flip"):
         Distiller(digits_teacher, create_model("digits_student", num_classes=10), ens, augment="mixup", progress=False)
 
 
@@ -163,7 +163,8 @@ def test_trainer_fills_the_pool_and_the_distiller_learns_from_it_without_the_tea
     assert len(pool) == 3 * 2 * 4 and pool.pushed == 24
     assert torch.equal(pool.images[:24], torch.cat([x for x, _ in steps]))
     assert torch.equal(pool.logits[:24], torch.cat([y for _, y in steps]).float())
-    assert any("pool" in r for r in t._graph_obstacles())
+    assert "pool" in GeneratorTrainer(digits_teacher, ens, pool=ImagePool(8), cuda_graph="auto",
+                                      progress=False).graph_refusal
     student = create_model("digits_student", num_classes=10)
     d = Distiller(digits_teacher, student, ens, batch_size=3, pool=pool, progress=False, log_every=1,
                   input_space="minus_one_one", augment="crop_flip")

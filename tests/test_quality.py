@@ -11,6 +11,7 @@ from fastdfd.data import class_names_for, imagenet_class_names
 from fastdfd.distributed import DistContext
 from fastdfd.models import create_model
 from fastdfd.pipeline import train_generators
+from fastdfd.settings import LoopSettings, OptimizerSettings
 from fastdfd.train.quality import generator_quality, write_quality
 
 
@@ -127,7 +128,8 @@ def test_pipeline_writes_quality_files(tmp_path):
     torch.manual_seed(5)
     verifier = create_model("digits_student", num_classes=10).eval()
     summary = train_generators(teacher, _ens(), tmp_path, ctx=DistContext(), device=torch.device("cpu"), steps=2,
-                               progress=False, input_space="minus_one_one", batch_size=4, quality_per_class=4,
+                               input_space="minus_one_one", optim=OptimizerSettings(batch_size=4),
+                               loop=LoopSettings(progress=False), quality_per_class=4,
                                verifier=verifier, class_names=[str(i) for i in range(10)])
     q = json.loads((tmp_path / "quality.json").read_text())
     assert q["n_per_class"] == 4 and q["step"] == 2

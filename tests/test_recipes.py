@@ -56,11 +56,14 @@ def test_bundled_recipe_checks_builds_and_has_its_page(name):
     assert f'`teacher.input_space = "{space[data["dataset"]]}"`' in " ".join(text.split())
 
 
-def test_docs_key_table_lists_every_schema_key():
-    text = (REPO / "docs" / "recipes" / "README.md").read_text().split("## Keys")[1]
-    documented = set(re.findall(r"^\| `([a-z_.0-9]+)` \|", text, re.MULTILINE))
-    keys = set(TOP) | {f"{s}.{k}" for s, fields in SECTIONS.items() for k in fields}
-    assert documented == keys
+def test_docs_key_table_is_the_schemas():
+    """docs/recipes/README.md holds the table the schema makes (python -m fastdfd.recipes.schema --write FILE)."""
+    from fastdfd.recipes.schema import BEGIN, END, keys_table
+
+    text = (REPO / "docs" / "recipes" / "README.md").read_text()
+    assert text.split(BEGIN)[1].split(END)[0].strip() == keys_table()
+    documented = set(re.findall(r"^\| `([a-z_.0-9]+)` \|", keys_table(), re.MULTILINE))
+    assert documented == set(TOP) | {f"{s}.{k}" for s, fields in SECTIONS.items() for k in fields}
 
 
 def _write(tmp_path: Path, edit) -> Path:
@@ -100,9 +103,11 @@ def test_missing_key_or_table_is_named(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("generators.kind='cosine'", r"generators\.kind = 'cosine': expected one of kl, kl_reverse, l2, mse"),
     ("generators.widths=[32, 0]", r"generators\.widths .*positive integers"),
-    ("distill.steps=0", r"distill\.steps = 0: must be >= 1"),
+    ("distill.steps=0", r"distill\.steps = 0: expected an integer, at least 1"),
     ("distill.steps=2.5", r"distill\.steps = 2\.5: expected an integer"),
-    ("generators.bf16=1", r"generators\.bf16 = 1: expected true or false"),
+    ("generators.autocast=1", r"generators\.autocast = 1: expected true or false"),
+    ("generators.betas=[0.5]", r"generators\.betas = \[0\.5\]: expected a list of numbers, at least 0, 2 of them"),
+    ("generators.l2_weight=-1", r"generators\.l2_weight = -1: expected a number, at least 0"),
     ("generators.generators_per_step=11", r"exceeds generators\.num_generators = 10"),
     ("distill.generators_per_step='auto'", r"distill\.generators_per_step = 'auto'"),
     ("data.root='/data'", r"digits takes root"),
@@ -119,14 +124,14 @@ def test_bad_values_are_refused_naming_the_key(override, message):
 
 def test_overrides_are_typed_and_recorded():
     recipe = load_recipe("digits", ["generators.lr=3e-3", "generators.widths=[16, 8]", "name=mine"])
-    assert recipe["generators"]["lr"] == 3e-3 and recipe["generators"]["widths"] == [16, 8]
+    assert recipe["generators"]["lr"] == 3e-3 and recipe["generators"]["widths"] == (16, 8)
     assert recipe.name == "mine" and recipe.overrides[0] == "generators.lr=3e-3"
     assert json.loads(recipe.resolved_json())["generators"]["widths"] == [16, 8]
     assert isinstance(load_recipe("digits", ["generators.lr=1"])["generators"]["lr"], float)
 
 
 def test_the_input_space_reaches_the_data_and_every_stage():
-    from fastdfd.recipes.runner import _distill_kwargs, _generator_kwargs
+    from fastdfd.recipes.runner import distill_settings, generator_settings
 
     raw_eval = torch.cat([x for x, _ in preflight(load_recipe("digits")).eval_loader])
     recipe = load_recipe("digits", ['teacher.input_space="identity"'])
@@ -139,7 +144,11 @@ def test_the_input_space_reaches_the_data_and_every_stage():
     raw_train, _ = make_train_dataset("digits", image_size=16, augment=False)
     assert torch.allclose(prep.train_set[3][0], (raw_train[3][0] + 1) / 2)  # the teacher learns in its space
     assert preflight(load_recipe("digits")).train_set[3][0].min() < 0  # minus_one_one: the digits as they are
-    assert _generator_kwargs(recipe)["input_space"] == "identity" == _distill_kwargs(recipe, 1)["input_space"]
+    # the stages' settings objects, each built from its own fields of the table, seeded per stage
+    g, d = generator_settings(recipe), distill_settings(recipe, 1)
+    assert g["loss"].kind == recipe["generators"]["kind"] and g["optim"].betas == recipe["generators"]["betas"]
+    assert g["loop"].seed == recipe["seed"] + 1 and d["loop"].seed == recipe["seed"] + 2
+    assert d["settings"].temperature == recipe["distill"]["temperature"]
     # an alias is recorded by the preset's name (resolved.json), custom values as written
     assert load_recipe("digits", ['teacher.input_space="[-1,1]"'])["teacher"]["input_space"] == "minus_one_one"
     assert load_recipe("digits", ['teacher.input_space="mean=0.5;std=0.5"'])["teacher"]["input_space"] == \

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fastdfd.models import create_model
+from fastdfd.settings import LoopSettings, OptimizerSettings
 
 from .conftest import randomize_bn_stats
 
@@ -220,7 +221,8 @@ def test_resume_with_nothing_to_resume_says_so(tmp_path, capsys):
     teacher = randomize_bn_stats(create_model("digits_teacher", num_classes=10))
     ens = GeneratorEnsemble(2, 10, image_size=16, channels=1, latent_dim=8, widths=(8, 4), output_bn=False)
     train_generators(teacher, ens, tmp_path / "typo", ctx=DistContext(), device=torch.device("cpu"), steps=1,
-                     resume=True, progress=False, quality_per_class=0, batch_size=2, tensorboard=False)
+                     resume=True, quality_per_class=0, optim=OptimizerSettings(batch_size=2),
+                     loop=LoopSettings(progress=False, tensorboard=False))
     assert (f"generators: --resume found nothing to resume in {tmp_path / 'typo' / 'checkpoints'} "
             "(no such directory); starting at step 0") in capsys.readouterr().out
 
@@ -263,7 +265,8 @@ def test_a_run_directory_has_one_owner(tmp_path):
         torch.manual_seed(1)
         ens = GeneratorEnsemble(2, 10, image_size=16, channels=1, latent_dim=8, widths=(8, 4), output_bn=False)
         return train_generators(teacher, ens, tmp_path / "run", ctx=DistContext(), device=torch.device("cpu"),
-                                steps=2, progress=False, quality_per_class=0, batch_size=2, tensorboard=False, **kw)
+                                steps=2, quality_per_class=0, optim=OptimizerSettings(batch_size=2),
+                                loop=LoopSettings(progress=False, tensorboard=False), **kw)
 
     run()
     manifest = json.loads((tmp_path / "run" / "run.json").read_text())

@@ -208,8 +208,12 @@ def test_bad_trainer_settings(digits_teacher):
         trainer(digits_teacher, ens, kind="js")
     with pytest.raises(ValueError, match="generators_per_step"):
         trainer(digits_teacher, ens, generators_per_step=9)
-    with pytest.raises(ValueError, match="checkpoint_dir"):
-        trainer(digits_teacher, ens, checkpoint_every=5)
+    with pytest.raises(TypeError, match="unknown setting.*checkpoint_evry.*checkpoint_every"):
+        trainer(digits_teacher, ens, checkpoint_evry=5)  # a misspelt setting lists the known ones
+    with pytest.raises(ValueError, match="LoopSettings.log_every = 0"):
+        trainer(digits_teacher, ens, log_every=0)
+    # checkpoint_every is the period where there is a directory: none without one
+    assert trainer(digits_teacher, ens, checkpoint_every=5).checkpoint_every == 0
     with pytest.raises(ValueError, match="no BatchNorm"):
         trainer(nn.Sequential(nn.Flatten(), nn.Linear(256, 3)), ens).fit(1)
 
@@ -287,27 +291,20 @@ def test_l2_prior_adds_the_mean_square_of_the_input(digits_teacher):
 
 
 def test_named_presets_build_a_trainer(digits_teacher):
-    from fastdfd.train.settings import PRESETS, preset
+    from fastdfd.settings import PRESETS, preset
 
-    assert preset("paper").normalization == "sum" and preset("paper").output_bn
-    assert preset("paper").trainer_kwargs()["batch_size"] == 64
+    assert preset("paper").loss.normalization == "sum" and preset("paper").architecture.output_bn
+    assert preset("paper").optimizer.batch_size == 64 and preset("paper").optimizer.lr == 1e-3
     for name in PRESETS:
         s = preset(name).replace(batch_size=2, widths=(8, 4), latent_dim=8)
-        ens = GeneratorEnsemble(2, 10, image_size=16, channels=1, **s.ensemble_kwargs())
-        t = GeneratorTrainer(digits_teacher, ens, progress=False, input_space="minus_one_one", **s.trainer_kwargs())
+        a = s.architecture
+        ens = GeneratorEnsemble(2, 10, image_size=16, channels=1, latent_dim=a.latent_dim, widths=a.widths,
+                                output_bn=a.output_bn)
+        t = GeneratorTrainer(digits_teacher, ens, loss=s.loss, optim=s.optimizer, progress=False,
+                             input_space="minus_one_one")
         assert len(t.fit(1)) == 1  # builds and steps
-        assert t.normalization == s.normalization and t.scope == s.scope
+        assert t.loss == s.loss and t.optim.batch_size == 2
+        assert t.config()["normalization" if name == "default" else "scope"] == (
+            "mean" if name == "default" else "generator")
     with pytest.raises(ValueError, match="known"):
         preset("nope")
-
-
-def test_the_default_preset_is_the_trainer_s_defaults():
-    import inspect
-
-    from fastdfd.train.settings import preset
-
-    params = inspect.signature(GeneratorTrainer.__init__).parameters
-    for key, value in preset("default").trainer_kwargs().items():
-        assert params[key].default == value, key
-    assert preset("default").normalization == "mean" and preset("default").scope == "ensemble"
-    assert not preset("default").output_bn

@@ -17,7 +17,10 @@ from ..models import create_model, list_models
 from ..models.weights import load_weights
 from ..models.zoo import ZOOS, list_zoo_models, zoo_status
 from ..nn import GeneratorEnsemble, load_ensemble
-from ..ops import KINDS
+from ..settings import (DISTILL_STAGE, GENERATOR_STAGE, ArchitectureSettings, DistillSettings,
+                        ExecutionSettings, LoopSettings, LossSettings, OptimizerSettings, preset)
+from ..settings.presets import PRESETS as GENERATOR_PRESETS
+from ..settings.cli import add_flags, flags_to_settings
 from ..train import evaluate_accuracy
 
 INPUT_SPACE_HELP = (f"the teacher's input normalisation: images are pixels in [0, 1] and the teacher sees "
@@ -30,16 +33,6 @@ WEIGHTS_HELP = ("state_dict file (fastdfd, torchvision or timm layouts: plain, o
 def model_help(what: str = "architecture") -> str:
     return (f"the {what}: a fastdfd registry name ({', '.join(list_models())}), or timm:NAME / torchvision:NAME "
             "(built with random weights, never downloaded; see fastdfd models)")
-
-
-def _chunk(value: str):
-    """--generators-per-step: a positive integer or 'auto'; argparse names the flag in its one-line error."""
-    if value == "auto":
-        return value
-    try:
-        return _positive_int(value)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {value!r}") from None
 
 
 def _positive_int(value: str) -> int:
@@ -104,38 +97,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--channels", type=int, default=3, help="image channels")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--generators", type=int, default=None, help="ensemble size K (default: one per class)")
-    p.add_argument("--preset", choices=("default", "paper"), default="default",
-                   help="generator settings the flags below start from (fastdfd.train.settings; docs/generators.md): "
-                        "default, the scale-free loss; paper, Luo et al.'s")
-    p.add_argument("--latent-dim", type=int, default=None, help="z dimension (preset: 100)")
-    p.add_argument("--widths", default=None, help="generator widths, comma separated (preset: 128,64)")
-    p.add_argument("--output-bn", dest="output_bn", action="store_true", default=None,
-                   help="the generator's final scale-only BN (the paper's; off in the default preset)")
-    p.add_argument("--no-output-bn", dest="output_bn", action="store_false", help="no final BN")
+    p.add_argument("--preset", choices=sorted(GENERATOR_PRESETS), default="default",
+                   help="the generator settings the flags below start from (fastdfd.settings.presets; "
+                        "docs/generators.md): default, the scale-free loss; paper, Luo et al.'s; the defaults shown "
+                        "are the default preset's")
     p.add_argument("--steps", type=_positive_int, default=2000)
-    p.add_argument("--batch-size", type=int, default=None, help="images per generator per step (preset: 32; paper 64)")
-    p.add_argument("--generators-per-step", type=_chunk, default=None,
-                   help="generators per step (default all); 'auto': the largest that fits the GPU's free memory")
-    p.add_argument("--kind", choices=KINDS, default="kl")
-    p.add_argument("--scope", choices=("generator", "ensemble"), default=None, help="(preset: ensemble; paper generator)")
-    p.add_argument("--normalization", choices=("sum", "mean"), default=None,
-                   help="the moment loss summed or averaged over channels and layers (preset: mean; paper sum)")
-    p.add_argument("--moment-weight", type=float, default=None, help="(preset: 10)")
-    p.add_argument("--ce-weight", type=float, default=None, help="(preset: 0.1; paper 1)")
-    p.add_argument("--tv-weight", type=float, default=0.0)
-    p.add_argument("--first-layer-multiplier", type=float, default=1.0)
-    p.add_argument("--lr", type=float, default=None, help="Adam's (preset: 1e-2; paper 1e-3)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
     p.add_argument("--overwrite", action="store_true", help="discard a previous run's files in OUT first")
-    p.add_argument("--sample-every", type=int, default=0, help="write OUT/samples/step_N.png every N steps")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast and a channels_last teacher (GPUs)")
-    p.add_argument("--offload", action="store_true",
-                   help="keep the generators and their Adam states in pinned host memory, stream each chunk")
-    p.add_argument("--cuda-graph", nargs="?", const="auto", default="off", choices=("off", "auto", "on"),
-                   help="replay the step from a CUDA graph: bare flag or 'auto' where allowed (else eager, "
-                        "the reason printed), 'on' to require it")
+    add_flags(p, *GENERATOR_STAGE)
     p.add_argument("--device", default=None)
     p.add_argument("--out", required=True)
     p.set_defaults(func=train_generators)
@@ -149,15 +118,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                            "summary.json), and the --eval data are fed in it")
     p.add_argument("--generators", required=True, help="generators.pt written by train-generators")
     p.add_argument("--steps", type=_positive_int, default=2000)
-    p.add_argument("--batch-size", type=int, default=32, help="images per generator per step")
-    p.add_argument("--generators-per-step", type=_positive_int, default=None)
-    p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--temperature", type=float, default=4.0)
-    p.add_argument("--seed", type=int, default=0)
+    add_flags(p, *DISTILL_STAGE, skip=("sample_every",))
     p.add_argument("--eval", default=None,
                    help="evaluate on: digits, cifar10:ROOT, cifar100:ROOT, folder:ROOT (in --input-space)")
-    p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
     p.add_argument("--overwrite", action="store_true", help="discard a previous run's files in OUT first")
     p.add_argument("--device", default=None)
@@ -185,15 +148,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=models)
 
 
-def _generator_settings(args: argparse.Namespace):
-    """The --preset's GeneratorSettings with every flag the user gave laid over it."""
-    from ..train.settings import preset
-
-    given = {"scope": args.scope, "normalization": args.normalization, "moment_weight": args.moment_weight,
-             "ce_weight": args.ce_weight, "lr": args.lr, "batch_size": args.batch_size, "output_bn": args.output_bn,
-             "latent_dim": args.latent_dim,
-             "widths": None if args.widths is None else tuple(int(w) for w in args.widths.split(","))}
-    return preset(args.preset).replace(**{k: v for k, v in given.items() if v is not None})
+def generator_settings_from_flags(args: argparse.Namespace) -> dict:
+    """The --preset's settings with every flag the user gave laid over them, one object per concern."""
+    base = preset(args.preset)
+    return {
+        "architecture": flags_to_settings(args, ArchitectureSettings, base.architecture),
+        "loss": flags_to_settings(args, LossSettings, base.loss),
+        "optim": flags_to_settings(args, OptimizerSettings, base.optimizer),
+        "execution": flags_to_settings(args, ExecutionSettings),
+        "loop": flags_to_settings(args, LoopSettings),
+    }
 
 
 def train_generators(args: argparse.Namespace) -> dict:
@@ -202,21 +166,16 @@ def train_generators(args: argparse.Namespace) -> dict:
     device = local_device(args.device)
     ctx = init_from_env(device)
     teacher = load_weights(_model(args.teacher, args.num_classes, args.channels), args.weights, "teacher")
-    s = _generator_settings(args)
-    torch.manual_seed(args.seed)  # every process builds the same initial ensemble, then keeps its shard
+    s = generator_settings_from_flags(args)
+    arch = s.pop("architecture")
+    torch.manual_seed(s["loop"].seed)  # every process builds the same initial ensemble, then keeps its shard
     ensemble = GeneratorEnsemble(
         args.generators or args.num_classes, args.num_classes, image_size=args.image_size, channels=args.channels,
-        **s.ensemble_kwargs(),
+        latent_dim=arch.latent_dim, widths=arch.widths, output_bn=arch.output_bn,
     )
     summary = pipeline.train_generators(
         teacher, ensemble, args.out, steps=args.steps, ctx=ctx, device=device, resume=args.resume,
-        overwrite=args.overwrite,
-        offload=args.offload, kind=args.kind, scope=s.scope, normalization=s.normalization,
-        moment_weight=s.moment_weight, ce_weight=s.ce_weight, tv_weight=args.tv_weight,
-        first_layer_multiplier=args.first_layer_multiplier, batch_size=s.batch_size,
-        generators_per_step=args.generators_per_step, lr=s.lr, betas=s.betas, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, sample_every=args.sample_every, autocast=args.bf16,
-        channels_last=args.bf16, cuda_graph=args.cuda_graph, input_space=space,
+        overwrite=args.overwrite, input_space=space, **s,
     )
     if ctx.is_main:
         print(json.dumps(summary, indent=2))
@@ -241,9 +200,8 @@ def distill(args: argparse.Namespace) -> dict:
             raise ValueError(f"--eval data has {data_classes} classes but the teacher has {n}")
     summary = pipeline.distill(
         teacher, student, ensemble, args.out, steps=args.steps, ctx=ctx, device=device, eval_loader=loader,
-        resume=args.resume, overwrite=args.overwrite, temperature=args.temperature, batch_size=args.batch_size,
-        generators_per_step=args.generators_per_step, optimizer=args.optimizer, lr=args.lr, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, input_space=space,
+        resume=args.resume, overwrite=args.overwrite, input_space=space,
+        settings=flags_to_settings(args, DistillSettings), loop=flags_to_settings(args, LoopSettings),
     )
     if ctx.is_main:
         print(json.dumps(summary, indent=2))

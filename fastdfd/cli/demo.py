@@ -23,7 +23,8 @@ import json
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, replace
+import dataclasses
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -33,74 +34,81 @@ from ..models import create_model
 from ..nn import GeneratorEnsemble, save_ensemble
 from ..train import Distiller, GeneratorTrainer, evaluate_accuracy
 from ..train.quality import generator_quality, write_quality
-from ..train.settings import preset
+from ..settings import DistillSettings, GeneratorSettings, LoopSettings, preset
 from ..train.supervised import fit_classifier
 
 NUM_CLASSES = 10
 QUALITY_PER_CLASS = 100  # fresh images per class for the teacher's / verifier's top-1 on generated images
 INPUT_SPACE = "minus_one_one"  # the digits teacher is trained on pixels scaled to [-1, 1]
-_DEFAULT = preset("default")  # the library's generator settings, which the demo keeps but for ce_weight
 
 
 @dataclass(frozen=True)
 class DemoSettings:
+    """The demo's run: its own budget, and the library's settings objects for the generators and the student.
+
+    ``generator``: the default preset with a small generator (latent 64, widths 32/16) and ce_weight 0.01
+    (the module docstring says why); ``distill``: :class:`DistillSettings`' defaults (temperature 4, batch 32 per
+    generator, SGD lr 0.05)."""
+
     seed: int = 0
     image_size: int = 16
     teacher_epochs: int = 12
     real_epochs: int = 12
     generator_steps: int = 300
-    generator_batch: int = 32  # images per generator per step (x10 for the single generator)
-    generator_lr: float = _DEFAULT.lr
-    latent_dim: int = 64
-    widths: tuple[int, ...] = (32, 16)
-    moment_weight: float = _DEFAULT.moment_weight
-    ce_weight: float = 0.01  # the library's default is 0.1; see the module docstring
-    scope: str = _DEFAULT.scope
-    kind: str = _DEFAULT.kind
-    normalization: str = _DEFAULT.normalization  # the scale-free loss; "sum" is the paper's
     distill_steps: int = 400
-    distill_batch: int = 32
-    distill_lr: float = 0.05
-    temperature: float = 4.0
+    # images per generator per step: generator.optimizer.batch_size and distill.batch_size (x10 for one generator)
+    generator: GeneratorSettings = field(
+        default_factory=lambda: preset("default").replace(latent_dim=64, widths=(32, 16), ce_weight=0.01))
+    distill: DistillSettings = field(default_factory=DistillSettings)
+
+    def replace(self, **changes) -> "DemoSettings":
+        """A copy with ``changes``: the demo's own fields by name, ``distill_<field>`` for the student's settings
+        (``distill_lr=0.1``), and any other name for the generator settings (``scope="generator"``, ``lr=1e-3``)."""
+        own = {k: v for k, v in changes.items() if k in {f.name for f in fields(self)}}
+        student = {k[len("distill_"):]: v for k, v in changes.items() if k not in own and k.startswith("distill_")}
+        rest = {k: v for k, v in changes.items() if k not in own and not k.startswith("distill_")}
+        out = dataclasses.replace(self, **own)
+        return dataclasses.replace(out, generator=out.generator.replace(**rest),
+                                   distill=out.distill.replace(**student))
+
+    def flat(self) -> dict:
+        """Every value under the names :meth:`replace` takes (for a run's record)."""
+        own = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("generator", "distill")}
+        return {**own, **self.generator.as_dict(), **{f"distill_{k}": v for k, v in self.distill.as_dict().items()}}
 
     @classmethod
     def quick(cls, **kw) -> "DemoSettings":
         """A run of a few seconds that exercises every stage (for tests)."""
-        return replace(cls(), teacher_epochs=3, real_epochs=1, generator_steps=3, generator_batch=4,
-                       distill_steps=3, distill_batch=4, **kw)
+        return cls().replace(teacher_epochs=3, real_epochs=1, generator_steps=3, batch_size=4, distill_steps=3,
+                             distill_batch_size=4, **kw)
 
 
 def _data_free_student(teacher, settings: DemoSettings, num_generators: int, test, log_dir: Path | None,
-                       progress: bool, *, widths: tuple[int, ...] | None = None, output_bn: bool = False,
-                       first_layer_multiplier: float = 1.0, student_bn: str = "mixed",
-                       trainer_kwargs: dict | None = None):
-    """Train an ensemble of ``num_generators`` from the teacher, distill a student; return both.
+                       progress: bool):
+    """Train an ensemble of ``num_generators`` from the teacher, distill a student; return (ensemble, the student's
+    accuracy, the generator history, the distillation history).
 
-    The keyword knobs (generator widths, output BN, the first BN layer's weight, the
-    student's BN statistics) default to the demo's choices (``trainer_kwargs``: more GeneratorTrainer settings); ``benchmarks/ablations.py``
-    varies them one at a time. ``log_dir=None`` writes no CSV logs.
+    Every knob is in ``settings`` (``benchmarks/ablations.py`` varies them one at a time with
+    :meth:`DemoSettings.replace`). The images per step do not depend on the number of generators: one generator
+    gets 10 times the batch. ``log_dir=None`` writes no CSV logs.
     """
-    s = settings
+    s, g = settings, settings.generator
     batch_scale = NUM_CLASSES // num_generators  # same images per step whatever K
     torch.manual_seed(s.seed + num_generators)
+    arch = g.architecture
     ensemble = GeneratorEnsemble(num_generators, NUM_CLASSES, image_size=s.image_size, channels=1,
-                                 latent_dim=s.latent_dim, widths=s.widths if widths is None else widths,
-                                 output_bn=output_bn)
+                                 latent_dim=arch.latent_dim, widths=arch.widths, output_bn=arch.output_bn)
     trainer = GeneratorTrainer(
-        teacher, ensemble, kind=s.kind, scope=s.scope, normalization=s.normalization, moment_weight=s.moment_weight,
-        ce_weight=s.ce_weight,
-        first_layer_multiplier=first_layer_multiplier, input_space=INPUT_SPACE,
-        batch_size=s.generator_batch * batch_scale, lr=s.generator_lr, seed=s.seed, progress=progress,
-        log_path=None if log_dir is None else log_dir / f"generators_k{num_generators}.csv", log_every=25,
-        **(trainer_kwargs or {}),
+        teacher, ensemble, loss=g.loss, optim=g.optimizer.replace(batch_size=g.optimizer.batch_size * batch_scale),
+        loop=LoopSettings(seed=s.seed, progress=progress, log_every=25), input_space=INPUT_SPACE,
+        log_path=None if log_dir is None else log_dir / f"generators_k{num_generators}.csv",
     )
     gen_history = trainer.fit(s.generator_steps)
     student = create_model("digits_student", num_classes=NUM_CLASSES)
     distiller = Distiller(
-        teacher, student, ensemble, temperature=s.temperature, batch_size=s.distill_batch * batch_scale,
-        lr=s.distill_lr, total_steps=s.distill_steps, seed=s.seed, progress=progress, student_bn=student_bn,
-        input_space=INPUT_SPACE,
-        log_path=None if log_dir is None else log_dir / f"distill_k{num_generators}.csv", log_every=25,
+        teacher, student, ensemble, settings=s.distill.replace(batch_size=s.distill.batch_size * batch_scale),
+        loop=LoopSettings(seed=s.seed, progress=progress, log_every=25), total_steps=s.distill_steps,
+        input_space=INPUT_SPACE, log_path=None if log_dir is None else log_dir / f"distill_k{num_generators}.csv",
     )
     kd_history = distiller.fit(s.distill_steps)
     return ensemble, distiller.evaluate(test), gen_history, kd_history
@@ -151,7 +159,7 @@ def run_demo(out: str | Path = "runs/demo", settings: DemoSettings | None = None
     quality = {}
     for name in results:
         report = generator_quality(teacher, results[name][0], n_per_class=QUALITY_PER_CLASS, input_space=INPUT_SPACE,
-                                   verifier=real, kind=s.kind, seed=s.seed, class_names=[str(c) for c in range(10)])
+                                   verifier=real, kind=s.generator.loss.kind, seed=s.seed, class_names=[str(c) for c in range(10)])
         write_quality(report, out / f"quality_{name}")
         quality[name] = report
     timings["quality"] = time.perf_counter() - t
@@ -170,7 +178,7 @@ def run_demo(out: str | Path = "runs/demo", settings: DemoSettings | None = None
         "seconds": time.perf_counter() - start,
         "stage_seconds": timings,
         "test_images": int(data.y_test.numel()),
-        "settings": asdict(s),
+        "settings": dataclasses.asdict(s),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs".replace(" ,", ","),

@@ -10,27 +10,16 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
+from ..version import __version__
 from ..data import make_train_dataset
 from ..data.loaders import in_input_space
 from ..models import create_model
-from ..train.teacher import TEACHER_PRESETS, TeacherSettings, train_teacher
+from ..settings import TeacherSettings
+from ..settings.cli import add_flags, flags_to_settings
+from ..train.teacher import TEACHER_PRESETS, train_teacher
 from ..distributed import local_device
 
 __all__ = ["add_teacher_command", "default_eval_spec", "settings_from_args", "train_teacher_command"]
-
-# --flag -> TeacherSettings field; None on the command line keeps the preset's value.
-_OVERRIDES = {
-    "epochs": int,
-    "batch_size": int,
-    "lr": float,
-    "momentum": float,
-    "weight_decay": float,
-    "warmup_epochs": int,
-    "label_smoothing": float,
-    "workers": int,
-}
-
 
 def add_teacher_command(sub: argparse._SubParsersAction) -> None:
     """Add ``train-teacher`` to the ``fastdfd`` subcommands."""
@@ -48,10 +37,7 @@ def add_teacher_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-eval", action="store_true", help="skip evaluation")
     p.add_argument("--preset", choices=sorted(TEACHER_PRESETS), default="resnet34_cifar",
                    help="recipe the flags below override (default resnet34_cifar)")
-    for field, kind in _OVERRIDES.items():
-        p.add_argument(f"--{field.replace('_', '-')}", type=kind, default=None, help="default: the preset's")
-    p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None,
-                   help="Nesterov momentum (default: the preset's)")
+    add_flags(p, TeacherSettings, base={TeacherSettings: TEACHER_PRESETS["resnet34_cifar"]})
     p.add_argument("--no-augment", action="store_true", help="train without crop/flip augmentation")
     p.add_argument("--num-classes", type=int, default=None, help="default: the data's class count")
     p.add_argument("--channels", type=int, default=None, help="image channels (default: the data's)")
@@ -68,8 +54,7 @@ def settings_from_args(args: argparse.Namespace) -> TeacherSettings:
     """The preset with every flag the user gave applied (ValueError on a bad value)."""
     if args.preset not in TEACHER_PRESETS:
         raise ValueError(f"unknown preset {args.preset!r}; available: {', '.join(sorted(TEACHER_PRESETS))}")
-    changes = {f: getattr(args, f) for f in (*_OVERRIDES, "nesterov") if getattr(args, f, None) is not None}
-    return dataclasses.replace(TEACHER_PRESETS[args.preset], **changes)
+    return flags_to_settings(args, TeacherSettings, TEACHER_PRESETS[args.preset])
 
 
 def default_eval_spec(data: str) -> str | None:

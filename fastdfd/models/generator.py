@@ -22,6 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..settings import ArchitectureSettings
+
+_ARCHITECTURE = ArchitectureSettings()  # one source for the defaults (fastdfd.settings)
+
 BN_EPS = 0.8
 OUT_BN_EPS = 1e-5
 LEAKY_SLOPE = 0.2
@@ -33,9 +37,9 @@ class GeneratorSpec:
 
     image_size: int = 32
     channels: int = 3
-    latent_dim: int = 100
-    widths: tuple[int, ...] = (128, 64)
-    output_bn: bool = True
+    latent_dim: int = _ARCHITECTURE.latent_dim
+    widths: tuple[int, ...] = _ARCHITECTURE.widths
+    output_bn: bool = _ARCHITECTURE.output_bn
 
     def __post_init__(self):
         size = self.image_size

@@ -22,7 +22,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from ..input_space import InputSpace
-from .schema import OPTIONAL_SECTIONS, SECTIONS, TOP, check_value
+from .schema import OPTIONAL_SECTIONS, SECTIONS, TOP, check_value, is_required
 
 BUNDLED = Path(__file__).parent
 
@@ -123,7 +123,7 @@ def check_values(values: dict[str, Any]) -> dict[str, Any]:
                 continue
             raise ValueError(f"recipe is missing the table [{name}]")
         for key, f in fields.items():
-            if key not in out[name]:
+            if key not in out[name] and is_required(f):
                 raise ValueError(f"recipe is missing the key {name}.{key} ({f.doc})")
     _check_combinations(out)
     return out
@@ -152,8 +152,6 @@ def _check_combinations(v: dict[str, Any]) -> None:
     data = v["data"]
     if (data["dataset"] == "digits") != (data["root"] == ""):
         raise ValueError(f"data.root = {data['root']!r}: digits takes root = \"\", every other dataset needs its root")
-    if v["distill"]["generators_per_step"] == "auto":
-        raise ValueError("distill.generators_per_step = 'auto': expected a positive integer or 'all'")
     for section in ("generators", "distill"):
         chunk = v[section]["generators_per_step"]
         if isinstance(chunk, int) and chunk > v["generators"]["num_generators"]:

@@ -20,6 +20,7 @@ from .. import pipeline
 from ..distributed import init_from_env, local_device
 from ..models.weights import load_weights
 from ..nn import GeneratorEnsemble, load_ensemble
+from ..settings import DistillSettings, ExecutionSettings, LoopSettings, LossSettings, OptimizerSettings, Settings
 from .loader import Recipe
 from .preflight import Prepared, ensemble_from_recipe, preflight
 from .rundir import environment, open_run_dir, write_json, write_run_header
@@ -27,25 +28,18 @@ from .rundir import environment, open_run_dir, write_json, write_run_header
 STAGES = ("teacher", "generators", "distill")
 
 
-def _chunk(value):
-    return None if value == "all" else value
-
-
-def _generator_kwargs(recipe: Recipe) -> dict:
+def generator_settings(recipe: Recipe, progress: bool = True) -> dict[str, Settings]:
+    """The ``[generators]`` table as the trainer's settings objects (each built from its own fields), the loop
+    seeded with the recipe's seed + 1."""
     g = recipe["generators"]
-    return dict(
-        kind=g["kind"], scope=g["scope"], normalization=g["normalization"], moment_weight=g["moment_weight"], ce_weight=g["ce_weight"],
-        tv_weight=g["tv_weight"], first_layer_multiplier=g["first_layer_multiplier"], batch_size=g["batch_size"],
-        generators_per_step=_chunk(g["generators_per_step"]), lr=g["lr"], betas=(g["beta1"], g["beta2"]),
-        seed=recipe["seed"] + 1, checkpoint_every=g["checkpoint_every"], sample_every=g["sample_every"],
-        autocast=g["bf16"], channels_last=g["bf16"], offload=g["offload"],
-        cuda_graph=g["cuda_graph"], input_space=recipe["teacher"]["input_space"],
-    )
+    loop = LoopSettings.from_mapping({**g, "seed": recipe["seed"] + 1, "progress": progress}, "generators")
+    return {"loss": LossSettings.from_mapping(g, "generators"), "optim": OptimizerSettings.from_mapping(g, "generators"),
+            "execution": ExecutionSettings.from_mapping(g, "generators"), "loop": loop}
 
 
 def _distill_chunk(recipe: Recipe, world: int) -> int | None:
     """The recipe's chunk is global: each of ``world`` processes samples its share of it."""
-    chunk = _chunk(recipe["distill"]["generators_per_step"])
+    chunk = recipe["distill"]["generators_per_step"]
     if chunk is None or world == 1:
         return chunk
     if chunk % world:
@@ -53,20 +47,19 @@ def _distill_chunk(recipe: Recipe, world: int) -> int | None:
     return chunk // world
 
 
-def _distill_kwargs(recipe: Recipe, world: int) -> dict:
-    d = recipe["distill"]
-    return dict(
-        temperature=d["temperature"], batch_size=d["batch_size"], generators_per_step=_distill_chunk(recipe, world),
-        optimizer=d["optimizer"], lr=d["lr"], momentum=d["momentum"], weight_decay=d["weight_decay"],
-        seed=recipe["seed"] + 2, checkpoint_every=d["checkpoint_every"],
-        input_space=recipe["teacher"]["input_space"],
-    )
+def distill_settings(recipe: Recipe, world: int, progress: bool = True) -> dict[str, Settings]:
+    """The ``[distill]`` table as the distiller's settings (this process's share of the chunk), the loop seeded
+    with the recipe's seed + 2."""
+    d = {**recipe["distill"], "generators_per_step": _distill_chunk(recipe, world)}
+    return {"settings": DistillSettings.from_mapping(d, "distill"),
+            "loop": LoopSettings.from_mapping({**d, "seed": recipe["seed"] + 2, "progress": progress}, "distill")}
 
 
 def _train_teacher(recipe: Recipe, prep: Prepared, out: Path, device: torch.device, progress: bool) -> dict:
-    from ..train.teacher import TeacherSettings, train_teacher
+    from ..settings import TeacherSettings
+    from ..train.teacher import train_teacher
 
-    settings = TeacherSettings(**{k: v for k, v in recipe["teacher_training"].items() if k != "augment"})
+    settings = TeacherSettings.from_mapping(recipe["teacher_training"], "teacher_training")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe["seed"])
     result = train_teacher(prep.teacher, prep.train_set, settings, eval_loader=prep.eval_loader, device=device,
@@ -121,8 +114,8 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, device: str | t
         t = time.perf_counter()
         summary = pipeline.train_generators(
             teacher, _ensemble(recipe), out / "generators", updates_per_generator=g["updates_per_generator"],
-            ctx=ctx, device=device,
-            resume=resume, progress=progress, **_generator_kwargs(recipe))
+            ctx=ctx, device=device, resume=resume, input_space=recipe["teacher"]["input_space"],
+            **generator_settings(recipe, progress))
         finish("generators", t, final=summary["final"], placement=summary["placement"])
 
     if not status.get("distill", {}).get("done"):
@@ -130,7 +123,8 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, device: str | t
         summary = pipeline.distill(
             teacher, prep.student, load_ensemble(out / "generators" / "generators.pt"), out / "distill",
             steps=recipe["distill"]["steps"], ctx=ctx, device=device, eval_loader=prep.eval_loader,
-            resume=resume, progress=progress, **_distill_kwargs(recipe, ctx.world))
+            resume=resume, input_space=recipe["teacher"]["input_space"],
+            **distill_settings(recipe, ctx.world, progress))
         finish("distill", t, **{k: v for k, v in summary.items() if k.endswith("accuracy")})
 
     results = {

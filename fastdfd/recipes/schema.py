@@ -1,38 +1,40 @@
 """The recipe file's keys: every hyperparameter of a run, with its type and allowed values.
 
-A recipe names every value the run uses; nothing has a default here, so what is not in the
-file is an error, not a silent choice made in code. The only optional part is the
-``[teacher_training]`` table, needed exactly when ``teacher.weights`` is empty (train the
-teacher first) and refused otherwise (a table that would be ignored is a mistake).
+The ``[generators]`` and ``[distill]`` tables are made from the settings classes (:mod:`fastdfd.settings`):
+each of their fields with ``recipe=True`` is a key, checked by the field's own spec, so a setting added there
+is a recipe key with no edit here. A recipe names every value the run uses: a key is optional only where its
+field declares the value its absence means (``absent``, the value of runs from before the field existed);
+anything else not in the file is an error, not a silent choice made in code. The only optional table is
+``[teacher_training]``, needed exactly when ``teacher.weights`` is empty (train the teacher first) and
+refused otherwise (a table that would be ignored is a mistake).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-from ..nn.matcher import NORMALIZATIONS
-from ..ops import KINDS
+from ..settings import DISTILL_STAGE, GENERATOR_STAGE, REQUIRED, Settings, Spec, TeacherSettings
 
 DATASETS = ("digits", "cifar10", "cifar100", "folder", "cifar10-jpeg-heldout", "cifar10-jpeg-tune")
-SCOPES = ("generator", "ensemble")
-OPTIMIZERS = ("sgd", "adam")
 
 
-@dataclass(frozen=True)
-class Field:
-    kind: str  # int, float, bool, str, ints (list of int), chunk (int | "all" | "auto")
-    doc: str
-    choices: tuple[str, ...] | None = None
-    minimum: float | None = None
+
+def Field(kind: str, doc: str, choices=None, minimum=None) -> Spec:  # noqa: N802 (reads as the spec it makes)
+    """A key of the recipe's own (not a setting of a trainer): the data, the models, the run's length."""
+    return Spec(name="", kind=kind, doc=doc, choices=None if choices is None else tuple(choices), minimum=minimum)
 
 
-def _pos(doc: str) -> Field:
+def _pos(doc: str) -> Spec:
     return Field("int", doc, minimum=1)
 
 
-def _nonneg(doc: str) -> Field:
+def _nonneg(doc: str) -> Spec:
     return Field("float", doc, minimum=0)
+
+
+def settings_keys(*classes: type[Settings], skip: tuple[str, ...] = ()) -> dict[str, Spec]:
+    """Every recipe field of ``classes`` as a key (but ``skip``)."""
+    return {s.name: s for cls in classes for s in cls.specs() if s.recipe and s.name not in skip}
 
 
 TOP = {
@@ -66,46 +68,15 @@ SECTIONS: dict[str, dict[str, Field]] = {
                                     "training data are all fed in it"),
     },
     "teacher_training": {
-        "epochs": _pos("epochs over the training split"),
-        "batch_size": _pos("images per SGD step"),
-        "lr": Field("float", "peak learning rate (cosine annealed to 0 per iteration)", minimum=0),
-        "momentum": _nonneg("SGD momentum"),
-        "nesterov": Field("bool", "Nesterov momentum"),
-        "weight_decay": _nonneg("L2 weight decay"),
-        "warmup_epochs": Field("int", "linear warm-up epochs before the cosine", minimum=0),
-        "label_smoothing": _nonneg("cross-entropy label smoothing"),
+        **settings_keys(TeacherSettings),
         "augment": Field("bool", "the dataset's standard augmentation (CIFAR: pad-4 crop + flip)"),
-        "workers": Field("int", "data-loading processes", minimum=0),
     },
     "generators": {
         "num_generators": _pos("ensemble size K (the classes are split evenly among them)"),
-        "latent_dim": _pos("z dimension"),
-        "widths": Field("ints", "channels of the first layer's output and of each upsampling conv"),
-        "output_bn": Field("bool", "the paper's final scale-only BN after tanh"),
         "updates_per_generator": _pos("Adam steps each generator takes; the run's step count follows from the "
                                       "ensemble (per process) and generators_per_step, so it does not depend on "
                                       "the number of processes"),
-        "batch_size": _pos("images per generator per step"),
-        "generators_per_step": Field("chunk", "generators per step in each process (what one device holds): an "
-                                              "integer, 'all', or 'auto' (the largest chunk the memory planner fits)"),
-        "lr": Field("float", "Adam learning rate (one Adam per generator)", minimum=0),
-        "beta1": _nonneg("Adam beta1"),
-        "beta2": _nonneg("Adam beta2"),
-        "kind": Field("str", "moment distance", choices=tuple(KINDS)),
-        "scope": Field("str", "statistics per generator, or over the whole (global) batch", choices=SCOPES),
-        "normalization": Field("str", "sum: each BN layer's distance summed over its channels, layers summed (the "
-                                      "paper's; grows with the teacher's width and depth); mean: averaged over "
-                                      "channels and layers (docs/generators.md)", choices=NORMALIZATIONS),
-        "moment_weight": _nonneg("weight of the BN moment loss"),
-        "ce_weight": _nonneg("weight of the teacher's cross-entropy against the label"),
-        "tv_weight": _nonneg("weight of the total-variation image prior"),
-        "first_layer_multiplier": _nonneg("extra weight on the first BN layer's moment loss"),
-        "bf16": Field("bool", "bf16 autocast and a channels_last teacher (GPUs)"),
-        "offload": Field("bool", "generators and Adam states in pinned host memory, streamed per chunk"),
-        "cuda_graph": Field("str", "capture the fixed-shape step in a CUDA graph: on (required), auto (when the "
-                                   "run allows it, else eager and the log says why), off", choices=("off", "auto", "on")),
-        "checkpoint_every": Field("int", "steps between checkpoints (0: none)", minimum=0),
-        "sample_every": Field("int", "steps between sample grids (0: none)", minimum=0),
+        **settings_keys(*GENERATOR_STAGE),
     },
     "student": {
         "model": Field("str", "the student's architecture: a fastdfd registry name, or timm:NAME / "
@@ -113,49 +84,57 @@ SECTIONS: dict[str, dict[str, Field]] = {
     },
     "distill": {
         "steps": _pos("student optimizer steps"),
-        "batch_size": _pos("images per generator per step"),
-        "generators_per_step": Field("chunk", "generators sampled per step over all processes (split evenly "
-                                              "among them, so the global batch does not depend on their number): "
-                                              "an integer or 'all'"),
-        "optimizer": Field("str", "student optimizer", choices=OPTIMIZERS),
-        "lr": Field("float", "peak learning rate, cosine annealed to 0 over the steps", minimum=0),
-        "momentum": _nonneg("SGD momentum (Nesterov)"),
-        "weight_decay": _nonneg("L2 weight decay"),
-        "temperature": Field("float", "softening of both distributions (loss x tau^2)", minimum=0),
-        "checkpoint_every": Field("int", "steps between checkpoints (0: none)", minimum=0),
+        # the chunk is global here: the runner splits it among the processes
+        **settings_keys(*DISTILL_STAGE, skip=("sample_every",)),
     },
 }
 
 OPTIONAL_SECTIONS = frozenset({"teacher_training"})
 
 
-def _type_ok(field: Field, value: Any) -> bool:
-    if field.kind == "int":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if field.kind == "float":  # TOML writes 1 for 1.0 as often as not
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if field.kind == "bool":
-        return isinstance(value, bool)
-    if field.kind == "str":
-        return isinstance(value, str)
-    if field.kind == "ints":
-        return isinstance(value, list) and bool(value) and all(
-            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
-    if field.kind == "chunk":
-        return value in ("all", "auto") or (isinstance(value, int) and not isinstance(value, bool) and value > 0)
-    raise AssertionError(field.kind)
+def is_required(spec: Spec) -> bool:
+    """Whether a recipe must name this key (no ``absent`` value declared)."""
+    return spec.absent is REQUIRED
 
 
-_EXPECTED = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
-             "ints": "a non-empty list of positive integers", "chunk": "a positive integer, 'all' or 'auto'"}
+def check_value(key: str, field: Spec, value: Any) -> Any:
+    """The value normalised by its spec (floats as float, lists as tuples, 'all' as None), or ValueError
+    naming the recipe key and what it expects."""
+    return field.check(value, f"recipe key {key}")
 
 
-def check_value(key: str, field: Field, value: Any) -> Any:
-    """Return the value (floats as float) or raise ValueError naming the key and what it expects."""
-    if not _type_ok(field, value):
-        raise ValueError(f"recipe key {key} = {value!r}: expected {_EXPECTED[field.kind]} ({field.doc})")
-    if field.choices is not None and value not in field.choices:
-        raise ValueError(f"recipe key {key} = {value!r}: expected one of {', '.join(field.choices)}")
-    if field.minimum is not None and value < field.minimum:
-        raise ValueError(f"recipe key {key} = {value!r}: must be >= {field.minimum:g}")
-    return float(value) if field.kind == "float" else value
+BEGIN, END = "<!-- recipe keys: begin (python -m fastdfd.recipes.schema --write FILE) -->", "<!-- recipe keys: end -->"
+
+
+def keys_table() -> str:
+    """Every recipe key as a markdown table (key, type with choices or bounds, optional or not, meaning), made
+    from the fields above: docs/recipes/README.md holds it between ``BEGIN`` and ``END``."""
+    rows = ["| key | type | meaning |", "|---|---|---|"]
+    for key, spec in [*TOP.items(), *((f"{name}.{k}", f) for name, fields in SECTIONS.items() for k, f in fields.items())]:
+        kind = spec.kind + (f" ({', '.join(spec.choices)})" if spec.choices else "")
+        note = "" if is_required(spec) else f" Optional: absent means {spec.plain(spec.absent)!r}."
+        rows.append(f"| `{key}` | {kind} | {spec.doc}.{note} |".replace("..", "."))
+    return "\n".join(rows)
+
+
+def write_keys_table(path: str) -> bool:
+    """Replace the table between the markers in ``path``; True when the file changed."""
+    from pathlib import Path
+
+    p = Path(path)
+    text = p.read_text()
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    new = f"{head}{BEGIN}\n{keys_table()}\n{END}{tail}"
+    if new != text:
+        p.write_text(new)
+    return new != text
+
+
+if __name__ == "__main__":  # python -m fastdfd.recipes.schema [--write docs/recipes/README.md]
+    import sys
+
+    if sys.argv[1:2] == ["--write"]:
+        print("updated" if write_keys_table(sys.argv[2]) else "unchanged", sys.argv[2])
+    else:
+        print(keys_table())

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-AUGMENTS = ("none", "crop_flip")
+from ..settings import AUGMENTS  # the choices live with the setting
 
 
 def random_crop_flip(x: torch.Tensor, padding: int, rng: torch.Generator | None = None) -> torch.Tensor:

@@ -34,45 +34,46 @@ from ..distributed import DistContext
 from ..input_space import InputSpace
 from ..nn.ensemble import GeneratorEnsemble
 from ..rundir import fingerprint
+from ..settings import DistillSettings, LoopSettings, split_settings
 from .evaluate import evaluate_accuracy
-from .generator_trainer import frozen_eval
+from .modes import frozen, in_mode
 from .loop import StepLoop
-from .augment import AUGMENTS, random_crop_flip
+from .augment import random_crop_flip
 from .losses import distillation_kl
 from .pool import ImagePool
 from .probe import (as_logits, check_ensemble_classes, check_finite_weights, check_placement, check_student,
                     probe_teacher)
 
-OPTIMIZERS = ("sgd", "adam")
-STUDENT_BN = ("mixed", "per_generator")
 
 
 class Distiller(StepLoop):
     """KL distillation of ``student`` from ``teacher`` on images sampled from ``ensemble``.
 
-    Args (beyond the three networks):
-        temperature: softening tau of both distributions (loss scaled by tau^2).
-        batch_size: images per generator per step; generators_per_step: how many
-            generators are sampled per step (default all), visited evenly.
-        optimizer ("sgd" with Nesterov momentum, or "adam"), lr, momentum, weight_decay.
+    Settings, each a frozen dataclass passed whole (:mod:`fastdfd.settings`):
+        settings: :class:`~fastdfd.settings.DistillSettings`: ``temperature``, ``batch_size`` (images per generator
+            per step), ``generators_per_step`` (None: all, visited evenly), ``optimizer`` (``"sgd"`` with Nesterov
+            momentum, or ``"adam"``), ``lr``, ``momentum``, ``weight_decay``, ``student_bn`` (``"mixed"`` or
+            ``"per_generator"``: the batch the student's BN statistics are computed over, see the module
+            docstring; single process only) and ``augment`` (``"none"`` or ``"crop_flip"``: each step's images get
+            a random crop, black padding of ``image_size // 8`` pixels, and a horizontal flip before the teacher
+            and the student see them, :func:`fastdfd.train.augment.random_crop_flip`).
+        loop: :class:`~fastdfd.settings.LoopSettings`, as for :class:`GeneratorTrainer` (``sample_every`` must be 0).
+        **overrides: any field of those two by name, laid over them.
+
+    What the run is wired to:
         total_steps: cosine decay of the rate to zero over this many steps (else constant).
-        student_bn: ``"mixed"`` (default) or ``"per_generator"``: the batch the student's BN
-            statistics are computed over (see the module docstring); single process only.
         input_space, teacher_outputs: as for :class:`GeneratorTrainer`; the student sees the same normalised
             images as the teacher, so it is evaluated on real data in the teacher's input space.
-        augment: ``"none"`` (default) or ``"crop_flip"``: each step's images get a random crop (black padding
-            of ``image_size // 8`` pixels, 4 at 32 px) and a horizontal flip
-            (:func:`fastdfd.train.augment.random_crop_flip`) before the teacher and the student see them.
         pool: an :class:`fastdfd.train.pool.ImagePool` filled by a :class:`GeneratorTrainer`: each step draws
             ``batch_size * generators_per_step`` (image, teacher logits) pairs from it instead of sampling the
             ensemble, and runs no teacher forward (the student alone: about a third of a fresh step's cost with
             a CIFAR ResNet-56 teacher). With ``augment``, the student sees the augmented image against the
             teacher's logits on the stored one: crops and flips that the teacher is nearly invariant to.
+        log_path, checkpoint_dir, distributed: as for :class:`GeneratorTrainer`.
 
     Refused up front (ValueError naming both figures or objects): the student being the teacher or
     sharing its parameters, a student whose output width is not the teacher's, images the teacher or
     student cannot take, and class ids beyond the teacher's outputs.
-        seed, log_path, log_every, checkpoint_*: as for :class:`GeneratorTrainer`.
     """
 
     FORMAT = "fastdfd.distiller"
@@ -87,39 +88,27 @@ class Distiller(StepLoop):
         student: nn.Module,
         ensemble: GeneratorEnsemble,
         *,
-        temperature: float = 4.0,
-        batch_size: int = 32,
-        generators_per_step: int | None = None,
-        optimizer: str = "sgd",
-        lr: float = 0.05,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
+        settings: DistillSettings | None = None,
+        loop: LoopSettings | None = None,
         total_steps: int | None = None,
-        seed: int = 0,
-        log_path: str | os.PathLike | None = None,
-        log_every: int = 10,
-        progress: bool = True,
-        checkpoint_dir: str | os.PathLike | None = None,
-        checkpoint_every: int = 0,
-        keep_checkpoints: int = 3,
-        distributed: DistContext | None = None,
-        student_bn: str = "mixed",
         input_space: str | InputSpace | None = None,
         teacher_outputs: str = "logits",
-        augment: str = "none",
         pool: ImagePool | None = None,
+        log_path: str | os.PathLike | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        distributed: DistContext | None = None,
+        **overrides,
     ):
-        if augment not in AUGMENTS:
-            raise ValueError(f"unknown augment {augment!r}; expected one of {AUGMENTS}")
-        self.augment = augment
+        parts = split_settings(overrides, DistillSettings, LoopSettings)
+        self.settings = (settings or DistillSettings()).replace(**parts[0])
+        self.loop = (loop or LoopSettings()).replace(**parts[1])
+        if self.loop.sample_every:
+            raise ValueError("sample_every is the generator trainer's (the distiller writes no sample grids)")
+        if total_steps is not None and total_steps < 1:
+            raise ValueError(f"total_steps must be positive, got {total_steps}")
+        d = self.settings
         self.pool = pool
-        if student_bn not in STUDENT_BN:
-            raise ValueError(f"unknown student_bn {student_bn!r}; expected one of {STUDENT_BN}")
-        self.student_bn = student_bn
-        if temperature <= 0 or batch_size < 1 or lr <= 0:
-            raise ValueError("temperature, batch_size and lr must be positive")
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {OPTIMIZERS}")
+        self.augment, self.student_bn = d.augment, d.student_bn
         self.teacher, self.student, self.ensemble = teacher, student, ensemble
         self.input_space = InputSpace.parse(input_space)
         spec = ensemble.spec
@@ -129,29 +118,25 @@ class Distiller(StepLoop):
         self.teacher_probe = probe_teacher(teacher, spec.channels, spec.image_size, self.input_space, teacher_outputs)
         check_ensemble_classes(ensemble, self.teacher_probe)
         check_student(teacher, student, self.teacher_probe, spec.channels, spec.image_size, self.input_space)
-        self.temperature, self.batch_size = float(temperature), int(batch_size)
-        self.optimizer_name, self.lr = optimizer, float(lr)
+        self.temperature, self.batch_size = d.temperature, d.batch_size
         params = [p for p in student.parameters() if p.requires_grad]
-        if optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True)
+        if d.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=d.lr, momentum=d.momentum, weight_decay=d.weight_decay,
+                                             nesterov=d.momentum > 0)
         else:
-            self.optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+            self.optimizer = torch.optim.Adam(params, lr=d.lr, weight_decay=d.weight_decay)
         self.total_steps = total_steps
         # cosine decay to zero over total_steps when given, else a constant rate
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             (lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))) if total_steps else (lambda s: 1.0),
         )
-        self.hparams = {"momentum": momentum, "weight_decay": weight_decay}
-        self._init_loop(
-            device=ensemble.fc_z.device, num_generators=ensemble.num_generators,
-            generators_per_step=generators_per_step, seed=seed, log_path=log_path, log_every=log_every,
-            progress=progress, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-            keep_checkpoints=keep_checkpoints, distributed=distributed,
-        )
+        self._init_loop(device=ensemble.fc_z.device, num_generators=ensemble.num_generators,
+                        generators_per_step=d.generators_per_step, settings=self.loop, log_path=log_path,
+                        checkpoint_dir=checkpoint_dir, distributed=distributed)
         self.model = student
         if self.dist.world > 1:
-            if student_bn != "mixed":  # DDP expects one forward per backward
+            if d.student_bn != "mixed":  # DDP expects one forward per backward
                 raise ValueError("student_bn='per_generator' runs one student forward per generator: "
                                  "single process only")
             from torch.nn.parallel import DistributedDataParallel
@@ -161,23 +146,17 @@ class Distiller(StepLoop):
             self.model = DistributedDataParallel(student, device_ids=ids, process_group=self.dist.group)
 
     def config(self) -> dict:
+        """What must match for a checkpoint to resume this run (:meth:`fastdfd.settings.Settings.config`), with
+        the resolved chunk, the schedule's length and the pool's capacity."""
         return {
-            "temperature": self.temperature, "batch_size": self.batch_size, "generators_per_step": self.schedule.chunk,
-            "optimizer": self.optimizer_name, "lr": self.lr, "total_steps": self.total_steps, "seed": self.seed,
-            **self.hparams, **({"student_bn": self.student_bn} if self.student_bn != "mixed" else {}),
-            **({"augment": self.augment} if self.augment != "none" else {}),
-            **({"pool": self.pool.capacity} if self.pool is not None else {}),
+            **self.settings.config(), **self.loop.config(), "generators_per_step": self.schedule.chunk,
+            "total_steps": self.total_steps, **({"pool": self.pool.capacity} if self.pool is not None else {}),
         }
 
     @contextlib.contextmanager
     def _run(self) -> Iterator[None]:
-        was_training = self.student.training
-        self.student.train()
-        try:
-            with frozen_eval(self.teacher):
-                yield None
-        finally:
-            self.student.train(was_training)
+        with in_mode(self.student, True), frozen(self.teacher):
+            yield None
 
     def _step(self, _ctx) -> torch.Tensor:
         if self.pool is not None:

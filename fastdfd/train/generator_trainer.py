@@ -35,8 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -47,90 +46,44 @@ from ..distributed import DistContext
 from ..input_space import InputSpace, generator_pixels
 from ..nn.ensemble import GeneratorEnsemble, ensemble_forward
 from ..rundir import fingerprint
-from ..nn.matcher import NORMALIZATIONS, SCOPES, MomentMatcher
-from ..ops import check_kind
+from ..nn.matcher import MomentMatcher
+from ..settings import ExecutionSettings, LoopSettings, LossSettings, OptimizerSettings, split_settings
 from .graphed_step import GraphedStep, cuda_capture
 from .images import grid, save_png
 from .loop import StepLoop
 from .losses import distillation_kl, mode_seeking, total_variation
-from .memory import plan_generator_memory
+from .modes import channels_last_weights, frozen
 from .optim import StackedAdam
+from .plan import ExecutionPlan, graph_obstacles, plan_chunk, resolve_graph
 from .pool import ImagePool
 from .probe import as_logits, check_ensemble_classes, check_finite_weights, check_placement, probe_teacher
 from .quality import QualityReport, generator_quality
 
 
-@contextlib.contextmanager
-def frozen_eval(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode and no parameter gradients inside; the model's flags restored after."""
-    was_training = model.training
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    model.eval()
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield model
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(was_training)
-
-
 class GeneratorTrainer(StepLoop):
     """Moment matching + cross-entropy (+ total variation) training of every generator.
 
-    Args (beyond teacher and ensemble):
-        kind, scope, layer_weights, first_layer_multiplier, normalization: the MomentMatcher's settings
-            (``normalization="mean"``, the default: each layer's distance averaged over its channels and the
-            layers averaged, a scale that does not grow with the teacher's width or depth; ``"sum"``: the
-            paper's summed form). Default scope ``"ensemble"``: one set of statistics over every generator's
-            images, the class mixture the running statistics describe.
-        moment_weight, ce_weight, tv_weight: loss weights (default 10 / 0.1 / 0: the moment term 100 times
-            the cross-entropy, measured on the digits CNN and the pretrained EfficientNet-Lite0 in
-            docs/generators.md; the paper's 10 / 1 is ``preset("paper")``).
-        l2_weight: an L2 image prior, the mean square of the teacher's input (DeepInversion's); folded into
-            ``loss`` (not a logged term of its own).
-        adversarial_weight, student: the generators also *maximise* the disagreement of ``student`` with the
-            teacher on their images, ``KL(softmax(T(x)) || softmax(S(x)))`` per image (the adversarial term of
-            DFAD, Fang et al. 2019, and CMI, Fang et al. 2021): they seek what the student has not yet learned.
-            The student runs frozen in eval mode inside the step (its weights and BN statistics untouched);
-            ``student`` may be set or replaced between fits. Default 0: off.
-        diversity_weight: a mode-seeking term (Mao et al., "Mode Seeking Generative Adversarial Networks",
-            2019) against collapse of a generator onto one image: per generator, the step's images are paired
-            (first half against second half) and ``mean|z_i - z_j| / (mean|x_i - x_j| + 1e-5)`` is minimised,
-            so images move apart as their latents do. Default 0: off. Both fold into ``loss``.
-        pool: an :class:`fastdfd.train.pool.ImagePool` that every step fills with its images (in the teacher's
-            input space, detached) and the teacher's logits on them, for ``Distiller(..., pool=pool)``.
-        batch_size: images per generator per step.
-        offload: keep every generator's parameters and Adam moments in (pinned) host memory
-            and move only the step's chunk to the teacher's device; for ensembles larger than
-            the GPU. Off by default: states live with the ensemble.
-        sample_every, sample_dir: every ``sample_every`` steps write ``sample_dir/step_N.png``,
-            one row of 8 images per generator (the first 16 of this process).
-        autocast: run the teacher under bf16 autocast; channels_last: convert the teacher
-            (and feed it) channels_last. The moment sums stay fp32 either way.
-        generators_per_step: generators trained per step (default all); chunks visit
-            every generator evenly and each keeps its own Adam state. ``"auto"``: the
-            largest chunk the memory planner (:mod:`fastdfd.train.memory`) fits in the
-            device's free memory; a configuration that cannot fit is refused before the
-            first step, with the figures.
-            every generator evenly and each keeps its own Adam state.
-        lr, betas: Adam's (per generator); default 1e-2, (0.5, 0.999).
-        seed: seeds this trainer's own RNG (latents, labels, chunks); global RNG untouched.
-        log_path: per-step metrics, ``.csv`` or JSON lines; ``log_every``: host sync period.
-        tensorboard: also write the metrics to ``<log dir>/tensorboard/<log stem>/``: None (default)
-            when the tensorboard package is installed, False never, True required.
-        checkpoint_dir, checkpoint_every, keep_checkpoints: periodic rotating checkpoints.
-        cuda_graph: capture the fixed-shape step in a CUDA graph and replay it (less launch
-            overhead: it matters for small generators and teachers). ``True`` requires it and
-            raises ValueError naming what prevents it; ``"auto"`` uses it where allowed and
-            otherwise trains eagerly, saying why in ``placement``. Allowed when the step runs on
-            a CUDA device, without offload (streaming chunks to and from host memory copies on
-            the host's schedule), and with one process or ``scope="generator"`` (scope="ensemble"
-            over several processes all-reduces inside the step). The first ``GRAPH_WARMUP``
-            steps of each ``fit`` run eagerly on a side stream, then the step is captured once
-            per chunk size; the graph keeps one step's activations in its own memory pool.
-            ``cuda_graph`` (after construction) says whether it is on, ``graph_refusal`` why not.
+    Settings, each a frozen dataclass passed whole (:mod:`fastdfd.settings`; every field's doc, choices and bounds
+    are there, and the CLI flags and recipe keys are made from them):
+        loss: :class:`~fastdfd.settings.LossSettings`: the moment distance (``kind``, ``scope``, ``normalization``,
+            ``layer_weights``, ``first_layer_multiplier``) and the weights of every term. Default scope
+            ``"ensemble"``: one set of statistics over every generator's images, the class mixture the running
+            statistics describe. ``adversarial_weight`` needs ``student``; ``diversity_weight`` a batch of >= 2.
+        optim: :class:`~fastdfd.settings.OptimizerSettings`: Adam's ``lr`` and ``betas`` (one Adam per generator)
+            and ``batch_size``, the images per generator per step.
+        execution: :class:`~fastdfd.settings.ExecutionSettings`: ``generators_per_step`` (an integer, None for
+            all, or ``"auto"``: the largest chunk the memory planner fits; a configuration that cannot fit is
+            refused before the first step, with the figures), ``offload``, ``autocast``, ``channels_last`` and
+            ``cuda_graph`` (``"on"`` requires it and raises ValueError naming what prevents it; ``"auto"`` uses it
+            where allowed). Decided once into :attr:`plan` (:class:`fastdfd.train.plan.ExecutionPlan`).
+        loop: :class:`~fastdfd.settings.LoopSettings`: ``seed`` (this trainer's own RNG: latents, labels,
+            chunks; the global RNG untouched), ``log_every`` (the host sync period), ``checkpoint_every`` and
+            ``keep_checkpoints`` (used when ``checkpoint_dir`` is given), ``sample_every`` (needs ``sample_dir``),
+            ``progress``, ``tensorboard``.
+        **overrides: any field of those four by name (``lr=1e-3``, ``scope="generator"``), laid over them: the
+            field names of the four classes are disjoint. An unknown name is a TypeError listing the known ones.
+
+    What the run is wired to:
         input_space: the teacher's input normalisation (:class:`fastdfd.input_space.InputSpace`, a preset
             name such as ``"imagenet"`` or ``"minus_one_one"``, or None for ``identity``). The generators
             make pixels in [0, 1] (their tanh output g read as (g + 1) / 2); the teacher sees them normalised.
@@ -138,6 +91,17 @@ class GeneratorTrainer(StepLoop):
             (its log is used). Refused up front, with the figures: images whose channels or size the teacher
             cannot take, class ids beyond the teacher's outputs, and a softmax teacher declared as logits
             (one probe forward on two images, :mod:`fastdfd.train.probe`).
+        student: the network whose disagreement the adversarial term maximises (frozen in eval mode inside
+            each step; may be set or replaced between fits).
+        pool: an :class:`fastdfd.train.pool.ImagePool` that every step fills with its images (in the teacher's
+            input space, detached) and the teacher's logits on them, for ``Distiller(..., pool=pool)``.
+        log_path (``.csv`` or JSON lines), checkpoint_dir, sample_dir: where the loop writes.
+        distributed: a :class:`fastdfd.distributed.DistContext`; the ensemble given is this rank's shard.
+
+    The teacher leaves every fit as it came in: mode, ``requires_grad`` flags and memory format
+    (:mod:`fastdfd.train.modes`). With ``cuda_graph``, the first ``GRAPH_WARMUP`` steps of each ``fit`` run
+    eagerly on a side stream, then the step is captured once per chunk size; the graph keeps one step's
+    activations in its own memory pool.
     """
 
     FORMAT = "fastdfd.generator_trainer"
@@ -152,108 +116,57 @@ class GeneratorTrainer(StepLoop):
         teacher: nn.Module,
         ensemble: GeneratorEnsemble,
         *,
-        kind: str = "kl",
-        scope: str = "ensemble",
-        layer_weights: Sequence[float] | Mapping[str, float] | None = None,
-        first_layer_multiplier: float = 1.0,
-        normalization: str = "mean",
-        moment_weight: float = 10.0,
-        ce_weight: float = 0.1,
-        tv_weight: float = 0.0,
-        l2_weight: float = 0.0,
-        adversarial_weight: float = 0.0,
-        diversity_weight: float = 0.0,
-        student: nn.Module | None = None,
-        pool: ImagePool | None = None,
-        batch_size: int = 32,
-        generators_per_step: int | str | None = None,
-        lr: float = 1e-2,
-        betas: tuple[float, float] = (0.5, 0.999),
-        seed: int = 0,
-        log_path: str | os.PathLike | None = None,
-        log_every: int = 10,
-        progress: bool = True,
-        checkpoint_dir: str | os.PathLike | None = None,
-        checkpoint_every: int = 0,
-        keep_checkpoints: int = 3,
-        distributed: DistContext | None = None,
-        autocast: bool = False,
-        channels_last: bool = False,
-        sample_every: int = 0,
-        sample_dir: str | os.PathLike | None = None,
-        offload: bool = False,
-        cuda_graph: bool | str = False,  # also "off" / "on"
-        tensorboard: bool | None = None,
+        loss: LossSettings | None = None,
+        optim: OptimizerSettings | None = None,
+        execution: ExecutionSettings | None = None,
+        loop: LoopSettings | None = None,
         input_space: str | InputSpace | None = None,
         teacher_outputs: str = "logits",
+        student: nn.Module | None = None,
+        pool: ImagePool | None = None,
+        log_path: str | os.PathLike | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        sample_dir: str | os.PathLike | None = None,
+        distributed: DistContext | None = None,
+        **overrides,
     ):
-        check_kind(kind)
-        if scope not in SCOPES:
-            raise ValueError(f"unknown scope {scope!r}; expected one of {SCOPES}")
-        if batch_size < 1:
-            raise ValueError("batch_size must be positive")
-        if normalization not in NORMALIZATIONS:
-            raise ValueError(f"unknown normalization {normalization!r}; expected one of {NORMALIZATIONS}")
-        if min(moment_weight, ce_weight, tv_weight, l2_weight, adversarial_weight, diversity_weight) < 0:
-            raise ValueError("loss weights must be non-negative")
-        if adversarial_weight and student is None:
+        parts = split_settings(overrides, LossSettings, OptimizerSettings, ExecutionSettings, LoopSettings)
+        self.loss = (loss or LossSettings()).replace(**parts[0])
+        self.optim = (optim or OptimizerSettings()).replace(**parts[1])
+        self.execution = (execution or ExecutionSettings()).replace(**parts[2])
+        self.loop = (loop or LoopSettings()).replace(**parts[3])
+        L, ex = self.loss, self.execution
+        if L.adversarial_weight and student is None:
             raise ValueError("adversarial_weight > 0 needs the student whose disagreement the generators maximise")
-        if diversity_weight and batch_size < 2:
+        if L.diversity_weight and self.optim.batch_size < 2:
             raise ValueError("diversity_weight > 0 pairs a generator's images: batch_size must be at least 2")
         if student is not None and student is teacher:
             raise ValueError("the student given for the adversarial term is the teacher itself")
-        self.teacher, self.ensemble = teacher, ensemble
+        if self.loop.sample_every and sample_dir is None:
+            raise ValueError("sample_every needs a sample_dir")
+        self.teacher, self.ensemble, self.student, self.pool = teacher, ensemble, student, pool
         self.input_space = InputSpace.parse(input_space)
+        self.batch_size = self.optim.batch_size  # StepLoop's throughput reads it
+        self.sample_dir = sample_dir
         # one probe forward: images, classes and output kind refused here, not mid-run
         spec = ensemble.spec
         check_finite_weights(teacher, "teacher")
         self._identity = {"teacher": fingerprint(teacher)}  # what a checkpoint of this run was trained against
         check_placement(ensemble, {"teacher": teacher, **({"student": student} if student is not None else {})},
-                        check_device=not offload)  # before the probe: its forward would fail on a mismatch, unnamed
+                        check_device=not ex.offload)  # before the probe: its forward would fail on a mismatch, unnamed
         self.teacher_probe = probe_teacher(teacher, spec.channels, spec.image_size, self.input_space, teacher_outputs)
         check_ensemble_classes(ensemble, self.teacher_probe)
-        self.kind, self.scope = kind, scope
-        self.layer_weights, self.first_layer_multiplier = layer_weights, float(first_layer_multiplier)
-        self.moment_weight, self.ce_weight, self.tv_weight = float(moment_weight), float(ce_weight), float(tv_weight)
-        self.normalization, self.l2_weight = normalization, float(l2_weight)
-        self.adversarial_weight, self.diversity_weight = float(adversarial_weight), float(diversity_weight)
-        self.student = student
-        self.pool = pool
-        self.batch_size = int(batch_size)
-        self.lr, self.betas = float(lr), tuple(betas)
-        # bf16 autocast of the teacher's forward (generators keep their own dtype) and a
-        # channels_last teacher: the fast path on tensor-core GPUs; both off by default
-        self.autocast, self.channels_last = bool(autocast), bool(channels_last)
-        if self.channels_last:
-            teacher.to(memory_format=torch.channels_last)
-        self.offload = bool(offload)
-        teacher_device = next(teacher.parameters()).device
-        # where the step runs; the ensemble (and so the draws) stays on its own device
-        self.compute_device = teacher_device if self.offload else ensemble.fc_z.device
-        if self.offload and teacher_device.type == "cuda" and ensemble.fc_z.device.type == "cpu":
+        device = ensemble.fc_z.device
+        compute_device = next(teacher.parameters()).device if ex.offload else device  # where the step runs
+        if compute_device != device and compute_device.type == "cuda" and device.type == "cpu":
             with torch.no_grad():
                 for p in ensemble.parameters():
                     p.data = p.data.pin_memory()  # asynchronous host-to-device copies of each chunk
-        self.optimizer = StackedAdam(dict(ensemble.named_parameters()), lr=lr, betas=self.betas,
-                                     compute_device=self.compute_device)
-        self.placement = (f"generator parameters and Adam moments in host memory, each step's chunk streamed to "
-                          f"{self.compute_device}" if self.compute_device != ensemble.fc_z.device else
-                          f"generator parameters and Adam moments on {ensemble.fc_z.device}")
-        if sample_every < 0 or (sample_every and sample_dir is None):
-            raise ValueError("sample_every must be >= 0 and needs a sample_dir")
-        self.sample_every, self.sample_dir = int(sample_every), sample_dir
-        self.memory_plan = None
-        if generators_per_step == "auto":  # on a CPU (no budget) that is every generator
-            self.memory_plan = plan_generator_memory(teacher, ensemble, self.batch_size, dtype=ensemble.fc_z.dtype)
-            generators_per_step = self.memory_plan.chunk
-        elif ensemble.fc_z.device.type == "cuda":
-            self.memory_plan = self._check_memory(teacher, ensemble, generators_per_step)
-        self._init_loop(
-            device=ensemble.fc_z.device, num_generators=ensemble.num_generators,
-            generators_per_step=generators_per_step, seed=seed, log_path=log_path, log_every=log_every,
-            progress=progress, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-            keep_checkpoints=keep_checkpoints, distributed=distributed, tensorboard=tensorboard,
-        )
+        self.optimizer = StackedAdam(dict(ensemble.named_parameters()), lr=self.optim.lr, betas=self.optim.betas,
+                                     compute_device=compute_device)
+        chunk, memory = plan_chunk(teacher, ensemble, self.batch_size, ex.generators_per_step)
+        self._init_loop(device=device, num_generators=ensemble.num_generators, generators_per_step=chunk,
+                        settings=self.loop, log_path=log_path, checkpoint_dir=checkpoint_dir, distributed=distributed)
         sharded = self.dist.world > 1
         # Whole steps (no chunks): every rank draws the *global* step's latents and labels from
         # the same stream and keeps its rows, so N processes reproduce the 1-process run.
@@ -261,71 +174,55 @@ class GeneratorTrainer(StepLoop):
         self._global_draw = sharded and self.schedule.chunk == ensemble.num_generators
         if sharded and not self._global_draw:
             self._own_stream_per_rank()
-        self.cuda_graph, self.graph_refusal = self._resolve_cuda_graph(cuda_graph)
+        obstacles = graph_obstacles(compute_device=compute_device, device=device, offload=ex.offload,
+                                    world=self.dist.world, scope=L.scope, pool=pool is not None,
+                                    optimizer_obstacle=self.optimizer.graph_obstacle())
+        graph, why = resolve_graph(ex.cuda_graph, obstacles)
+        self.plan = ExecutionPlan(device=device, compute_device=compute_device, chunk=self.schedule.chunk,
+                                  num_generators=ensemble.num_generators, memory=memory, cuda_graph=graph,
+                                  graph_reason=why, settings=ex)
         self._capture = cuda_capture  # the seam tests replace (graphed_step.direct_capture on a CPU)
         self._graphs: dict[int, GraphedStep] = {}
-        if self.cuda_graph:
-            self.placement += f"; step captured in a CUDA graph (after {self.GRAPH_WARMUP} eager warm-up steps)"
-        elif cuda_graph == "auto":
-            self.placement += f"; CUDA graph off: {self.graph_refusal}"
 
-    def _graph_obstacles(self) -> list[str]:
-        """Why this configuration's step cannot be captured in a CUDA graph (empty: it can)."""
-        reasons = []
-        if self.compute_device.type != "cuda":
-            reasons.append(f"the step runs on {self.compute_device}, not on a CUDA device")
-        offloaded = self.offload or self.compute_device != self.device
-        if offloaded:
-            reasons.append("offload=True streams each chunk between host and device memory (host-side copies "
-                           "and syncs every step)")
-        if self.dist.world > 1 and self.scope == "ensemble":
-            reasons.append(f"scope='ensemble' over {self.dist.world} processes all-reduces the moment sums "
-                           "inside the step (no collectives in a captured graph here; use scope='generator')")
-        if self.pool is not None:
-            reasons.append("a pool is filled at a position that moves every step (a graph replays one copy)")
-        why = None if offloaded else self.optimizer.graph_obstacle()
-        if why is not None:
-            reasons.append(why)
-        return reasons
+    # the plan's decisions, under the names the rest of the library reads
+    @property
+    def cuda_graph(self) -> bool:
+        return self.plan.cuda_graph
 
-    def _resolve_cuda_graph(self, cuda_graph) -> tuple[bool, str | None]:
-        cuda_graph = {"off": False, "on": True}.get(cuda_graph, cuda_graph)  # the CLI's and recipes' spelling
-        if cuda_graph not in (False, True, "auto"):
-            raise ValueError(f"cuda_graph must be False, True or 'auto' (or 'off'/'on'), got {cuda_graph!r}")
-        if not cuda_graph:
-            return False, "cuda_graph=False"
-        reasons = self._graph_obstacles()
-        if not reasons:
-            return True, None
-        why = "; ".join(reasons)
-        if cuda_graph != "auto":
-            raise ValueError(f"cuda_graph=True, but the step cannot be captured in a CUDA graph: {why}")
-        return False, why
+    @property
+    def graph_refusal(self) -> str | None:
+        return self.plan.graph_reason
+
+    @property
+    def compute_device(self) -> torch.device:
+        return self.plan.compute_device
+
+    @property
+    def memory_plan(self):
+        return self.plan.memory
+
+    @property
+    def placement(self) -> str:
+        return self.plan.describe()
 
     def config(self) -> dict:
-        """Hyperparameters that must match for a checkpoint to resume this run exactly."""
-        lw = self.layer_weights
+        """What must match for a checkpoint to resume this run exactly: the loss and optimiser settings
+        (:meth:`fastdfd.settings.Settings.config`; a field at its ``absent`` value is left out, so checkpoints
+        written before it existed still resume), the resolved chunk, the seed and a non-identity input space."""
         return {
-            "kind": self.kind, "scope": self.scope, "batch_size": self.batch_size,
-            "generators_per_step": self.schedule.chunk, "moment_weight": self.moment_weight,
-            "ce_weight": self.ce_weight, "tv_weight": self.tv_weight, "lr": self.lr, "betas": list(self.betas),
-            "first_layer_multiplier": self.first_layer_multiplier, "seed": self.seed,
-            "layer_weights": dict(lw) if isinstance(lw, Mapping) else (None if lw is None else list(lw)),
-            # only when set: checkpoints written before these settings existed still resume
-            **({"normalization": self.normalization} if self.normalization != "sum" else {}),
-            **({"l2_weight": self.l2_weight} if self.l2_weight else {}),
-            **({"adversarial_weight": self.adversarial_weight} if self.adversarial_weight else {}),
-            **({"diversity_weight": self.diversity_weight} if self.diversity_weight else {}),
+            **self.loss.config(), **self.optim.config(), **self.loop.config(),
+            "generators_per_step": self.schedule.chunk,
             **({"input_space": str(self.input_space)} if self.input_space.name != "identity" else {}),
         }
 
     @contextlib.contextmanager
     def _run(self) -> Iterator[MomentMatcher]:
-        adversary = frozen_eval(self.student) if self.adversarial_weight else contextlib.nullcontext()
-        with frozen_eval(self.teacher), adversary, MomentMatcher(
-            self.teacher, kind=self.kind, scope=self.scope, layer_weights=self.layer_weights,
-            first_layer_multiplier=self.first_layer_multiplier, normalization=self.normalization,
-        ) as matcher:
+        L = self.loss
+        adversary = frozen(self.student) if L.adversarial_weight else contextlib.nullcontext()
+        with frozen(self.teacher), channels_last_weights(self.teacher, self.execution.channels_last), adversary, \
+                MomentMatcher(self.teacher, kind=L.kind, scope=L.scope, layer_weights=L.layer_weights,
+                              first_layer_multiplier=L.first_layer_multiplier,
+                              normalization=L.normalization) as matcher:
             matcher.distributed = self.dist
             try:
                 yield matcher
@@ -339,30 +236,31 @@ class GeneratorTrainer(StepLoop):
         Returns (total, moment [k] or scalar, ce [k], tv [k], logits [k*B, classes], the teacher's input [k*B, C, S, S]).
         """
         k, b = z.shape[0], z.shape[1]
+        L = self.loss
         x = ensemble_forward(params, self.ensemble.spec, z.to(params["fc_z"].dtype), local)
-        seeking = mode_seeking(x, z) if self.diversity_weight else None  # [k], on the generators' own output
+        seeking = mode_seeking(x, z) if L.diversity_weight else None  # [k], on the generators' own output
         k_global = k * self.dist.world  # scope="ensemble": every generator of the step carries the shared term
         x = self.input_space.from_generator(x.reshape(k * b, *x.shape[2:]))  # pixels, normalised for the teacher
-        matcher.groups = k if self.scope == "generator" else None
-        if self.channels_last and x.dim() == 4:
+        matcher.groups = k if L.scope == "generator" else None
+        if self.execution.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(x.device.type, torch.bfloat16, enabled=self.autocast):
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=self.execution.autocast):
             logits = as_logits(self.teacher(x), self.teacher_probe.probabilities)
         moment = matcher.loss()
         ce = F.cross_entropy(logits.float(), y.reshape(-1), reduction="none").view(k, b).mean(1)
-        tv = total_variation(x).view(k, b).mean(1) if self.tv_weight else ce.new_zeros(k)
-        rest = self.ce_weight * ce + self.tv_weight * tv
-        if self.l2_weight:
-            rest = rest + self.l2_weight * x.float().pow(2).reshape(k, -1).mean(1)
-        if self.adversarial_weight:
+        tv = total_variation(x).view(k, b).mean(1) if L.tv_weight else ce.new_zeros(k)
+        rest = L.ce_weight * ce + L.tv_weight * tv
+        if L.l2_weight:
+            rest = rest + L.l2_weight * x.float().pow(2).reshape(k, -1).mean(1)
+        if L.adversarial_weight:
             disagreement = distillation_kl(self.student(x), logits, 1.0, reduction="none").view(k, b).mean(1)
-            rest = rest - self.adversarial_weight * disagreement
+            rest = rest - L.adversarial_weight * disagreement
         if seeking is not None:
-            rest = rest + self.diversity_weight * seeking
-        if self.scope == "generator":
-            total = (self.moment_weight * moment + rest).sum()
+            rest = rest + L.diversity_weight * seeking
+        if L.scope == "generator":
+            total = (L.moment_weight * moment + rest).sum()
         else:
-            total = k_global * self.moment_weight * moment + rest.sum()
+            total = k_global * L.moment_weight * moment + rest.sum()
         return total, moment, ce, tv, logits, x
 
     def _rows(self, chunk: list[int] | None) -> torch.Tensor | None:
@@ -410,21 +308,11 @@ class GeneratorTrainer(StepLoop):
         return graphed(rows=rows, z=z, y=y, local=local)
 
     def _after_step(self) -> None:
-        if self.sample_every and self.step % self.sample_every == 0 and self.dist.is_main:
+        if self.loop.sample_every and self.step % self.loop.sample_every == 0 and self.dist.is_main:
             rows = list(range(min(16, self.ensemble.num_generators)))
             # a private RNG: writing samples must not change the training stream
             x, _ = self.ensemble.sample(8, rows, rng=torch.Generator(device=self.device).manual_seed(self.step))
             save_png(grid(generator_pixels(x), len(rows)), os.path.join(os.fspath(self.sample_dir), f"step_{self.step:08d}.png"))
-
-    def _check_memory(self, teacher, ensemble, generators_per_step):
-        """An explicit chunk on a GPU: refused only if one generator cannot fit; warned if the chunk may not."""
-        plan = plan_generator_memory(teacher, ensemble, self.batch_size, dtype=ensemble.fc_z.dtype)  # raises if none fits
-        wanted = ensemble.num_generators if generators_per_step is None else int(generators_per_step)
-        if wanted > plan.chunk:
-            warnings.warn(f"fastdfd: {wanted} generators per step may not fit: the planner estimates that "
-                          f"{plan.describe()}; pass generators_per_step='auto' to use that", RuntimeWarning,
-                          stacklevel=3)
-        return plan
 
     def _draw(self, rows):
         if not self._global_draw:
@@ -467,7 +355,7 @@ class GeneratorTrainer(StepLoop):
         """
         report = generator_quality(
             self.teacher, self.ensemble, n_per_class=n_per_class, input_space=self.input_space, verifier=verifier,
-            verifier_input_space=verifier_input_space, kind=self.kind, seed=self.seed if seed is None else seed,
+            verifier_input_space=verifier_input_space, kind=self.loss.kind, seed=self.seed if seed is None else seed,
             class_names=class_names, teacher_outputs="probabilities" if self.teacher_probe.probabilities else "logits",
         )
         if log and self.dist.is_main and self.log.path is not None:

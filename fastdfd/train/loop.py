@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ..checkpoint import (CheckpointError, CheckpointRotation, CorruptCheckpointError, atomic_save, check_config,
                           load_file)
 from ..distributed import DistContext
+from ..settings import LoopSettings
 from .metrics import MetricsLog, check_finite
 from .schedule import ChunkSchedule
 from .stops import RunInterrupted, StopOnSignal
@@ -40,37 +41,31 @@ class StepLoop:
         device: torch.device,
         num_generators: int,
         generators_per_step: int | None,
-        seed: int,
+        settings: LoopSettings,
         log_path: str | os.PathLike | None,
-        log_every: int,
-        progress: bool,
         checkpoint_dir: str | os.PathLike | None,
-        checkpoint_every: int,
-        keep_checkpoints: int,
         distributed: DistContext | None = None,
-        tensorboard: bool | None = None,
     ) -> None:
         # Under torch.distributed: logs and the progress bar on rank 0 only; one checkpoint
         # rotation per rank (each holds its own generators or RNG stream); resume agrees on a step.
         self.dist = distributed if distributed is not None else DistContext()
+        progress = settings.progress
         if self.dist.world > 1:
             log_path = log_path if self.dist.is_main else None
             progress = progress and self.dist.is_main
             if checkpoint_dir is not None:
                 checkpoint_dir = os.path.join(os.fspath(checkpoint_dir), f"rank_{self.dist.rank:05d}")
-        if log_every < 1 or checkpoint_every < 0:
-            raise ValueError("log_every must be positive and checkpoint_every >= 0")
-        if checkpoint_every and checkpoint_dir is None:
-            raise ValueError("checkpoint_every needs a checkpoint_dir")
-        self.device, self.seed = device, int(seed)
-        self.schedule = ChunkSchedule(num_generators, generators_per_step, seed)
+        self.device, self.seed = device, settings.seed
+        self.schedule = ChunkSchedule(num_generators, generators_per_step, settings.seed)
         self.rng = torch.Generator(device=device).manual_seed(self.seed)
         self.step = 0
         self.history: list[dict[str, float]] = []
-        self.log = MetricsLog(log_path, tensorboard=tensorboard)  # + TensorBoard when installed (metrics.py)
-        self.log_every, self.progress = int(log_every), progress
-        self.checkpoint_every = int(checkpoint_every)
-        self.rotation = CheckpointRotation(checkpoint_dir, keep_checkpoints) if checkpoint_dir is not None else None
+        self.log = MetricsLog(log_path, tensorboard=settings.tensorboard)  # + TensorBoard when installed (metrics.py)
+        self.log_every, self.progress = settings.log_every, progress
+        # checkpoints are written where there is a directory for them (checkpoint_every is the period then)
+        self.checkpoint_every = settings.checkpoint_every if checkpoint_dir is not None else 0
+        self.rotation = (CheckpointRotation(checkpoint_dir, settings.keep_checkpoints)
+                         if checkpoint_dir is not None else None)
 
     def _own_stream_per_rank(self) -> None:
         """Give this rank a random stream of its own (different images on every rank)."""

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .modes import in_mode
+
 GIB = 2**30
 
 
@@ -57,12 +59,10 @@ def _teacher_activation_bytes(teacher: nn.Module, image_shape: tuple[int, ...], 
 
     state = {n: torch.empty_like(t, device="meta") for n, t in [*teacher.named_parameters(), *teacher.named_buffers()]}
     handles = [m.register_forward_hook(hook) for m in teacher.modules() if not list(m.children())]
-    was_training = teacher.training
     try:
-        with torch.no_grad():
-            torch.func.functional_call(teacher.eval(), state, (torch.empty((1, *image_shape), device="meta", dtype=dtype),))
+        with torch.no_grad(), in_mode(teacher, False):
+            torch.func.functional_call(teacher, state, (torch.empty((1, *image_shape), device="meta", dtype=dtype),))
     finally:
-        teacher.train(was_training)
         for h in handles:
             h.remove()
     return total

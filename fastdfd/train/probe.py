@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..input_space import InputSpace
+from .modes import in_mode
 
 TEACHER_OUTPUTS = ("logits", "probabilities")
 PROBE_BATCH = 2
@@ -32,13 +33,8 @@ class TeacherProbe:
 
 @contextlib.contextmanager
 def _eval_no_grad(model: nn.Module):
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield model
-    finally:
-        model.train(was_training)
+    with in_mode(model, False), torch.no_grad():
+        yield model
 
 
 def _first_conv(model: nn.Module) -> tuple[str, nn.Module] | None:

@@ -22,6 +22,7 @@ Sampling uses its own RNG (``seed``): the global RNG and any trainer's stream ar
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from ..nn.ensemble import GeneratorEnsemble, ensemble_forward
 from ..nn.matcher import MomentMatcher
 from .diversity import COLLAPSE_THRESHOLD, class_diversity, penultimate_features
 from .images import grid, save_png
+from .modes import in_mode
 from .probe import as_logits
 
 
@@ -130,16 +132,12 @@ def reference_diversity(teacher: nn.Module, pixels: torch.Tensor, labels: torch.
     """:func:`~fastdfd.train.diversity.class_diversity` of real images: ``pixels`` [N, C, S, S] in [0, 1]
     (float), ``labels`` [N], normalised with ``input_space`` for the teacher (eval mode, restored)."""
     space = InputSpace.parse(input_space)
-    was = teacher.training
-    teacher.eval()
     feats = []
-    try:
+    with in_mode(teacher, False):
         for lo in range(0, pixels.shape[0], batch_size):
             logits, f = _logits_and_features(teacher, space.normalize(pixels[lo:lo + batch_size].float()),
                                              teacher_outputs == "probabilities")
             feats.append(logits.float().cpu() if f is None else f)
-    finally:
-        teacher.train(was)
     return class_diversity(torch.cat(feats), labels.cpu())
 
 
@@ -187,13 +185,10 @@ def generator_quality(
     k, per = ensemble.num_generators, ensemble.classes_per_generator
     per_gen = n_per_class * per
     chunk = max(1, batch_size // per_gen)
-    modes = [(m, m.training) for m in (teacher, verifier) if m is not None]
-    for m, _ in modes:
-        m.eval()
     images, labels, y_seen, t_pred, v_pred, t_feats = [], [], [], [], [], []
     # images kept per (generator, class): the grid's columns, or the moment forward's even share if larger
     keep_per = min(n_per_class, max(sample_columns, moment_images // (k * per)))
-    try:
+    with in_mode(teacher, False), (in_mode(verifier, False) if verifier is not None else contextlib.nullcontext()):
         for lo in range(0, k, chunk):
             rows = torch.arange(lo, min(k, lo + chunk), device=device)
             local = torch.arange(per, device=device).repeat_interleave(n_per_class).expand(rows.numel(), per_gen)
@@ -231,9 +226,6 @@ def generator_quality(
         with MomentMatcher(teacher, kind=kind, scope="ensemble") as matcher, torch.no_grad():  # values only
             teacher(space.from_generator(x_all[order].to(teacher_device)))
             distances = {name: float(v) for name, v in matcher.layer_losses().items()}
-    finally:
-        for m, was in modes:
-            m.train(was)
 
     # the sample grid: the first columns of every class, one row per class (at most max_grid_rows)
     rows_px = [generator_pixels(x_all[y_kept == c][:sample_columns]) for c in classes[:max_grid_rows]]

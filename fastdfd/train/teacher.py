@@ -10,7 +10,6 @@ import math
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,52 +19,12 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from tqdm.auto import tqdm
 
 from ..checkpoint import atomic_save
+from ..settings.teacher import DEFAULT_WORKERS, TeacherSettings  # noqa: F401 (part of this module's API)
 from .evaluate import evaluate_accuracy
 from .metrics import MetricsLog, NonFiniteLossError
+from .modes import in_mode
 
 __all__ = ["TEACHER_PRESETS", "TeacherSettings", "cosine_lr", "train_teacher"]
-
-
-# half the cores, at most 4: the loader shares the machine with the training step
-DEFAULT_WORKERS = min(4, max(1, (os.cpu_count() or 1) // 2))
-
-
-@dataclass(frozen=True)
-class TeacherSettings:
-    """One teacher-training recipe. Defaults: the standard CIFAR recipe (SGD with Nesterov
-    momentum 0.9, lr 0.1, weight decay 5e-4, batch 128, 200 epochs, cosine to 0 per step).
-
-    ``warmup_epochs``: linear warm-up from ~0 to ``lr`` before the cosine (0: none).
-    ``workers``: DataLoader worker processes (0 loads in the training process); default half this machine's
-    cores, at most 4 (1 on a 2-core machine: more would take the cores the training step needs).
-    """
-
-    epochs: int = 200
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    warmup_epochs: int = 0
-    label_smoothing: float = 0.0
-    workers: int = DEFAULT_WORKERS
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.epochs > 0, f"epochs must be positive, got {self.epochs}"),
-            (self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}"),
-            (self.lr > 0 and math.isfinite(self.lr), f"lr must be positive, got {self.lr}"),
-            (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
-            (not self.nesterov or self.momentum > 0, "nesterov needs momentum > 0"),
-            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
-            (0 <= self.warmup_epochs < self.epochs,
-             f"warmup_epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs}"),
-            (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
-            (self.workers >= 0, f"workers must be >= 0, got {self.workers}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
 
 
 # The published teachers were trained with step decay; every preset here uses the cosine
@@ -115,12 +74,8 @@ def _dataset_classes(dataset: Dataset) -> int | None:
 def _output_width(model: nn.Module, sample: torch.Tensor, device: torch.device) -> int:
     # One eval-mode forward: BN running statistics are untouched, and an input the model
     # cannot take (wrong channel count) fails here rather than mid-epoch.
-    was_training = model.training
-    model.eval()
-    try:
+    with in_mode(model, False):
         logits = model(sample.unsqueeze(0).to(device))
-    finally:
-        model.train(was_training)
     if logits.dim() != 2:
         raise ValueError(f"the model must return [batch, classes] logits, got shape {tuple(logits.shape)}")
     return int(logits.shape[1])

@@ -1,0 +1,38 @@
+"""What the student learns from and how: the distillation loss, its optimiser and its batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .field import Settings, setting
+
+__all__ = ["AUGMENTS", "DISTILL_OPTIMIZERS", "STUDENT_BN", "DistillSettings"]
+
+DISTILL_OPTIMIZERS = ("sgd", "adam")
+STUDENT_BN = ("mixed", "per_generator")
+AUGMENTS = ("none", "crop_flip")
+
+
+@dataclass(frozen=True)
+class DistillSettings(Settings):
+    """``KL(softmax(T(x)/tau) || softmax(S(x)/tau)) * tau^2`` on generated images (docs/method.md section 7)."""
+
+    temperature: float = setting(4.0, "softening tau of both distributions (the loss is scaled by tau^2)",
+                                 kind="float", above=0)
+    batch_size: int = setting(32, "images per generator per step", kind="int", minimum=1)
+    generators_per_step: int | None = setting(None, "generators sampled per step (all when unset), visited evenly",
+                                              kind="count", config=False)  # the loop records the resolved chunk
+    optimizer: str = setting("sgd", "the student's optimiser (sgd: with Nesterov momentum)", kind="str",
+                             choices=DISTILL_OPTIMIZERS)
+    lr: float = setting(0.05, "peak learning rate, cosine annealed to 0 over the run's steps", kind="float", above=0)
+    momentum: float = setting(0.9, "SGD momentum", kind="float", minimum=0)
+    weight_decay: float = setting(5e-4, "L2 weight decay", kind="float", minimum=0)
+    student_bn: str = setting("mixed", "the batch the student's BN statistics are taken over: mixed (every "
+                                       "generator's images together) or per_generator (single process only)",
+                              kind="str", choices=STUDENT_BN, absent="mixed")
+    augment: str = setting("none", "random crop (padding side/8) and horizontal flip of each step's images",
+                           kind="str", choices=AUGMENTS, absent="none")
+
+    def _check(self) -> None:
+        if self.momentum >= 1:
+            raise ValueError(f"DistillSettings.momentum = {self.momentum}: must be below 1")
