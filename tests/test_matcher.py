@@ -246,6 +246,45 @@ def test_batchnorm1d_and_3d_and_shared_layers():
             m.loss().double(), hook_distance(model3[0](x), model3[1], "mse"), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["kl", "l2", "mse"])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_a_bn_called_twice_counts_both_calls(kind, groups):
+    """Weight sharing: a BN module used at two places of the forward. The loss is that of every input it saw,
+    pooled (the float64 hook below records every call, where DeepInversion's keeps only the last), value and
+    input gradient, per segment under scope='generator'."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(5)
+    model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), bn, nn.ReLU(), nn.Conv2d(5, 5, 1), bn)
+    other = nn.BatchNorm2d(5)  # an ordinary layer beside the shared one
+    model.append(other)
+    randomize_bn_stats(model)
+    model.eval()
+    x = torch.randn(4, 3, 6, 7, requires_grad=True)
+    scope = "ensemble" if groups == 1 else "generator"
+    with MomentMatcher(model, kind=kind, scope=scope, groups=None if groups == 1 else groups) as m:
+        model(x)
+        loss = m.loss().sum()
+        assert len(m.layer_names) == 2
+    (grad,) = torch.autograd.grad(loss, x)
+
+    xd = x.detach().double().requires_grad_(True)
+    model_d = copy.deepcopy(model).double()  # the shared BN stays one module in the copy
+    calls: dict[nn.Module, list[torch.Tensor]] = {model_d[1]: [], model_d[5]: []}
+    handles = [mod.register_forward_hook(lambda mod, inp, out: calls[mod].append(inp[0])) for mod in calls]
+    model_d(xd)
+    for h in handles:
+        h.remove()
+    assert len(calls[model_d[1]]) == 2 and len(calls[model_d[5]]) == 1
+    ref = 0
+    for mod, inputs in calls.items():
+        for g in range(groups):  # segment g of every call, pooled
+            pooled = torch.cat([t.chunk(groups)[g] for t in inputs])
+            ref = ref + hook_distance(pooled, mod, kind)
+    (ref_grad,) = torch.autograd.grad(ref, xd)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+
+
 def test_to_while_attached_hands_new_tensors_back(digits_teacher):
     with MomentMatcher(digits_teacher) as m:
         digits_teacher.double()

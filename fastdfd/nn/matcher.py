@@ -21,11 +21,10 @@ import torch
 from torch import nn
 
 from ..ops import KINDS, PackedLayout, check_kind, check_running_stats, moment_finalize
+from ..settings.generator import NORMALIZATIONS, SCOPES  # the choices live with the settings
 from .flavours import Flavour, class_name, flavour_of, is_uninitialized_lazy
+from .moment_record import MomentRecord
 from .tap import BNTap
-
-SCOPES = ("ensemble", "generator")
-NORMALIZATIONS = ("sum", "mean")
 
 
 def _batchnorm_layers(teacher: nn.Module) -> list[tuple[str, nn.Module, Flavour]]:
@@ -105,8 +104,6 @@ class MomentMatcher:
         if scope == "ensemble" and groups not in (None, 1):
             raise ValueError("groups only applies to scope='generator'")
         self.scope = scope
-        self.groups = groups
-        self.enabled = True
         self.teacher = teacher
         # With scope="ensemble" under torch.distributed: the sums of every rank's images are
         # added before the finalize, so the loss is that of the global batch (fastdfd.distributed).
@@ -146,11 +143,13 @@ class MomentMatcher:
         self._stats = [(bn.running_mean.detach().clone(), bn.running_var.detach().clone(), float(bn.eps))
                        for _, bn, _ in layers]
         self._cache: dict[tuple, tuple[PackedLayout, torch.Tensor, torch.Tensor]] = {}
-        self._sums: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
-        self._result: tuple[torch.Tensor, tuple[int, ...]] | None = None
+        # the buffer the taps write into; this matcher clears it per forward and reads it in loss()
+        self.record = MomentRecord([mean for mean, _, _ in self._stats])
+        self.groups = groups
+        self._result: tuple[int, tuple] | None = None  # (the record's version, the finalized losses)
 
         self._swaps: list[tuple[nn.Module, str, BNTap]] = []
-        taps = {id(bn): BNTap(bn, slot, self, flavour) for slot, (_, bn, flavour) in enumerate(layers)}
+        taps = {id(bn): BNTap(bn, slot, self.record, flavour) for slot, (_, bn, flavour) in enumerate(layers)}
         for parent in teacher.modules():
             for child_name, child in list(parent._modules.items()):
                 if child is not None and id(child) in taps:
@@ -199,20 +198,29 @@ class MomentMatcher:
 
     # --------------------------------------------------------------- recording
     @property
+    def groups(self) -> int | None:
+        """Segments of the batch for ``scope="generator"`` (one per generator); always 1 for ``"ensemble"``."""
+        return self.record.groups if self.scope == "generator" else None
+
+    @groups.setter
+    def groups(self, value: int | None) -> None:
+        self.record.groups = 1 if self.scope == "ensemble" else value
+
+    @property
     def active_groups(self) -> int:
-        if self.scope == "ensemble":
-            return 1
-        if self.groups is None:
-            raise RuntimeError("scope='generator' needs matcher.groups (the number of generators in the batch)")
-        return int(self.groups)
+        return self.record.active_groups
+
+    @property
+    def enabled(self) -> bool:
+        """Whether teacher forwards record their sums (see :meth:`paused`)."""
+        return self.record.enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self.record.enabled = bool(value)
 
     def _start_forward(self, _module, _inputs) -> None:
-        self._sums = {}
-        self._result = None
-
-    def _record(self, slot: int, s1: torch.Tensor, s2: torch.Tensor, count: int) -> None:
-        self._sums[slot] = (s1, s2, count)
-        self._result = None
+        self.record.clear()
 
     def _packed(self, slots: tuple[int, ...], counts: tuple[int, ...], like: torch.Tensor):
         key = (slots, counts, like.dtype, like.device)
@@ -231,13 +239,14 @@ class MomentMatcher:
         return hit
 
     def _finalize(self) -> tuple[torch.Tensor, tuple[int, ...]]:
-        if self._result is None:
-            if not self._sums:
+        if self._result is None or self._result[0] != self.record.version:
+            sums = self.record.sums
+            if not sums:
                 raise RuntimeError("no teacher forward recorded since attaching: call teacher(x) before loss()")
-            slots = tuple(sorted(self._sums))
-            s1 = torch.cat([self._sums[s][0] for s in slots], dim=1)
-            s2 = torch.cat([self._sums[s][1] for s in slots], dim=1)
-            counts = tuple(self._sums[s][2] for s in slots)
+            slots = tuple(sorted(sums))
+            s1 = torch.cat([sums[s][0] for s in slots], dim=1)
+            s2 = torch.cat([sums[s][1] for s in slots], dim=1)
+            counts = tuple(sums[s][2] for s in slots)
             if self.distributed is not None and self.scope == "ensemble" and self.distributed.world > 1:
                 from ..distributed import sum_over_ranks
 
@@ -246,8 +255,8 @@ class MomentMatcher:
                 counts = tuple(c * self.distributed.world for c in counts)
             layout, count, weights = self._packed(slots, counts, s1)
             per_layer = moment_finalize(s1, s2, count, layout, self.kind)  # [L, G]
-            self._result = (per_layer, slots, weights)
-        return self._result
+            self._result = (self.record.version, (per_layer, slots, weights))
+        return self._result[1]
 
     # ------------------------------------------------------------------ losses
     def loss(self) -> torch.Tensor:
@@ -283,7 +292,7 @@ class MomentMatcher:
         for parent, child_name, tap in reversed(self._swaps):
             parent._modules[child_name] = tap.restore()
         self._swaps = []
-        self._sums = {}
+        self.record.clear()
         self._result = None
         if self._hook is not None:
             self._hook.remove()

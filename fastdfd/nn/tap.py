@@ -15,21 +15,17 @@ as it would without the tap; the loss keeps the statistics seen at attach time).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from ..ops import moment_sums, moment_tap
 from ..ops.reference import eval_batch_norm
 from .flavours import Flavour
-
-if TYPE_CHECKING:
-    from .matcher import MomentMatcher
+from .moment_record import MomentRecord
 
 
 class BNTap(nn.Module):
-    def __init__(self, bn: nn.Module, slot: int, matcher: "MomentMatcher", flavour: Flavour):
+    def __init__(self, bn: nn.Module, slot: int, record: MomentRecord, flavour: Flavour):
         super().__init__()
         self.eps = float(bn.eps)
         self.num_features = int(bn.running_mean.numel())
@@ -37,7 +33,7 @@ class BNTap(nn.Module):
         self.flavour = flavour
         # Plain attributes (not submodules): the teacher's module tree must not grow.
         object.__setattr__(self, "original", bn)
-        object.__setattr__(self, "_matcher", matcher)
+        object.__setattr__(self, "_record", record)  # where the sums go (the matcher owns and reads it)
         # The same objects under the same names (timm keeps act/drop as submodules, torchvision
         # FrozenBatchNorm2d its weight and bias as buffers).
         self._parameters.update(bn._parameters)
@@ -45,7 +41,6 @@ class BNTap(nn.Module):
         self._modules.update(bn._modules)
         self._non_persistent_buffers_set = set(bn._non_persistent_buffers_set)
         self.training = bn.training
-        self._shift: dict[torch.device, torch.Tensor] = {}
 
     def _affine(self, name: str) -> torch.Tensor | None:
         return self._parameters[name] if name in self._parameters else self._buffers.get(name)
@@ -55,28 +50,21 @@ class BNTap(nn.Module):
         return self.training and not self.flavour.frozen
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        matcher = self._matcher
+        record = self._record
         if self.flavour.fused and not self._uses_batch_statistics():
             w, b = self._affine("weight"), self._affine("bias")
-            if matcher.enabled:
-                groups = matcher.active_groups
+            if record.enabled:
+                groups = record.active_groups
                 y, s1, s2 = moment_tap(x, self.running_mean, self.running_var, w, b, self.eps, groups)
-                matcher._record(self.slot, s1, s2, x.numel() // (x.shape[1] * groups))
+                record.add(self.slot, s1, s2, x.numel() // (x.shape[1] * groups))
             else:
                 y = eval_batch_norm(x, self.running_mean, self.running_var, w, b, self.eps)
             return self.flavour.apply_epilogue(self, y)
-        if matcher.enabled:
-            groups = matcher.active_groups
-            s1, s2 = moment_sums(x, self._attach_mean(x.device), groups)
-            matcher._record(self.slot, s1, s2, x.numel() // (x.shape[1] * groups))
+        if record.enabled:
+            groups = record.active_groups
+            s1, s2 = moment_sums(x, record.shift(self.slot, x.device), groups)
+            record.add(self.slot, s1, s2, x.numel() // (x.shape[1] * groups))
         return self._own_forward(x)
-
-    def _attach_mean(self, device: torch.device) -> torch.Tensor:
-        """The running mean seen at attach time (the loss's shift; a training layer moves its own)."""
-        shift = self._shift.get(device)
-        if shift is None:
-            shift = self._shift[device] = self._matcher._stats[self.slot][0].to(device)
-        return shift
 
     def _own_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.restore()(x)
