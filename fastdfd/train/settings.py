@@ -5,7 +5,7 @@
     ensemble = GeneratorEnsemble(K, classes, image_size=32, channels=3, **s.ensemble_kwargs())
     trainer = GeneratorTrainer(teacher, ensemble, **s.trainer_kwargs())
 
-``paper``: Luo, Sandler et al. (2020) as design.md section 1 and the paper's code hold it (the DAFL
+``paper``: Luo, Sandler et al. (2020) as docs/method.md sections 5-6 and the paper's code hold it (the DAFL
 generator with its scale-only output BN, widths 128/64, latent 100; KL summed over every BN channel and
 layer, per-generator statistics, moment weight 10 against cross-entropy 1, Adam lr 1e-3, betas (0.5,
 0.999), 64 images per generator per step).
