@@ -1,4 +1,4 @@
-"""Providers for K generators at once: the anchors of design.md section 2.2 and fastdfd's kernels.
+"""Providers for K generators at once: the anchors of docs/method.md section 8 and fastdfd's kernels.
 
 Every provider runs the same K generators (weights of one :class:`GeneratorEnsemble`) on
 the same latents and labels, and returns images [K, B, C, S, S] (``sample``) or the

@@ -16,7 +16,7 @@ from .conftest import randomize_bn_stats
 
 
 def hook_distance(x, module, kind, normalization="sum"):
-    """The distance a forward hook would compute, in float64, straight from design.md.
+    """The distance a forward hook would compute, in float64, straight from docs/method.md sections 3-4.
 
     ``normalization="mean"``: the scale-free per-layer form (per-channel mean; RMS for l2).
     """

@@ -20,7 +20,7 @@ def batch_stats64(x: torch.Tensor, groups: int):
 
 
 def distance64(mb, vb, mr, vr, eps, kind):
-    """One segment's distance, channel by channel, from design.md's formulas."""
+    """One segment's distance, channel by channel, from the formulas of docs/method.md section 3."""
     c = len(mr)
     if kind == "kl":
         return sum(0.5 * math.log((vr[i] + eps) / (vb[i] + eps)) + ((vb[i] + eps) + (mb[i] - mr[i]) ** 2)

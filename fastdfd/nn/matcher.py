@@ -68,7 +68,7 @@ class MomentMatcher:
             channels). The factors are folded into the per-layer weight vector applied after the one
             finalize launch (no per-layer work in the step), after ``layer_weights`` and
             ``first_layer_multiplier``. Source: the probe on the pretrained EfficientNet-Lite0 in the
-            design notes (section 6: the summed KL, about 1e4 over 49 layers, drowned the cross-entropy;
+            method notes (docs/method.md section 9: the summed KL, about 1e4 over 49 layers, drowned the cross-entropy;
             the mean form with moment weight 1 did not). :meth:`layer_losses` stays unweighted (summed form).
         skip_without_stats: leave BN layers without running statistics (``track_running_stats=False``)
             in place and out of the loss, with one warning listing them; by default they are refused
