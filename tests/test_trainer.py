@@ -308,3 +308,23 @@ def test_named_presets_build_a_trainer(digits_teacher):
             "mean" if name == "default" else "generator")
     with pytest.raises(ValueError, match="known"):
         preset("nope")
+
+
+def test_the_teacher_leaves_a_run_as_it_came_in(digits_teacher):
+    """channels_last, eval mode and frozen parameters are the run's, not the teacher's: after fit (and after a
+    failing step) the teacher's weights are the same tensors in their own layout, with their own flags."""
+    teacher = copy.deepcopy(digits_teacher).train()
+    teacher.features[0].weight.requires_grad_(False)  # a flag of the user's own
+    before = {n: (p.data_ptr(), p.stride(), p.requires_grad) for n, p in teacher.named_parameters()}
+    t = trainer(teacher, small_ensemble(k=2, num_classes=10), channels_last=True, scope="generator")
+    assert t.plan.settings.channels_last and "channels_last for the run" in t.plan.describe()
+    seen = []
+    conv = next(m for m in teacher.modules() if isinstance(m, nn.Conv2d) and m.in_channels > 1)
+    hook = conv.register_forward_pre_hook(
+        lambda m, inp: seen.append(m.weight.is_contiguous(memory_format=torch.channels_last)))
+    t.fit(2)
+    hook.remove()
+    assert seen and all(seen)  # the run's forwards see channels_last weights
+    assert not conv.weight.is_contiguous(memory_format=torch.channels_last)  # the user's layout is back
+    assert {n: (p.data_ptr(), p.stride(), p.requires_grad) for n, p in teacher.named_parameters()} == before
+    assert teacher.training and all(m.training for m in teacher.modules())
