@@ -57,8 +57,8 @@ def test_bundled_recipe_checks_builds_and_has_its_page(name):
 
 
 def test_docs_key_table_is_the_schemas():
-    """docs/recipes/README.md holds the table the schema makes (python -m fastdfd.recipes.schema --write FILE)."""
-    from fastdfd.recipes.schema import BEGIN, END, keys_table
+    """docs/recipes/README.md holds the table the schema makes (python -m fastdfd.recipes.keys_doc --write FILE)."""
+    from fastdfd.recipes.keys_doc import BEGIN, END, keys_table
 
     text = (REPO / "docs" / "recipes" / "README.md").read_text()
     assert text.split(BEGIN)[1].split(END)[0].strip() == keys_table()

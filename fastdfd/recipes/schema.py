@@ -102,39 +102,3 @@ def check_value(key: str, field: Spec, value: Any) -> Any:
     naming the recipe key and what it expects."""
     return field.check(value, f"recipe key {key}")
 
-
-BEGIN, END = "<!-- recipe keys: begin (python -m fastdfd.recipes.schema --write FILE) -->", "<!-- recipe keys: end -->"
-
-
-def keys_table() -> str:
-    """Every recipe key as a markdown table (key, type with choices or bounds, optional or not, meaning), made
-    from the fields above: docs/recipes/README.md holds it between ``BEGIN`` and ``END``."""
-    rows = ["| key | type | meaning |", "|---|---|---|"]
-    for key, spec in [*TOP.items(), *((f"{name}.{k}", f) for name, fields in SECTIONS.items() for k, f in fields.items())]:
-        kind = spec.kind + (f" ({', '.join(spec.choices)})" if spec.choices else "")
-        note = "" if is_required(spec) else f" Optional: absent means {spec.plain(spec.absent)!r}."
-        rows.append(f"| `{key}` | {kind} | {spec.doc}.{note} |".replace("..", "."))
-    return "\n".join(rows)
-
-
-def write_keys_table(path: str) -> bool:
-    """Replace the table between the markers in ``path``; True when the file changed."""
-    from pathlib import Path
-
-    p = Path(path)
-    text = p.read_text()
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    new = f"{head}{BEGIN}\n{keys_table()}\n{END}{tail}"
-    if new != text:
-        p.write_text(new)
-    return new != text
-
-
-if __name__ == "__main__":  # python -m fastdfd.recipes.schema [--write docs/recipes/README.md]
-    import sys
-
-    if sys.argv[1:2] == ["--write"]:
-        print("updated" if write_keys_table(sys.argv[2]) else "unchanged", sys.argv[2])
-    else:
-        print(keys_table())
