@@ -1,4 +1,4 @@
-// pybind11 binding of the framework-free CUDA kernels (moment_tap_cuda.cu): unpacks tensors,
+// pybind11 binding of the framework-free CUDA kernels (moment_cuda.cu): unpacks tensors,
 // allocates outputs, and passes raw pointers, sizes and the caller's stream (an integer from
 // Python: torch.cuda.current_stream(x.device).cuda_stream). Includes no CUDA header, so it
 // compiles against a CPU build of torch too (checked in CI); it only loads with a CUDA build.
@@ -11,7 +11,7 @@
 
 #include <c10/core/DeviceGuard.h>
 
-#include "moment_tap_cuda.h"
+#include "moment_cuda.h"
 
 namespace {
 
@@ -24,7 +24,7 @@ fastdfd::DType dtype_of(const at::Tensor& x) {
   }
 }
 
-// The layout contract with fastdfd/ops/layout.py kernel_layout, checked again here: a wrong
+// The layout contract with kernels/moment/layout.py kernel_layout, checked again here: a wrong
 // stride is an out-of-bounds write. x non-overlapping and dense (y/dx get x's exact strides, so
 // they span the same elements), (sn, sc, sp) x's own strides, spatial dims flattening.
 void check_layout(const at::Tensor& x, int64_t sn, int64_t sc, int64_t sp) {

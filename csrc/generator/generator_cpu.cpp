@@ -1,7 +1,7 @@
 // The `cpp` backend of the batched generator layer: K generators' 3x3 convolutions on the CPU.
 //
-// Same contract as kernels/generator_conv.py (the math is stated there and in
-// fastdfd/ops/generator_reference.py::conv_layer_reference): generator-major x [K, B, CIN, h, w],
+// Same contract as kernels/generator/conv.py (the math is stated there and in
+// fastdfd/ops/generator/reference.py::conv_layer_reference): generator-major x [K, B, CIN, h, w],
 // prologue a = leaky_relu(x * scale + shift), nearest upsample by UP, conv3x3 (pad 1) with
 // W[k] [COUT, CIN, 3, 3] (+ bias, tanh), and per-(k, co) sums of the output and its square.
 //

@@ -1,8 +1,8 @@
 // The `cpp` backend of fastdfd: the moment tap and the all-layers finalize on the CPU.
 //
-// Same contract as the Triton kernels (kernels/moment_tap.py, kernels/moment_finalize.py);
-// the math is stated in fastdfd/ops/reference.py. x is addressed as [N, C, P] with strides
-// (sn, sc, sp), normalised by the Python side (fastdfd/ops/layout.py kernel_layout) to a
+// Same contract as the Triton kernels (kernels/moment/tap.py, kernels/moment/finalize.py);
+// the math is stated in fastdfd/ops/moment/reference.py. x is addressed as [N, C, P] with strides
+// (sn, sc, sp), normalised by the Python side (kernels/moment/layout.py kernel_layout) to a
 // non-overlapping, dense tensor with sp == 1 (NCHW-like) or sc == 1 (channels_last-like);
 // check_layout verifies that again, and y/dx get x's exact strides.
 //
@@ -16,15 +16,12 @@
 // the backward is elementwise over the rows. Each row is a vectorisable inner loop. Sums run in
 // float over one row (NCHW) or 256 rows (channels_last) for fp32/fp16/bf16 input (double for
 // fp64), then in double.
-#include <torch/extension.h>
-
-#include "generator_cpu.h"
+#include "moment_cpu.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <vector>
 
@@ -45,7 +42,7 @@ struct Geometry {
   bool channels_last() const { return sc == 1 && C > 1; }
 };
 
-// The layout contract with the Python side (fastdfd/ops/layout.py kernel_layout), checked here
+// The layout contract with the Python side (kernels/moment/layout.py kernel_layout), checked here
 // again because a wrong stride is an out-of-bounds write: x must be non-overlapping and dense
 // (so y/dx, allocated with x's exact strides, span the same elements), (sn, sc, sp) must be
 // x's own strides, and the unit-stride axis must be p (NCHW-like) or c (channels_last-like).
@@ -431,28 +428,11 @@ std::vector<at::Tensor> finalize_backward(const at::Tensor& s1, const at::Tensor
   return {ds1, ds2};
 }
 
-// The threads ATen's parallel_for really runs in this extension, for a test: 1 when the file is
-// compiled without OpenMP against an OpenMP build of torch, whose parallel_for opens its
-// `#pragma omp parallel` inline (the pragma then compiles away, silently).
-int64_t parallel_threads_used(int64_t tasks) {
-  follow_torch_threads();
-  std::vector<std::atomic<bool>> seen(std::max(1, at::get_num_threads()) + 1);  // the last: out of range
-  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
-    const auto i = static_cast<size_t>(at::get_thread_num());
-    seen[std::min(i, seen.size() - 1)] = true;
-  });
-  TORCH_CHECK(!seen.back(), "fastdfd cpp: parallel_for ran more threads than at::get_num_threads()");
-  return std::count_if(seen.begin(), seen.end(), [](const std::atomic<bool>& b) { return b.load(); });
-}
-
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "fastdfd cpp backend: fused BN moment tap and all-layers finalize on the CPU";
+void bind_moment_ops(pybind11::module_& m) {
   m.def("tap_forward", &tap_forward);
   m.def("tap_backward", &tap_backward);
   m.def("finalize_forward", &finalize_forward);
   m.def("finalize_backward", &finalize_backward);
-  m.def("parallel_threads_used", &parallel_threads_used);
-  bind_generator_ops(m);
 }

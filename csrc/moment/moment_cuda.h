@@ -1,8 +1,8 @@
-// Framework-free interface of the CUDA moment tap and finalize (csrc/moment_tap_cuda.cu).
+// Framework-free interface of the CUDA moment tap and finalize (csrc/moment/moment_cuda.cu).
 //
 // Raw pointers, sizes and a cudaStream_t only: the .cu file includes nothing but CUDA's own
 // headers, so nvcc compiles it on a machine without a GPU or a CUDA build of torch. The
-// torch-facing binding (moment_tap_cuda_binding.cpp) unpacks tensors and calls these.
+// torch-facing binding (moment_cuda_binding.cpp) unpacks tensors and calls these.
 #pragma once
 
 #include <cstdint>

@@ -1,5 +1,5 @@
 // CUDA moment tap and all-layers finalize of fastdfd's `cuda` backend. Framework-free: CUDA
-// headers only (see moment_tap_cuda.h); the math is stated in fastdfd/ops/reference.py.
+// headers only (see moment_cuda.h); the math is stated in fastdfd/ops/moment/reference.py.
 //
 // Forward: block (c-tile, g*splits + s) walks its chunk of segment g's N/G*P positions.
 //  - rows kernel (NCHW, sp == 1): one channel per block, 256 threads stride along the
@@ -13,7 +13,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include "moment_tap_cuda.h"
+#include "moment_cuda.h"
 
 namespace fastdfd {
 namespace {

@@ -1,8 +1,5 @@
-// The cpp backend's batched generator layer (generator_cpu.cpp), bound into the fastdfd_cpu
-// extension by moment_tap_cpu.cpp's module definition (one extension, one PYBIND11_MODULE).
+// Shared by the CPU sources of every op (csrc/moment/, csrc/generator/): OpenMP thread count.
 #pragma once
-
-#include <torch/extension.h>
 
 #include <ATen/Parallel.h>
 #ifdef _OPENMP
@@ -19,5 +16,3 @@ inline void follow_torch_threads() {
   omp_set_num_threads(at::get_num_threads());
 #endif
 }
-
-void bind_generator_ops(pybind11::module_& m);
