@@ -10,6 +10,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def require_backend(name: str, why: str | None, what: str = "backend") -> str:
+    """``name`` if it can run here (``why`` is None); else skip the test with the backend's own reason."""
+    if why is None:
+        return name
+    pytest.skip(f"{name} {what} unavailable here: {why}")
+
+
 def randomize_bn_stats(model: nn.Module, seed: int = 0, calibrate: torch.Tensor | None = None) -> nn.Module:
     """Plausible, non-trivial running statistics and affine parameters on every BN layer.
 

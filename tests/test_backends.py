@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fastdfd
-from fastdfd import backends
+from fastdfd.ops import dispatch as backends
 
 
 def test_default_cpu_backend_is_available():

@@ -3,7 +3,7 @@
 The unchanged .cu (launch chevrons lowered, see csrc/cuda_emu/lower_launches.py) is built
 with g++ against the emulator's stand-in CUDA headers, with tests/cuda_emu_driver.cpp, and
 called through ctypes on CPU tensors; every output is checked against the float64 reference
-(fastdfd/ops/reference.py) at odd shapes. Outputs start as NaN (an element never written
+(fastdfd/ops/moment/reference.py) at odd shapes. Outputs start as NaN (an element never written
 fails) and every buffer sits between guard regions (a write outside it fails; a read
 outside it reads NaN). Planted errors show the checks bite: wrong indices and bounds in
 every kernel, and (under ThreadSanitizer) a missing __syncthreads.
@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from fastdfd.ops.extensions import csrc_dir
-from fastdfd.ops.layout import PackedLayout
-from fastdfd.ops.reference import KINDS, eval_batch_norm, moment_finalize_torch, moment_sums_torch
+from fastdfd.ops.moment.packed import PackedLayout
+from fastdfd.ops.moment.reference import KINDS, eval_batch_norm, moment_finalize_torch, moment_sums_torch
 
 CXX = shutil.which("g++") or shutil.which("c++")
 pytestmark = pytest.mark.skipif(CXX is None, reason="no C++ compiler to build the emulated CUDA kernels")

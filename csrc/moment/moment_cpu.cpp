@@ -327,7 +327,7 @@ at::Tensor tap_backward(const at::Tensor& x, const c10::optional<at::Tensor>& dy
 }
 
 // ------------------------------------------------------------------------------ finalize
-// Kind ids as fastdfd.ops.reference.KIND_IDS.
+// Kind ids as KIND_IDS in kernels/moment/layout.py (kl 0, kl_reverse 1, l2 2, mse 3).
 enum Kind { KL = 0, KL_REVERSE = 1, L2 = 2, MSE = 3 };
 
 template <typename A>

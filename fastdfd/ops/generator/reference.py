@@ -1,4 +1,4 @@
-"""The ``torch`` backend of the batched generator ensemble: the reference path and the oracle.
+"""The batched generator ensemble in plain PyTorch: the ``torch`` backend, the reference and the oracle.
 
 Batch-major [B, K*C, H, W] activations (generator k owns channels k*C .. k*C+C-1), so that
 train-mode BN per (generator, channel) is one ``F.batch_norm`` over K*C channels and each
@@ -16,11 +16,9 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-from ..backends import register
-from ..models.generator import BN_EPS, LEAKY_SLOPE, OUT_BN_EPS, GeneratorSpec
+from ...models.generator import BN_EPS, LEAKY_SLOPE, OUT_BN_EPS, GeneratorSpec
 
 
-@register("ensemble_forward", "torch")
 def ensemble_forward_reference(
     params: Mapping[str, torch.Tensor], spec: GeneratorSpec, z: torch.Tensor, local: torch.Tensor
 ) -> torch.Tensor:
@@ -58,7 +56,7 @@ def linear_gather_reference(z, wz, wy, local):
 
 
 def conv_layer_reference(x, scale, shift, weight, bias, *, upsample: int, slope: float, tanh: bool):
-    """One fused generator layer on generator-major x [K, B, CIN, h, w]: see kernels/generator_conv.py.
+    """One fused generator layer on generator-major x [K, B, CIN, h, w]: see kernels/generator/conv.py.
 
     Returns y [K, B, COUT, H, W] and sums of y, y^2 per (k, co).
     """

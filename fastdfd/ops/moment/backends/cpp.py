@@ -1,4 +1,4 @@
-"""The ``cpp`` backend: csrc/moment_tap_cpu.cpp behind the fused custom ops, for CPU tensors.
+"""The ``cpp`` backend of the moment ops: csrc/moment/moment_cpu.cpp behind the custom ops, for CPU tensors.
 
 Built on first use (see :mod:`fastdfd.ops.extensions`); the default on the CPU when the
 build succeeds, else the ``torch`` backend serves (after one warning).
@@ -9,10 +9,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import extensions
-from .fused import LAUNCHERS, register_fused_backend
-from .layout import kernel_layout, like_strides
-from .reference import KIND_IDS
+from fastdfd.kernels.moment.layout import KIND_IDS, kernel_layout, like_strides
+
+from ... import extensions
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -50,10 +49,9 @@ def _finalize_backward(s1, s2, count, var, eps, offsets, dout, kind):
     return ds1, ds2
 
 
-LAUNCHERS["cpp"] = {
+LAUNCHERS = {
     "tap_forward": _tap_forward,
     "tap_backward": _tap_backward,
     "finalize_forward": _finalize_forward,
     "finalize_backward": _finalize_backward,
 }
-register_fused_backend("cpp", check)

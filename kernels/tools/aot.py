@@ -1,6 +1,6 @@
 """Ahead-of-time compilation of every kernel configuration, without a GPU.
 
-    python -m fastdfd.kernels.aot [--arch 80 --arch 90] [--json report.json] [--jobs module:attr]
+    python -m fastdfd.kernels.tools.aot [--arch 80 --arch 90] [--json report.json] [--jobs module:attr]
 
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` runs the whole
 Triton -> PTX -> cubin pipeline for the target chip. It rejects what the interpreter lets
@@ -14,7 +14,7 @@ every dtype and flag; ``--jobs`` swaps in another iterable of (name, fn, signatu
 constexprs, num_warps). Run it in a process *without* TRITON_INTERPRET (the interpreter
 replaces jitted functions); exits non-zero, with a line naming each configuration, on a
 compile error, a spill or any local memory, or registers above the limit (aot_rules).
-Several Triton versions at once: :mod:`fastdfd.kernels.aot_versions`.
+Several Triton versions at once: :mod:`fastdfd.kernels.tools.aot_versions`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from fastdfd.kernels.aot_rules import failures
+from .aot_rules import failures
 
 # (N, C, P) of BN inputs: CIFAR ResNet-34 at batch 256, ImageNet ResNet-50 at batch 64,
 # a BatchNorm1d head, and the digits demo under per-generator statistics.
@@ -43,7 +43,7 @@ DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 
 
 def _tap_configs(programs: int) -> list[tuple[bool, int, int]]:
-    from fastdfd.kernels.moment_tap import tap_config
+    from ..moment.tap import tap_config
 
     seen = set()
     for n, c, p in LAYER_SHAPES:
@@ -54,8 +54,9 @@ def _tap_configs(programs: int) -> list[tuple[bool, int, int]]:
 
 
 def _jobs(programs: int = 528):
-    from fastdfd.kernels import moment_finalize as fin
-    from fastdfd.kernels import moment_tap as tap
+    from ..moment import finalize as fin
+    from ..moment import tap as tap
+    from ..moment.layout import KIND_IDS
 
     for channel_contig, block_c, block_j in _tap_configs(programs):
         layout = "channels_last" if channel_contig else "nchw"
@@ -81,7 +82,7 @@ def _jobs(programs: int = 528):
                 const = {"HAS_DY": has_dy, "HAS_W": True, "BLOCK_C": block_c, "BLOCK_J": block_j}
                 yield (f"tap_bwd {layout} {dt} dy={int(has_dy)} {block_c}x{block_j}", tap._tap_bwd_kernel,
                        sig, {**const, **unit}, tap.NUM_WARPS)
-    for kind, kid in fin.KIND_IDS.items():
+    for kind, kid in KIND_IDS.items():
         base = {"s1_ptr": "*fp32", "s2_ptr": "*fp32", "count_ptr": "*fp32", "var_ptr": "*fp32", "eps_ptr": "*fp32",
                 "offsets_ptr": "*i32"}
         yield (f"finalize_fwd {kind}", fin._finalize_fwd_kernel,
@@ -98,8 +99,8 @@ GENERATOR_FC = [(64, 8192, 100), (4, 8192, 100), (128, 8192, 100), (8, 512, 64)]
 
 
 def _generator_jobs():
-    from fastdfd.kernels import generator_conv as gc
-    from fastdfd.kernels import generator_fc as gf
+    from ..generator import conv as gc
+    from ..generator import linear_gather as gf
     from fastdfd.models.generator import LEAKY_SLOPE
 
     elem_bytes = {"fp32": 4, "bf16": 2}  # generators train in fp32 or bf16

@@ -1,11 +1,10 @@
-"""Fused moment ops as PyTorch custom ops, shared by every compiled backend.
+"""The fused moment ops as PyTorch custom ops, shared by every compiled backend.
 
 Each fused op pair (tap forward/backward, finalize forward/backward) is one
 ``torch.library`` custom op with a fake (meta) implementation and an autograd formula,
 so ``torch.compile(fullgraph=True)`` sees one opaque node per BN layer instead of breaking
 the graph. The op carries the backend's name (``triton``, ``cpp``, ``cuda``) and calls
-that backend's launchers from ``LAUNCHERS``; each backend module registers its launchers
-and its dispatch entries (``triton_backend.py``, ``cpp_backend.py``).
+that backend's launchers, ``LAUNCHERS[name]`` (``backends/<name>.py``).
 
 A launcher set provides::
 
@@ -16,9 +15,9 @@ A launcher set provides::
 
 receiving statistics, weights and sums in the accumulation dtype (fp32; fp64 for fp64
 input), contiguous. x may have any strides: the tap launchers bring it to the kernels'
-layout (:func:`fastdfd.ops.layout.kernel_layout`: dense, copied to contiguous when it is a
-slice, a batch stride, an expand, ...) and give y/dx exactly that layout's strides, which
-the fake implementations below report too. The tap's BN-affine gradients (only needed
+layout (:func:`fastdfd.kernels.moment.layout.kernel_layout`: dense, copied to contiguous when
+it is a slice, a batch stride, an expand, ...) and give y/dx exactly that layout's strides,
+which the fake implementations below report too. The tap's BN-affine gradients (only needed
 when a user trains the teacher) are computed here in plain torch.
 """
 
@@ -29,10 +28,11 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .layout import PackedLayout, kernel_output_like
+from fastdfd.kernels.moment.layout import kernel_output_like
+from .backends import cpp, cuda, triton
 from .reference import accumulation_dtype
 
-LAUNCHERS: dict[str, dict[str, Callable]] = {}
+LAUNCHERS: dict[str, dict[str, Callable]] = {"triton": triton.LAUNCHERS, "cpp": cpp.LAUNCHERS, "cuda": cuda.LAUNCHERS}
 
 
 def _acc(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
@@ -140,26 +140,3 @@ def _finalize_grad(ctx, dout):
 
 
 finalize_forward.register_autograd(_finalize_grad, setup_context=_finalize_setup)
-
-
-# ------------------------------------------------------------ dispatch entries, per backend
-def register_fused_backend(name: str, check: Callable[[Tensor], str | None],
-                           check_finalize: Callable[[Tensor], str | None] | None = None) -> None:
-    """Register ``name``'s implementations of the three dispatched moment ops."""
-    from ..backends import register
-
-    @register("moment_tap", name, check=check)
-    def moment_tap(x, running_mean, running_var, weight, bias, eps, groups):
-        return tap_forward(x, running_mean, running_var, weight, bias, float(eps), int(groups), True, name)
-
-    @register("moment_sums", name, check=check)
-    def moment_sums(x, shift, groups):
-        # the sums-only tap: the same kernel without the BN output (var is not read)
-        _, s1, s2 = tap_forward(x, shift, shift, None, None, 0.0, int(groups), False, name)
-        return s1, s2
-
-    @register("moment_finalize", name, check=check_finalize or check)
-    def moment_finalize(s1, s2, count, layout: PackedLayout, kind: str):
-        # the one place where the layout meets the sums' dtype (a no-op for the matcher's own layouts)
-        return finalize_forward(s1, s2, count.to(s1.dtype).contiguous(), layout.running_var.to(s1.dtype).contiguous(),
-                                layout.eps.to(s1.dtype).contiguous(), layout.offsets.contiguous(), kind, name)

@@ -1,4 +1,4 @@
-"""Public moment ops: one function per op, the backend chosen by :mod:`fastdfd.backends`.
+"""Public moment ops: one function per op, the backend chosen by :mod:`fastdfd.ops.dispatch`.
 
 ``moment_sums`` / ``moment_tap`` / ``moment_finalize`` are the building blocks the
 MomentMatcher runs in a training step; ``bn_moment_loss`` is the one-call drop-in loss.
@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..backends import resolve
-from . import cpp_backend, cuda_backend, reference, triton_backend  # noqa: F401  (register the backends)
-from .layout import PackedLayout
+from ..dispatch import resolve
+from . import dispatch  # noqa: F401  (registers every backend's entries)
+from .packed import PackedLayout
 from .reference import KINDS
 
 REDUCTIONS = ("sum", "mean", "none")

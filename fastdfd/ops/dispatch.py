@@ -1,8 +1,9 @@
 """Backend dispatch: one public function per op, the implementation chosen here.
 
-Each op (``moment_sums``, ``moment_tap``, ``moment_finalize``, ...) has one public entry
-point in :mod:`fastdfd.ops`; backends register implementations under the op's name.
-Callers never branch on the backend. The choice, in order:
+Each op (``moment_sums``, ``moment_tap``, ``moment_finalize``, ``ensemble_forward``) has one
+public entry point in its folder's ``api.py`` (:mod:`fastdfd.ops.moment.api`,
+:mod:`fastdfd.ops.generator.api`); the folder's ``dispatch.py`` registers each backend's
+implementation under the op's name. Callers never branch on the backend. The choice, in order:
 
 1. the innermost ``with fastdfd.backend(name):`` block,
 2. the ``FASTDFD_BACKEND`` environment variable,
@@ -112,6 +113,12 @@ def resolve(op: str, x: torch.Tensor) -> tuple[str, Callable]:
         if impl is not None and impl.check(x) is None:
             return name, impl.fn
     return "torch", impls["torch"].fn
+
+
+def unavailable(op: str, name: str, x: torch.Tensor) -> str | None:
+    """Why backend ``name`` cannot run ``op`` on inputs like ``x`` here (its own reason), or None when it can."""
+    impl = _REGISTRY.get(op, {}).get(name)
+    return f"no {op} implementation registered for {name!r}" if impl is None else impl.check(x)
 
 
 def available(op: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> list[str]:

@@ -1,6 +1,6 @@
 """What a compiled kernel configuration must satisfy to pass the ahead-of-time check.
 
-A row is one configuration compiled by :mod:`fastdfd.kernels.aot`: ``ok``/``error`` and the
+A row is one configuration compiled by :mod:`fastdfd.kernels.tools.aot`: ``ok``/``error`` and the
 resources read from its cubin (``reg``, ``stack``, ``local``, ``local_ops``).
 """
 

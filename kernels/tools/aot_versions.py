@@ -1,10 +1,10 @@
 """The ahead-of-time check under several Triton versions, with one table across them.
 
-    python -m fastdfd.kernels.aot_versions [--triton venv --triton .triton/3.6.0] [--arch 90] [--json r.json]
+    python -m fastdfd.kernels.tools.aot_versions [--triton venv --triton .triton/3.6.0] [--arch 90] [--json r.json]
 
 Each ``--triton`` is ``venv`` (the environment's own Triton, the newest) or a directory that
 ``pip install --target`` filled with another release (``make test-triton`` installs 3.6.0,
-the oldest supported: the card machine's). Each runs :mod:`fastdfd.kernels.aot` in its own
+the oldest supported: the card machine's). Each runs :mod:`fastdfd.kernels.tools.aot` in its own
 process with that directory first on PYTHONPATH, so one torch serves every Triton: the
 check needs ``triton.compile`` only, not torch's Triton integration. Exits non-zero if any
 version fails the check; the failing configurations are named per version.
@@ -20,9 +20,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from fastdfd.kernels.aot_rules import REG_LIMIT, violations
+from .aot_rules import REG_LIMIT, violations
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository (kernels/tools/ -> kernels/ -> .)
 SIDE_BY_SIDE = ".triton"  # where make test-triton installs the older releases
 
 
@@ -50,7 +50,7 @@ def run_one(triton: str, archs: list[int], extra: list[str] = ()) -> tuple[int, 
     """(exit status, rows, stdout) of the check under one Triton."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
-        cmd = [sys.executable, "-m", "fastdfd.kernels.aot", "--json", str(out), *extra]
+        cmd = [sys.executable, "-m", "fastdfd.kernels.tools.aot", "--json", str(out), *extra]
         for a in archs:
             cmd += ["--arch", str(a)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env_for(triton), cwd=ROOT)

@@ -25,7 +25,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fastdfd.ops.reference import KIND_IDS  # kl 0, kl_reverse 1, l2 2, mse 3
+import torch
+
+from ..launch import check_operand, on_device
+from .layout import KIND_IDS  # kl 0, kl_reverse 1, l2 2, mse 3
 
 
 @triton.jit
@@ -147,54 +150,44 @@ def _finalize_bwd_kernel(
 BLOCK = 256
 
 
-def _on_device(t):
-    """Launch on t's GPU, not the current one (a no-op for CPU tensors under the interpreter)."""
-    import contextlib
-
-    import torch
-
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+WHERE = "fastdfd triton finalize"
 
 
-def _check(s1, s2, count, var, eps, offsets, dout=None) -> None:
-    """Shapes, dtypes and contiguity the kernels' raw addressing assumes."""
-    import torch
-
+def _check(s1, s2, count, var, eps, offsets, kind: str, dout=None) -> int:
+    """Shapes, dtypes, devices and contiguity the kernels' raw addressing assumes; returns the kind's id."""
+    if kind not in KIND_IDS:
+        raise ValueError(f"{WHERE}: unknown kind {kind!r}; expected one of {tuple(KIND_IDS)}")
+    check_operand(WHERE, "s1", s1, device=s1.device, dtypes=(torch.float32,), contiguous=True)
     if s1.dim() != 2:
-        raise RuntimeError(f"fastdfd triton finalize: sums must be [G, C_total], got {tuple(s1.shape)}")
+        raise RuntimeError(f"{WHERE}: sums must be [G, C_total], got {tuple(s1.shape)}")
     groups, c_total = s1.shape
-    want = {"s1": (s1, groups * c_total), "s2": (s2, groups * c_total), "count": (count, c_total),
-            "var": (var, c_total), "eps": (eps, c_total)}
+    check_operand(WHERE, "offsets", offsets, device=s1.device, dtypes=(torch.int32,), contiguous=True)
+    if offsets.dim() != 1 or offsets.numel() < 2:
+        raise RuntimeError(f"{WHERE}: offsets must be [L + 1] with L >= 1, got {tuple(offsets.shape)}")
+    want = {"s2": (s2, groups * c_total), "count": (count, c_total), "var": (var, c_total), "eps": (eps, c_total)}
     if dout is not None:
         want["dout"] = (dout, (offsets.numel() - 1) * groups)
     for name, (t, n) in want.items():
-        if t.dtype != torch.float32 or not t.is_contiguous() or t.numel() != n or t.device != s1.device:
-            raise RuntimeError(f"fastdfd triton finalize: {name} must be a contiguous fp32 tensor of {n} values "
-                               f"on {s1.device}, got {t.dtype} {tuple(t.shape)} on {t.device}")
-    if offsets.dtype != torch.int32 or not offsets.is_contiguous() or offsets.numel() < 2:
-        raise RuntimeError("fastdfd triton finalize: offsets must be a contiguous int32 tensor [L + 1]")
+        check_operand(WHERE, name, t, device=s1.device, dtypes=(torch.float32,), numel=n, contiguous=True)
+    return KIND_IDS[kind]
 
 
 def finalize_forward(s1, s2, count, var, eps, offsets, kind: str):
     """[G, C_total] sums -> [L, G] distances, one launch for every layer."""
-    import torch
-
-    _check(s1, s2, count, var, eps, offsets)
+    kind_id = _check(s1, s2, count, var, eps, offsets, kind)
     num_layers, groups = offsets.numel() - 1, s1.shape[0]
-    with _on_device(s1):
+    with on_device(s1):
         out = torch.empty((num_layers, groups), device=s1.device, dtype=torch.float32)
         _finalize_fwd_kernel[(num_layers, groups)](
-            s1, s2, count, var, eps, offsets, out, s1.shape[1], KIND=KIND_IDS[kind], BLOCK=BLOCK)
+            s1, s2, count, var, eps, offsets, out, s1.shape[1], KIND=kind_id, BLOCK=BLOCK)
     return out
 
 
 def finalize_backward(s1, s2, count, var, eps, offsets, dout, kind: str):
     """Gradients of the [L, G] distances with respect to S1 and S2."""
-    import torch
-
-    _check(s1, s2, count, var, eps, offsets, dout)
-    with _on_device(s1):
+    kind_id = _check(s1, s2, count, var, eps, offsets, kind, dout)
+    with on_device(s1):
         ds1, ds2 = torch.empty_like(s1), torch.empty_like(s2)
         _finalize_bwd_kernel[(offsets.numel() - 1, s1.shape[0])](
-            s1, s2, count, var, eps, offsets, dout, ds1, ds2, s1.shape[1], KIND=KIND_IDS[kind], BLOCK=BLOCK)
+            s1, s2, count, var, eps, offsets, dout, ds1, ds2, s1.shape[1], KIND=kind_id, BLOCK=BLOCK)
     return ds1, ds2

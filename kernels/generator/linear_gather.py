@@ -23,6 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..launch import on_device
+from .layout import TRITON_FLOATS, check_linear_gather
+
 NUM_WARPS = 4
 
 
@@ -80,18 +83,20 @@ def linear_gather_config(batch: int, features: int, latent: int) -> dict:
 
 def linear_gather(z: torch.Tensor, wz: torch.Tensor, wy: torch.Tensor, local: torch.Tensor, stats: bool = True):
     """h [K, B, D] and, if ``stats``, fp32 per-(k, feature) sums of h and h^2 ([K, D] each)."""
+    check_linear_gather(z, wz, wy, local, floats=TRITON_FLOATS)
     k, b, lat = z.shape
     d = wz.shape[2]
     z, wz, wy, local = z.contiguous(), wz.contiguous(), wy.contiguous(), local.contiguous()
-    h = torch.empty(k, b, d, device=z.device, dtype=wz.dtype)
-    cfg = linear_gather_config(b, d, lat)
-    m_tiles = triton.cdiv(b, cfg["BLOCK_M"])
-    shape = (k, m_tiles, d) if stats else (1,)
-    part1 = torch.empty(shape, device=z.device, dtype=torch.float32)
-    part2 = torch.empty(shape, device=z.device, dtype=torch.float32)
-    grid = (m_tiles, triton.cdiv(d, cfg["BLOCK_N"]), k)
-    _linear_gather_kernel[grid](z, wz, wy, local, h, part1, part2, b, lat, d, wy.shape[1], STATS=stats,
-                                num_warps=NUM_WARPS, **cfg)
+    with on_device(z):
+        h = torch.empty(k, b, d, device=z.device, dtype=wz.dtype)
+        cfg = linear_gather_config(b, d, lat)
+        m_tiles = triton.cdiv(b, cfg["BLOCK_M"])
+        shape = (k, m_tiles, d) if stats else (1,)
+        part1 = torch.empty(shape, device=z.device, dtype=torch.float32)
+        part2 = torch.empty(shape, device=z.device, dtype=torch.float32)
+        grid = (m_tiles, triton.cdiv(d, cfg["BLOCK_N"]), k)
+        _linear_gather_kernel[grid](z, wz, wy, local, h, part1, part2, b, lat, d, wy.shape[1], STATS=stats,
+                                    num_warps=NUM_WARPS, **cfg)
     if not stats:
         return h, None, None
     return h, part1.sum(1), part2.sum(1)

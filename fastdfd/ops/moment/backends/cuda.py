@@ -1,4 +1,4 @@
-"""The ``cuda`` backend: csrc/moment_tap_cuda.cu behind the fused custom ops, for CUDA tensors.
+"""The ``cuda`` backend of the moment ops: csrc/moment/moment_cuda.cu behind the custom ops, for CUDA tensors.
 
 Built on first use with nvcc (needs a CUDA build of torch and CUDA_HOME). Not first in the
 default order on GPUs until the GPU suite has measured it against ``triton``; select it
@@ -12,10 +12,9 @@ import functools
 import torch
 from torch import Tensor
 
-from . import extensions
-from .fused import LAUNCHERS, register_fused_backend
-from .layout import kernel_layout, like_strides
-from .reference import KIND_IDS
+from fastdfd.kernels.moment.layout import KIND_IDS, kernel_layout, like_strides
+
+from ... import extensions
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -70,10 +69,9 @@ def _finalize_backward(s1, s2, count, var, eps, offsets, dout, kind):
     return ds1, ds2
 
 
-LAUNCHERS["cuda"] = {
+LAUNCHERS = {
     "tap_forward": _tap_forward,
     "tap_backward": _tap_backward,
     "finalize_forward": _finalize_forward,
     "finalize_backward": _finalize_backward,
 }
-register_fused_backend("cuda", check, check_finalize)

@@ -24,14 +24,18 @@ Addressing: element (n, c, p) is at n*stride_n + c*stride_c + p*stride_p, which 
 NCHW (stride_p = 1) and channels_last (stride_c = 1) without copies; Triton specialises
 a stride of 1 so each layout gets coalesced loads along its contiguous axis. x, y, dy and
 dx share one set of strides, so the launchers take x only in the layout of
-fastdfd.ops.layout.kernel_layout (non-overlapping and dense; slices, batch strides and
+:func:`.layout.kernel_layout` (non-overlapping and dense; slices, batch strides and
 expands are copied to contiguous) and allocate y/dx with exactly x's strides.
 """
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+from ..launch import check_operand, on_device
+from .layout import check_kernel_layout, empty_kernel_like, kernel_layout, like_strides
 
 
 @triton.jit
@@ -179,41 +183,33 @@ def tap_config(n: int, c: int, p: int, groups: int, channel_contiguous: bool, pr
     return {"BLOCK_C": block_c, "BLOCK_J": block_j, "SPLIT": split, "chunk": chunk, "c_blocks": c_blocks}
 
 
-def _on_device(x):
-    """Launch on x's GPU, not the current one (a no-op for CPU tensors under the interpreter)."""
-    import contextlib
-
-    import torch
-
-    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+WHERE = "fastdfd triton tap"
 
 
-def _check_stats(c: int, x, **stats) -> None:
-    import torch
-
-    for name, t in stats.items():
-        if t is not None and (t.dtype != torch.float32 or not t.is_contiguous() or t.numel() != c
-                              or t.device != x.device):
-            raise RuntimeError(f"fastdfd triton tap: {name} must be a contiguous fp32 tensor of {c} values on "
-                               f"{x.device}, got {t.dtype} {tuple(t.shape)} on {t.device}")
+def _check(x, groups: int, vectors: dict, sums: dict) -> None:
+    """x and every per-channel operand, before raw addressing (x's strides: :func:`.layout.check_kernel_layout`)."""
+    check_operand(WHERE, "x", x, device=x.device, dtypes=INPUT_DTYPES)
+    if x.dim() < 2 or x.numel() == 0 or groups < 1 or x.shape[0] % groups:
+        raise ValueError(f"{WHERE}: x {tuple(x.shape)} is not [N, C, *spatial], is empty, or does not split into "
+                         f"{groups} groups")
+    c = x.shape[1]
+    for name, t in vectors.items():
+        check_operand(WHERE, name, t, device=x.device, dtypes=(torch.float32,), numel=c, contiguous=True)
+    for name, t in sums.items():
+        check_operand(WHERE, name, t, device=x.device, dtypes=(torch.float32,), numel=groups * c, contiguous=True)
 
 
 def tap_forward(x, mean, var, weight, bias, eps: float, groups: int, write_y: bool, programs: int):
     """Launch the forward; returns (y or None, S1 [G, C], S2 [G, C]); y has x's kernel-layout strides."""
-    import torch
-
-    from fastdfd.ops.layout import check_kernel_layout, empty_kernel_like, kernel_layout
-
+    _check(x, groups, {"mean": mean, "var": var if write_y else None, "weight": weight, "bias": bias}, {})
     x, strides = kernel_layout(x)
     n, c = x.shape[0], x.shape[1]
-    if x.numel() == 0 or groups < 1 or n % groups:
-        raise ValueError(f"fastdfd triton tap: x {tuple(x.shape)} is empty or does not split into {groups} groups")
-    _check_stats(c, x, mean=mean, var=var if write_y else None, weight=weight, bias=bias)
     p = x.numel() // (n * c)
     cfg = tap_config(n, c, p, groups, strides[1] == 1 and c > 1, programs)
     y = empty_kernel_like(x) if write_y else None
     check_kernel_layout(x, strides, y)
-    with _on_device(x):
+    with on_device(x):
         part1 = torch.empty((groups, cfg["SPLIT"], c), device=x.device, dtype=torch.float32)
         part2 = torch.empty_like(part1)
         _tap_fwd_kernel[(cfg["c_blocks"], groups * cfg["SPLIT"])](
@@ -230,20 +226,16 @@ def tap_forward(x, mean, var, weight, bias, eps: float, groups: int, write_y: bo
 
 def tap_backward(x, dy, ds1, ds2, mean, var, weight, eps: float, groups: int, programs: int):
     """Launch the backward; returns dx with x's kernel-layout strides."""
-    from fastdfd.ops.layout import check_kernel_layout, empty_kernel_like, kernel_layout, like_strides
-
+    _check(x, groups, {"mean": mean, "var": var, "weight": weight}, {"ds1": ds1, "ds2": ds2})
+    check_operand(WHERE, "dy", dy, device=x.device, dtypes=(x.dtype,), shape=tuple(x.shape))
     x, strides = kernel_layout(x)
     dy = like_strides(dy, x)
     n, c = x.shape[0], x.shape[1]
-    if x.numel() == 0 or groups < 1 or n % groups:
-        raise ValueError(f"fastdfd triton tap: x {tuple(x.shape)} is empty or does not split into {groups} groups")
-    _check_stats(c, x, mean=mean, var=var, weight=weight)
-    _check_stats(groups * c, x, ds1=ds1, ds2=ds2)
     p = x.numel() // (n * c)
     cfg = tap_config(n, c, p, groups, strides[1] == 1 and c > 1, programs)
     dx = empty_kernel_like(x)
     check_kernel_layout(x, strides, dy, dx)
-    with _on_device(x):
+    with on_device(x):
         _tap_bwd_kernel[(cfg["c_blocks"], groups * cfg["SPLIT"])](
             x, dy if dy is not None else x, dx, ds1, ds2, mean, var, weight if weight is not None else mean,
             c, p, n // groups, cfg["chunk"], *strides, float(eps), cfg["SPLIT"],

@@ -1,4 +1,4 @@
-"""The ``cpp`` backend of the generator ensemble: csrc/generator_cpu.cpp, fp32 CPU tensors.
+"""The ``cpp`` backend of the generator ensemble: csrc/generator/generator_cpu.cpp, fp32 CPU tensors.
 
 The first layer needs no kernel of its own on the CPU: ``baddbmm`` over the label rows
 gathered from Wy is already one batched GEMM. The convolutions are the extension's
@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import extensions
-from .generator_fused import register_generator_backend
+from ... import extensions
 
 
 def check(x: Tensor) -> str | None:
@@ -45,6 +44,4 @@ def _conv_backward(x, scale, shift, weight, y, dy, ds1, ds2, upsample, slope, ta
     return dx, dscale, dshift, dweight
 
 
-register_generator_backend(
-    "cpp", {"linear_gather": _linear_gather, "conv_forward": _conv_forward, "conv_backward": _conv_backward}, check
-)
+LAUNCHERS = {"linear_gather": _linear_gather, "conv_forward": _conv_forward, "conv_backward": _conv_backward}

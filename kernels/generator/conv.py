@@ -37,6 +37,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..launch import on_device
+from .layout import TRITON_FLOATS, check_conv
+
 NUM_WARPS = 8
 
 
@@ -254,7 +257,7 @@ def conv_configs(cin: int, cout: int, elem_bytes: int) -> dict[str, dict]:
     The operand tiles are built in registers (prologue on load) and software-pipelined, so
     their K depth sets the register count. Compiled for sm_90 under Triton 3.6, the K depths
     fwd 32 (fp32) and wgrad 64 sat at 236-255 registers of 255; the K depths below give at
-    most 181 under 3.6 and 3.9 (python -m fastdfd.kernels.aot_versions). Tile M and N, and
+    most 181 under 3.6 and 3.9 (python -m fastdfd.kernels.tools.aot_versions). Tile M and N, and
     so the wgmma shape, are unchanged; the dot accumulates over K in the MMA's own k-steps
     whatever the block depth.
     """
@@ -271,6 +274,12 @@ def _flags(prologue: bool, slope: float, upsample: int, tanh: bool) -> dict:
 
 def conv_forward(x, scale, shift, weight, bias, *, upsample: int, slope: float, tanh: bool, stats: bool = True):
     """y [K, B, COUT, H*UP, W*UP] and fp32 sums of y, y^2 per (k, co) (None if not ``stats``)."""
+    check_conv(x, scale, shift, weight, bias, upsample, floats=TRITON_FLOATS)
+    with on_device(x):
+        return _conv_forward(x, scale, shift, weight, bias, upsample, slope, tanh, stats)
+
+
+def _conv_forward(x, scale, shift, weight, bias, upsample, slope, tanh, stats):
     k, b, cin, h, w = x.shape
     cout = weight.shape[1]
     big_h, big_w = h * upsample, w * upsample
@@ -296,12 +305,17 @@ def conv_forward(x, scale, shift, weight, bias, *, upsample: int, slope: float, 
 
 def conv_backward(x, scale, shift, weight, t, dy, ds1, ds2, *, upsample: int, slope: float, tanh: bool):
     """(dx, dscale, dshift, dweight) of :func:`conv_forward`; dscale/dshift are None without a prologue."""
+    check_conv(x, scale, shift, weight, None, upsample, t, dy, ds1, ds2, floats=TRITON_FLOATS)
+    with on_device(x):
+        return _conv_backward(x, scale, shift, weight, t, dy, ds1, ds2, upsample, slope, tanh)
+
+
+def _conv_backward(x, scale, shift, weight, t, dy, ds1, ds2, upsample, slope, tanh):
     k, b, cin, h, w = x.shape
     cout = weight.shape[1]
     big_h, big_w = h * upsample, w * upsample
     x, t, dy = x.contiguous(), t.contiguous(), dy.contiguous()
-    ds1 = ds1.float().contiguous()
-    ds2 = ds2.float().contiguous()
+    ds1, ds2 = ds1.contiguous(), ds2.contiguous()
     wt = weight.permute(0, 3, 4, 2, 1).reshape(k, 9, cin, cout).contiguous()
     prologue = scale is not None
     sc = scale.contiguous() if prologue else ds1

@@ -8,16 +8,17 @@ BN of a layer is an affine map per (k, c) computed from its sums, and autograd r
 through that tiny arithmetic to hand each op's backward the gradients of its sums.
 
 The ops are ``torch.library`` custom ops (torch.compile sees one opaque node each) that
-carry the backend's name and call its launchers from ``GEN_LAUNCHERS``::
+carry the backend's name and call its launchers, ``GEN_LAUNCHERS[name]`` (``backends/<name>.py``)::
 
     linear_gather(z, wz, wy, local) -> (h [K, B, D], sum h [K, D], sum h^2 [K, D])
     conv_forward(x, scale, shift, weight, bias, upsample, slope, tanh, stats) -> (y, S1, S2)
     conv_backward(x, scale, shift, weight, y, dy, dS1, dS2, upsample, slope, tanh)
         -> (dx, dscale | None, dshift | None, dweight)
 
-(kernels/generator_fc.py and kernels/generator_conv.py for ``triton``, csrc/generator_cpu.cpp
-for ``cpp``). Under ``torch.no_grad()`` (sampling during distillation) the same forward
-launchers run and nothing is saved for a backward.
+(kernels/generator/ for ``triton``, csrc/generator/generator_cpu.cpp for ``cpp``). Every op
+checks its operands' shapes, dtypes and devices first (:mod:`fastdfd.kernels.generator.layout`,
+the checks the Triton launchers run too). Under ``torch.no_grad()`` (sampling during
+distillation) the same forward launchers run and nothing is saved for a backward.
 """
 
 from __future__ import annotations
@@ -27,50 +28,16 @@ from typing import Callable, Mapping, Optional
 import torch
 from torch import Tensor
 
-from ..models.generator import BN_EPS, LEAKY_SLOPE, OUT_BN_EPS, GeneratorSpec
+from fastdfd.kernels.generator.layout import check_conv, check_linear_gather
 
-GEN_LAUNCHERS: dict[str, dict[str, Callable]] = {}
+from ...models.generator import BN_EPS, LEAKY_SLOPE, OUT_BN_EPS, GeneratorSpec
+from .backends import cpp, triton
+
+GEN_LAUNCHERS: dict[str, dict[str, Callable]] = {"triton": triton.LAUNCHERS, "cpp": cpp.LAUNCHERS}
 
 
 def _opt(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None or t.numel() == 0 else t
-
-
-def _expect(what: str, t: Optional[Tensor], shape: tuple, device: torch.device) -> None:
-    """The launchers copy every operand to contiguous, but address it by these shapes: check them."""
-    if t is not None and (tuple(t.shape) != tuple(shape) or t.device != device):
-        raise ValueError(f"generator op: {what} must be {tuple(shape)} on {device}, got {tuple(t.shape)} on {t.device}")
-
-
-def _check_fc(z: Tensor, wz: Tensor, wy: Tensor, local: Tensor) -> None:
-    if z.dim() != 3 or wz.dim() != 3 or wy.dim() != 3:
-        raise ValueError(f"generator op: expected z [K, B, L], Wz [K, L, D], Wy [K, NCLS, D], got "
-                         f"{tuple(z.shape)}, {tuple(wz.shape)}, {tuple(wy.shape)}")
-    k, b, lat = z.shape
-    _expect("Wz", wz, (k, lat, wz.shape[2]), z.device)
-    _expect("Wy", wy, (k, wy.shape[1], wz.shape[2]), z.device)
-    _expect("local", local, (k, b), z.device)
-
-
-def _check_conv(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
-                upsample: int, y: Optional[Tensor] = None, dy: Optional[Tensor] = None, ds1: Optional[Tensor] = None,
-                ds2: Optional[Tensor] = None) -> None:
-    if x.dim() != 5 or weight.dim() != 5 or tuple(weight.shape[3:]) != (3, 3) or upsample not in (1, 2):
-        raise ValueError(f"generator op: expected x [K, B, CIN, h, w], weight [K, COUT, CIN, 3, 3] and upsample "
-                         f"1 or 2, got {tuple(x.shape)}, {tuple(weight.shape)}, {upsample}")
-    k, b, cin, h, w = x.shape
-    cout = weight.shape[1]
-    _expect("weight", weight, (k, cout, cin, 3, 3), x.device)
-    _expect("scale", scale, (k, cin), x.device)
-    _expect("shift", shift, (k, cin), x.device)
-    _expect("bias", bias, (k, cout), x.device)
-    if (scale is None) != (shift is None):
-        raise ValueError("generator op: scale and shift come together")
-    out = (k, b, cout, h * upsample, w * upsample)
-    _expect("y", y, out, x.device)
-    _expect("dy", dy, out, x.device)
-    _expect("dS1", ds1, (k, cout), x.device)
-    _expect("dS2", ds2, (k, cout), x.device)
 
 
 # ------------------------------------------------------------------ first layer (fc + gather)
@@ -78,7 +45,7 @@ def _check_conv(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], wei
 @torch.library.custom_op("fastdfd::gen_linear_gather", mutates_args=())
 def gen_linear_gather(z: Tensor, wz: Tensor, wy: Tensor, local: Tensor, impl: str) -> tuple[Tensor, Tensor, Tensor]:
     """h = z @ Wz + Wy[local] [K, B, D], with fp32 sums of h and h^2 over the batch ([K, D])."""
-    _check_fc(z, wz, wy, local)
+    check_linear_gather(z, wz, wy, local)
     return GEN_LAUNCHERS[impl]["linear_gather"](z, wz, wy, local)
 
 
@@ -121,7 +88,7 @@ def gen_conv_forward(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor]
                      bias: Optional[Tensor], upsample: int, tanh: bool, stats: bool,
                      impl: str) -> tuple[Tensor, Tensor, Tensor]:
     """Prologue (BN affine + LeakyReLU + upsample) -> conv3x3 (+bias, tanh) -> sums of y, y^2 per (k, co)."""
-    _check_conv(x, scale, shift, weight, bias, upsample)
+    check_conv(x, scale, shift, weight, bias, upsample)
     y, s1, s2 = GEN_LAUNCHERS[impl]["conv_forward"](x, scale, shift, weight, bias, upsample, LEAKY_SLOPE, tanh, stats)
     if s1 is None:  # sums not wanted (no output BN): autograd still needs tensors
         s1 = y.new_zeros(y.shape[0], y.shape[2], dtype=torch.float32)
@@ -142,7 +109,7 @@ def gen_conv_backward(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor
                       dy: Tensor, ds1: Tensor, ds2: Tensor, upsample: int,
                       tanh: bool, impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dscale, dshift, dweight); dscale/dshift are empty without a prologue."""
-    _check_conv(x, scale, shift, weight, None, upsample, y, dy, ds1, ds2)
+    check_conv(x, scale, shift, weight, None, upsample, y, dy, ds1, ds2)
     dx, dscale, dshift, dweight = GEN_LAUNCHERS[impl]["conv_backward"](x, scale, shift, weight, y, dy, ds1, ds2,
                                                                        upsample, LEAKY_SLOPE, tanh)
     if dscale is None:
@@ -218,15 +185,3 @@ def fused_ensemble_forward(
         sc, sh = bn_affine(s1, s2, b * spec.image_size**2, params["out_scale"], None, OUT_BN_EPS)
         t = (t * sc[:, None, :, None, None] + sh[:, None, :, None, None]).to(dtype)
     return t
-
-
-def register_generator_backend(name: str, launchers: dict[str, Callable],
-                               check: Callable[[Tensor], str | None]) -> None:
-    """Register ``name``'s launchers and its ``ensemble_forward`` dispatch entry."""
-    from ..backends import register
-
-    GEN_LAUNCHERS[name] = launchers
-
-    @register("ensemble_forward", name, check=check)
-    def ensemble_forward(params, spec, z, local):
-        return fused_ensemble_forward(params, spec, z, local, name)

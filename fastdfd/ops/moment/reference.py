@@ -1,7 +1,7 @@
-"""The ``torch`` backend: plain PyTorch, autograd for gradients.
+"""The moment ops in plain PyTorch (autograd for gradients): the ``torch`` backend.
 
-This is the oracle every other backend is tested against and the fallback anywhere.
-It states the math the fused kernels implement:
+This is the oracle every other backend is tested against (in float64) and the fallback
+anywhere. It states the math the fused kernels (``kernels/moment/``, ``csrc/moment/``) implement:
 
 Moment tap, per segment g (N split into G contiguous parts) and channel c, with
 M = (N / G) * prod(spatial) elements and the shift mu_r (the running mean, known
@@ -25,11 +25,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..backends import register
-from .layout import PackedLayout
+from fastdfd.kernels.moment.layout import KIND_IDS, KINDS  # noqa: F401  (the kinds, numbered as the kernels take them)
 
-KINDS = ("kl", "kl_reverse", "l2", "mse")
-KIND_IDS = {kind: i for i, kind in enumerate(KINDS)}  # the integer the compiled kernels take
+from .packed import PackedLayout
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -37,7 +35,6 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@register("moment_sums", "torch")
 def moment_sums_torch(x: torch.Tensor, shift: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     acc = accumulation_dtype(x.dtype)
     n, c = x.shape[0], x.shape[1]
@@ -46,7 +43,6 @@ def moment_sums_torch(x: torch.Tensor, shift: torch.Tensor, groups: int) -> tupl
     return d.sum(dim=(1, 3)), (d * d).sum(dim=(1, 3))
 
 
-@register("moment_tap", "torch")
 def moment_tap_torch(
     x: torch.Tensor,
     running_mean: torch.Tensor,
@@ -86,7 +82,6 @@ def _segment_sum(terms: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
     return out.index_add(1, layout.layer, terms).t()
 
 
-@register("moment_finalize", "torch")
 def moment_finalize_torch(
     s1: torch.Tensor, s2: torch.Tensor, count: torch.Tensor, layout: PackedLayout, kind: str
 ) -> torch.Tensor:
