@@ -92,6 +92,15 @@ def test_failed_build_warns_once_with_the_reason_and_falls_back(monkeypatch, fre
         assert dispatch.resolve("moment_tap", torch.zeros(1, 1))[0] == "torch"
 
 
+def test_a_compile_error_is_reported_by_its_first_error_line():
+    root = extensions.csrc_dir()
+    log = (f"Error building extension 'fastdfd_cpu_0': [1/4] c++ -c {root}/moment/moment_cpu.cpp -o moment_cpu.o\n"
+           f"FAILED: moment_cpu.o\n{root}/moment/moment_cpu.cpp:439:1: error: expected unqualified-id before 'this'\n"
+           "  439 | this is not C++;\n[2/4] c++ -c fastdfd_cpu.cpp\nninja: build stopped: subcommand failed.\n")
+    assert extensions.build_error(log) == "csrc/moment/moment_cpu.cpp:439:1: error: expected unqualified-id before 'this'"
+    assert extensions.build_error("something else went wrong\nat the end") == "at the end"
+
+
 def test_missing_tools_are_named(monkeypatch):
     monkeypatch.setattr(extensions.shutil, "which", lambda name: None)
     assert "ninja" in extensions.missing_tools(extensions.SPECS["cpu"])

@@ -133,8 +133,15 @@ def _build(spec: ExtensionSpec, verbose: bool) -> tuple[ModuleType | None, str |
         )
         return module, None
     except Exception as e:  # compiler error, missing headers, ...
-        lines = [ln for ln in str(e).splitlines() if ln.strip()]
-        return None, f"building {spec.name} failed: {lines[-1] if lines else type(e).__name__}"
+        return None, f"building {spec.name} failed: {build_error(str(e)) or type(e).__name__}"
+
+
+def build_error(log: str) -> str:
+    """The line of a failed build's log that says why: the compiler's first error, else the last line."""
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error:" in ln.lower() and not ln.startswith("Error building extension")]
+    line = errors[0] if errors else (lines[-1] if lines else "")
+    return line.replace(f"{csrc_dir()}/", "csrc/")
 
 
 def load(which: str, verbose: bool = False) -> tuple[ModuleType | None, str | None]:
