@@ -11,6 +11,8 @@ import pytest
 
 from fastdfd.kernels.tools.aot_rules import REG_LIMIT, SPILL_BUDGET, failures, violations
 
+from .conftest import require_triton
+
 PLANTED = textwrap.dedent('''
     import triton
     import triton.language as tl
@@ -58,7 +60,7 @@ def _tritons():
 
 @pytest.mark.parametrize("triton_dir", _tritons())
 def test_planted_errors_fail_the_check_naming_the_configuration(triton_dir, tmp_path, monkeypatch):
-    pytest.importorskip("triton")
+    require_triton()
     from fastdfd.kernels.tools.aot_versions import run_one
 
     (tmp_path / "planted_aot.py").write_text(PLANTED)

@@ -1,7 +1,8 @@
 """The fused backends (triton, cpp) against the float64 torch reference.
 
 Triton runs in its interpreter on the CPU and as real kernels on a GPU; the cpp backend is
-built on first use. A backend that cannot run here is skipped with its reason.
+built on first use. A backend that cannot run here is skipped with its reason (failed, where
+FASTDFD_REQUIRE_BACKENDS names it: see tests/conftest.py).
 """
 
 import os
@@ -19,7 +20,7 @@ from fastdfd.ops import PackedLayout, moment_finalize, moment_sums, moment_tap
 from fastdfd.ops.dispatch import unavailable
 from fastdfd.ops.moment.backends import triton as triton_backend
 
-from .conftest import randomize_bn_stats, require_backend
+from .conftest import randomize_bn_stats, require_backend, require_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FUSED = ["triton", "cpp", "cuda"]
@@ -191,7 +192,7 @@ def test_unsupported_dtype_falls_back_with_a_warning():
 @pytest.mark.triton_heavy
 def test_every_kernel_compiles_ahead_of_time_for_sm80_and_sm90():
     """The GPU compiler rejects what the interpreter lets through; no GPU needed."""
-    pytest.importorskip("triton")
+    require_triton()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "fastdfd.kernels.tools.aot", "--arch", "80", "--arch", "90"],
                           capture_output=True, text=True, env=env, timeout=600)
