@@ -219,12 +219,11 @@ def test_dispatch_picks_a_fused_backend_and_falls_back_for_float64():
     from fastdfd.ops.dispatch import resolve
 
     ens = GeneratorEnsemble(2, 2, image_size=8, channels=1, latent_dim=4, widths=(16, 8)).to(DEVICE)
-    name, _ = resolve("ensemble_forward", ens.fc_z)
     want = {"cuda": "triton", "cpu": "cpp"}[DEVICE]
-    if unavailable("ensemble_forward", want, ens.fc_z) is None:
-        assert name == want
-    assert resolve("ensemble_forward", ens.fc_z.double())[0] in ("torch", "triton")
-    if DEVICE != "cpu" or unavailable("ensemble_forward", "cpp", ens.fc_z) is not None:
+    require_backend(want, unavailable("ensemble_forward", want, ens.fc_z), "generator backend")
+    assert resolve("ensemble_forward", ens.fc_z)[0] == want
+    assert resolve("ensemble_forward", ens.fc_z.double())[0] == "torch"  # neither fused backend takes float64
+    if DEVICE != "cpu":
         return
     with fastdfd.backend("cpp"), pytest.warns(RuntimeWarning, match="float64"):
         ens.double()(torch.randn(2, 3, 4, dtype=torch.float64, device=DEVICE),
