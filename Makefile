@@ -58,7 +58,7 @@ test-triton: $(VENV)/.installed-test $(TRITON_OLD_DIR)/.installed
 	$(PY) -m pytest -q tests/test_aot_check.py
 	$(PY) -m pytest -q tests -m triton_heavy
 	mkdir -p build
-	$(PY) -m fastdfd.kernels.aot_versions --triton $(TRITON_OLD_DIR) --triton venv --arch 90 \
+	$(PY) -m fastdfd.kernels.tools.aot_versions --triton $(TRITON_OLD_DIR) --triton venv --arch 90 \
 		--json build/triton-aot-sm90.json --table build/triton-aot-sm90.md
 
 bench: $(VENV)/.installed-test

@@ -63,7 +63,7 @@ def _tap_run(backend, x, stats, dy, a, b, groups, plant=False):
     import fastdfd
     from fastdfd.ops import moment_tap
 
-    from fastdfd.backends import resolve
+    from fastdfd.ops.dispatch import resolve
 
     x = x.detach().requires_grad_(True)
     with fastdfd.backend(backend):
@@ -81,12 +81,12 @@ def _tap_run(backend, x, stats, dy, a, b, groups, plant=False):
 
 
 def check_backends(device, tiny: bool, plant: bool) -> dict:
-    from fastdfd.backends import _REGISTRY
+    from fastdfd.ops.dispatch import unavailable
 
     on_gpu = device.type == "cuda"
     backends, skipped = ["torch"], {}
     for name in ("triton", "cuda", "cpp"):
-        why = _REGISTRY["moment_tap"][name].check(torch.empty(0, device=device))
+        why = unavailable("moment_tap", name, torch.empty(0, device=device))
         if why is None:
             backends.append(name)
         elif name == "cpp" and on_gpu:

@@ -9,8 +9,8 @@ gradient of <images, dy> with respect to every generator parameter (``train``):
 - ``vmap``: ``torch.func.stack_module_state`` + ``vmap`` + ``functional_call`` over the K modules;
 - ``grouped-eager``: fastdfd's ``torch`` backend (batch-major activations, grouped conv, K*C-channel BN);
 - ``grouped-compiled``: the same under ``torch.compile`` (inductor);
-- ``fastdfd-triton``: the fused Triton kernels (kernels/generator_fc.py, generator_conv.py);
-- ``fastdfd-cpp``: the CPU extension (csrc/generator_cpu.cpp: sub-pixel im2col + sgemm per generator).
+- ``fastdfd-triton``: the fused Triton kernels (kernels/generator/linear_gather.py, conv.py);
+- ``fastdfd-cpp``: the CPU extension (csrc/generator/generator_cpu.cpp: sub-pixel im2col + sgemm per generator).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """fastdfd: fast generative data-free knowledge distillation (Luo, Sandler et al., 2020)."""
 
 from . import models
-from .backends import backend
+from .ops.dispatch import backend
 from .nn import GeneratorEnsemble, MomentMatcher
 from .ops import KINDS, bn_moment_loss
 from .train import Distiller, GeneratorTrainer, NonFiniteLossError

@@ -10,6 +10,43 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def _required_backends() -> frozenset[str]:
+    """FASTDFD_REQUIRE_BACKENDS=cpp,triton: backends that must run here (CI sets it; see require_backend)."""
+    from fastdfd.ops.dispatch import BACKENDS
+
+    names = {n.strip().lower() for n in os.environ.get("FASTDFD_REQUIRE_BACKENDS", "").split(",") if n.strip()}
+    unknown = names - set(BACKENDS)
+    if unknown:
+        raise pytest.UsageError(f"FASTDFD_REQUIRE_BACKENDS names unknown backends {sorted(unknown)}; "
+                                f"expected a comma-separated subset of {BACKENDS}")
+    return frozenset(names)
+
+
+REQUIRED_BACKENDS = _required_backends()
+
+
+def require_backend(name: str, why: str | None, what: str = "backend") -> str:
+    """``name`` if it can run here (``why`` is None); else skip the test, or fail it when
+    FASTDFD_REQUIRE_BACKENDS names the backend, with the backend's own reason either way.
+
+    A missing optional backend is no reason to fail on a user's machine, but on CI (which
+    requires cpp and triton) a build that stopped working must turn the run red, not skip.
+    """
+    if why is None:
+        return name
+    message = f"{name} {what} unavailable here: {why}"
+    if name in REQUIRED_BACKENDS:
+        pytest.fail(f"{message} (FASTDFD_REQUIRE_BACKENDS requires it)", pytrace=False)
+    pytest.skip(message, allow_module_level=True)
+
+
+def require_triton() -> None:
+    """For a test (or, called at import, a test module) that needs the triton package itself."""
+    from fastdfd.ops.triton_runtime import triton_missing
+
+    require_backend("triton", triton_missing())
+
+
 def randomize_bn_stats(model: nn.Module, seed: int = 0, calibrate: torch.Tensor | None = None) -> nn.Module:
     """Plausible, non-trivial running statistics and affine parameters on every BN layer.
 

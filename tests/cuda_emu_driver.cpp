@@ -1,4 +1,4 @@
-// C entry points over csrc/moment_tap_cuda.h for tests/test_cuda_emulated.py (ctypes), built
+// C entry points over csrc/moment/moment_cuda.h for tests/test_cuda_emulated.py (ctypes), built
 // with the .cu lowered for the CPU emulation (csrc/cuda_emu/). With -DCUDA_EMU_MAIN it is
 // also a standalone program for the ThreadSanitizer runs: fwd/bwd/finalize once each.
 #include <cstdint>
@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "cuda_emu.h"
-#include "moment_tap_cuda.h"
+#include "moment_cuda.h"
 
 namespace {
 // shape: N, C, P, groups, sn, sc, sp

@@ -9,7 +9,9 @@ import textwrap
 
 import pytest
 
-from fastdfd.kernels.aot_rules import REG_LIMIT, SPILL_BUDGET, failures, violations
+from fastdfd.kernels.tools.aot_rules import REG_LIMIT, SPILL_BUDGET, failures, violations
+
+from .conftest import require_triton
 
 PLANTED = textwrap.dedent('''
     import triton
@@ -50,7 +52,7 @@ PLANTED = textwrap.dedent('''
 
 def _tritons():
     try:
-        from fastdfd.kernels.aot_versions import installed
+        from fastdfd.kernels.tools.aot_versions import installed
     except ImportError:  # no triton in this environment
         return []
     return installed()
@@ -58,8 +60,8 @@ def _tritons():
 
 @pytest.mark.parametrize("triton_dir", _tritons())
 def test_planted_errors_fail_the_check_naming_the_configuration(triton_dir, tmp_path, monkeypatch):
-    pytest.importorskip("triton")
-    from fastdfd.kernels.aot_versions import run_one
+    require_triton()
+    from fastdfd.kernels.tools.aot_versions import run_one
 
     (tmp_path / "planted_aot.py").write_text(PLANTED)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # the check's process imports the planted jobs from here

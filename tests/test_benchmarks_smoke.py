@@ -2,9 +2,9 @@
 
 import json
 
-import pytest
+from .conftest import require_triton
 
-pytest.importorskip("triton")
+require_triton()
 
 
 def test_gpu_suite_runs_end_to_end_in_tiny_mode(tmp_path):

@@ -10,7 +10,8 @@ import pytest
 
 from fastdfd.ops.extensions import csrc_dir
 
-CUDA_SOURCES = sorted(p.name for p in csrc_dir().glob("*.cu"))
+CUDA_SOURCES = sorted(p.relative_to(csrc_dir()).as_posix() for p in csrc_dir().glob("*/*.cu"))  # one folder per op
+assert CUDA_SOURCES, f"no CUDA source under {csrc_dir()}/<op>/"
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
@@ -35,6 +36,6 @@ def test_cuda_binding_compiles_against_torch_headers():
 
     includes = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}", f"-I{csrc_dir()}"]
     cmd = ["c++", "-std=c++17", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=fastdfd_cuda_check",
-           "-DTORCH_API_INCLUDE_EXTENSION_H", *includes, str(csrc_dir() / "moment_tap_cuda_binding.cpp")]
+           "-DTORCH_API_INCLUDE_EXTENSION_H", *includes, str(csrc_dir() / "moment" / "moment_cuda_binding.cpp")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -1,9 +1,9 @@
-"""The CUDA kernels of csrc/moment_tap_cuda.cu, executed on the CPU under csrc/cuda_emu/.
+"""The CUDA kernels of csrc/moment/moment_cuda.cu, executed on the CPU under csrc/cuda_emu/.
 
 The unchanged .cu (launch chevrons lowered, see csrc/cuda_emu/lower_launches.py) is built
 with g++ against the emulator's stand-in CUDA headers, with tests/cuda_emu_driver.cpp, and
 called through ctypes on CPU tensors; every output is checked against the float64 reference
-(fastdfd/ops/reference.py) at odd shapes. Outputs start as NaN (an element never written
+(fastdfd/ops/moment/reference.py) at odd shapes. Outputs start as NaN (an element never written
 fails) and every buffer sits between guard regions (a write outside it fails; a read
 outside it reads NaN). Planted errors show the checks bite: wrong indices and bounds in
 every kernel, and (under ThreadSanitizer) a missing __syncthreads.
@@ -22,14 +22,14 @@ import pytest
 import torch
 
 from fastdfd.ops.extensions import csrc_dir
-from fastdfd.ops.layout import PackedLayout
-from fastdfd.ops.reference import KINDS, eval_batch_norm, moment_finalize_torch, moment_sums_torch
+from fastdfd.ops.moment.packed import PackedLayout
+from fastdfd.ops.moment.reference import KINDS, eval_batch_norm, moment_finalize_torch, moment_sums_torch
 
 CXX = shutil.which("g++") or shutil.which("c++")
 pytestmark = pytest.mark.skipif(CXX is None, reason="no C++ compiler to build the emulated CUDA kernels")
 
 EMU = csrc_dir() / "cuda_emu"
-CU = csrc_dir() / "moment_tap_cuda.cu"
+CU = csrc_dir() / "moment" / "moment_cuda.cu"
 DRIVER = csrc_dir().parent / "tests" / "cuda_emu_driver.cpp"
 SELFTEST = csrc_dir().parent / "tests" / "cuda_emu_selftest.cu"
 DTYPE_IDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -74,7 +74,7 @@ class Build:
         src = out_dir / f"{name}.cpp"
         src.write_text(lowered_source([GRID_CAP, *replacements], with_selftest) + f'\n#include "{DRIVER}"\n')
         self.out = out_dir / name
-        cmd = [CXX, "-std=c++17", "-g", "-pthread", f"-I{EMU}", f"-I{csrc_dir()}", str(src), "-o", str(self.out),
+        cmd = [CXX, "-std=c++17", "-g", "-pthread", f"-I{EMU}", f"-I{CU.parent}", str(src), "-o", str(self.out),
                *flags]
         self.log = out_dir / f"{name}.log"
         with open(self.log, "w") as log:
@@ -458,5 +458,5 @@ def test_kernels_are_race_free_under_tsan(builds, tsan_ok):
 def test_tsan_catches_a_missing_syncthreads(builds, tsan_ok):
     proc = run_under_tsan(builds["race"].path())
     assert "ThreadSanitizer: data race" in proc.stderr, proc.stderr[-3000:]
-    assert "moment_tap_cuda.cu" in proc.stderr  # reported at the kernel's own lines
+    assert "moment_cuda.cu" in proc.stderr  # reported at the kernel's own lines
     assert proc.returncode != 0

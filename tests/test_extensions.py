@@ -8,9 +8,11 @@ import pytest
 import torch
 
 import fastdfd
-from fastdfd import backends
 from fastdfd.cli import main
+from fastdfd.ops import dispatch
 from fastdfd.ops import extensions
+
+from .conftest import require_backend
 
 
 @pytest.fixture
@@ -18,7 +20,7 @@ def fresh_loader(monkeypatch):
     """Forget built extensions and warnings for the duration of a test."""
     monkeypatch.setattr(extensions, "_LOADED", {})
     monkeypatch.setattr(extensions, "_WARNED", set())
-    monkeypatch.setattr(backends, "_WARNED", set())
+    monkeypatch.setattr(dispatch, "_WARNED", set())
     torch._dynamo.reset()  # a compiled graph keeps the backend it was traced with
     yield
     torch._dynamo.reset()
@@ -26,17 +28,15 @@ def fresh_loader(monkeypatch):
 
 def test_cpp_is_the_cpu_default_when_it_builds():
     module, why = extensions.load("cpu")
-    if module is None:
-        pytest.skip(f"cpu extension unavailable here: {why}")
-    assert backends.resolve("moment_tap", torch.zeros(1, 1))[0] == "cpp"
+    require_backend("cpp", why, "backend (the cpu extension)")
+    assert dispatch.resolve("moment_tap", torch.zeros(1, 1))[0] == "cpp"
     assert (extensions.cache_dir() / f"fastdfd_cpu-{extensions.build_key(extensions.SPECS['cpu'])}").is_dir()
 
 
 def test_cpu_extension_runs_parallel_for_on_every_thread():
     """ATen's parallel_for opens its OpenMP region inline: an extension built without -fopenmp ran serially."""
     module, why = extensions.load("cpu")
-    if module is None:
-        pytest.skip(f"cpu extension unavailable here: {why}")
+    require_backend("cpp", why, "backend (the cpu extension)")
     threads = torch.get_num_threads()
     if threads < 2:
         pytest.skip("one intra-op thread here")
@@ -48,8 +48,7 @@ def test_cpu_extension_uses_torchs_openmp_runtime():
 
     (Other libraries may bring their own copy, scikit-learn does; what matters is the extension's.)"""
     module, why = extensions.load("cpu")
-    if module is None:
-        pytest.skip(f"cpu extension unavailable here: {why}")
+    require_backend("cpp", why, "backend (the cpu extension)")
     torch_cpu = next(Path(torch.__file__).parent.joinpath("lib").glob("libtorch_cpu.*"), None)
     if torch_cpu is None or "OpenMP" not in torch.__config__.parallel_info():
         pytest.skip("this torch is not an OpenMP build with a libtorch_cpu to compare against")
@@ -77,7 +76,7 @@ def test_no_ext_switch_falls_back_silently(monkeypatch, fresh_loader):
     monkeypatch.setenv("FASTDFD_NO_EXT", "1")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert backends.resolve("moment_tap", torch.zeros(1, 1))[0] == "torch"
+        assert dispatch.resolve("moment_tap", torch.zeros(1, 1))[0] == "torch"
         x = torch.randn(4, 3, 2, 2)
         fastdfd.bn_moment_loss(x, torch.zeros(3), torch.ones(3))
 
@@ -87,10 +86,19 @@ def test_failed_build_warns_once_with_the_reason_and_falls_back(monkeypatch, fre
     monkeypatch.setitem(extensions.SPECS, "cpu", broken)
     monkeypatch.setenv("FASTDFD_EXT_DIR", str(tmp_path))
     with pytest.warns(RuntimeWarning, match="cpu extension is unavailable"):
-        assert backends.resolve("moment_tap", torch.zeros(1, 1))[0] == "torch"
+        assert dispatch.resolve("moment_tap", torch.zeros(1, 1))[0] == "torch"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once only
-        assert backends.resolve("moment_tap", torch.zeros(1, 1))[0] == "torch"
+        assert dispatch.resolve("moment_tap", torch.zeros(1, 1))[0] == "torch"
+
+
+def test_a_compile_error_is_reported_by_its_first_error_line():
+    root = extensions.csrc_dir()
+    log = (f"Error building extension 'fastdfd_cpu_0': [1/4] c++ -c {root}/moment/moment_cpu.cpp -o moment_cpu.o\n"
+           f"FAILED: moment_cpu.o\n{root}/moment/moment_cpu.cpp:439:1: error: expected unqualified-id before 'this'\n"
+           "  439 | this is not C++;\n[2/4] c++ -c fastdfd_cpu.cpp\nninja: build stopped: subcommand failed.\n")
+    assert extensions.build_error(log) == "csrc/moment/moment_cpu.cpp:439:1: error: expected unqualified-id before 'this'"
+    assert extensions.build_error("something else went wrong\nat the end") == "at the end"
 
 
 def test_missing_tools_are_named(monkeypatch):

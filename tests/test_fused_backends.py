@@ -1,7 +1,8 @@
 """The fused backends (triton, cpp) against the float64 torch reference.
 
 Triton runs in its interpreter on the CPU and as real kernels on a GPU; the cpp backend is
-built on first use. A backend that cannot run here is skipped with its reason.
+built on first use. A backend that cannot run here is skipped with its reason (failed, where
+FASTDFD_REQUIRE_BACKENDS names it: see tests/conftest.py).
 """
 
 import os
@@ -15,26 +16,23 @@ import torch.nn.functional as F
 
 import fastdfd
 from fastdfd.models import create_model
-from fastdfd.backends import _REGISTRY
-from fastdfd.ops import PackedLayout, moment_finalize, moment_sums, moment_tap, triton_backend
+from fastdfd.ops import PackedLayout, moment_finalize, moment_sums, moment_tap
+from fastdfd.ops.dispatch import unavailable
+from fastdfd.ops.moment.backends import triton as triton_backend
 
-from .conftest import randomize_bn_stats
+from .conftest import randomize_bn_stats, require_backend, require_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FUSED = ["triton", "cpp", "cuda"]
 
 
 def _skip_reason(name: str) -> str | None:
-    return _REGISTRY["moment_tap"][name].check(torch.empty(0, device=DEVICE)) if name in _REGISTRY["moment_tap"] \
-        else "not registered"
+    return unavailable("moment_tap", name, torch.empty(0, device=DEVICE))
 
 
 @pytest.fixture(params=FUSED)
 def backend(request):
-    why = _skip_reason(request.param)
-    if why is not None:
-        pytest.skip(f"{request.param} backend unavailable here: {why}")
-    return request.param
+    return require_backend(request.param, _skip_reason(request.param))
 
 SHAPES = [(1, 1, 1, 1), (3, 5, 7, 9), (2, 63, 1, 1), (5, 17, 33, 31), (4, 6), (3, 4, 10)]
 
@@ -185,8 +183,7 @@ def test_matcher_on_resnet18_same_loss_and_input_gradient_as_torch_backend(backe
 
 
 def test_unsupported_dtype_falls_back_with_a_warning():
-    if _skip_reason("triton") is not None:
-        pytest.skip("triton unavailable")
+    require_backend("triton", _skip_reason("triton"))
     x, (rm, rv, _, _) = make((2, 3, 4, 4), groups=1)
     with fastdfd.backend("triton"), pytest.warns(RuntimeWarning, match="float64"):
         fastdfd.bn_moment_loss(x.double(), rm, rv)
@@ -195,9 +192,9 @@ def test_unsupported_dtype_falls_back_with_a_warning():
 @pytest.mark.triton_heavy
 def test_every_kernel_compiles_ahead_of_time_for_sm80_and_sm90():
     """The GPU compiler rejects what the interpreter lets through; no GPU needed."""
-    pytest.importorskip("triton")
+    require_triton()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "fastdfd.kernels.aot", "--arch", "80", "--arch", "90"],
+    proc = subprocess.run([sys.executable, "-m", "fastdfd.kernels.tools.aot", "--arch", "80", "--arch", "90"],
                           capture_output=True, text=True, env=env, timeout=600)
     report = "\n".join(line for line in proc.stdout.splitlines() if line.startswith(("sm_", "FAIL", "triton ")))
     print(report)  # registers, spills and shared memory per kernel, in the -rA / -s output

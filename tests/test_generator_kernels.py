@@ -1,5 +1,5 @@
-"""The fused generator backends against float64: ``triton`` (kernels/generator_fc.py,
-generator_conv.py) and ``cpp`` (csrc/generator_cpu.cpp).
+"""The fused generator backends against float64: ``triton`` (kernels/generator/linear_gather.py,
+conv.py) and ``cpp`` (csrc/generator/generator_cpu.cpp).
 
 On a CPU the Triton kernels run in Triton's interpreter (fp32: the interpreter has no bf16
 arithmetic), on a GPU as real kernels; the cpp backend is built on first use. Every check
@@ -13,20 +13,19 @@ import torch
 
 import fastdfd
 from fastdfd import GeneratorEnsemble
-from fastdfd.backends import _REGISTRY
-from fastdfd.ops.generator_fused import GEN_LAUNCHERS, gen_linear_gather
-from fastdfd.ops.generator_reference import conv_layer_reference, linear_gather_reference
+from fastdfd.ops.dispatch import unavailable
+from fastdfd.ops.generator.custom_op import GEN_LAUNCHERS, gen_linear_gather
+from fastdfd.ops.generator.reference import conv_layer_reference, linear_gather_reference
+
+from .conftest import require_backend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(params=["triton", "cpp"])
 def backend(request):
-    impl = _REGISTRY["ensemble_forward"].get(request.param)
-    why = "not registered" if impl is None else impl.check(torch.empty(0, device=DEVICE))
-    if why is not None:
-        pytest.skip(f"{request.param} generator backend unavailable here: {why}")
-    return request.param
+    why = unavailable("ensemble_forward", request.param, torch.empty(0, device=DEVICE))
+    return require_backend(request.param, why, "generator backend")
 
 
 def assert_within_torch_error(kernel, ref64, torch32, what, atol=1e-5):
@@ -217,15 +216,14 @@ def test_chunk_of_generators_through_the_kernels(backend):
 
 def test_dispatch_picks_a_fused_backend_and_falls_back_for_float64():
     """fp32 on the CPU goes to cpp (or triton on a GPU); float64 is served by the torch reference."""
-    from fastdfd.backends import resolve
+    from fastdfd.ops.dispatch import resolve
 
     ens = GeneratorEnsemble(2, 2, image_size=8, channels=1, latent_dim=4, widths=(16, 8)).to(DEVICE)
-    name, _ = resolve("ensemble_forward", ens.fc_z)
     want = {"cuda": "triton", "cpu": "cpp"}[DEVICE]
-    if _REGISTRY["ensemble_forward"][want].check(ens.fc_z) is None:
-        assert name == want
-    assert resolve("ensemble_forward", ens.fc_z.double())[0] in ("torch", "triton")
-    if DEVICE != "cpu" or _REGISTRY["ensemble_forward"]["cpp"].check(ens.fc_z) is not None:
+    require_backend(want, unavailable("ensemble_forward", want, ens.fc_z), "generator backend")
+    assert resolve("ensemble_forward", ens.fc_z)[0] == want
+    assert resolve("ensemble_forward", ens.fc_z.double())[0] == "torch"  # neither fused backend takes float64
+    if DEVICE != "cpu":
         return
     with fastdfd.backend("cpp"), pytest.warns(RuntimeWarning, match="float64"):
         ens.double()(torch.randn(2, 3, 4, dtype=torch.float64, device=DEVICE),

@@ -6,7 +6,7 @@ The fused kernels address x, y, dy and dx with one set of strides, so the launch
 bring x to a dense layout and give y/dx exactly its strides; before that was enforced, the
 first three views below corrupted the heap (the process aborted) and expands gave NaN or
 ~5e37. Each view here runs forward and backward (dx through y and through the sums), with
-one and several groups, and is compared with fastdfd/ops/reference.py run in float64.
+one and several groups, and is compared with fastdfd/ops/moment/reference.py run in float64.
 """
 
 import os
@@ -18,9 +18,7 @@ import pytest
 import torch
 
 import fastdfd
-from fastdfd.backends import _REGISTRY, resolve
-from fastdfd.ops import bn_moment_loss, moment_sums, moment_tap
-from fastdfd.ops.layout import (
+from fastdfd.kernels.moment.layout import (
     check_kernel_layout,
     empty_kernel_like,
     is_dense,
@@ -28,22 +26,23 @@ from fastdfd.ops.layout import (
     kernel_output_like,
     like_strides,
 )
-from fastdfd.ops.reference import moment_tap_torch
+from fastdfd.ops import bn_moment_loss, moment_sums, moment_tap
+from fastdfd.ops.dispatch import resolve, unavailable
+from fastdfd.ops.moment.reference import moment_tap_torch
+
+from .conftest import REQUIRED_BACKENDS, require_backend
 
 BACKENDS = ["torch", "cpp", "triton"]
 CL, CL3 = torch.channels_last, torch.channels_last_3d
 
 
 def _available(name: str, dtype: torch.dtype = torch.float32) -> str | None:
-    return _REGISTRY["moment_tap"][name].check(torch.empty(0, dtype=dtype))
+    return unavailable("moment_tap", name, torch.empty(0, dtype=dtype))
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request):
-    why = _available(request.param)
-    if why is not None:
-        pytest.skip(f"{request.param} backend unavailable here: {why}")
-    return request.param
+    return require_backend(request.param, _available(request.param))
 
 
 # name -> (shape of the leaf the view is taken from, the view). Odd sizes throughout; every
@@ -106,7 +105,7 @@ def _run(name, base, fn, stats, groups, eps=1e-3, upstream_seed=1):
 
 
 def _reference64(base, fn, stats, groups, eps=1e-3):
-    """The torch backend's math (fastdfd/ops/reference.py) in float64, through the same view."""
+    """The torch backend's math (fastdfd/ops/moment/reference.py) in float64, through the same view."""
     base = base.detach().double().requires_grad_(True)
     x = fn(base)
     y, s1, s2 = moment_tap_torch(x, *[s.double() for s in stats], eps, groups)
@@ -189,9 +188,7 @@ LOWP_VIEWS = ["contiguous", "channel_slice", "batch_stride", "expand_batch", "ch
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("view", LOWP_VIEWS)
 def test_half_precision_views_on_cpp(view, dtype):
-    why = _available("cpp", dtype)
-    if why is not None:
-        pytest.skip(f"cpp backend unavailable here: {why}")
+    require_backend("cpp", _available("cpp", dtype))
     _lowp_case("cpp", view, dtype)
 
 
@@ -199,9 +196,7 @@ def test_half_precision_views_on_cpp(view, dtype):
                                   "bn1d_channel_slice"])
 def test_fp16_views_on_triton(view):
     # bf16 is not here: the interpreter runs kernels in numpy, which has no bf16 arithmetic
-    why = _available("triton", torch.float16)
-    if why is not None:
-        pytest.skip(f"triton backend unavailable here: {why}")
+    require_backend("triton", _available("triton", torch.float16))
     _lowp_case("triton", view, torch.float16)
 
 
@@ -243,8 +238,7 @@ def test_launchers_refuse_a_mismatched_layout():
 
 def test_cpp_extension_refuses_non_dense_x_and_mismatched_dy():
     """The C++ side checks the layout again (defence in depth): an error, not a heap overrun."""
-    if _available("cpp") is not None:
-        pytest.skip(f"cpp backend unavailable here: {_available('cpp')}")
+    require_backend("cpp", _available("cpp"))
     from fastdfd.ops import extensions
 
     ext = extensions.load("cpu")[0]
@@ -282,9 +276,9 @@ def test_empty_inputs_are_refused(shape, backend):
 # ------------------------------------------------------ the crashes, in a child process
 CRASH_SCRIPT = textwrap.dedent("""
     import sys, torch, fastdfd
-    from fastdfd.backends import resolve
     from fastdfd.ops import moment_tap
-    from fastdfd.ops.reference import moment_tap_torch
+    from fastdfd.ops.dispatch import resolve
+    from fastdfd.ops.moment.reference import moment_tap_torch
     views = {  # the reports: (leaf shape, the view the BN layer gets)
         "channel_slice": ((64, 32, 9, 9), lambda t: t[:, :8]),
         "batch_stride": ((64, 8, 9, 9), lambda t: t[::2]),
@@ -311,9 +305,13 @@ CRASH_SCRIPT = textwrap.dedent("""
 
 def test_former_crash_repros_run_clean_in_a_child_process():
     """The exact reports (a heap-corruption abort kills the whole interpreter, so in a child)."""
-    names = [n for n in ("cpp", "triton") if _available(n) is None]
+    missing = {n: _available(n) for n in ("cpp", "triton") if _available(n) is not None}
+    for name, why in missing.items():
+        if name in REQUIRED_BACKENDS:
+            require_backend(name, why)  # fails: a required backend must run the repros
+    names = [n for n in ("cpp", "triton") if n not in missing]
     if not names:
-        pytest.skip("no fused backend available here")
+        pytest.skip(f"no fused backend available here: {missing}")
     env = dict(os.environ, TRITON_INTERPRET=os.environ.get("TRITON_INTERPRET", "1"))
     proc = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, *names], capture_output=True, text=True, env=env,
                           timeout=300)
@@ -326,12 +324,9 @@ def test_former_crash_repros_run_clean_in_a_child_process():
 def test_generator_ops_take_strided_views_and_refuse_wrong_shapes(gen_backend):
     """The generator ops copy their operands to contiguous before raw addressing: a channel
     slice, a transposed weight and an expanded dy give exactly the contiguous results."""
-    from fastdfd.ops.generator_fused import gen_conv_forward, gen_linear_gather
+    from fastdfd.ops.generator.custom_op import gen_conv_forward, gen_linear_gather
 
-    impl = _REGISTRY["ensemble_forward"].get(gen_backend)
-    why = "not registered" if impl is None else impl.check(torch.empty(0))
-    if why is not None:
-        pytest.skip(f"{gen_backend} generator backend unavailable here: {why}")
+    require_backend(gen_backend, unavailable("ensemble_forward", gen_backend, torch.empty(0)), "generator backend")
     g = torch.Generator().manual_seed(7)
     k, b, cin, cout, h = 2, 3, 5, 4, 3
     views = {

@@ -108,9 +108,45 @@ def test_duplicate_registration_rejected() -> None:
             return nn.Linear(1, num_classes)
 
 
-@pytest.mark.parametrize("depth", [10, 22, 28, 40])
-def test_wrn_valid_depths(depth: int) -> None:
-    wrn.WideResNet(depth, 1, num_classes=10)
+def _wrn_parameters(depth: int, k: int, num_classes: int = 10, in_channels: int = 3) -> int:
+    """WRN-depth-k's parameter count from the paper's architecture: a 3x3 stem of 16 channels, three
+    groups of n = (depth - 4) / 6 pre-activation blocks of 16k, 32k and 64k channels (strides 1, 2, 2;
+    a 1x1 projection where a block changes shape), BN-ReLU, pooling and a linear head."""
+    n = (depth - 4) // 6
+    total, width = 9 * in_channels * 16, 16
+    for out, stride in ((16 * k, 1), (32 * k, 2), (64 * k, 2)):
+        for i in range(n):
+            inp = width if i == 0 else out
+            total += 2 * inp + 9 * inp * out + 2 * out + 9 * out * out  # BN, conv3x3, BN, conv3x3
+            if i == 0 and (inp != out or stride != 1):
+                total += inp * out  # the projection shortcut
+        width = out
+    return total + 2 * width + width * num_classes + num_classes  # final BN and the head
+
+
+@pytest.mark.parametrize("depth, k", [(10, 1), (16, 2), (22, 1), (28, 1), (40, 1), (40, 2)])
+def test_wrn_valid_depths(depth: int, k: int) -> None:
+    model = wrn.WideResNet(depth, k, num_classes=10)
+    n = (depth - 4) // 6
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    conv3 = [m for m in convs if m.kernel_size == (3, 3)]
+    conv1 = [m for m in convs if m.kernel_size == (1, 1)]
+    assert len(conv3) == 6 * n + 1  # the stem and two per block
+    assert len(conv1) == (2 if k == 1 else 3)  # group 1 keeps 16 channels only when k == 1
+    assert len([m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]) == 6 * n + 1
+    assert len([m for m in model.modules() if isinstance(m, nn.Linear)]) == 1
+    if k == 1:  # the depth counts the weighted layers: 6n + 1 3x3 convs, the two projections, the head
+        assert len(conv3) + len(conv1) + 1 == depth
+    assert [g[0].conv2.out_channels for g in (model.block1, model.block2, model.block3)] == [16 * k, 32 * k, 64 * k]
+    assert sum(p.numel() for p in model.parameters()) == _wrn_parameters(depth, k)
+    with torch.no_grad():
+        assert model.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_wrn_parameter_counts_match_the_literature() -> None:
+    # the counts the papers and their code report on 10 classes (WRN-28-10: 36.5M; WRN-40-2: 2.2M)
+    assert _wrn_parameters(28, 10) == 36_479_194
+    assert sum(p.numel() for p in wrn.WideResNet(40, 2, num_classes=10).parameters()) == 2_243_546
 
 
 @pytest.mark.parametrize("depth", [15, 20, 41, 4])

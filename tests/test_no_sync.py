@@ -15,8 +15,11 @@ import pytest
 import torch
 
 import fastdfd
-from fastdfd.backends import _REGISTRY, resolve
-from fastdfd.ops import PackedLayout, bn_moment_loss, check_running_stats, moments
+from fastdfd.ops import PackedLayout, bn_moment_loss, check_running_stats
+from fastdfd.ops.dispatch import resolve, unavailable
+from fastdfd.ops.moment import api
+
+from .conftest import require_backend
 
 
 def _stats(c=5, seed=0):
@@ -52,10 +55,7 @@ def no_host_reads(monkeypatch):
 
 @pytest.fixture(params=["torch", "cpp"])
 def backend(request):
-    why = _REGISTRY["moment_sums"][request.param].check(torch.empty(0))
-    if why is not None:
-        pytest.skip(f"{request.param} backend unavailable here: {why}")
-    return request.param
+    return require_backend(request.param, unavailable("moment_sums", request.param, torch.empty(0)))
 
 
 # ----------------------------------------------------------------- first call validates
@@ -163,7 +163,7 @@ def test_validation_memo_does_not_keep_tensors_alive():
     check_running_stats(rm, rv)
     bn_moment_loss(_x(), rm, rv)
     refs = [weakref.ref(rm), weakref.ref(rv)]
-    assert rm in moments._VALID_MEANS and rv in moments._VALID_VARS
+    assert rm in api._VALID_MEANS and rv in api._VALID_VARS
     del rm, rv
     gc.collect()
     assert all(r() is None for r in refs)
@@ -174,7 +174,7 @@ def test_inference_tensors_are_checked_every_time():
     with torch.inference_mode():
         rm, rv = _stats()
     check_running_stats(rm, rv)
-    assert rv not in moments._VALID_VARS
+    assert rv not in api._VALID_VARS
     with torch.inference_mode():
         rv[0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):

@@ -32,8 +32,35 @@ def test_ensemble_classes_beyond_the_teacher():
 
 
 def test_a_subset_of_the_teachers_classes_is_fine():
+    """Generators of classes 3 and 7 of a 10-class teacher train, with labels from their own classes only.
+
+    The teacher here answers 7 whatever the image: its top-1 on the generated images is then
+    exactly 0 for the class-3 generator and 1 for the class-7 one, which a label drawn from the
+    wrong set (a local index 0, another generator's class, any class of the teacher) would change.
+    """
+    teacher = _teacher()
+    head = [m for m in teacher.modules() if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(10.0 * torch.nn.functional.one_hot(torch.tensor(7), 10))
     ens = GeneratorEnsemble(2, 10, image_size=16, channels=1, latent_dim=8, widths=(8, 8), classes=[[3], [7]])
-    GeneratorTrainer(_teacher(), ens, progress=False).fit(1)
+    before = {n: p.detach().clone() for n, p in ens.named_parameters()}
+    trainer = GeneratorTrainer(teacher, ens, progress=False)
+    rows = trainer.fit(2)
+
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert [r["teacher_acc"] for r in rows] == [0.5, 0.5]  # half the images are class 7's
+    assert all(not torch.equal(before[n], p) for n, p in ens.named_parameters() if n.startswith(("fc_", "conv"))), \
+        "the generators did not train"
+    z, y, local = ens.draw(16, None, torch.Generator().manual_seed(1))
+    assert y.shape == (2, 16) and set(y[0].tolist()) == {3} and set(y[1].tolist()) == {7}
+    assert set(local.flatten().tolist()) == {0}  # one class each: the position in its own set
+    _, labels = ens.sample(5, rng=torch.Generator().manual_seed(2))
+    assert labels.tolist() == [3] * 5 + [7] * 5
+    report = trainer.quality(n_per_class=4, log=False)
+    assert report.classes == [3, 7]
+    assert report.teacher_per_class == {3: 0.0, 7: 1.0} and report.teacher_top1 == 0.5
 
 
 def test_generator_channels_against_the_teacher():

@@ -92,7 +92,7 @@ def _versions():
         except md.PackageNotFoundError:
             out[pkg] = None
     try:
-        from fastdfd.backends import resolve
+        from fastdfd.ops.dispatch import resolve
 
         out["fastdfd_backend_cpu"] = resolve("moment_tap", torch.empty(1))[0]
     except Exception as exc:  # pragma: no cover - informative only

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..ops import moment_sums, moment_tap
-from ..ops.reference import eval_batch_norm
+from ..ops.moment.reference import eval_batch_norm
 from .flavours import Flavour
 from .moment_record import MomentRecord
 

@@ -1,7 +1,15 @@
-"""Moment ops (public entry points; backends behind :mod:`fastdfd.backends`)."""
+"""The ops: one folder per op (``moment/``, ``generator/``), the backend chosen by :mod:`.dispatch`.
 
-from .layout import PackedLayout
-from .moments import (
+Each op folder has the same files: ``api.py`` (public entry points), ``reference.py`` (plain
+PyTorch, the float64 oracle), ``custom_op.py`` (``torch.library`` custom ops with fake
+implementations and autograd), ``dispatch.py`` (each backend's dispatch entries) and
+``backends/<name>.py`` (when a compiled backend serves, and its launchers). Shared:
+``dispatch.py`` (the registry and the choice), ``extensions.py`` (building csrc/),
+``triton_runtime.py`` (whether Triton can serve a tensor). The kernels sit below, in
+``fastdfd.kernels`` and ``csrc/``, and import nothing from here.
+"""
+
+from .moment.api import (
     REDUCTIONS,
     bn_moment_loss,
     check_kind,
@@ -11,7 +19,8 @@ from .moments import (
     moment_sums,
     moment_tap,
 )
-from .reference import KINDS
+from .moment.packed import PackedLayout
+from .moment.reference import KINDS
 
 __all__ = [
     "KINDS",

@@ -38,7 +38,7 @@ def csrc_dir() -> Path:
 @dataclass
 class ExtensionSpec:
     name: str
-    sources: list[str]  # relative to csrc/
+    sources: list[str]  # relative to csrc/ (one folder per op: csrc/moment/, csrc/generator/)
     cflags: list[str] = field(default_factory=list)
     cuda_cflags: list[str] = field(default_factory=list)
     ldflags: list[str] = field(default_factory=list)
@@ -50,9 +50,9 @@ SPECS = {
     # -fopenmp: ATen's parallel_for is a header template that opens `#pragma omp parallel` itself
     # (AT_PARALLEL_OPENMP builds, the pip wheels): compiled without it, every parallel_for here ran
     # on one thread. The link resolves libgomp.so.1 to the copy torch has already loaded.
-    "cpu": ExtensionSpec("fastdfd_cpu", ["moment_tap_cpu.cpp", "generator_cpu.cpp"],
+    "cpu": ExtensionSpec("fastdfd_cpu", ["fastdfd_cpu.cpp", "moment/moment_cpu.cpp", "generator/generator_cpu.cpp"],
                          cflags=["-O3", "-march=native", "-fopenmp"], ldflags=["-fopenmp"]),
-    "cuda": ExtensionSpec("fastdfd_cuda", ["moment_tap_cuda_binding.cpp", "moment_tap_cuda.cu"],
+    "cuda": ExtensionSpec("fastdfd_cuda", ["moment/moment_cuda_binding.cpp", "moment/moment_cuda.cu"],
                           cflags=["-O3"], cuda_cflags=["-O3", "--use_fast_math"], needs_cuda=True),
 }
 
@@ -93,10 +93,17 @@ def _cpu_fingerprint() -> str:
         return platform.processor()
 
 
+def _headers(spec: ExtensionSpec) -> set[str]:
+    """The headers a build of ``spec`` can include: csrc/'s own and those beside each source."""
+    root = csrc_dir()
+    folders = {root} | {(root / s).parent for s in spec.sources}
+    return {p.relative_to(root).as_posix() for d in folders for pat in ("*.h", "*.cuh") for p in d.glob(pat)}
+
+
 def build_key(spec: ExtensionSpec) -> str:
     h = hashlib.sha256()
     root = csrc_dir()
-    for src in sorted(set(spec.sources) | {p.name for p in root.glob("*.h")} | {p.name for p in root.glob("*.cuh")}):
+    for src in sorted(set(spec.sources) | _headers(spec)):
         h.update(src.encode())
         h.update((root / src).read_bytes())
     h.update(" ".join(spec.cflags + spec.cuda_cflags + spec.ldflags).encode())
@@ -126,8 +133,15 @@ def _build(spec: ExtensionSpec, verbose: bool) -> tuple[ModuleType | None, str |
         )
         return module, None
     except Exception as e:  # compiler error, missing headers, ...
-        lines = [ln for ln in str(e).splitlines() if ln.strip()]
-        return None, f"building {spec.name} failed: {lines[-1] if lines else type(e).__name__}"
+        return None, f"building {spec.name} failed: {build_error(str(e)) or type(e).__name__}"
+
+
+def build_error(log: str) -> str:
+    """The line of a failed build's log that says why: the compiler's first error, else the last line."""
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error:" in ln.lower() and not ln.startswith("Error building extension")]
+    line = errors[0] if errors else (lines[-1] if lines else "")
+    return line.replace(f"{csrc_dir()}/", "csrc/")
 
 
 def load(which: str, verbose: bool = False) -> tuple[ModuleType | None, str | None]:

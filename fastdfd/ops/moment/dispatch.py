@@ -1,0 +1,49 @@
+"""The moment ops' dispatch entries: which backend implements each op, and when it can serve.
+
+``torch`` is the reference (:mod:`.reference`, any device and dtype); ``triton``, ``cpp`` and
+``cuda`` run the custom ops of :mod:`.custom_op` with their own launchers, each behind its
+backend's ``check`` (``backends/<name>.py``). :mod:`fastdfd.ops.dispatch` picks among them per
+call (context manager, ``FASTDFD_BACKEND``, then the device's order of preference).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import Tensor
+
+from ..dispatch import register
+from . import reference
+from .backends import cpp, cuda, triton
+from .custom_op import finalize_forward, tap_forward
+from .packed import PackedLayout
+
+register("moment_sums", "torch")(reference.moment_sums_torch)
+register("moment_tap", "torch")(reference.moment_tap_torch)
+register("moment_finalize", "torch")(reference.moment_finalize_torch)
+
+
+def _register_fused(name: str, check: Callable[[Tensor], str | None],
+                    check_finalize: Callable[[Tensor], str | None]) -> None:
+    """Register ``name``'s implementations of the three dispatched moment ops (the custom ops with impl=name)."""
+
+    @register("moment_tap", name, check=check)
+    def moment_tap(x, running_mean, running_var, weight, bias, eps, groups):
+        return tap_forward(x, running_mean, running_var, weight, bias, float(eps), int(groups), True, name)
+
+    @register("moment_sums", name, check=check)
+    def moment_sums(x, shift, groups):
+        # the sums-only tap: the same kernel without the BN output (var is not read)
+        _, s1, s2 = tap_forward(x, shift, shift, None, None, 0.0, int(groups), False, name)
+        return s1, s2
+
+    @register("moment_finalize", name, check=check_finalize)
+    def moment_finalize(s1, s2, count, layout: PackedLayout, kind: str):
+        # the one place where the layout meets the sums' dtype (a no-op for the matcher's own layouts)
+        return finalize_forward(s1, s2, count.to(s1.dtype).contiguous(), layout.running_var.to(s1.dtype).contiguous(),
+                                layout.eps.to(s1.dtype).contiguous(), layout.offsets.contiguous(), kind, name)
+
+
+_register_fused("triton", triton.check, triton.check_finalize)
+_register_fused("cpp", cpp.check, cpp.check)
+_register_fused("cuda", cuda.check, cuda.check_finalize)

@@ -1,0 +1,103 @@
+"""The moment ops in plain PyTorch (autograd for gradients): the ``torch`` backend.
+
+This is the oracle every other backend is tested against (in float64) and the fallback
+anywhere. It states the math the fused kernels (``kernels/moment/``, ``csrc/moment/``) implement:
+
+Moment tap, per segment g (N split into G contiguous parts) and channel c, with
+M = (N / G) * prod(spatial) elements and the shift mu_r (the running mean, known
+before the pass, so E[x^2] - E[x]^2 does not cancel when batch means sit near it)::
+
+    S1[g, c] = sum (x - mu_r[c])          S2[g, c] = sum (x - mu_r[c])^2
+    mu_b = mu_r + S1 / M                  var_b = S2 / M - (S1 / M)^2   (biased)
+    y = (x - mu_r) * rsqrt(var_r + eps) * gamma + beta                  (eval-mode BN)
+
+Distances per channel, summed (kl, kl_reverse) or normed/averaged (l2, mse) per layer;
+v_b = var_b + eps, v_r = var_r + eps, d = mu_b - mu_r = S1 / M::
+
+    kl          0.5 log(v_r / v_b) + (v_b + d^2) / (2 v_r) - 0.5
+    kl_reverse  0.5 log(v_b / v_r) + (v_r + d^2) / (2 v_b) - 0.5
+    l2          ||var_r - var_b||_2 + ||d||_2          (DeepInversion's hook, not squared)
+    mse         mean_c d^2 + mean_c (var_b - var_r)^2  (GDFQ)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastdfd.kernels.moment.layout import KIND_IDS, KINDS  # noqa: F401  (the kinds, numbered as the kernels take them)
+
+from .packed import PackedLayout
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 statistics for fp32/fp16/bf16 inputs; float64 inputs keep float64 (for gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def moment_sums_torch(x: torch.Tensor, shift: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    acc = accumulation_dtype(x.dtype)
+    n, c = x.shape[0], x.shape[1]
+    # reshape copies channels_last inputs; fine for the reference.
+    d = x.to(acc).reshape(groups, n // groups, c, -1) - shift.to(acc).view(1, 1, c, 1)
+    return d.sum(dim=(1, 3)), (d * d).sum(dim=(1, 3))
+
+
+def moment_tap_torch(
+    x: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    groups: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    s1, s2 = moment_sums_torch(x, running_mean, groups)
+    return eval_batch_norm(x, running_mean, running_var, weight, bias, eps), s1, s2
+
+
+def eval_batch_norm(x, running_mean, running_var, weight, bias, eps: float) -> torch.Tensor:
+    """BN with running statistics, output in x's dtype (fp32 math for fp16/bf16 input)."""
+    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+    def cast(t):
+        return None if t is None else t.to(acc)
+
+    y = F.batch_norm(x.to(acc), cast(running_mean), cast(running_var), cast(weight), cast(bias),
+                     training=False, eps=eps)
+    return y.to(x.dtype)
+
+
+def _safe_sqrt(t: torch.Tensor) -> torch.Tensor:
+    # sqrt'(0) is infinite; the norm's subgradient at 0 is 0 (as torch.linalg.vector_norm).
+    tiny = torch.finfo(t.dtype).tiny
+    return torch.where(t > 0, t.clamp_min(tiny).sqrt(), torch.zeros_like(t))
+
+
+def _segment_sum(terms: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+    """[G, C_total] per-channel terms -> [L, G] per-layer sums."""
+    if layout.num_layers == 1:
+        return terms.sum(dim=1, keepdim=True).t()
+    out = terms.new_zeros(terms.shape[0], layout.num_layers)
+    return out.index_add(1, layout.layer, terms).t()
+
+
+def moment_finalize_torch(
+    s1: torch.Tensor, s2: torch.Tensor, count: torch.Tensor, layout: PackedLayout, kind: str
+) -> torch.Tensor:
+    d = s1 / count
+    var_b = s2 / count - d * d
+    if kind == "kl":
+        vb, vr = var_b + layout.eps, layout.running_var + layout.eps
+        terms = 0.5 * torch.log(vr / vb) + (vb + d * d) / (2 * vr) - 0.5
+        return _segment_sum(terms, layout)
+    if kind == "kl_reverse":
+        vb, vr = var_b + layout.eps, layout.running_var + layout.eps
+        terms = 0.5 * torch.log(vb / vr) + (vr + d * d) / (2 * vb) - 0.5
+        return _segment_sum(terms, layout)
+    dv = var_b - layout.running_var
+    if kind == "l2":
+        return _safe_sqrt(_segment_sum(dv * dv, layout)) + _safe_sqrt(_segment_sum(d * d, layout))
+    if kind == "mse":
+        return (_segment_sum(d * d, layout) + _segment_sum(dv * dv, layout)) / layout.channels.view(-1, 1)
+    raise ValueError(f"unknown moment distance {kind!r}; expected one of {KINDS}")

@@ -1,0 +1,1 @@
+"""The moment kernels: tap.py and finalize.py (Triton), layout.py (their contract; no triton)."""
