@@ -55,7 +55,7 @@ $(TRITON_OLD_DIR)/.installed: | $(PY)
 	touch $@
 
 test-triton: $(VENV)/.installed-test $(TRITON_OLD_DIR)/.installed
-	$(PY) -m pytest -q tests/test_aot_check.py
+	$(PY) -m pytest -q tests/kernels/test_aot_check.py
 	$(PY) -m pytest -q tests -m triton_heavy
 	mkdir -p build
 	$(PY) -m fastdfd.kernels.tools.aot_versions --triton $(TRITON_OLD_DIR) --triton venv --arch 90 \

@@ -9,7 +9,7 @@ from fastdfd import Distiller, GeneratorEnsemble, GeneratorTrainer, NonFiniteLos
 from fastdfd.models import create_model
 from fastdfd.train import CheckpointError, ChunkSchedule, StackedAdam
 
-from .conftest import randomize_bn_stats
+from ..conftest import randomize_bn_stats
 
 
 def small_ensemble(k=3, num_classes=3, seed=0):

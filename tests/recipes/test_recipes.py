@@ -17,7 +17,7 @@ from fastdfd.recipes import compare_runs, list_recipes, load_recipe
 from fastdfd.recipes.preflight import preflight
 from fastdfd.recipes.schema import SECTIONS, TOP
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BUNDLED = ["cifar10_resnet34_resnet18", "cifar100_resnet34_resnet18", "cifar10_wrn40_2_wrn16_2",
            "cifar100_wrn40_2_wrn16_2", "imagenet_resnet50_resnet50", "imagenet_resnet50_resnet18",
            "imagenet_resnet50_mobilenetv2", "imagenet32_ensemble", "imagenet32_single", "digits",
@@ -184,7 +184,7 @@ def test_teacher_checkpoint_of_another_architecture_is_refused(tmp_path, capsys)
 def test_data_whose_class_count_is_not_the_teacher_s_is_refused(tmp_path, capsys):
     assert _run(tmp_path, "--set", "data.num_classes=12") == 2
     assert "has 10 classes but the teacher has 12" in capsys.readouterr().err
-    from tests.test_data import _batch, _dump  # the fake torchvision CIFAR layout
+    from tests.data.test_data import _batch, _dump  # the fake torchvision CIFAR layout
 
     rng = __import__("numpy").random.default_rng(0)
     for split in ("train", "test"):
@@ -251,7 +251,7 @@ def test_recipe_runs_sharded_under_torchrun(tmp_path, teacher_file):
     import subprocess
     import sys
 
-    from .test_runs_survive import _env
+    from ..test_runs_survive import _env
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fastdfd",
            "run", "digits", "--device", "cpu", "--no-progress", *[a for s in TINY[1:] for a in ("--set", s)]]

@@ -55,7 +55,7 @@ def test_bf16_autocast_and_channels_last_teacher_train_close_to_fp32():
     """The fast-path switches change rounding, not the objective."""
     from fastdfd.models import create_model as make
 
-    from .conftest import randomize_bn_stats
+    from ..conftest import randomize_bn_stats
 
     def run(**kw):
         torch.manual_seed(0)
@@ -89,7 +89,7 @@ def test_offloaded_adam_updates_exactly_like_the_resident_one():
 
 
 def test_offloaded_trainer_matches_the_resident_trainer():
-    from .conftest import randomize_bn_stats
+    from ..conftest import randomize_bn_stats
 
     def run(offload):
         torch.manual_seed(0)

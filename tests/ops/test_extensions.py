@@ -12,7 +12,7 @@ from fastdfd.cli import main
 from fastdfd.ops import dispatch
 from fastdfd.ops import extensions
 
-from .conftest import require_backend
+from ..conftest import require_backend
 
 
 @pytest.fixture

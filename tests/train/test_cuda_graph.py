@@ -18,7 +18,7 @@ from fastdfd.train.graphed_step import GraphedStep, direct_capture, fx_capture
 from fastdfd.train.optim import StackedAdam
 from fastdfd.train.plan import graph_obstacles
 
-from .conftest import randomize_bn_stats
+from ..conftest import randomize_bn_stats
 
 CAPTURES = {"direct": direct_capture, "fx": fx_capture}
 

@@ -9,7 +9,7 @@ import torch
 import fastdfd
 from fastdfd.ops import dispatch
 
-from .conftest import require_backend
+from ..conftest import require_backend
 
 
 def _device(kind: str):

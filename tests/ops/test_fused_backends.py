@@ -20,7 +20,7 @@ from fastdfd.ops import PackedLayout, moment_finalize, moment_sums, moment_tap
 from fastdfd.ops.dispatch import unavailable
 from fastdfd.ops.moment.backends import triton as triton_backend
 
-from .conftest import randomize_bn_stats, require_backend, require_triton
+from ..conftest import randomize_bn_stats, require_backend, require_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FUSED = ["triton", "cpp", "cuda"]

@@ -10,7 +10,7 @@ from fastdfd.cli import build_parser, main
 from fastdfd.data import CIFAR, make_eval_loader, make_train_dataset
 from fastdfd.data.loaders import in_input_space
 from fastdfd.input_space import InputSpace
-from tests.test_data import _write_folder, cifar10_root  # noqa: F401  (a fixture: fake CIFAR-10 on disk)
+from tests.data.test_data import _write_folder, cifar10_root  # noqa: F401  (a fixture: fake CIFAR-10 on disk)
 
 
 def test_quick_demo_through_the_cli(tmp_path, capsys):

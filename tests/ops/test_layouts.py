@@ -30,7 +30,7 @@ from fastdfd.ops import bn_moment_loss, moment_sums, moment_tap
 from fastdfd.ops.dispatch import resolve, unavailable
 from fastdfd.ops.moment.reference import moment_tap_torch
 
-from .conftest import REQUIRED_BACKENDS, require_backend
+from ..conftest import REQUIRED_BACKENDS, require_backend
 
 BACKENDS = ["torch", "cpp", "triton"]
 CL, CL3 = torch.channels_last, torch.channels_last_3d

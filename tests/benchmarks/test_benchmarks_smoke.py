@@ -2,7 +2,7 @@
 
 import json
 
-from .conftest import require_triton
+from ..conftest import require_triton
 
 require_triton()
 

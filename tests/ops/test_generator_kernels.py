@@ -17,7 +17,7 @@ from fastdfd.ops.dispatch import unavailable
 from fastdfd.ops.generator.custom_op import GEN_LAUNCHERS, gen_linear_gather
 from fastdfd.ops.generator.reference import conv_layer_reference, linear_gather_reference
 
-from .conftest import require_backend
+from ..conftest import require_backend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -13,7 +13,7 @@ from fastdfd.nn.ensemble import ensemble_forward
 from fastdfd.train.augment import random_crop_flip
 from fastdfd.train.losses import distillation_kl, mode_seeking
 
-from .conftest import randomize_bn_stats
+from ..conftest import randomize_bn_stats
 from .test_trainer import small_ensemble, trainer
 
 

@@ -19,7 +19,7 @@ from fastdfd.ops import PackedLayout, bn_moment_loss, check_running_stats
 from fastdfd.ops.dispatch import resolve, unavailable
 from fastdfd.ops.moment import api
 
-from .conftest import require_backend
+from ..conftest import require_backend
 
 
 def _stats(c=5, seed=0):

@@ -12,7 +12,7 @@ from fastdfd import MomentMatcher
 from fastdfd.models import create_model
 from fastdfd.nn import BNTap
 
-from .conftest import randomize_bn_stats
+from ..conftest import randomize_bn_stats
 
 
 def hook_distance(x, module, kind, normalization="sum"):

@@ -20,7 +20,7 @@ from fastdfd.models.resnet_cifar_a import CifarResNetA, OptionAShortcut
 from fastdfd.models.weights import load_weights
 from fastdfd.train.evaluate import evaluate_accuracy
 
-SHARED = Path(os.environ.get("FASTDFD_CIFAR10_DIR", Path(__file__).resolve().parents[1].parent / "shared/data/cifar10"))
+SHARED = Path(os.environ.get("FASTDFD_CIFAR10_DIR", Path(__file__).resolve().parents[2].parent / "shared/data/cifar10"))
 needs_shared = pytest.mark.skipif(not (SHARED / "test.tar").is_file(),
                                   reason=f"the real CIFAR-10 data is not at {SHARED} (set FASTDFD_CIFAR10_DIR)")
 

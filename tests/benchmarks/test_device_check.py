@@ -7,11 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .conftest import require_triton
+from ..conftest import require_triton
 
 require_triton()
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "device_check.sh"
 
 

@@ -15,7 +15,7 @@ from torch import nn
 from fastdfd import MomentMatcher
 from fastdfd.nn.tap import BNTap
 
-from .zoo_standins import (BatchNormAct2d, FrozenBatchNorm2d, FrozenBatchNormAct2d, ScaledBatchNorm2d, flavour_net,
+from ..zoo_standins import (BatchNormAct2d, FrozenBatchNorm2d, FrozenBatchNormAct2d, ScaledBatchNorm2d, flavour_net,
                            randomize_stats)
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from fastdfd.kernels.tools.aot_rules import REG_LIMIT, SPILL_BUDGET, failures, violations
 
-from .conftest import require_triton
+from ..conftest import require_triton
 
 PLANTED = textwrap.dedent('''
     import triton

@@ -11,7 +11,7 @@ from fastdfd import GeneratorEnsemble, GeneratorTrainer
 from fastdfd.models import create_model
 from fastdfd.train.metrics import MetricsLog, tensorboard_available
 
-from .conftest import randomize_bn_stats
+from ..conftest import randomize_bn_stats
 
 needs_tb = pytest.mark.skipif(not tensorboard_available(), reason="tensorboard not installed")
 
