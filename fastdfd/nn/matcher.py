@@ -146,7 +146,7 @@ class MomentMatcher:
         # the buffer the taps write into; this matcher clears it per forward and reads it in loss()
         self.record = MomentRecord([mean for mean, _, _ in self._stats])
         self.groups = groups
-        self._result: tuple[int, tuple] | None = None  # (the record's version, the finalized losses)
+        self._result: tuple | None = None  # the finalized losses of the record's sums (stale once it changes)
 
         self._swaps: list[tuple[nn.Module, str, BNTap]] = []
         taps = {id(bn): BNTap(bn, slot, self.record, flavour) for slot, (_, bn, flavour) in enumerate(layers)}
@@ -239,7 +239,7 @@ class MomentMatcher:
         return hit
 
     def _finalize(self) -> tuple[torch.Tensor, tuple[int, ...]]:
-        if self._result is None or self._result[0] != self.record.version:
+        if self._result is None or self.record.changed:
             sums = self.record.sums
             if not sums:
                 raise RuntimeError("no teacher forward recorded since attaching: call teacher(x) before loss()")
@@ -255,8 +255,9 @@ class MomentMatcher:
                 counts = tuple(c * self.distributed.world for c in counts)
             layout, count, weights = self._packed(slots, counts, s1)
             per_layer = moment_finalize(s1, s2, count, layout, self.kind)  # [L, G]
-            self._result = (self.record.version, (per_layer, slots, weights))
-        return self._result[1]
+            self._result = (per_layer, slots, weights)
+            self.record.changed = False
+        return self._result
 
     # ------------------------------------------------------------------ losses
     def loss(self) -> torch.Tensor:

@@ -33,7 +33,9 @@ class MomentRecord:
         self.enabled = True
         self.groups: int | None = 1  # segments of the batch (one per generator); None: not set yet
         self.sums: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
-        self.version = 0  # advanced by every write: a reader's cached result is stale when it differs
+        # set by every write, cleared by the reader when it has read: a flag, not a counter, so that the same
+        # step sets the same Python values every time (torch.compile guards on them; a counter would recompile)
+        self.changed = False
 
     @property
     def active_groups(self) -> int:
@@ -55,8 +57,8 @@ class MomentRecord:
             p1, p2, n = self.sums[slot]
             s1, s2, count = p1 + s1, p2 + s2, n + count
         self.sums[slot] = (s1, s2, count)
-        self.version += 1
+        self.changed = True
 
     def clear(self) -> None:
         self.sums = {}
-        self.version += 1
+        self.changed = True
