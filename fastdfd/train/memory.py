@@ -11,8 +11,11 @@ A step of ``chunk`` generators x ``batch`` images holds:
   activated copy the backward needs).
 
 The planner picks the largest chunk whose total fits the budget (by default 90% of the
-device's free memory) and refuses a configuration in which even one generator per step
-does not fit, naming the figures. It is an estimate from shapes, not a measurement: the
+device's free memory: a GPU's free memory, or on a CPU the host's available memory as
+``/proc/meminfo`` or psutil tell it) and refuses a configuration in which even one generator per step
+does not fit, naming the figures. On a CPU the automatic chunk is also capped at
+:data:`CPU_STEP_BYTES` of per-step memory: there a larger step is slower per image, not faster
+(see the constant). It is an estimate from shapes, not a measurement: the
 allocator's fragmentation and the kernels' workspaces come on top, hence the margin.
 """
 
@@ -28,6 +31,15 @@ from .modes import in_mode
 GIB = 2**30
 
 
+# On a CPU a bigger step buys no parallelism and costs fresh memory: its activations are allocated (mmap) and
+# page-faulted anew every step once each tensor passes glibc's mmap threshold. Measured on the 2-core development
+# machine, 1000 one-class generators on the pretrained EfficientNet-Lite0 at 32 px, 8 images each: 35.5 ms per
+# generator-step with 25 or 50 generators per step (0.6 / 1.2 GiB a step), 44.6 ms with 100 or 200, 114 ms with the
+# 666 that fill the host's memory (half of it kernel time), against 36.5 ms for 10 generators
+# (benchmarks/imagenet_ensemble.py, docs/imagenet-scale.md).
+CPU_STEP_BYTES = 1 * GIB
+
+
 class MemoryPlanError(RuntimeError):
     """A configuration that cannot fit the device's memory, with the figures."""
 
@@ -39,12 +51,15 @@ class MemoryPlan:
     budget_bytes: int | None
     resident_bytes: int  # ensemble + Adam moments + teacher
     per_generator_bytes: int  # one more generator in the step: its images' activations, parameter copy, grads
+    cpu_capped: bool = False  # the chunk is the CPU's step cap (CPU_STEP_BYTES), not the most that fits
 
     def describe(self) -> str:
         budget = f" of a {self.budget_bytes / GIB:.2f} GiB budget" if self.budget_bytes is not None else ""
+        cap = (f"; capped at {CPU_STEP_BYTES / GIB:.0f} GiB a step on a CPU, where larger steps are slower per image"
+               if self.cpu_capped else "")
         return (f"{self.chunk} generators per step need about {self.total_bytes / GIB:.2f} GiB{budget} "
                 f"({self.resident_bytes / GIB:.2f} GiB resident + {self.per_generator_bytes / 2**20:.1f} MiB "
-                f"per generator in the step)")
+                f"per generator in the step){cap}")
 
 
 def _teacher_activation_bytes(teacher: nn.Module, image_shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -79,6 +94,23 @@ def _generator_activation_bytes(spec, element: int) -> int:
     return total * element
 
 
+def host_available_bytes() -> int | None:
+    """The host memory the kernel says a new allocation can take without swapping (``MemAvailable`` in
+    ``/proc/meminfo``; psutil's ``available`` elsewhere), or None where neither is readable."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the file counts kB
+    except OSError:
+        pass
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available)
+
+
 def plan_generator_memory(teacher: nn.Module, ensemble, batch_size: int, *, budget_bytes: int | None = None,
                           device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
                           chunk: int | None = None) -> MemoryPlan:
@@ -87,6 +119,9 @@ def plan_generator_memory(teacher: nn.Module, ensemble, batch_size: int, *, budg
     if budget_bytes is None and device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         budget_bytes = int(0.9 * free)
+    elif budget_bytes is None and device.type == "cpu":
+        available = host_available_bytes()
+        budget_bytes = None if available is None else int(0.9 * available)
     element = torch.finfo(dtype).bits // 8
     k = ensemble.num_generators
     ens_bytes = sum(p.numel() * p.element_size() for p in ensemble.parameters())
@@ -108,8 +143,9 @@ def plan_generator_memory(teacher: nn.Module, ensemble, batch_size: int, *, budg
             raise MemoryPlanError(f"{plan.describe()}: it does not fit; use at most "
                                   f"{max(0, (budget_bytes - resident) // per_generator)} generators per step")
         return plan
+    cpu_cap = max(1, CPU_STEP_BYTES // per_generator) if device.type == "cpu" else k
     if budget_bytes is None:
-        return MemoryPlan(k, total(k), None, resident, per_generator)
+        return MemoryPlan(min(k, cpu_cap), total(min(k, cpu_cap)), None, resident, per_generator, cpu_cap < k)
     fits = min(k, (budget_bytes - resident) // per_generator) if budget_bytes > resident else 0
     if fits < 1:
         raise MemoryPlanError(
@@ -117,4 +153,5 @@ def plan_generator_memory(teacher: nn.Module, ensemble, batch_size: int, *, budg
             f"+ {per_generator / GIB:.3f} GiB for one generator's step > the {budget_bytes / GIB:.2f} GiB budget; "
             "use fewer images per generator, bf16, or more processes (each holds K / world generators)"
         )
-    return MemoryPlan(int(fits), total(int(fits)), budget_bytes, resident, per_generator)
+    chunk = int(min(fits, cpu_cap))
+    return MemoryPlan(chunk, total(chunk), budget_bytes, resident, per_generator, cpu_cap < fits)

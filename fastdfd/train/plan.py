@@ -59,7 +59,7 @@ class ExecutionPlan:
 def plan_chunk(teacher: nn.Module, ensemble, batch_size: int, generators_per_step) -> tuple[int | None, MemoryPlan | None]:
     """The chunk to train (None: every generator) and the memory plan behind it.
 
-    ``"auto"``: the largest chunk the planner fits (every generator on a CPU, which has no budget). An explicit
+    ``"auto"``: the largest chunk the planner fits (on a CPU, in the host's available memory). An explicit
     chunk on a GPU is refused only if one generator cannot fit, and warned about if the chunk may not."""
     dtype = ensemble.fc_z.dtype
     if generators_per_step == "auto":

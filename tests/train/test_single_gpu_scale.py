@@ -26,7 +26,7 @@ def test_plan_grows_linearly_with_the_chunk_and_picks_the_largest_that_fits():
     budget = one.resident_bytes + 5 * one.per_generator_bytes + 1
     plan = plan_generator_memory(teacher, ens, 16, budget_bytes=budget)
     assert plan.chunk == 5 and plan.total_bytes <= budget
-    assert plan_generator_memory(teacher, ens, 16, budget_bytes=100 * GIB).chunk == 8  # capped at K
+    assert plan_generator_memory(teacher, ens, 2, budget_bytes=100 * GIB).chunk == 8  # capped at K
 
 
 def test_a_configuration_that_cannot_fit_is_refused_with_the_figures():
@@ -45,10 +45,34 @@ def test_bf16_halves_the_activation_estimate():
     assert bf16.per_generator_bytes < 0.6 * fp32.per_generator_bytes
 
 
-def test_trainer_auto_chunk_on_cpu_takes_every_generator():
+def test_trainer_auto_chunk_on_cpu_fits_the_host_available_memory(monkeypatch):
+    from fastdfd.train import memory
+
     teacher, ens = _setup(4)
     trainer = GeneratorTrainer(teacher, ens, batch_size=2, generators_per_step="auto", progress=False)
-    assert trainer.schedule.chunk == 4 and trainer.memory_plan.budget_bytes is None
+    available = memory.host_available_bytes()
+    assert available is not None and available > 0  # /proc/meminfo on Linux
+    assert trainer.schedule.chunk == 4 and 0 < trainer.memory_plan.budget_bytes <= available
+    one = plan_generator_memory(teacher, ens, 2, chunk=1)
+    # a host with room for 3 generators' steps gets a chunk of 3 (90% of what is available is the budget)
+    monkeypatch.setattr(memory, "host_available_bytes",
+                        lambda: int((one.resident_bytes + 3 * one.per_generator_bytes + 1) / 0.9) + 1)
+    trainer = GeneratorTrainer(teacher, ens, batch_size=2, generators_per_step="auto", progress=False)
+    assert trainer.schedule.chunk == 3 and "3 of 4 generators per step" in trainer.placement
+    assert not trainer.memory_plan.cpu_capped
+
+
+def test_the_cpu_auto_chunk_is_capped_where_bigger_steps_are_slower(monkeypatch):
+    from fastdfd.train import memory
+
+    teacher, ens = _setup(8)
+    one = plan_generator_memory(teacher, ens, 2, chunk=1)
+    monkeypatch.setattr(memory, "CPU_STEP_BYTES", int(2.5 * one.per_generator_bytes))
+    plan = plan_generator_memory(teacher, ens, 2, budget_bytes=100 * GIB)
+    assert plan.chunk == 2 and plan.cpu_capped and "capped at" in plan.describe()
+    assert plan_generator_memory(teacher, ens, 2, device="cpu").chunk == 2  # also without a budget
+    # an explicit chunk is the user's: never capped
+    assert plan_generator_memory(teacher, ens, 2, chunk=6, budget_bytes=100 * GIB).chunk == 6
 
 
 def test_bf16_autocast_and_channels_last_teacher_train_close_to_fp32():
