@@ -15,7 +15,7 @@ from ..distributed import init_from_env, local_device
 from ..input_space import PRESETS, InputSpace
 from ..models import create_model, list_models
 from ..models.weights import load_weights
-from ..models.zoo import ZOOS, list_zoo_models, zoo_status
+from ..models.zoo import ZOOS, is_zoo_spec, list_zoo_models, zoo_status
 from ..nn import GeneratorEnsemble, load_ensemble
 from ..settings import (DISTILL_STAGE, GENERATOR_STAGE, ArchitectureSettings, DistillSettings,
                         ExecutionSettings, LoopSettings, LossSettings, OptimizerSettings, preset)
@@ -32,7 +32,49 @@ WEIGHTS_HELP = ("state_dict file (fastdfd, torchvision or timm layouts: plain, o
 
 def model_help(what: str = "architecture") -> str:
     return (f"the {what}: a fastdfd registry name ({', '.join(list_models())}), or timm:NAME / torchvision:NAME "
-            "(built with random weights, never downloaded; see fastdfd models)")
+            "(random weights, or the zoo's published ones with --pretrained / --weights-enum; see fastdfd models)")
+
+
+def add_pretrained_flags(p: argparse.ArgumentParser, whose: str, weights_flag: str) -> None:
+    """--pretrained, --pretrained-file, --weights-enum: a zoo model's published weights instead of ``weights_flag``."""
+    p.add_argument("--pretrained", action="store_true",
+                   help=f"the {whose} published weights instead of {weights_flag}: timm:NAME[.TAG] through timm's "
+                        "loader (its Hugging Face cache, HF_HOME / HF_HUB_CACHE; downloaded where there is a network), "
+                        "torchvision:NAME its DEFAULT weights enum")
+    p.add_argument("--pretrained-file", default=None, metavar="FILE",
+                   help=f"timm: the {whose} pretrained weights from this local file, through timm's loader "
+                        "(pretrained_cfg_overlay=dict(file=FILE): a head of another class count is dropped)")
+    p.add_argument("--weights-enum", default=None, metavar="NAME",
+                   help=f"torchvision: the {whose} weights enum member (IMAGENET1K_V2, DEFAULT; or "
+                        "torchvision:NAME:WEIGHTS), read from $TORCH_HOME/hub/checkpoints or downloaded")
+
+
+def pretrained_kwargs(args: argparse.Namespace, name: str, weights: str | None, weights_flag: str) -> dict:
+    """create_model's pretrained/pretrained_file/weights from the flags; ValueError when the model has no
+    source of weights, or two (``weights_flag`` and a pretrained flag)."""
+    given = {"--pretrained": args.pretrained, "--pretrained-file": args.pretrained_file,
+             "--weights-enum": args.weights_enum}
+    given = [flag for flag, value in given.items() if value]
+    in_spec = is_zoo_spec(name) and name.count(":") == 2  # torchvision:NAME:WEIGHTS
+    if weights and (given or in_spec):
+        raise ValueError(f"{weights_flag} {weights} and {given[0] if given else name}: give one source of the "
+                         f"weights (a trained state_dict file, or the zoo's published weights)")
+    if not weights and not given and not in_spec:
+        raise ValueError(f"{name}: no weights; give {weights_flag} FILE (a trained state_dict), or for a zoo model "
+                         "--pretrained, --pretrained-file FILE (timm) or --weights-enum NAME (torchvision)")
+    if given and not is_zoo_spec(name):
+        raise ValueError(f"{given[0]} takes a zoo model (timm:NAME or torchvision:NAME), not {name!r}; "
+                         f"fastdfd's own models load {weights_flag} FILE")
+    return {"pretrained": bool(args.pretrained), "pretrained_file": args.pretrained_file, "weights": args.weights_enum}
+
+
+def _loaded(args: argparse.Namespace, name: str, num_classes: int, in_channels: int, weights: str | None,
+            weights_flag: str, what: str) -> nn.Module:
+    """The model with its weights: from the ``weights_flag`` file, or the zoo's published ones."""
+    kwargs = pretrained_kwargs(args, name, weights, weights_flag)
+    if weights:
+        return load_weights(_model(name, num_classes, in_channels), weights, what)
+    return create_model(name, num_classes=num_classes, in_channels=in_channels, **kwargs)
 
 
 def _positive_int(value: str) -> int:
@@ -91,7 +133,8 @@ def _check_generators_space(generators: str | Path, space: InputSpace) -> None:
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-generators", help="train a generator ensemble from a teacher alone")
     p.add_argument("--teacher", required=True, help=model_help("teacher's architecture"))
-    p.add_argument("--weights", required=True, help=f"the teacher's {WEIGHTS_HELP}")
+    p.add_argument("--weights", default=None, help=f"the teacher's {WEIGHTS_HELP}")
+    add_pretrained_flags(p, "teacher's", "--weights")
     p.add_argument("--input-space", default="identity", help=INPUT_SPACE_HELP)
     p.add_argument("--num-classes", type=int, required=True)
     p.add_argument("--channels", type=int, default=3, help="image channels")
@@ -111,7 +154,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("distill", help="distill a student from a teacher and a generator ensemble")
     p.add_argument("--teacher", required=True, help=model_help("teacher's architecture"))
-    p.add_argument("--teacher-weights", required=True, help=f"the teacher's {WEIGHTS_HELP}")
+    p.add_argument("--teacher-weights", default=None, help=f"the teacher's {WEIGHTS_HELP}")
+    add_pretrained_flags(p, "teacher's", "--teacher-weights")
     p.add_argument("--student", required=True, help=model_help("student's architecture"))
     p.add_argument("--input-space", default="identity",
                    help=INPUT_SPACE_HELP + "; the same as train-generators was given (checked against its "
@@ -129,7 +173,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("evaluate", help="top-1 accuracy of a model on real data")
     p.add_argument("--model", required=True, help=model_help())
-    p.add_argument("--weights", required=True, help=f"the model's {WEIGHTS_HELP}")
+    p.add_argument("--weights", default=None, help=f"the model's {WEIGHTS_HELP}")
+    add_pretrained_flags(p, "model's", "--weights")
     p.add_argument("--input-space", default="identity",
                    help=INPUT_SPACE_HELP + "; the data are fed in it (the space the model was trained or distilled in)")
     p.add_argument("--num-classes", type=int, default=None, help="default: the data's class count")
@@ -165,7 +210,7 @@ def train_generators(args: argparse.Namespace) -> dict:
     space = input_space_arg(args.input_space, args.channels)
     device = local_device(args.device)
     ctx = init_from_env(device)
-    teacher = load_weights(_model(args.teacher, args.num_classes, args.channels), args.weights, "teacher")
+    teacher = _loaded(args, args.teacher, args.num_classes, args.channels, args.weights, "--weights", "teacher")
     s = generator_settings_from_flags(args)
     arch = s.pop("architecture")
     torch.manual_seed(s["loop"].seed)  # every process builds the same initial ensemble, then keeps its shard
@@ -191,7 +236,7 @@ def distill(args: argparse.Namespace) -> dict:
     n, c = ensemble.num_classes, ensemble.spec.channels
     space = input_space_arg(args.input_space, c, f"the generators' images ({args.generators})")
     _check_generators_space(args.generators, space)
-    teacher = load_weights(_model(args.teacher, n, c), args.teacher_weights, "teacher")
+    teacher = _loaded(args, args.teacher, n, c, args.teacher_weights, "--teacher-weights", "teacher")
     student = _model(args.student, n, c)
     loader = None
     if args.eval:
@@ -217,7 +262,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     if num_classes != data_classes:
         raise ValueError(f"the model has {num_classes} classes but {args.data} has {data_classes}")
     channels = args.channels or next(iter(loader))[0].shape[1]
-    model = load_weights(_model(args.model, num_classes, channels), args.weights, "model").to(device)
+    model = _loaded(args, args.model, num_classes, channels, args.weights, "--weights", "model").to(device)
     result = {"accuracy": evaluate_accuracy(model, loader, device), "data": args.data,
               "input_space": pipeline.space_record(space)["spec"]}
     print(json.dumps(result))
@@ -235,7 +280,7 @@ def models(args: argparse.Namespace) -> list[str]:
     print("fastdfd's registry:")
     for name in names:
         print(f"  {name}")
-    print("the zoos (random weights, never downloaded; trained weights come from --weights):")
+    print("the zoos (random weights; published ones with --pretrained / --weights-enum; trained ones from --weights):")
     for zoo, status in zoo_status().items():
         print(f"  {zoo + ':NAME':<18} {status}  (fastdfd models --zoo {zoo} lists the names)")
     return names

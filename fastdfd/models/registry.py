@@ -1,7 +1,8 @@
 """Name -> factory registry for the networks used as teachers and students.
 
-Names with a zoo prefix, ``timm:NAME`` and ``torchvision:NAME``, are built by
-:mod:`fastdfd.models.zoo` (random weights, never downloaded) wherever a registry name is taken.
+Names with a zoo prefix, ``timm:NAME`` and ``torchvision:NAME[:WEIGHTS]``, are built by
+:mod:`fastdfd.models.zoo` wherever a registry name is taken (random weights, or the zoo's published
+weights through its own loader and cache: ``pretrained=True``, ``pretrained_file=``, ``weights=``).
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ ModelFactory = Callable[..., nn.Module]
 _REGISTRY: dict[str, ModelFactory] = {}
 
 ZOO_HINT = "timm:NAME or torchvision:NAME for the zoos' architectures"
+# what create_model passes to the zoos only: their published weights
+PRETRAINED_KEYS = ("pretrained", "pretrained_file", "weights")
 
 
 class UnknownModelError(KeyError, ValueError):
@@ -44,11 +47,13 @@ def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
 
 
 def create_model(name: str, num_classes: int | None = None, **kwargs: Any) -> nn.Module:
-    """Build the registered model ``name``, or a zoo model ``timm:NAME`` / ``torchvision:NAME``
-    (:func:`fastdfd.models.zoo.create_zoo_model`); ``num_classes=None`` keeps the factory default.
+    """Build the registered model ``name``, or a zoo model ``timm:NAME`` / ``torchvision:NAME[:WEIGHTS]``
+    (:func:`fastdfd.models.zoo.create_zoo_model`, which also takes ``pretrained=True``,
+    ``pretrained_file=FILE`` (timm) and ``weights=`` (torchvision)); ``num_classes=None`` keeps the
+    factory default.
 
     An unknown registry name raises :class:`UnknownModelError` (a KeyError and a ValueError)
-    listing the registered names.
+    listing the registered names; published weights asked of a registry model are a ValueError.
     """
     from .zoo import create_zoo_model, is_zoo_spec
 
@@ -61,6 +66,11 @@ def create_model(name: str, num_classes: int | None = None, **kwargs: Any) -> nn
         close = difflib.get_close_matches(str(name), list_models(), n=3)
         hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
         raise UnknownModelError(f"unknown model {name!r}{hint}; available: {available}; or {ZOO_HINT}") from None
+    for key in PRETRAINED_KEYS:
+        if kwargs.get(key) not in (None, False):
+            raise ValueError(f"model {name!r}: {key}={kwargs[key]!r} takes a zoo model (timm:NAME or "
+                             f"torchvision:NAME); fastdfd's own models load a trained state_dict (--weights FILE)")
+        kwargs.pop(key, None)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     return factory(**kwargs)

@@ -22,6 +22,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from ..input_space import InputSpace
+from ..models.zoo import is_zoo_spec
 from .schema import OPTIONAL_SECTIONS, SECTIONS, TOP, check_value, is_required
 
 BUNDLED = Path(__file__).parent
@@ -141,14 +142,45 @@ def _check_input_space(v: dict[str, Any]) -> None:
         v["teacher"]["input_space"] = space.name  # '[-1,1]' and 'ImageNet' resolve to the preset's name
 
 
+def published_weights(teacher: dict[str, Any]) -> str:
+    """The key that asks for a zoo's published teacher weights (``teacher.pretrained``, ``teacher.weights_enum``,
+    ``teacher.model`` as torchvision:NAME:WEIGHTS), or '' when none does."""
+    model = teacher.get("model")
+    if teacher.get("pretrained") is True:
+        return "teacher.pretrained"
+    if isinstance(teacher.get("weights_enum"), str) and teacher["weights_enum"]:
+        return "teacher.weights_enum"
+    if isinstance(model, str) and is_zoo_spec(model) and model.count(":") == 2:
+        return "teacher.model"
+    return ""
+
+
+def _check_teacher(t: dict[str, Any]) -> None:
+    """One source of the teacher's weights; published weights only for a zoo teacher."""
+    key = published_weights(t)
+    if not key:
+        return
+    value = {"teacher.pretrained": True, "teacher.weights_enum": t.get("weights_enum"),
+             "teacher.model": t["model"]}[key]
+    if not is_zoo_spec(t["model"]):
+        raise ValueError(f"recipe key {key} = {value!r} takes a zoo teacher (timm:NAME or torchvision:NAME), but "
+                         f"teacher.model = {t['model']!r}; fastdfd's own models load teacher.weights")
+    if t["weights"]:
+        raise ValueError(f"recipe keys teacher.weights = {t['weights']!r} and {key} = {value!r}: give one source of "
+                         f"the teacher's weights (set weights = \"\" for the published ones)")
+
+
 def _check_combinations(v: dict[str, Any]) -> None:
     _check_input_space(v)
-    train = v["teacher"]["weights"] == ""
+    _check_teacher(v["teacher"])
+    train = v["teacher"]["weights"] == "" and not published_weights(v["teacher"])
     if train and "teacher_training" not in v:
         raise ValueError("teacher.weights is empty (train the teacher) but the recipe has no [teacher_training] table")
     if not train and "teacher_training" in v:
-        raise ValueError(f"the recipe has a [teacher_training] table but also teacher.weights = "
-                         f"{v['teacher']['weights']!r}; set weights = \"\" to train the teacher, or drop the table")
+        source = (f"teacher.weights = {v['teacher']['weights']!r}" if v["teacher"]["weights"]
+                  else f"{published_weights(v['teacher'])} (published weights)")
+        raise ValueError(f"the recipe has a [teacher_training] table but also {source}; set weights = \"\" "
+                         f"(and no published weights) to train the teacher, or drop the table")
     data = v["data"]
     if (data["dataset"] == "digits") != (data["root"] == ""):
         raise ValueError(f"data.root = {data['root']!r}: digits takes root = \"\", every other dataset needs its root")
@@ -172,9 +204,10 @@ def load_recipe(name_or_path: str | Path, overrides: Iterable[str] = ()) -> Reci
     for item in overrides:
         key, value = _parse_override(item)
         _apply(values, key, value, item)
-        if key == ["teacher", "weights"] and value:
-            # --set teacher.weights=FILE on a recipe that trains its teacher: bring your own
-            # teacher, so the training table is no longer part of the run (resolved.json says so)
+        if key[:1] == ["teacher"] and (key == ["teacher", "weights"] and value or
+                                       published_weights(values.get("teacher") or {})):
+            # --set teacher.weights=FILE (or teacher.pretrained=true, ...) on a recipe that trains its teacher:
+            # bring your own teacher, so the training table is no longer part of the run (resolved.json says so)
             values.pop("teacher_training", None)
     try:
         checked = check_values(values)

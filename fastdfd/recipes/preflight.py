@@ -20,7 +20,7 @@ from ..input_space import InputSpace
 from ..models import create_model
 from ..models.weights import load_weights
 from ..nn import GeneratorEnsemble
-from .loader import Recipe
+from .loader import Recipe, published_weights
 
 
 @dataclass
@@ -31,7 +31,7 @@ class Prepared:
     train_set: Any  # only when the teacher is trained; in the teacher's input space
     teacher: nn.Module
     student: nn.Module
-    teacher_trained: bool  # weights came from the recipe's file
+    teacher_trained: bool  # weights came from the recipe's file or the zoo's published ones
     input_space: InputSpace  # teacher.input_space
 
 
@@ -46,12 +46,18 @@ def data_specs(data: dict) -> tuple[str, str]:
 
 
 def _model(recipe: Recipe, section: str) -> nn.Module:
-    """The registry's or a zoo's (timm:NAME, torchvision:NAME) model; errors name the recipe key."""
-    name, data = recipe[section]["model"], recipe["data"]
+    """The registry's or a zoo's (timm:NAME, torchvision:NAME[:WEIGHTS]) model, the teacher with the zoo's
+    published weights when ``teacher.pretrained`` / ``teacher.weights_enum`` ask; errors name the recipe key."""
+    table, data = recipe[section], recipe["data"]
+    name, kwargs = table["model"], {}
+    if section == "teacher":
+        kwargs = {"pretrained": table.get("pretrained", False), "weights": table.get("weights_enum") or None}
     try:
-        return create_model(name, num_classes=data["num_classes"], in_channels=data["channels"])
+        return create_model(name, num_classes=data["num_classes"], in_channels=data["channels"], **kwargs)
     except ImportError as e:
         raise ImportError(f"recipe key {section}.model = {name!r}: {e}") from None
+    except FileNotFoundError as e:  # published weights neither cached nor downloadable
+        raise FileNotFoundError(f"recipe key {section}.model = {name!r}: {e}") from None
     except (KeyError, ValueError) as e:
         raise ValueError(f"recipe key {section}.model = {name!r}: {e}") from None
 
@@ -96,7 +102,7 @@ def preflight(recipe: Recipe, world: int = 1) -> Prepared:
     train_set, weights = None, recipe["teacher"]["weights"]
     if weights:
         load_weights(teacher, Path(weights).expanduser(), "teacher")
-    else:
+    elif not published_weights(recipe["teacher"]):  # else: create_model loaded the zoo's published weights
         if world > 1:
             raise ValueError("teacher training runs in one process; train the teacher first "
                              "(fastdfd train-teacher, or this recipe without torchrun), then set teacher.weights")
@@ -107,4 +113,5 @@ def preflight(recipe: Recipe, world: int = 1) -> Prepared:
         _check_classes(f"the training data ({train_spec})", train_classes, recipe)
         # the teacher learns in the space it is declared to have (and is evaluated and distilled in)
         train_set = in_input_space(train_set, train_spec, space)
-    return Prepared(eval_loader, train_set, teacher, student, bool(weights), space)
+    trained = bool(weights) or bool(published_weights(recipe["teacher"]))
+    return Prepared(eval_loader, train_set, teacher, student, trained, space)

@@ -5,7 +5,8 @@ each of their fields with ``recipe=True`` is a key, checked by the field's own s
 is a recipe key with no edit here. A recipe names every value the run uses: a key is optional only where its
 field declares the value its absence means (``absent``, the value of runs from before the field existed);
 anything else not in the file is an error, not a silent choice made in code. The only optional table is
-``[teacher_training]``, needed exactly when ``teacher.weights`` is empty (train the teacher first) and
+``[teacher_training]``, needed exactly when the teacher is trained first (``teacher.weights`` empty and no
+published weights: ``teacher.pretrained``, ``teacher.weights_enum`` or ``torchvision:NAME:WEIGHTS``) and
 refused otherwise (a table that would be ignored is a mistake).
 """
 
@@ -19,9 +20,11 @@ DATASETS = ("digits", "cifar10", "cifar100", "folder", "cifar10-jpeg-heldout", "
 
 
 
-def Field(kind: str, doc: str, choices=None, minimum=None) -> Spec:  # noqa: N802 (reads as the spec it makes)
+def Field(kind: str, doc: str, choices=None, minimum=None,  # noqa: N802 (reads as the spec it makes)
+          absent=REQUIRED) -> Spec:
     """A key of the recipe's own (not a setting of a trainer): the data, the models, the run's length."""
-    return Spec(name="", kind=kind, doc=doc, choices=None if choices is None else tuple(choices), minimum=minimum)
+    return Spec(name="", kind=kind, doc=doc, choices=None if choices is None else tuple(choices), minimum=minimum,
+                absent=absent)
 
 
 def _pos(doc: str) -> Spec:
@@ -57,10 +60,19 @@ SECTIONS: dict[str, dict[str, Field]] = {
         "image_size": _pos("generated (and evaluated) image side in pixels"),
     },
     "teacher": {
-        "model": Field("str", "the teacher's architecture: a fastdfd registry name, or timm:NAME / torchvision:NAME "
-                              "(random weights, never downloaded)"),
+        "model": Field("str", "the teacher's architecture: a fastdfd registry name, or timm:NAME / "
+                              "torchvision:NAME[:WEIGHTS] (WEIGHTS: a member of torchvision's weights enum, e.g. "
+                              "IMAGENET1K_V2 or DEFAULT, loaded through torch.hub's cache)"),
         "weights": Field("str", "state_dict file of a trained teacher (fastdfd, torchvision or timm layouts); empty: "
-                                "train it ([teacher_training])"),
+                                "the zoo's published weights (pretrained, weights_enum) or train it "
+                                "([teacher_training])"),
+        "pretrained": Field("bool", "a zoo teacher's published weights, through the zoo's own loader: timm:NAME[.TAG] "
+                                    "from timm's Hugging Face cache (HF_HOME / HF_HUB_CACHE; downloaded where there is "
+                                    "a network; a head of another class count is dropped), torchvision:NAME its "
+                                    "DEFAULT weights; needs weights = \"\"", absent=False),
+        "weights_enum": Field("str", "a torchvision teacher's weights enum member (IMAGENET1K_V2, DEFAULT), from "
+                                     "$TORCH_HOME/hub/checkpoints or downloaded; needs weights = \"\"; empty: none",
+                              absent=""),
         "input_space": Field("str", "the normalisation the teacher was trained with: images are pixels in [0, 1] "
                                     "and the teacher sees (pixels - mean) / std; a preset (identity, minus_one_one, "
                                     "imagenet, cifar10, cifar100) or 'mean=a,b,c;std=d,e,f'. The generators' "

@@ -5,16 +5,19 @@ they come with, against stand-in ``timm`` / ``torchvision.models`` modules.
 so each test injects a stand-in into ``sys.modules`` with the real functions' signatures:
 ``timm.create_model(model_name, pretrained=False, ..., **kwargs)`` / ``timm.list_models(filter=...)``
 and ``torchvision.models.get_model(name, **config)`` / ``list_models(module=None, ...)``, which
-record every call. A stand-in refuses what the real one would download (``pretrained=True``,
-``weights`` other than None), so a test that reaches a download fails. The real packages are
-exercised by ``make test-zoo``.
+record every call. Published weights (``pretrained=True``, a ``weights`` enum member) are recorded
+and the stand-in builds the model as the real one would from a filled cache; the real loaders and
+caches (and their errors without a network) are exercised by ``make test-zoo``
+(tests_zoo/test_pretrained.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import enum
 import fnmatch
 import json
+import re
 import sys
 import types
 
@@ -24,6 +27,7 @@ from torch import nn
 
 from fastdfd.cli import main
 from fastdfd.models import create_model, list_zoo_models
+from fastdfd.models.zoo import parse_zoo_spec
 from fastdfd.models.registry import register_model
 from fastdfd.models.weights import load_weights
 from fastdfd.recipes import load_recipe
@@ -52,12 +56,29 @@ TV_CLASSIFIERS = ["mobilenet_v2", "resnet18", "resnet34", "resnet50"]
 TV_OTHERS = ["fasterrcnn_resnet50_fpn", "r3d_18"]
 
 
+class StandinWeights(enum.Enum):
+    """A torchvision weights enum: members with a url and meta["categories"], DEFAULT an alias."""
+
+    IMAGENET1K_V1 = ("https://download.pytorch.org/models/resnet18-f37072fd.pth", 1000)
+    TINY_V1 = ("https://download.pytorch.org/models/tiny-0123abcd.pth", 4)
+    DEFAULT = ("https://download.pytorch.org/models/resnet18-f37072fd.pth", 1000)
+
+    @property
+    def url(self):
+        return self.value[0]
+
+    @property
+    def meta(self):
+        return {"categories": [f"c{i}" for i in range(self.value[1])]}
+
+
 @pytest.fixture
 def fake_timm(monkeypatch):
-    """A stand-in ``timm``; ``fake_timm.calls`` lists (model_name, pretrained, kwargs), ``.built`` the models."""
+    """A stand-in ``timm``; ``fake_timm.calls`` lists (model_name, pretrained, kwargs), ``.overlays`` the
+    pretrained_cfg_overlay of each call, ``.built`` the models."""
     timm = types.ModuleType("timm")
     timm.__version__ = "0.0-standin"
-    timm.calls, timm.built = [], []
+    timm.calls, timm.built, timm.overlays = [], [], []
 
     def list_models(filter="", module="", pretrained=False, exclude_filters="", name_matches_cfg=False,
                     include_tags=None):
@@ -66,10 +87,11 @@ def fake_timm(monkeypatch):
     def create_model(model_name, pretrained=False, pretrained_cfg=None, pretrained_cfg_overlay=None,
                      checkpoint_path=None, cache_dir=None, scriptable=None, exportable=None, no_jit=None, **kwargs):
         timm.calls.append((model_name, pretrained, dict(kwargs)))
+        timm.overlays.append(pretrained_cfg_overlay)
         if model_name.partition(".")[0] not in TIMM_ARCHS:
             raise RuntimeError(f"Unknown model ({model_name})")
-        if pretrained or checkpoint_path or pretrained_cfg_overlay:
-            raise AssertionError("the stand-in would download weights")
+        if checkpoint_path or (pretrained_cfg_overlay and not pretrained):
+            raise AssertionError("timm ignores these without pretrained=True")
         model = TinyNet(kwargs.get("num_classes", 1000), kwargs.get("in_chans", 3))
         timm.built.append(model)
         return model
@@ -95,11 +117,15 @@ def fake_torchvision(monkeypatch):
         models.calls.append((name, dict(config)))
         if name not in TV_CLASSIFIERS + TV_OTHERS:
             raise ValueError(f"Unknown model {name}")
-        if config.get("weights") is not None:
-            raise AssertionError("the stand-in would download weights")
+        weights = config.get("weights")
+        if weights is not None and not isinstance(weights, StandinWeights):
+            raise AssertionError(f"get_model takes a weights enum member, not {weights!r}")
         return TinyNet(config.get("num_classes", 1000), 3)
 
-    models.list_models, models.get_model = list_models, get_model
+    def get_model_weights(name):
+        return StandinWeights
+
+    models.list_models, models.get_model, models.get_model_weights = list_models, get_model, get_model_weights
     torchvision.models = models
     monkeypatch.setitem(sys.modules, "torchvision", torchvision)
     monkeypatch.setitem(sys.modules, "torchvision.models", models)
@@ -149,16 +175,71 @@ def test_unknown_names_list_close_matches(fake_timm, fake_torchvision):
         create_model("resnet81")
 
 
-def test_what_would_download_is_refused(fake_timm):
-    with pytest.raises(ValueError, match=r"hub and local-dir sources are not supported: fastdfd never downloads"):
+def test_zoo_specs_parse_a_torchvision_weights_part_only():
+    assert parse_zoo_spec("timm:resnet50.a1_in1k") == ("timm", "resnet50.a1_in1k", None)
+    assert parse_zoo_spec("torchvision:resnet18") == ("torchvision", "resnet18", None)
+    assert parse_zoo_spec("TorchVision: resnet50 :IMAGENET1K_V2") == ("torchvision", "resnet50", "IMAGENET1K_V2")
+    assert parse_zoo_spec("torchvision:resnet50:DEFAULT") == ("torchvision", "resnet50", "DEFAULT")
+    with pytest.raises(ValueError, match=r"'timm:resnet18:IMAGENET1K_V1': timm model names have no ':'.*"
+                                         r"pretrained=True \(--pretrained\).*pretrained_file=FILE"):
+        parse_zoo_spec("timm:resnet18:IMAGENET1K_V1")
+    with pytest.raises(ValueError, match=r"timm model names have no ':' \(hf-hub: and local-dir: names"):
+        parse_zoo_spec("timm:hf-hub:timm/resnet18.a1_in1k")
+    for bad in ("torchvision:resnet18:", "torchvision:resnet18:A:B"):
+        with pytest.raises(ValueError, match=r"expected torchvision:NAME:WEIGHTS, a member of the model's weights"):
+            parse_zoo_spec(bad)
+    with pytest.raises(ValueError, match=r"no model name after 'torchvision:'"):
+        parse_zoo_spec("torchvision::DEFAULT")
+
+
+def test_spec_refusals_build_nothing(fake_timm):
+    with pytest.raises(ValueError, match=r"timm model names have no ':'"):
         create_model("timm:hf-hub:timm/resnet18.a1_in1k")
-    with pytest.raises(ValueError, match=r"pretrained=True is not supported"):
-        create_model("timm:resnet18", pretrained=True)
     with pytest.raises(ValueError, match=r"no model name after 'timm:'"):
         create_model("timm:")
+    with pytest.raises(ValueError, match=r"weights='IMAGENET1K_V1' names a torchvision weights enum"):
+        create_model("timm:resnet18", weights="IMAGENET1K_V1")
     with pytest.raises(ValueError, match=r"':' is reserved for the zoo prefixes"):
         register_model("timm:mine")
+    with pytest.raises(ValueError, match=r"model 'resnet18': pretrained=True takes a zoo model"):
+        create_model("resnet18", num_classes=10, pretrained=True)
     assert fake_timm.calls == []
+
+
+def test_timm_pretrained_goes_to_timms_loader(fake_timm, tmp_path):
+    create_model("timm:resnet18", num_classes=7, pretrained=True)
+    assert fake_timm.calls[-1] == ("resnet18", True, {"num_classes": 7}) and fake_timm.overlays[-1] is None
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(b"")
+    create_model("timm:resnet50.a1_in1k", pretrained_file=file)  # a file alone means pretrained
+    assert fake_timm.calls[-1] == ("resnet50.a1_in1k", True, {})
+    assert fake_timm.overlays[-1] == {"file": str(file)}
+    with pytest.raises(FileNotFoundError, match=rf"'timm:resnet18': pretrained_file not found: {tmp_path / 'no'}"):
+        create_model("timm:resnet18", pretrained=True, pretrained_file=tmp_path / "no")
+    assert len(fake_timm.calls) == 2
+
+
+def test_torchvision_weights_enum_from_the_spec_or_the_argument(fake_torchvision):
+    create_model("torchvision:resnet18:IMAGENET1K_V1", num_classes=1000)
+    assert fake_torchvision.calls[-1] == ("resnet18", {"weights": StandinWeights.IMAGENET1K_V1})
+    create_model("torchvision:resnet18", weights="TINY_V1", num_classes=4)  # the head is the weights' own
+    assert fake_torchvision.calls[-1] == ("resnet18", {"weights": StandinWeights.TINY_V1})
+    create_model("torchvision:resnet18", pretrained=True)
+    create_model("torchvision:resnet18:DEFAULT")
+    create_model("torchvision:resnet18", weights="StandinWeights.DEFAULT")
+    assert [c[1]["weights"] for c in fake_torchvision.calls[-3:]] == [StandinWeights.DEFAULT] * 3
+    n = len(fake_torchvision.calls)
+    with pytest.raises(ValueError, match=r"unknown weights 'IMAGENET1K_V9' for torchvision's resnet18; "
+                                         r"StandinWeights has IMAGENET1K_V1, TINY_V1, DEFAULT$"):
+        create_model("torchvision:resnet18:IMAGENET1K_V9")
+    with pytest.raises(ValueError, match=r"StandinWeights.IMAGENET1K_V1 have a 1000-class head, but num_classes=10 "
+                                         r"was asked for.*use data with 1000 classes, a timm teacher"):
+        create_model("torchvision:resnet18:IMAGENET1K_V1", num_classes=10)
+    with pytest.raises(ValueError, match=r"weights='TINY_V1' and the spec's 'DEFAULT' disagree"):
+        create_model("torchvision:resnet18:DEFAULT", weights="TINY_V1")
+    with pytest.raises(ValueError, match=r"pretrained_file is timm's"):
+        create_model("torchvision:resnet18", pretrained_file="x.pth")
+    assert len(fake_torchvision.calls) == n
 
 
 def test_a_missing_zoo_names_the_pip_command_and_the_spec(monkeypatch):
@@ -325,3 +406,61 @@ def test_recipe_with_a_missing_zoo_names_the_key_and_pip(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)
     with pytest.raises(ImportError, match=r"recipe key teacher\.model = 'timm:resnet18': .*pip install timm"):
         preflight(load_recipe("digits", ["teacher.model='timm:resnet18'"]))
+
+
+def test_cli_takes_published_teacher_weights(tmp_path, fake_timm, fake_torchvision, capsys):
+    out = tmp_path / "gens"
+    assert main(["train-generators", "--teacher", "timm:resnet18", "--pretrained", "--channels", "3", *GEN,
+                 "--out", str(out)]) == 0, capsys.readouterr().err
+    assert fake_timm.calls == [("resnet18", True, {"num_classes": 4, "in_chans": 3})]
+    assert (out / "generators.pt").is_file()
+    capsys.readouterr()
+    weights = tmp_path / "t.pt"
+    torch.save(TinyNet(4, 3).state_dict(), weights)
+    refusals = {
+        (): r"timm:resnet18: no weights; give --weights FILE \(a trained state_dict\), or for a zoo model "
+            r"--pretrained",
+        ("--weights", str(weights), "--pretrained"): rf"--weights {weights} and --pretrained: give one source",
+        ("--weights-enum", "IMAGENET1K_V1"): r"weights='IMAGENET1K_V1' names a torchvision weights enum",
+        ("--teacher", "resnet18", "--pretrained"): r"--pretrained takes a zoo model .*, not 'resnet18'",
+        ("--teacher", "torchvision:resnet18", "--weights-enum", "TINY_V9"):
+            r"unknown weights 'TINY_V9' for torchvision's resnet18; StandinWeights has IMAGENET1K_V1, TINY_V1",
+        ("--teacher", "torchvision:resnet18:IMAGENET1K_V1"): r"the weights StandinWeights.IMAGENET1K_V1 have a "
+                                                            r"1000-class head, but num_classes=4",
+    }
+    for i, (flags, message) in enumerate(refusals.items()):
+        teacher = [] if "--teacher" in flags else ["--teacher", "timm:resnet18"]
+        assert main(["train-generators", *teacher, *flags, *GEN, "--out", str(tmp_path / f"r{i}")]) == 2, flags
+        err = capsys.readouterr().err
+        assert re.search(message, err), (flags, err)
+        assert not (tmp_path / f"r{i}").exists()
+    assert len(fake_timm.calls) == 1  # --weights-enum reached torchvision's enum (TINY_V9), timm was not called
+
+
+def test_recipes_take_published_teacher_weights(fake_timm, fake_torchvision):
+    # digits trains its teacher; asking for published weights drops [teacher_training]
+    recipe = load_recipe("digits", ["teacher.model='timm:resnet18'", "teacher.pretrained=true"])
+    assert recipe["teacher"]["pretrained"] is True and not recipe.has("teacher_training")
+    prep = preflight(recipe)
+    assert fake_timm.calls[0] == ("resnet18", True, {"num_classes": 10, "in_chans": 1})
+    assert len(fake_timm.calls) == 1  # the student is fastdfd's digits_student
+    assert prep.teacher_trained and prep.train_set is None and prep.teacher is fake_timm.built[0]
+    recipe = load_recipe("digits", ["teacher.model='torchvision:resnet18'", "teacher.weights_enum='TINY_V1'",
+                                    "data.num_classes=4", "data.channels=3", "teacher.input_space='imagenet'"])
+    assert recipe["teacher"]["weights_enum"] == "TINY_V1" and not recipe.has("teacher_training")
+    assert "pretrained" not in recipe["teacher"]  # optional: absent means false
+    refusals = {
+        ("teacher.pretrained=true",): r"recipe key teacher.pretrained = True takes a zoo teacher .* teacher.model = "
+                                      r"'digits_teacher'",
+        ("teacher.model='timm:resnet18'", "teacher.pretrained=1"): r"recipe key teacher.pretrained = 1: expected",
+        ("teacher.model='timm:resnet18'", "teacher.weights='t.pt'", "teacher.pretrained=true"):
+            r"teacher.weights = 't.pt' and teacher.pretrained = True: give one source",
+        ("teacher.model='torchvision:resnet18:DEFAULT'", "teacher.weights='t.pt'"):
+            r"teacher.weights = 't.pt' and teacher.model = 'torchvision:resnet18:DEFAULT': give one source",
+    }
+    for overrides, message in refusals.items():
+        with pytest.raises(ValueError, match=message):
+            load_recipe("digits", list(overrides))
+    with pytest.raises(ValueError, match=r"recipe key teacher.model = 'timm:resnet18': .*weights='IMAGENET1K_V1' "
+                                         r"names a torchvision weights enum"):
+        preflight(load_recipe("digits", ["teacher.model='timm:resnet18'", "teacher.weights_enum='IMAGENET1K_V1'"]))
