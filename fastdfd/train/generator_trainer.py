@@ -34,6 +34,7 @@ on the device, so the bias corrections advance inside the graph.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Iterator
 
@@ -51,11 +52,13 @@ from ..settings import ExecutionSettings, LoopSettings, LossSettings, OptimizerS
 from .graphed_step import GraphedStep, cuda_capture
 from .images import grid, save_png
 from .loop import StepLoop
+from .memory import plan_generator_memory
 from .losses import distillation_kl, mode_seeking, total_variation
 from .modes import channels_last_weights, frozen
 from .optim import StackedAdam
 from .plan import ExecutionPlan, graph_obstacles, plan_chunk, resolve_graph
 from .pool import ImagePool
+from .schedule import ChunkSchedule
 from .probe import as_logits, check_ensemble_classes, check_finite_weights, check_placement, probe_teacher
 from .quality import QualityReport, generator_quality
 
@@ -164,7 +167,14 @@ class GeneratorTrainer(StepLoop):
                     p.data = p.data.pin_memory()  # asynchronous host-to-device copies of each chunk
         self.optimizer = StackedAdam(dict(ensemble.named_parameters()), lr=self.optim.lr, betas=self.optim.betas,
                                      compute_device=compute_device)
-        chunk, memory = plan_chunk(teacher, ensemble, self.batch_size, ex.generators_per_step)
+        # what the run already holds where the step runs when the planner reads the free memory: the teacher, and
+        # the ensemble with its Adam moments unless they stay on the host (offload)
+        held = [*teacher.parameters(), *teacher.buffers()]
+        if compute_device == device:
+            held += self.optimizer.state_tensors()
+        allocated = sum(t.numel() * t.element_size() for t in held if t.device.type == compute_device.type)
+        chunk, memory = plan_chunk(teacher, ensemble, self.batch_size, ex.generators_per_step,
+                                   compute_device=compute_device, allocated_bytes=allocated)
         self._init_loop(device=device, num_generators=ensemble.num_generators, generators_per_step=chunk,
                         settings=self.loop, log_path=log_path, checkpoint_dir=checkpoint_dir, distributed=distributed)
         sharded = self.dist.world > 1
@@ -331,6 +341,19 @@ class GeneratorTrainer(StepLoop):
             "ensemble": {k: v.detach().cpu().clone() for k, v in self.ensemble.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
         }
+
+    def _adopt_saved_choices(self, state: dict, path) -> None:
+        """``generators_per_step="auto"`` chose its chunk from the memory free at this start, which need not be what
+        was free when the checkpoint's run started: go on with the checkpoint's chunk (a resume is exact only with
+        it) when the planner fits it here, instead of refusing the resume as another configuration."""
+        saved = state.get("config", {}).get("generators_per_step")
+        if (self.execution.generators_per_step != "auto" or not isinstance(saved, int) or saved == self.schedule.chunk
+                or self.dist.world > 1 or not 1 <= saved <= self.ensemble.num_generators):
+            return
+        memory = plan_generator_memory(self.teacher, self.ensemble, self.batch_size, dtype=self.ensemble.fc_z.dtype,
+                                       device=self.compute_device, offload=self.plan.offloaded, chunk=saved)
+        self.schedule = ChunkSchedule(self.ensemble.num_generators, saved, self.seed)  # its state is loaded next
+        self.plan = dataclasses.replace(self.plan, chunk=saved, memory=memory)
 
     def _check_models(self, state: dict, path) -> None:
         check_config(path, state["ensemble_config"], self.ensemble.config(), "generator ensemble")

@@ -100,6 +100,10 @@ class StepLoop:
     def _load_model_state(self, state: dict, path) -> None:
         raise NotImplementedError
 
+    def _adopt_saved_choices(self, state: dict, path) -> None:
+        """Before the configurations are compared: take over what the run chose for itself at its start (and may
+        choose otherwise now) from the checkpoint. Nothing by default."""
+
     def _check_models(self, state: dict, path) -> None:
         """Refuse a checkpoint of other models (checked before the hyperparameters)."""
 
@@ -209,6 +213,7 @@ class StepLoop:
         state = load_file(path, self.FORMAT)
         self._check_identity(state, path)
         self._check_models(state, path)
+        self._adopt_saved_choices(state, path)
         check_config(path, state["config"], self._full_config(), self.WHAT)
         self._load_model_state(state, path)
         self.schedule.load_state_dict(state["schedule"])

@@ -36,7 +36,8 @@ GIB = 2**30
 # machine, 1000 one-class generators on the pretrained EfficientNet-Lite0 at 32 px, 8 images each: 35.5 ms per
 # generator-step with 25 or 50 generators per step (0.6 / 1.2 GiB a step), 44.6 ms with 100 or 200, 114 ms with the
 # 666 that fill the host's memory (half of it kernel time), against 36.5 ms for 10 generators
-# (benchmarks/imagenet_ensemble.py, docs/imagenet-scale.md).
+# (benchmarks/imagenet_ensemble.py, docs/imagenet-scale.md). One machine's figure: a host with more cores may
+# profit from bigger steps.
 CPU_STEP_BYTES = 1 * GIB
 
 
@@ -111,26 +112,45 @@ def host_available_bytes() -> int | None:
     return int(psutil.virtual_memory().available)
 
 
+def _bytes_on(tensors, device: torch.device) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t.device.type == device.type)
+
+
 def plan_generator_memory(teacher: nn.Module, ensemble, batch_size: int, *, budget_bytes: int | None = None,
                           device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-                          chunk: int | None = None) -> MemoryPlan:
-    """The memory a step needs, and the chunk size to use (``chunk``, or the largest that fits)."""
+                          chunk: int | None = None, offload: bool = False,
+                          allocated_bytes: int | None = None) -> MemoryPlan:
+    """The memory a step needs on ``device`` (where the step runs; default the ensemble's), and the chunk size to
+    use (``chunk``, or the largest that fits).
+
+    ``offload``: the ensemble and its Adam moments live in host memory and only each step's chunk comes to the
+    device (its parameters, gradients and Adam rows), so the device holds the teacher and the chunk. Without a
+    ``budget_bytes``, the budget is 90% of the device's free memory (a GPU's, or the host's available memory) plus
+    ``allocated_bytes``, what this run already holds there when the free memory is read (default: the teacher's
+    and the ensemble's tensors on that device), which the plan counts as resident itself.
+    """
     device = torch.device(device) if device is not None else ensemble.fc_z.device
-    if budget_bytes is None and device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget_bytes = int(0.9 * free)
-    elif budget_bytes is None and device.type == "cpu":
-        available = host_available_bytes()
-        budget_bytes = None if available is None else int(0.9 * available)
+    if budget_bytes is None:
+        free = None
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+        elif device.type == "cpu":
+            free = host_available_bytes()
+        if free is not None:
+            if allocated_bytes is None:
+                allocated_bytes = _bytes_on([*teacher.parameters(), *teacher.buffers(), *ensemble.parameters()],
+                                            device)
+            budget_bytes = int(0.9 * (free + allocated_bytes))
     element = torch.finfo(dtype).bits // 8
     k = ensemble.num_generators
     ens_bytes = sum(p.numel() * p.element_size() for p in ensemble.parameters())
     teacher_bytes = sum(t.numel() * t.element_size() for t in [*teacher.parameters(), *teacher.buffers()])
-    resident = 3 * ens_bytes + teacher_bytes
+    # offload: the ensemble and Adam stay on the host; a step brings its rows of parameters, gradients and moments
+    resident = teacher_bytes if offload else 3 * ens_bytes + teacher_bytes
     spec = ensemble.spec
     per_image = _teacher_activation_bytes(teacher, (spec.channels, spec.image_size, spec.image_size), dtype)
     per_image += _generator_activation_bytes(spec, element)
-    per_generator = batch_size * per_image + 2 * ens_bytes // k
+    per_generator = batch_size * per_image + (4 if offload else 2) * ens_bytes // k
 
     def total(c: int) -> int:
         return resident + c * per_generator
@@ -149,7 +169,8 @@ def plan_generator_memory(teacher: nn.Module, ensemble, batch_size: int, *, budg
     fits = min(k, (budget_bytes - resident) // per_generator) if budget_bytes > resident else 0
     if fits < 1:
         raise MemoryPlanError(
-            f"this configuration does not fit: {resident / GIB:.2f} GiB resident (ensemble, Adam moments, teacher) "
+            f"this configuration does not fit: {resident / GIB:.2f} GiB resident "
+            f"({'teacher' if offload else 'ensemble, Adam moments, teacher'}) "
             f"+ {per_generator / GIB:.3f} GiB for one generator's step > the {budget_bytes / GIB:.2f} GiB budget; "
             "use fewer images per generator, bf16, or more processes (each holds K / world generators)"
         )

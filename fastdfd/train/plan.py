@@ -7,6 +7,7 @@ its :class:`fastdfd.settings.ExecutionSettings`; ``plan.describe()`` is what the
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 
@@ -56,23 +57,31 @@ class ExecutionPlan:
         return "; ".join(lines)
 
 
-def plan_chunk(teacher: nn.Module, ensemble, batch_size: int, generators_per_step) -> tuple[int | None, MemoryPlan | None]:
-    """The chunk to train (None: every generator) and the memory plan behind it.
+def plan_chunk(teacher: nn.Module, ensemble, batch_size: int, generators_per_step, *,
+               compute_device: torch.device | None = None, allocated_bytes: int | None = None,
+               ) -> tuple[int | None, MemoryPlan | None]:
+    """The chunk to train (None: every generator) and the memory plan behind it, on ``compute_device`` (where the
+    step runs: the teacher's under offload, else the ensemble's).
 
-    ``"auto"``: the largest chunk the planner fits (on a CPU, in the host's available memory). An explicit
-    chunk on a GPU is refused only if one generator cannot fit, and warned about if the chunk may not."""
+    ``"auto"``: the largest chunk the planner fits (on a CPU, in the host's available memory, capped where bigger
+    steps are slower). An explicit chunk on a GPU is refused only if one generator cannot fit, and warned about if
+    the chunk may not."""
     dtype = ensemble.fc_z.dtype
+    device = ensemble.fc_z.device if compute_device is None else torch.device(compute_device)
+    offload = device != ensemble.fc_z.device
+    plan = functools.partial(plan_generator_memory, teacher, ensemble, batch_size, dtype=dtype, device=device,
+                             offload=offload, allocated_bytes=allocated_bytes)
     if generators_per_step == "auto":
-        plan = plan_generator_memory(teacher, ensemble, batch_size, dtype=dtype)
-        return plan.chunk, plan
-    if ensemble.fc_z.device.type != "cuda":
+        memory = plan()
+        return memory.chunk, memory
+    if device.type != "cuda":
         return generators_per_step, None
-    plan = plan_generator_memory(teacher, ensemble, batch_size, dtype=dtype)  # raises if none fits
+    memory = plan()  # raises if none fits
     wanted = ensemble.num_generators if generators_per_step is None else int(generators_per_step)
-    if wanted > plan.chunk:
+    if wanted > memory.chunk:
         warnings.warn(f"fastdfd: {wanted} generators per step may not fit: the planner estimates that "
-                      f"{plan.describe()}; pass generators_per_step='auto' to use that", RuntimeWarning, stacklevel=4)
-    return generators_per_step, plan
+                      f"{memory.describe()}; pass generators_per_step='auto' to use that", RuntimeWarning, stacklevel=4)
+    return generators_per_step, memory
 
 
 def graph_obstacles(*, compute_device: torch.device, device: torch.device, offload: bool, world: int, scope: str,

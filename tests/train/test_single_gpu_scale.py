@@ -54,9 +54,10 @@ def test_trainer_auto_chunk_on_cpu_fits_the_host_available_memory(monkeypatch):
     assert available is not None and available > 0  # /proc/meminfo on Linux
     assert trainer.schedule.chunk == 4 and 0 < trainer.memory_plan.budget_bytes <= available
     one = plan_generator_memory(teacher, ens, 2, chunk=1)
-    # a host with room for 3 generators' steps gets a chunk of 3 (90% of what is available is the budget)
+    # a host with room for 3.5 generators' steps gets a chunk of 3: the budget is 90% of what is available plus
+    # what the run already holds (the teacher, the ensemble and its Adam moments: the plan's resident bytes)
     monkeypatch.setattr(memory, "host_available_bytes",
-                        lambda: int((one.resident_bytes + 3 * one.per_generator_bytes + 1) / 0.9) + 1)
+                        lambda: int((one.resident_bytes + 3.5 * one.per_generator_bytes) / 0.9) - one.resident_bytes)
     trainer = GeneratorTrainer(teacher, ens, batch_size=2, generators_per_step="auto", progress=False)
     assert trainer.schedule.chunk == 3 and "3 of 4 generators per step" in trainer.placement
     assert not trainer.memory_plan.cpu_capped
@@ -133,3 +134,74 @@ def test_offloaded_trainer_matches_the_resident_trainer():
         "generator parameters and Adam moments on cpu; 4 of 4 generators per step")
     for name, p in a.state_dict().items():
         assert torch.equal(p, b.state_dict()[name]), name
+
+
+def test_an_offloaded_step_is_planned_on_the_device_it_runs_on(monkeypatch):
+    """Under offload the ensemble and Adam stay on the host: the step's device holds the teacher and the chunk's
+    rows, its own budget applies, and no CPU cap does on a GPU."""
+    from fastdfd.train import memory
+
+    teacher, ens = _setup(8)
+    monkeypatch.setattr(memory, "CPU_STEP_BYTES", 1)  # would cap any CPU plan at one generator
+    resident = plan_generator_memory(teacher, ens, 2, device="cuda", budget_bytes=100 * GIB)
+    off = plan_generator_memory(teacher, ens, 2, device="cuda", offload=True, budget_bytes=100 * GIB)
+    ens_bytes = sum(p.numel() * p.element_size() for p in ens.parameters())
+    teacher_bytes = sum(t.numel() * t.element_size() for t in [*teacher.parameters(), *teacher.buffers()])
+    assert resident.chunk == off.chunk == 8 and not off.cpu_capped
+    assert off.resident_bytes == teacher_bytes and resident.resident_bytes == teacher_bytes + 3 * ens_bytes
+    assert off.per_generator_bytes - resident.per_generator_bytes == 2 * ens_bytes // 8  # the chunk's Adam rows
+
+
+def test_the_budget_counts_what_the_run_already_holds_once(monkeypatch):
+    """The free memory is read after the teacher and the ensemble exist; the plan counts them as resident, so the
+    budget adds them back instead of subtracting them twice."""
+    from fastdfd.train import memory
+
+    teacher, ens = _setup(8)
+    one = plan_generator_memory(teacher, ens, 2, chunk=1, budget_bytes=100 * GIB)
+    held = sum(t.numel() * t.element_size() for t in [*teacher.parameters(), *teacher.buffers(), *ens.parameters()])
+    free = int(one.resident_bytes + 5.5 * one.per_generator_bytes) - held  # what the host has left besides
+    monkeypatch.setattr(memory, "host_available_bytes", lambda: int(free / 0.9) + 1)
+    plan = plan_generator_memory(teacher, ens, 2, device="cpu")
+    assert plan.budget_bytes == int(0.9 * (int(free / 0.9) + 1 + held)) and plan.chunk == 5
+
+
+def test_an_auto_chunk_resumes_with_the_checkpoints_chunk(tmp_path, monkeypatch):
+    """'auto' picks its chunk from the memory free at the start; a resume on a host with more free memory goes on
+    with the checkpoint's chunk and ends exactly as the uninterrupted run."""
+    from fastdfd.train import memory
+
+    from ..conftest import randomize_bn_stats
+
+    def make():
+        torch.manual_seed(0)
+        teacher = randomize_bn_stats(create_model("digits_teacher", num_classes=10))
+        ens = GeneratorEnsemble(4, 10, image_size=16, channels=1, latent_dim=8, widths=(8, 4), output_bn=False,
+                                classes=[[0, 1], [2, 3], [4, 5], [6, 7]])
+        return teacher, ens
+
+    teacher, ens = make()
+    one = plan_generator_memory(teacher, ens, 2, chunk=1, budget_bytes=100 * GIB)
+    room = {"chunk": 2}
+    # free besides what the run holds (its resident bytes, which the budget adds back): room for chunk + 0.5
+    monkeypatch.setattr(memory, "host_available_bytes",
+                        lambda: int((one.resident_bytes + (room["chunk"] + 0.5) * one.per_generator_bytes) / 0.9)
+                        - one.resident_bytes)
+
+    def trainer(teacher, ens, **kw):
+        return GeneratorTrainer(teacher, ens, batch_size=2, generators_per_step="auto", progress=False,
+                                checkpoint_every=2, **kw)
+
+    whole = trainer(*make())
+    assert whole.schedule.chunk == 2
+    whole.fit(5)
+    first = trainer(*make(), checkpoint_dir=tmp_path)
+    first.fit(2)
+    room["chunk"] = 3  # more memory free at the resume
+    teacher, ens = make()
+    again = trainer(teacher, ens, checkpoint_dir=tmp_path)
+    assert again.schedule.chunk == 3
+    assert again.resume() and again.schedule.chunk == 2 and again.plan.chunk == 2 and again.step == 2
+    again.fit(3)
+    for name, p in whole.ensemble.state_dict().items():
+        assert torch.equal(p, again.ensemble.state_dict()[name]), name
