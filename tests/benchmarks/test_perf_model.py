@@ -104,3 +104,16 @@ def test_measured_columns():
     assert row["measured_over_predicted"] == pytest.approx(2.0)
     assert row["roofline_fraction"] == pytest.approx(pred.roofline_ms / (2 * pred.ms))
     assert row["predicted_speedup_vs_hooks"] == pytest.approx(1.0)
+
+
+def test_the_imagenet_ensemble_estimate_is_launch_bound_small_and_flat_large():
+    pytest.importorskip("efficientnet_lite_pytorch", reason="needs pip install efficientnet-lite-pytorch")
+    from benchmarks.perf_model import imagenet_ensemble_estimate
+
+    small, mid, big = (imagenet_ensemble_estimate(k, steps_per_generator=88) for k in (10, 100, 1000))
+    assert small["bound"] == "launch" and big["bound"] == "roofline"
+    # a step of 10 generators is launch latency; from 100 on the cost per generator-step is the work's
+    assert small["seconds_per_generator_step"] > 3 * mid["seconds_per_generator_step"]
+    assert big["seconds_per_generator_step"] == pytest.approx(mid["seconds_per_generator_step"], rel=0.25)
+    assert big["seconds_for_steps_per_generator"] == pytest.approx(big["seconds_per_generator_step"] * 1000 * 88)
+    assert small["kernels_per_step"] == big["kernels_per_step"]  # batched: the same kernels whatever K
