@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench test-zoo test-triton clean
+.PHONY: demo test bench test-zoo test-triton test-scale clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,11 @@ demo: $(VENV)/.installed-demo
 # the full Triton AOT compile and the largest interpreter cases (marker triton_heavy) run in
 # test-triton, which CI runs after this
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q tests -m "not triton_heavy"
+	$(PY) -m pytest -q tests -m "not triton_heavy and not scale_scripts"
+
+# the ImageNet-scale benchmark scripts end to end (benchmarks/imagenet_*.py, about 2 minutes), which CI runs after test
+test-scale: $(VENV)/.installed-test
+	$(PY) -m pytest -q tests -m scale_scripts
 
 # torchvision from pip does not import beside the main venv's torch 2.13, hence a venv of its own.
 # torch/torchvision first, so that -e . (torch>=2.4) keeps them and pulls no other torch.

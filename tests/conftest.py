@@ -102,3 +102,9 @@ def teacher_file(tmp_path):
     path = tmp_path / "teacher.pt"
     torch.save(randomize_bn_stats(create_model("digits_teacher", num_classes=10)).state_dict(), path)
     return path
+
+
+def pytest_configure(config):
+    # registered here rather than in pyproject.toml beside triton_heavy: the Makefile reinstalls on any pyproject change
+    config.addinivalue_line("markers", "scale_scripts: the ImageNet-scale benchmark scripts end to end on the "
+                                       "pretrained Lite0, run by make test-scale")

