@@ -6,6 +6,8 @@
 - ``packed.py``: :class:`PackedLayout`, many layers' statistics packed for one finalize;
 - ``custom_op.py``: the fused ops as ``torch.library`` custom ops, with fake implementations
   and autograd formulas;
+- ``decomposition.py``: the tap's custom ops decomposed into aten ops for inductor, so that
+  ``torch.compile`` fuses the tap with its neighbours;
 - ``dispatch.py``: each backend's dispatch entries;
 - ``backends/{triton,cpp,cuda}.py``: when each compiled backend serves, and its launchers
   (kernels in ``kernels/moment/``, ``csrc/moment/``).

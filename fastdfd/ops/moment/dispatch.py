@@ -13,7 +13,7 @@ from typing import Callable
 from torch import Tensor
 
 from ..dispatch import register
-from . import reference
+from . import decomposition, reference
 from .backends import cpp, cuda, triton
 from .custom_op import finalize_forward, tap_forward
 from .packed import PackedLayout
@@ -29,11 +29,16 @@ def _register_fused(name: str, check: Callable[[Tensor], str | None],
 
     @register("moment_tap", name, check=check)
     def moment_tap(x, running_mean, running_var, weight, bias, eps, groups):
+        if decomposition.decomposes(name):  # traced by torch.compile: aten ops inductor fuses with the neighbours
+            return decomposition.tap(x, running_mean, running_var, weight, bias, float(eps), int(groups), True, name)
         return tap_forward(x, running_mean, running_var, weight, bias, float(eps), int(groups), True, name)
 
     @register("moment_sums", name, check=check)
     def moment_sums(x, shift, groups):
         # the sums-only tap: the same kernel without the BN output (var is not read)
+        if decomposition.decomposes(name):
+            _, s1, s2 = decomposition.tap(x, shift, shift, None, None, 0.0, int(groups), False, name)
+            return s1, s2
         _, s1, s2 = tap_forward(x, shift, shift, None, None, 0.0, int(groups), False, name)
         return s1, s2
 

@@ -1,0 +1,144 @@
+"""The moment tap as ``torch.compile`` sees it: the same math in aten ops, which inductor fuses.
+
+Eager, the tap runs a backend's fused kernels through the ``fastdfd::tap_forward`` /
+``tap_backward`` custom ops (:mod:`.custom_op`). Under ``torch.compile`` an opaque custom op is a
+fusion barrier: inductor fuses each BN of a hooks-based step with the ReLU, residual add or pooling
+after it and folds the statistics' reductions into the same loops, but it cannot look inside the
+fused tap. So while dynamo traces, the dispatch entries of the fused backends (:mod:`.dispatch`)
+call :func:`tap` instead, an ``autograd.Function`` whose forward and backward are the tap's math
+in aten ops (the formulas of :mod:`.reference`, sums in the accumulation dtype)::
+
+    forward   d = x - mu_r;  S1[g, c] = sum d,  S2[g, c] = sum d^2;
+              y = d * gamma * rsqrt(var_r + eps) + beta                       (eval-mode BN)
+    backward  dx = dy * gamma * rsqrt(var_r + eps) + dS1[g, c] + 2 d dS2[g, c]  (one pass)
+
+Inductor then emits loops that read x once for y, S1 and S2 with the epilogue (ReLU, the residual
+add) in the same pass, and a backward that reads x and dy once; the backward is the one-pass form
+above, not autograd's derivative of the forward's aten ops.
+
+Why a traced function rather than a decomposition in inductor's table: the choice is then part of
+the graph dynamo hands on, so the compile caches (AOTAutograd's and inductor's, keyed on that
+graph) can never serve a graph compiled under the other choice.
+
+The finalize (one call per step over every layer's sums) stays one opaque node: it is a few
+thousand values, and its layer segments are data (``offsets``) that aten ops would turn into
+dynamic shapes.
+
+Which backends trace this way is :func:`set_inductor_decomposition` (all by default: on the CPU
+inductor's fused loops beat the opaque ``cpp`` kernels between compiled neighbours; on a card the
+device check measures the same choice).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+from torch import Tensor
+
+from .reference import accumulation_dtype
+
+#: the fused backends whose tap is traced as aten ops under torch.compile
+_DECOMPOSED: set[str] = {"triton", "cpp", "cuda"}
+
+
+def set_inductor_decomposition(backends: Iterable[str]) -> frozenset[str]:
+    """Choose the fused backends whose tap ``torch.compile`` traces as aten ops (the others stay one
+    opaque custom op per layer in the graph).
+
+    Takes effect for functions traced afterwards (call ``torch._dynamo.reset()`` to retrace one
+    already compiled). Returns the previous choice.
+    Raises ValueError for a name that is not a fused backend.
+    """
+    chosen = set(backends)
+    unknown = chosen - {"triton", "cpp", "cuda"}
+    if unknown:
+        raise ValueError(f"unknown fused backend(s) {sorted(unknown)}; expected a subset of ['cpp', 'cuda', 'triton']")
+    previous = frozenset(_DECOMPOSED)
+    _DECOMPOSED.clear()
+    _DECOMPOSED.update(chosen)
+    return previous
+
+
+def _channel_view(t: Tensor, x: Tensor) -> Tensor:
+    """[C] -> broadcastable against x's [N, C, *spatial]."""
+    return t.view((1, -1) + (1,) * (x.dim() - 2))
+
+
+def _segment_view(t: Tensor, x: Tensor, groups: int) -> Tensor:
+    """[G, C] -> broadcastable against x split into segments, [G, N / G, C, *spatial]."""
+    return t.view((groups, 1, -1) + (1,) * (x.dim() - 2))
+
+
+def _scale(var: Tensor, weight: Optional[Tensor], eps: float, acc: torch.dtype) -> Tensor:
+    scale = torch.rsqrt(var.to(acc) + eps)
+    return scale if weight is None else scale * weight.to(acc)
+
+
+def _tap_forward_math(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                      eps: float, groups: int, write_y: bool):
+    acc = accumulation_dtype(x.dtype)
+    d = x.to(acc) - _channel_view(mean.to(acc), x)
+    # a view of the batch axis only: any layout of x (channels_last too) stays uncopied
+    dg = d.unflatten(0, (groups, x.shape[0] // groups))
+    dims = [1] + list(range(3, dg.dim()))
+    s1, s2 = dg.sum(dims), (dg * dg).sum(dims)
+    if not write_y:
+        return x.new_empty(0), s1, s2
+    y = d * _channel_view(_scale(var, weight, eps, acc), x)
+    if bias is not None:
+        y = y + _channel_view(bias.to(acc), x)
+    return y.to(x.dtype), s1, s2
+
+
+def _tap_backward_math(x: Tensor, dy: Optional[Tensor], ds1: Tensor, ds2: Tensor, mean: Tensor, var: Tensor,
+                       weight: Optional[Tensor], eps: float, groups: int) -> Tensor:
+    acc = accumulation_dtype(x.dtype)
+    xg = x.to(acc).unflatten(0, (groups, x.shape[0] // groups))
+    d = xg - _channel_view(mean.to(acc), x).unsqueeze(0)
+    dx = _segment_view(ds1.to(acc), x, groups) + 2 * d * _segment_view(ds2.to(acc), x, groups)
+    if dy is not None:
+        scale = _channel_view(_scale(var, weight, eps, acc), x).unsqueeze(0)
+        dx = dx + dy.to(acc).unflatten(0, (groups, x.shape[0] // groups)) * scale
+    return dx.flatten(0, 1).to(x.dtype)
+
+
+def decomposes(impl: str) -> bool:
+    """Whether ``impl``'s tap is traced as aten ops now (under ``torch.compile`` and chosen)."""
+    return impl in _DECOMPOSED and torch.compiler.is_compiling()
+
+
+class _Tap(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, mean, var, weight, bias, eps, groups, write_y, impl):
+        ctx.save_for_backward(x, mean, var, weight)
+        ctx.eps, ctx.groups, ctx.write_y, ctx.impl = eps, groups, write_y, impl
+        return _tap_forward_math(x, mean, var, weight, bias, eps, groups, write_y)
+
+    @staticmethod
+    def backward(ctx, dy, ds1, ds2):
+        x, mean, var, weight = ctx.saved_tensors
+        acc = accumulation_dtype(x.dtype)
+        ds1 = ds1 if ds1 is not None else x.new_zeros((ctx.groups, x.shape[1]), dtype=acc)
+        ds2 = ds2 if ds2 is not None else x.new_zeros((ctx.groups, x.shape[1]), dtype=acc)
+        dy = dy if ctx.write_y else None
+        dx = _tap_backward_math(x, dy, ds1, ds2, mean, var, weight, ctx.eps, ctx.groups) \
+            if ctx.needs_input_grad[0] else None
+        dw = db = None
+        if dy is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4]):
+            dims = [0] + list(range(2, x.dim()))
+            dya = dy.to(acc)
+            if ctx.needs_input_grad[3]:
+                xhat = (x.to(acc) - _channel_view(mean.to(acc), x)) * _channel_view(torch.rsqrt(var.to(acc) + ctx.eps), x)
+                dw = (dya * xhat).sum(dims).to(weight.dtype)
+            if ctx.needs_input_grad[4]:
+                db = dya.sum(dims).to(dy.dtype if weight is None else weight.dtype)
+        return dx, None, None, dw, db, None, None, None, None
+
+
+def tap(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+        groups: int, write_y: bool, impl: str) -> tuple[Tensor, Tensor, Tensor]:
+    """The tap in aten ops, differentiable with the one-pass backward: ``fastdfd::tap_forward``'s
+    contract (y in x's dtype, or an empty tensor without ``write_y``; S1, S2 [groups, C] in the
+    accumulation dtype)."""
+    return _Tap.apply(x, mean, var, weight, bias, eps, groups, write_y, impl)
