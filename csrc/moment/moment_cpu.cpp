@@ -278,6 +278,11 @@ const A* opt_ptr(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<A>() : nullptr;
 }
 
+}  // namespace
+
+// The entry points, shared with the op registrations of moment_library_cpu.cpp (moment_cpu.h).
+namespace fastdfd::moment_cpu {
+
 std::vector<at::Tensor> tap_forward(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
                                     const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
                                     double eps, int64_t groups, bool write_y, int64_t sn, int64_t sc, int64_t sp) {
@@ -428,9 +433,10 @@ std::vector<at::Tensor> finalize_backward(const at::Tensor& s1, const at::Tensor
   return {ds1, ds2};
 }
 
-}  // namespace
+}  // namespace fastdfd::moment_cpu
 
 void bind_moment_ops(pybind11::module_& m) {
+  using namespace fastdfd::moment_cpu;
   m.def("tap_forward", &tap_forward);
   m.def("tap_backward", &tap_backward);
   m.def("finalize_forward", &finalize_forward);

@@ -50,7 +50,8 @@ SPECS = {
     # -fopenmp: ATen's parallel_for is a header template that opens `#pragma omp parallel` itself
     # (AT_PARALLEL_OPENMP builds, the pip wheels): compiled without it, every parallel_for here ran
     # on one thread. The link resolves libgomp.so.1 to the copy torch has already loaded.
-    "cpu": ExtensionSpec("fastdfd_cpu", ["fastdfd_cpu.cpp", "moment/moment_cpu.cpp", "generator/generator_cpu.cpp"],
+    "cpu": ExtensionSpec("fastdfd_cpu", ["fastdfd_cpu.cpp", "moment/moment_cpu.cpp", "moment/moment_library_cpu.cpp",
+                                         "generator/generator_cpu.cpp"],
                          cflags=["-O3", "-march=native", "-fopenmp"], ldflags=["-fopenmp"]),
     "cuda": ExtensionSpec("fastdfd_cuda", ["moment/moment_cuda_binding.cpp", "moment/moment_cuda.cu"],
                           cflags=["-O3"], cuda_cflags=["-O3", "--use_fast_math"], needs_cuda=True),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from torch import Tensor
 
 from ..dispatch import register
@@ -24,13 +25,20 @@ register("moment_finalize", "torch")(reference.moment_finalize_torch)
 
 
 def _register_fused(name: str, check: Callable[[Tensor], str | None],
-                    check_finalize: Callable[[Tensor], str | None]) -> None:
-    """Register ``name``'s implementations of the three dispatched moment ops (the custom ops with impl=name)."""
+                    check_finalize: Callable[[Tensor], str | None], eager: dict[str, Callable] | None = None) -> None:
+    """Register ``name``'s implementations of the three dispatched moment ops: eager, the backend's own
+    dispatcher ops where it registers them (``eager``); while torch.compile traces, the tap as aten ops
+    (:mod:`.decomposition`) or the Python custom ops with impl=name."""
+
+    def eager_now() -> bool:
+        return eager is not None and not torch.compiler.is_compiling()
 
     @register("moment_tap", name, check=check)
     def moment_tap(x, running_mean, running_var, weight, bias, eps, groups):
         if decomposition.decomposes(name):  # traced by torch.compile: aten ops inductor fuses with the neighbours
             return decomposition.tap(x, running_mean, running_var, weight, bias, float(eps), int(groups), True, name)
+        if eager_now():
+            return eager["tap"](x, running_mean, running_var, weight, bias, eps, groups, True)
         return tap_forward(x, running_mean, running_var, weight, bias, float(eps), int(groups), True, name)
 
     @register("moment_sums", name, check=check)
@@ -39,16 +47,21 @@ def _register_fused(name: str, check: Callable[[Tensor], str | None],
         if decomposition.decomposes(name):
             _, s1, s2 = decomposition.tap(x, shift, shift, None, None, 0.0, int(groups), False, name)
             return s1, s2
+        if eager_now():
+            _, s1, s2 = eager["tap"](x, shift, shift, None, None, 0.0, groups, False)
+            return s1, s2
         _, s1, s2 = tap_forward(x, shift, shift, None, None, 0.0, int(groups), False, name)
         return s1, s2
 
     @register("moment_finalize", name, check=check_finalize)
     def moment_finalize(s1, s2, count, layout: PackedLayout, kind: str):
         # the one place where the layout meets the sums' dtype (a no-op for the matcher's own layouts)
+        if eager_now():
+            return eager["finalize"](s1, s2, count, layout.running_var, layout.eps, layout.offsets, kind)
         return finalize_forward(s1, s2, count.to(s1.dtype).contiguous(), layout.running_var.to(s1.dtype).contiguous(),
                                 layout.eps.to(s1.dtype).contiguous(), layout.offsets.contiguous(), kind, name)
 
 
 _register_fused("triton", triton.check, triton.check_finalize)
-_register_fused("cpp", cpp.check, cpp.check)
+_register_fused("cpp", cpp.check, cpp.check, cpp.EAGER)
 _register_fused("cuda", cuda.check, cuda.check_finalize)

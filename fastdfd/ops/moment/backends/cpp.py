@@ -1,7 +1,13 @@
-"""The ``cpp`` backend of the moment ops: csrc/moment/moment_cpu.cpp behind the custom ops, for CPU tensors.
+"""The ``cpp`` backend of the moment ops: csrc/moment/moment_cpu.cpp's kernels, for CPU tensors.
 
 Built on first use (see :mod:`fastdfd.ops.extensions`); the default on the CPU when the
 build succeeds, else the ``torch`` backend serves (after one warning).
+
+Two ways in. Eager, :data:`EAGER` calls the ops the extension registers with the dispatcher
+(``torch.ops.fastdfd_cpu.*``, csrc/moment/moment_library_cpu.cpp), whose casts, layout rule and
+autograd run in C++: a tiny layer's tap costs tens of microseconds instead of hundreds. While
+``torch.compile`` traces, :data:`LAUNCHERS` serve the Python custom ops (:mod:`..custom_op`), which
+carry the fake implementations the compiler needs (when the tap is not traced as aten ops instead).
 """
 
 from __future__ import annotations
@@ -48,6 +54,20 @@ def _finalize_backward(s1, s2, count, var, eps, offsets, dout, kind):
     ds1, ds2 = _ext().finalize_backward(s1, s2, count, var, eps, offsets, dout, KIND_IDS[kind])
     return ds1, ds2
 
+
+def _eager_tap(x, mean, var, weight, bias, eps, groups, write_y):
+    _ext()  # the extension's load registers torch.ops.fastdfd_cpu
+    return torch.ops.fastdfd_cpu.tap(x, mean, var, weight, bias, float(eps), int(groups), bool(write_y))
+
+
+def _eager_finalize(s1, s2, count, var, eps, offsets, kind):
+    _ext()
+    return torch.ops.fastdfd_cpu.finalize(s1, s2, count, var, eps, offsets, KIND_IDS[kind])
+
+
+# the eager entries: tap(x, mean, var, weight, bias, eps, groups, write_y) -> (y, S1, S2) and
+# finalize(S1, S2, count, var, eps, offsets, kind) -> [L, G], differentiable, the custom ops' contract
+EAGER = {"tap": _eager_tap, "finalize": _eager_finalize}
 
 LAUNCHERS = {
     "tap_forward": _tap_forward,
