@@ -21,7 +21,11 @@ order, each writing its JSON to ``--out`` as it finishes, then ``summary.json``.
    pretrained EfficientNet-Lite0 at 32 px (the memory planner's chunk), 100 steps per generator: seconds per
    generator-step and the allocator's peak against the planner, beside benchmarks/perf_model.py's estimate.
    Skipped with the reason when the packages are missing.
-5. ``gpu-suite-*.json``: benchmarks/gpu_suite.py with what is left of the time budget.
+5. ``whole_step.json``: the whole generator step (10 generators x 16 images at 16 px on the digits CNN:
+   ensemble, teacher, moment loss and cross-entropy, gradients of every generator parameter) with
+   DeepInversion's hooks eager and under ``torch.compile``, and fastdfd on the card's fused backend eager and
+   compiled: milliseconds and the ratios against both hooks. ``--tiny`` runs the eager providers only.
+6. ``gpu-suite-*.json``: benchmarks/gpu_suite.py with what is left of the time budget.
 
 Exit status 1 if any check failed (everything is still written), else 0.
 ``FASTDFD_CHECK_PLANT=1`` perturbs one backend's dx by 1e-2 relative: the check must fail.
@@ -243,6 +247,36 @@ def check_imagenet_scale(device, tiny: bool, out: Path, seconds: float) -> dict:
         "measured_over_estimate": record["seconds_per_generator_step"] / estimate["seconds_per_generator_step"]}
 
 
+# ---------------------------------------------------------------------------- part 5
+def check_whole_step(device, tiny: bool) -> dict:
+    from benchmarks.gpu_suite import bench
+    from benchmarks.providers import generator_step, randomize_bn
+    from fastdfd import GeneratorEnsemble
+    from fastdfd.models import create_model
+
+    backend = "cpp" if device.type == "cpu" else "triton"
+    providers = ["hooks", f"fastdfd-{backend}"] + ([] if tiny else ["hooks-compiled", f"fastdfd-{backend}-compiled"])
+    ms = {}
+    for provider in providers:
+        torch.manual_seed(0)
+        teacher = randomize_bn(create_model("digits_teacher")).to(device)
+        ens = GeneratorEnsemble(10, 10, image_size=16, channels=1, latent_dim=64, widths=(32, 16),
+                                output_bn=False).to(device)
+        step, cleanup = generator_step(provider, teacher, ens, batch=16)
+        try:
+            step()  # compiles the compiled providers
+            ms[provider] = bench(step, device, warmup=2, reps=3 if tiny else 20)
+        finally:
+            cleanup()
+    fastest = min((p for p in ms if p.startswith("fastdfd")), key=ms.get)
+    record = {"ok": True, "teacher": "digits_teacher (random BN statistics)", "generators": 10, "batch": 16,
+              "image_size": 16, "backend": backend, "ms": ms, "fastest_fastdfd": fastest,
+              "fastest_vs_hooks": ms["hooks"] / ms[fastest]}
+    if "hooks-compiled" in ms:
+        record["fastest_vs_hooks_compiled"] = ms["hooks-compiled"] / ms[fastest]
+    return record
+
+
 # ------------------------------------------------------------------------------- main
 def _versions() -> dict:
     import triton
@@ -258,7 +292,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="the same parts at toy sizes on the CPU")
     ap.add_argument("--budget-s", type=float, default=BUDGET_S)
     ap.add_argument("--install-status", default="not run")
-    ap.add_argument("--parts", default="correctness,cuda_graph,teacher,imagenet_scale,suite",
+    ap.add_argument("--parts", default="correctness,cuda_graph,teacher,imagenet_scale,whole_step,suite",
                     help="comma-separated subset, in the fixed order (to rerun one part)")
     args = ap.parse_args(argv)
     start = time.perf_counter()
@@ -281,7 +315,8 @@ def main(argv=None) -> int:
              ("imagenet_scale", "imagenet_scale.json",
               lambda: check_imagenet_scale(device, args.tiny, out, min(SCALE_TRAIN_S,
                                                                        args.budget_s - (time.perf_counter() - start)
-                                                                       - 60)))]
+                                                                       - 60))),
+             ("whole_step", "whole_step.json", lambda: check_whole_step(device, args.tiny))]
     wanted = set(args.parts.split(","))
     for name, fname, fn in parts:
         if name not in wanted:

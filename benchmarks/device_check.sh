@@ -7,6 +7,7 @@
 #
 # OUT (default benchmarks/results/device_check) receives summary.json,
 # correctness.json, cuda_graph.json, teacher.json, imagenet_scale.json (and imagenet_scale/: its quality report),
+# whole_step.json,
 # gpu-suite-<card>.json, device_check.log.
 # PYTHON picks the interpreter (default python3: the card image's torch). Exit status: the driver's
 # (1 if any check failed, everything still written).

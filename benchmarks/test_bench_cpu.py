@@ -35,6 +35,22 @@ def test_bn_layer_forward_backward(benchmark, provider, channels, size):
     cleanup()
 
 
+@pytest.mark.parametrize("provider", CPU_PROVIDERS)
+def test_bn_layer_call_overhead(benchmark, provider):
+    """A tiny layer (2 x 16 x 4 x 4), forward and backward: what a call costs beyond its bytes (issue 22's
+    per-call cost; fastdfd-cpp's eager path is the dispatcher op of csrc/moment/moment_library_cpu.cpp)."""
+    bn = randomize_bn(nn.BatchNorm2d(16))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 4, 4, generator=g).requires_grad_(True)
+    dy = torch.randn(2, 16, 4, 4, generator=g)
+    step, cleanup = bn_layer_step(provider, bn)
+    step(x, dy)
+    step(x, dy)
+    benchmark.group = "bn-layer call overhead c16 s4 b2"
+    benchmark(step, x, dy)
+    cleanup()
+
+
 @pytest.mark.parametrize("outputs", ["preallocated", "fresh"])
 @pytest.mark.parametrize("channels,size", LAYERS, ids=[f"c{c}s{s}" for c, s in LAYERS])
 def test_bn_layer_memory_floor(benchmark, channels, size, outputs):

@@ -25,3 +25,16 @@ def test_gpu_suite_runs_end_to_end_in_tiny_mode(tmp_path):
         assert {(mode, p) for p in ("python-loop", "vmap", "grouped-eager", "fastdfd-triton")} <= timed
     rows = report["imagenet"]["rows"]
     assert [r["provider"] for r in rows] == ["hooks+loop", "fastdfd"] and all(r["projected_gpu_hours"] > 0 for r in rows)
+
+
+def test_whole_step_interleaves_providers_and_writes_ratios(tmp_path):
+    from benchmarks import whole_step
+
+    out = tmp_path / "whole.json"
+    record = whole_step.main(["--teacher", "digits", "--providers", "hooks,fastdfd-cpp,fastdfd-torch", "--rounds", "2",
+                              "--inner", "1", "--json", str(out)])
+    assert json.loads(out.read_text()) == record
+    rows = record["providers"]
+    assert list(rows) == ["hooks", "fastdfd-cpp", "fastdfd-torch"] and all(len(r["times_ms"]) == 2 for r in rows.values())
+    assert rows["hooks"]["x_vs_hooks"] == 1.0
+    assert rows["fastdfd-cpp"]["x_vs_hooks"] == rows["hooks"]["median_ms"] / rows["fastdfd-cpp"]["median_ms"]

@@ -30,7 +30,7 @@ def test_tiny_run_writes_every_part_and_passes(tmp_path):
     reports = {f: json.loads((tmp_path / f).read_text()) for f in files if f.endswith(".json")}
     summary = reports["summary.json"]
     assert summary["ok"] and summary["torch"] and summary["triton"] and summary["python"]
-    assert list(summary["parts"]) == ["correctness", "cuda_graph", "teacher", "imagenet_scale", "suite"]
+    assert list(summary["parts"]) == ["correctness", "cuda_graph", "teacher", "imagenet_scale", "whole_step", "suite"]
     assert all(p["status"] in ("passed", "skipped") for p in summary["parts"].values()), summary["parts"]
     correctness = reports["correctness.json"]
     assert {"torch", "triton", "cpp"} <= set(correctness["backends"]) and "cuda" in correctness["not_here"]
@@ -44,6 +44,9 @@ def test_tiny_run_writes_every_part_and_passes(tmp_path):
     assert scale.get("skipped") or (scale["generators"] == 4 and scale["steps_per_generator"] == 2
                                     and scale["perf_model_estimate"]["seconds_per_generator_step"] > 0
                                     and scale["memory"]["planner"]["chunk"] == scale["chunk"])
+    whole = reports["whole_step.json"]
+    assert set(whole["ms"]) == {"hooks", "fastdfd-cpp"} and all(v > 0 for v in whole["ms"].values())
+    assert whole["fastest_vs_hooks"] == whole["ms"]["hooks"] / whole["ms"]["fastdfd-cpp"]
     (suite,) = [r for f, r in reports.items() if f.startswith("gpu-suite-")]
     assert suite["layers"] and all("predicted_ms" in r and r["predicted_ms"] > 0 for r in suite["layers"])
 
