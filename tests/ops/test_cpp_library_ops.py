@@ -144,3 +144,24 @@ def test_the_moment_ops_take_the_library_path_eager_and_the_custom_ops_compiled(
         decomposition.set_inductor_decomposition(previous)
         torch._dynamo.reset()
     assert "custom_tap" in calls and "custom_finalize" in calls
+
+
+def test_tracers_get_the_custom_ops():
+    """make_fx must record the custom ops: the dispatcher ops call their kernels directly and have no fake
+    kernels, so a trace through them would miss the kernel (real tensors, here) or fail (fake tensors: the
+    trainer's fx_capture, tests/train/test_cuda_graph.py)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    rm, rv = torch.zeros(3), torch.ones(3)
+    layout = PackedLayout.build([rm], [rv], [1e-5])
+
+    def f(x):
+        with fastdfd.backend("cpp"):
+            y, s1, s2 = moment_tap(x, rm, rv, None, None, 1e-5, 1)
+            return moment_finalize(s1, s2, torch.full((3,), 100.0), layout, "kl").sum() + y.sum()
+
+    x = torch.randn(4, 3, 5, 5)
+    graph = make_fx(f)(x)
+    code = graph.code
+    assert "fastdfd.tap_forward" in code and "fastdfd.finalize_forward" in code and "fastdfd_cpu" not in code
+    torch.testing.assert_close(graph(x), f(x))

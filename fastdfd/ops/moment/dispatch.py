@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from ..dispatch import register
 from . import decomposition, reference
@@ -30,14 +31,18 @@ def _register_fused(name: str, check: Callable[[Tensor], str | None],
     dispatcher ops where it registers them (``eager``); while torch.compile traces, the tap as aten ops
     (:mod:`.decomposition`) or the Python custom ops with impl=name."""
 
-    def eager_now() -> bool:
-        return eager is not None and not torch.compiler.is_compiling()
+    def eager_now(x: Tensor) -> bool:
+        # The dispatcher ops have no fake kernels and call their kernels directly: any tracer (dynamo, make_fx
+        # with fake or real tensors, a torch_function/dispatch mode, functorch's wrappers) gets the custom ops.
+        return (eager is not None and type(x) is Tensor and not torch.compiler.is_compiling()
+                and _current_dispatch_mode() is None and not torch._C._is_torch_function_mode_enabled()
+                and not torch._C._functorch.is_functorch_wrapped_tensor(x))
 
     @register("moment_tap", name, check=check)
     def moment_tap(x, running_mean, running_var, weight, bias, eps, groups):
         if decomposition.decomposes(name):  # traced by torch.compile: aten ops inductor fuses with the neighbours
             return decomposition.tap(x, running_mean, running_var, weight, bias, float(eps), int(groups), True, name)
-        if eager_now():
+        if eager_now(x):
             return eager["tap"](x, running_mean, running_var, weight, bias, eps, groups, True)
         return tap_forward(x, running_mean, running_var, weight, bias, float(eps), int(groups), True, name)
 
@@ -47,7 +52,7 @@ def _register_fused(name: str, check: Callable[[Tensor], str | None],
         if decomposition.decomposes(name):
             _, s1, s2 = decomposition.tap(x, shift, shift, None, None, 0.0, int(groups), False, name)
             return s1, s2
-        if eager_now():
+        if eager_now(x):
             _, s1, s2 = eager["tap"](x, shift, shift, None, None, 0.0, groups, False)
             return s1, s2
         _, s1, s2 = tap_forward(x, shift, shift, None, None, 0.0, int(groups), False, name)
@@ -56,7 +61,7 @@ def _register_fused(name: str, check: Callable[[Tensor], str | None],
     @register("moment_finalize", name, check=check_finalize)
     def moment_finalize(s1, s2, count, layout: PackedLayout, kind: str):
         # the one place where the layout meets the sums' dtype (a no-op for the matcher's own layouts)
-        if eager_now():
+        if eager_now(s1):
             return eager["finalize"](s1, s2, count, layout.running_var, layout.eps, layout.offsets, kind)
         return finalize_forward(s1, s2, count.to(s1.dtype).contiguous(), layout.running_var.to(s1.dtype).contiguous(),
                                 layout.eps.to(s1.dtype).contiguous(), layout.offsets.contiguous(), kind, name)
