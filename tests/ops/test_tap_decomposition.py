@@ -102,7 +102,7 @@ def test_traced_tap_gradcheck(write_y):
     x, w, b = (t.clone().requires_grad_() for t in (x, w, b))
 
     def f(x, w, b):
-        y, s1, s2 = dec.tap(x, mean, var, w, b, 1e-3, 2, write_y, "cpp")
+        y, s1, s2 = dec.tap(x, mean, var, w, b, 1e-3, 2, write_y)
         return (y, s1, s2) if write_y else (s1, s2)
 
     assert torch.autograd.gradcheck(f, (x, w, b))

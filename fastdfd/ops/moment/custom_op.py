@@ -30,7 +30,7 @@ from torch import Tensor
 
 from fastdfd.kernels.moment.layout import kernel_output_like
 from .backends import cpp, cuda, triton
-from .reference import accumulation_dtype
+from .reference import accumulation_dtype, bn_affine_grads
 
 LAUNCHERS: dict[str, dict[str, Callable]] = {"triton": triton.LAUNCHERS, "cpp": cpp.LAUNCHERS, "cuda": cuda.LAUNCHERS}
 
@@ -89,14 +89,7 @@ def _tap_grad(ctx, dy, ds1, ds2):
         dx = tap_backward(x, dy, ds1, ds2, mean, var, weight, ctx.eps, ctx.groups, ctx.impl)
     dw = db = None
     if dy is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4]):
-        dims = [0] + list(range(2, x.dim()))
-        shape = (1, c) + (1,) * (x.dim() - 2)
-        dya = dy.to(acc)
-        if ctx.needs_input_grad[3]:
-            xhat = (x.to(acc) - mean.to(acc).view(shape)) * torch.rsqrt(var.to(acc).view(shape) + ctx.eps)
-            dw = (dya * xhat).sum(dims).to(weight.dtype)
-        if ctx.needs_input_grad[4]:
-            db = dya.sum(dims).to(weight.dtype if weight is not None else dy.dtype)
+        dw, db = bn_affine_grads(x, dy, mean, var, weight, ctx.eps, ctx.needs_input_grad[3], ctx.needs_input_grad[4])
     return dx, None, None, dw, db, None, None, None, None
 
 

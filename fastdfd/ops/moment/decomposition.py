@@ -6,7 +6,7 @@ fusion barrier: inductor fuses each BN of a hooks-based step with the ReLU, resi
 after it and folds the statistics' reductions into the same loops, but it cannot look inside the
 fused tap. So while dynamo traces, the dispatch entries of the fused backends (:mod:`.dispatch`)
 call :func:`tap` instead, an ``autograd.Function`` whose forward and backward are the tap's math
-in aten ops (the formulas of :mod:`.reference`, sums in the accumulation dtype)::
+in aten ops (the forward is :mod:`.reference`'s, sums in the accumulation dtype)::
 
     forward   d = x - mu_r;  S1[g, c] = sum d,  S2[g, c] = sum d^2;
               y = d * gamma * rsqrt(var_r + eps) + beta                       (eval-mode BN)
@@ -36,10 +36,11 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor
 
-from .reference import accumulation_dtype
+from .reference import accumulation_dtype, bn_affine_grads, channel_view, eval_batch_norm, moment_sums_torch
 
+FUSED = frozenset({"triton", "cpp", "cuda"})
 #: the fused backends whose tap is traced as aten ops under torch.compile
-_DECOMPOSED: set[str] = {"triton", "cpp", "cuda"}
+_DECOMPOSED: set[str] = set(FUSED)
 
 
 def set_inductor_decomposition(backends: Iterable[str]) -> frozenset[str]:
@@ -51,18 +52,13 @@ def set_inductor_decomposition(backends: Iterable[str]) -> frozenset[str]:
     Raises ValueError for a name that is not a fused backend.
     """
     chosen = set(backends)
-    unknown = chosen - {"triton", "cpp", "cuda"}
+    unknown = chosen - FUSED
     if unknown:
-        raise ValueError(f"unknown fused backend(s) {sorted(unknown)}; expected a subset of ['cpp', 'cuda', 'triton']")
+        raise ValueError(f"unknown fused backend(s) {sorted(unknown)}; expected a subset of {sorted(FUSED)}")
     previous = frozenset(_DECOMPOSED)
     _DECOMPOSED.clear()
     _DECOMPOSED.update(chosen)
     return previous
-
-
-def _channel_view(t: Tensor, x: Tensor) -> Tensor:
-    """[C] -> broadcastable against x's [N, C, *spatial]."""
-    return t.view((1, -1) + (1,) * (x.dim() - 2))
 
 
 def _segment_view(t: Tensor, x: Tensor, groups: int) -> Tensor:
@@ -77,28 +73,20 @@ def _scale(var: Tensor, weight: Optional[Tensor], eps: float, acc: torch.dtype) 
 
 def _tap_forward_math(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                       eps: float, groups: int, write_y: bool):
-    acc = accumulation_dtype(x.dtype)
-    d = x.to(acc) - _channel_view(mean.to(acc), x)
-    # a view of the batch axis only: any layout of x (channels_last too) stays uncopied
-    dg = d.unflatten(0, (groups, x.shape[0] // groups))
-    dims = [1] + list(range(3, dg.dim()))
-    s1, s2 = dg.sum(dims), (dg * dg).sum(dims)
-    if not write_y:
-        return x.new_empty(0), s1, s2
-    y = d * _channel_view(_scale(var, weight, eps, acc), x)
-    if bias is not None:
-        y = y + _channel_view(bias.to(acc), x)
-    return y.to(x.dtype), s1, s2
+    """The reference's forward (:mod:`.reference`): inductor reads x once for the sums and y."""
+    s1, s2 = moment_sums_torch(x, mean, groups)
+    y = eval_batch_norm(x, mean, var, weight, bias, eps) if write_y else x.new_empty(0)
+    return y, s1, s2
 
 
 def _tap_backward_math(x: Tensor, dy: Optional[Tensor], ds1: Tensor, ds2: Tensor, mean: Tensor, var: Tensor,
                        weight: Optional[Tensor], eps: float, groups: int) -> Tensor:
     acc = accumulation_dtype(x.dtype)
     xg = x.to(acc).unflatten(0, (groups, x.shape[0] // groups))
-    d = xg - _channel_view(mean.to(acc), x).unsqueeze(0)
+    d = xg - channel_view(mean.to(acc), x).unsqueeze(0)
     dx = _segment_view(ds1.to(acc), x, groups) + 2 * d * _segment_view(ds2.to(acc), x, groups)
     if dy is not None:
-        scale = _channel_view(_scale(var, weight, eps, acc), x).unsqueeze(0)
+        scale = channel_view(_scale(var, weight, eps, acc), x).unsqueeze(0)
         dx = dx + dy.to(acc).unflatten(0, (groups, x.shape[0] // groups)) * scale
     return dx.flatten(0, 1).to(x.dtype)
 
@@ -110,9 +98,9 @@ def decomposes(impl: str) -> bool:
 
 class _Tap(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, mean, var, weight, bias, eps, groups, write_y, impl):
+    def forward(ctx, x, mean, var, weight, bias, eps, groups, write_y):
         ctx.save_for_backward(x, mean, var, weight)
-        ctx.eps, ctx.groups, ctx.write_y, ctx.impl = eps, groups, write_y, impl
+        ctx.eps, ctx.groups, ctx.write_y = eps, groups, write_y
         return _tap_forward_math(x, mean, var, weight, bias, eps, groups, write_y)
 
     @staticmethod
@@ -126,19 +114,13 @@ class _Tap(torch.autograd.Function):
             if ctx.needs_input_grad[0] else None
         dw = db = None
         if dy is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4]):
-            dims = [0] + list(range(2, x.dim()))
-            dya = dy.to(acc)
-            if ctx.needs_input_grad[3]:
-                xhat = (x.to(acc) - _channel_view(mean.to(acc), x)) * _channel_view(torch.rsqrt(var.to(acc) + ctx.eps), x)
-                dw = (dya * xhat).sum(dims).to(weight.dtype)
-            if ctx.needs_input_grad[4]:
-                db = dya.sum(dims).to(dy.dtype if weight is None else weight.dtype)
-        return dx, None, None, dw, db, None, None, None, None
+            dw, db = bn_affine_grads(x, dy, mean, var, weight, ctx.eps, ctx.needs_input_grad[3], ctx.needs_input_grad[4])
+        return dx, None, None, dw, db, None, None, None
 
 
 def tap(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-        groups: int, write_y: bool, impl: str) -> tuple[Tensor, Tensor, Tensor]:
+        groups: int, write_y: bool) -> tuple[Tensor, Tensor, Tensor]:
     """The tap in aten ops, differentiable with the one-pass backward: ``fastdfd::tap_forward``'s
     contract (y in x's dtype, or an empty tensor without ``write_y``; S1, S2 [groups, C] in the
     accumulation dtype)."""
-    return _Tap.apply(x, mean, var, weight, bias, eps, groups, write_y, impl)
+    return _Tap.apply(x, mean, var, weight, bias, eps, groups, write_y)

@@ -38,24 +38,22 @@ def _register_fused(name: str, check: Callable[[Tensor], str | None],
                 and _current_dispatch_mode() is None and not torch._C._is_torch_function_mode_enabled()
                 and not torch._C._functorch.is_functorch_wrapped_tensor(x))
 
+    def tap(x, mean, var, weight, bias, eps, groups, write_y):
+        eps, groups = float(eps), int(groups)
+        if decomposition.decomposes(name):  # traced by torch.compile: aten ops inductor fuses with the neighbours
+            return decomposition.tap(x, mean, var, weight, bias, eps, groups, write_y)
+        if eager_now(x):
+            return eager["tap"](x, mean, var, weight, bias, eps, groups, write_y)
+        return tap_forward(x, mean, var, weight, bias, eps, groups, write_y, name)
+
     @register("moment_tap", name, check=check)
     def moment_tap(x, running_mean, running_var, weight, bias, eps, groups):
-        if decomposition.decomposes(name):  # traced by torch.compile: aten ops inductor fuses with the neighbours
-            return decomposition.tap(x, running_mean, running_var, weight, bias, float(eps), int(groups), True, name)
-        if eager_now(x):
-            return eager["tap"](x, running_mean, running_var, weight, bias, eps, groups, True)
-        return tap_forward(x, running_mean, running_var, weight, bias, float(eps), int(groups), True, name)
+        return tap(x, running_mean, running_var, weight, bias, eps, groups, True)
 
     @register("moment_sums", name, check=check)
     def moment_sums(x, shift, groups):
         # the sums-only tap: the same kernel without the BN output (var is not read)
-        if decomposition.decomposes(name):
-            _, s1, s2 = decomposition.tap(x, shift, shift, None, None, 0.0, int(groups), False, name)
-            return s1, s2
-        if eager_now(x):
-            _, s1, s2 = eager["tap"](x, shift, shift, None, None, 0.0, groups, False)
-            return s1, s2
-        _, s1, s2 = tap_forward(x, shift, shift, None, None, 0.0, int(groups), False, name)
+        _, s1, s2 = tap(x, shift, shift, None, None, 0.0, groups, False)
         return s1, s2
 
     @register("moment_finalize", name, check=check_finalize)

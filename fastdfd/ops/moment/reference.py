@@ -35,12 +35,18 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def channel_view(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """[C] -> broadcastable against x's [N, C, *spatial]."""
+    return t.view((1, -1) + (1,) * (x.dim() - 2))
+
+
 def moment_sums_torch(x: torch.Tensor, shift: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     acc = accumulation_dtype(x.dtype)
-    n, c = x.shape[0], x.shape[1]
-    # reshape copies channels_last inputs; fine for the reference.
-    d = x.to(acc).reshape(groups, n // groups, c, -1) - shift.to(acc).view(1, 1, c, 1)
-    return d.sum(dim=(1, 3)), (d * d).sum(dim=(1, 3))
+    # segments by a view of the batch axis only: no copy of x in any layout (channels_last too), which
+    # also keeps it one fused loop when torch.compile traces it (decomposition.py)
+    d = (x.to(acc) - channel_view(shift.to(acc), x)).unflatten(0, (groups, x.shape[0] // groups))
+    dims = [1] + list(range(3, d.dim()))
+    return d.sum(dims), (d * d).sum(dims)
 
 
 def moment_tap_torch(
@@ -66,6 +72,22 @@ def eval_batch_norm(x, running_mean, running_var, weight, bias, eps: float) -> t
     y = F.batch_norm(x.to(acc), cast(running_mean), cast(running_var), cast(weight), cast(bias),
                      training=False, eps=eps)
     return y.to(x.dtype)
+
+
+def bn_affine_grads(x: torch.Tensor, dy: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                    weight: torch.Tensor | None, eps: float, want_weight: bool, want_bias: bool):
+    """Gradients of the eval-BN output y = xhat * gamma + beta for its gamma and beta (None where not wanted):
+    only needed when a user trains the teacher's BN affine. The tap's custom op and its traced form share it."""
+    acc = accumulation_dtype(x.dtype)
+    dims = [0] + list(range(2, x.dim()))
+    dya = dy.to(acc)
+    dw = db = None
+    if want_weight:
+        xhat = (x.to(acc) - channel_view(mean.to(acc), x)) * channel_view(torch.rsqrt(var.to(acc) + eps), x)
+        dw = (dya * xhat).sum(dims).to(weight.dtype)
+    if want_bias:
+        db = dya.sum(dims).to(weight.dtype if weight is not None else dy.dtype)
+    return dw, db
 
 
 def _safe_sqrt(t: torch.Tensor) -> torch.Tensor:
