@@ -250,19 +250,13 @@ def check_imagenet_scale(device, tiny: bool, out: Path, seconds: float) -> dict:
 # ---------------------------------------------------------------------------- part 5
 def check_whole_step(device, tiny: bool) -> dict:
     from benchmarks.gpu_suite import bench
-    from benchmarks.providers import generator_step, randomize_bn
-    from fastdfd import GeneratorEnsemble
-    from fastdfd.models import create_model
+    from benchmarks.providers import whole_step
 
     backend = "cpp" if device.type == "cpu" else "triton"
     providers = ["hooks", f"fastdfd-{backend}"] + ([] if tiny else ["hooks-compiled", f"fastdfd-{backend}-compiled"])
     ms = {}
     for provider in providers:
-        torch.manual_seed(0)
-        teacher = randomize_bn(create_model("digits_teacher")).to(device)
-        ens = GeneratorEnsemble(10, 10, image_size=16, channels=1, latent_dim=64, widths=(32, 16),
-                                output_bn=False).to(device)
-        step, cleanup = generator_step(provider, teacher, ens, batch=16)
+        step, cleanup = whole_step("digits", provider, device)
         try:
             step()  # compiles the compiled providers
             ms[provider] = bench(step, device, warmup=2, reps=3 if tiny else 20)

@@ -175,6 +175,56 @@ def generator_step(provider: str, teacher: nn.Module, ensemble: GeneratorEnsembl
     return step, cleanup
 
 
+# ------------------------------------------------------- the whole-step cases (issue 22)
+# (generators, images each, classes, image size, channels, latent size, generator widths): the digits CNN with the
+# demo's generator, ResNet-56 with the library's default generator, Lite0 with the Lite0 study's smaller one
+WHOLE_STEPS = {"digits": (10, 16, 10, 16, 1, 64, (32, 16)), "resnet56": (10, 25, 10, 32, 3, 100, (128, 64)),
+               "lite0": (10, 8, 1000, 64, 3, 100, (32, 16))}
+
+
+def whole_step_teacher(name: str) -> nn.Module:
+    """A teacher of the whole-step cases. Speed does not depend on the weights' values: the pretrained ones where
+    they are here (ResNet-56 from ``FASTDFD_CIFAR10_DIR`` or ../shared/data/cifar10), else the architecture with
+    plausible BN statistics. Lite0 needs ``efficientnet-lite-pytorch`` (ImportError without it)."""
+    from fastdfd.models import create_model
+
+    if name == "digits":
+        return randomize_bn(create_model("digits_teacher"))
+    if name == "resnet56":
+        import os
+        from pathlib import Path
+
+        teacher = create_model("cifar_resnet56", num_classes=10)
+        data = os.environ.get("FASTDFD_CIFAR10_DIR", Path(__file__).resolve().parents[2] / "shared/data/cifar10")
+        path = Path(data) / "resnet56.th"
+        if path.is_file():
+            from fastdfd.models.weights import load_weights
+
+            return load_weights(teacher, path, "teacher").eval()
+        return randomize_bn(teacher)
+    if name == "lite0":
+        from efficientnet_lite_pytorch import EfficientNet
+
+        return randomize_bn(EfficientNet.from_name("efficientnet-lite0"))
+    raise ValueError(f"unknown whole-step teacher {name!r}; expected one of {sorted(WHOLE_STEPS)}")
+
+
+def whole_step_models(name: str, device="cpu") -> tuple[nn.Module, GeneratorEnsemble, int]:
+    """(teacher, ensemble, images per generator) of a whole-step case, seeded, on ``device``."""
+    k, batch, classes, size, channels, latent, widths = WHOLE_STEPS[name]
+    torch.manual_seed(0)
+    teacher = whole_step_teacher(name).to(device)
+    ens = GeneratorEnsemble(k, classes, image_size=size, channels=channels, latent_dim=latent, widths=widths,
+                            output_bn=False).to(device)
+    return teacher, ens, batch
+
+
+def whole_step(name: str, provider: str, device="cpu") -> tuple[Callable, Callable]:
+    """(step, cleanup) of one provider on a whole-step case (a fresh teacher: one matcher per teacher)."""
+    teacher, ens, batch = whole_step_models(name, device)
+    return generator_step(provider, teacher, ens, batch=batch)
+
+
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     """Plausible running statistics (a trained teacher's stand-in), in place; eval mode."""
     g = torch.Generator().manual_seed(seed)

@@ -13,7 +13,8 @@ from fastdfd import GeneratorEnsemble
 from fastdfd.models import create_model
 
 from .ensemble_providers import ensemble_step
-from .providers import bn_layer_step, generator_step, memory_floor_step, randomize_bn
+from .providers import (WHOLE_STEPS, bn_layer_step, memory_floor_step, randomize_bn, whole_step,
+                        whole_step_models)
 
 CPU_PROVIDERS = ["hooks", "hooks-compiled", "fastdfd-torch", "fastdfd-cpp"]
 # (channels, spatial) of CIFAR ResNet-34 BN inputs at batch 256
@@ -67,10 +68,7 @@ def test_bn_layer_memory_floor(benchmark, channels, size, outputs):
 @pytest.mark.parametrize("provider", CPU_PROVIDERS + ["fastdfd-cpp-compiled"])
 def test_generator_training_step(benchmark, provider):
     """Digits teacher, 10 generators x 16 images at 16 px: moment loss + CE -> generator grads."""
-    torch.manual_seed(0)
-    teacher = randomize_bn(create_model("digits_teacher"))
-    ens = GeneratorEnsemble(10, 10, image_size=16, channels=1, latent_dim=64, widths=(32, 16), output_bn=False)
-    step, cleanup = generator_step(provider, teacher, ens, batch=16)
+    step, cleanup = whole_step("digits", provider)
     step()
     benchmark.group = "generator step digits K10 B16"
     benchmark(step)
@@ -93,62 +91,40 @@ def test_generator_ensemble(benchmark, provider, mode):
     benchmark(step)
 
 
-def _real_teacher(name: str) -> tuple[nn.Module, int]:
-    """A teacher of the issue's whole-step study, with its image size. Speed does not depend on the weights'
-    values: the pretrained ones where they are here, else the architecture with plausible BN statistics."""
-    if name == "resnet56":
-        import os
-        from pathlib import Path
-
-        teacher = create_model("cifar_resnet56", num_classes=10)
-        data = os.environ.get("FASTDFD_CIFAR10_DIR", Path(__file__).resolve().parents[2] / "shared/data/cifar10")
-        path = Path(data) / "resnet56.th"
-        if path.is_file():
-            from fastdfd.models.weights import load_weights
-
-            return load_weights(teacher, path, "teacher").eval(), 32
-        return randomize_bn(teacher), 32
-    pytest.importorskip("efficientnet_lite_pytorch", reason="pip install efficientnet-lite-pytorch")
-    from efficientnet_lite_pytorch import EfficientNet
-
-    torch.manual_seed(0)
-    return randomize_bn(EfficientNet.from_name("efficientnet-lite0")), 64
+REAL_TEACHERS = ["resnet56", "lite0"]
 
 
-# (generators, images each, classes, generator widths): ResNet-56 with the library's default generator (the issue's
-# measurement), Lite0 with the Lite0 study's smaller one
-REAL_STEPS = {"resnet56": (10, 25, 10, (128, 64)), "lite0": (10, 8, 1000, (32, 16))}
+def _need(teacher_name: str) -> None:
+    if teacher_name == "lite0":
+        pytest.importorskip("efficientnet_lite_pytorch", reason="pip install efficientnet-lite-pytorch")
 
 
 @pytest.mark.parametrize("provider", CPU_PROVIDERS + ["fastdfd-cpp-compiled"])
-@pytest.mark.parametrize("teacher_name", list(REAL_STEPS))
+@pytest.mark.parametrize("teacher_name", REAL_TEACHERS)
 def test_generator_training_step_real_teacher(benchmark, teacher_name, provider):
     """The whole generator step on real teachers (issue 22): the pretrained CIFAR ResNet-56 at 32 px, 10 generators
     x 25 images, and EfficientNet-Lite0 at 64 px, 10 generators x 8 images: ensemble -> teacher -> moment loss +
     cross-entropy -> gradients of every generator parameter."""
-    teacher, size = _real_teacher(teacher_name)
-    k, batch, classes, widths = REAL_STEPS[teacher_name]
-    torch.manual_seed(0)
-    ens = GeneratorEnsemble(k, classes, image_size=size, channels=3, widths=widths, output_bn=False)
-    step, cleanup = generator_step(provider, teacher, ens, batch=batch)
+    _need(teacher_name)
+    step, cleanup = whole_step(teacher_name, provider)
     step()
     step()  # compiled providers: the second call runs the compiled graph on its own
+    k, batch, _, size = WHOLE_STEPS[teacher_name][:4]
     benchmark.group = f"generator step {teacher_name} K{k} B{batch} {size}px"
     benchmark.pedantic(step, rounds=5, iterations=1)
     cleanup()
 
 
-@pytest.mark.parametrize("teacher_name", list(REAL_STEPS))
+@pytest.mark.parametrize("teacher_name", REAL_TEACHERS)
 def test_distillation_step_real_teacher(benchmark, teacher_name):
     """For context beside the generator step: a distillation step on the same images (teacher forward, student
     forward and backward; the generators sample without gradients)."""
     from fastdfd.settings import DistillSettings
     from fastdfd.train import Distiller
 
-    teacher, size = _real_teacher(teacher_name)
-    k, batch, classes, widths = REAL_STEPS[teacher_name]
-    torch.manual_seed(0)
-    ens = GeneratorEnsemble(k, classes, image_size=size, channels=3, widths=widths, output_bn=False)
+    _need(teacher_name)
+    teacher, ens, batch = whole_step_models(teacher_name)
+    k, _, classes, size = WHOLE_STEPS[teacher_name][:4]
     student = create_model("cifar_resnet20", num_classes=classes)
     distiller = Distiller(teacher, student, ens, settings=DistillSettings(batch_size=batch), total_steps=100,
                           progress=False, log_every=1000)

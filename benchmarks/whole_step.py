@@ -23,34 +23,17 @@ from pathlib import Path
 
 import torch
 
-from fastdfd import GeneratorEnsemble
-from fastdfd.models import create_model
-
-from .providers import generator_step, randomize_bn
-from .test_bench_cpu import REAL_STEPS, _real_teacher
+from .providers import WHOLE_STEPS, whole_step
 
 PROVIDERS = ("hooks", "hooks-compiled", "fastdfd-cpp", "fastdfd-cpp-compiled")
-TEACHERS = ("digits",) + tuple(REAL_STEPS)
-
-
-def build(teacher_name: str, provider: str):
-    """(step, cleanup) for one provider on a fresh copy of the teacher (one matcher per teacher)."""
-    torch.manual_seed(0)
-    if teacher_name == "digits":
-        teacher = randomize_bn(create_model("digits_teacher"))
-        ens = GeneratorEnsemble(10, 10, image_size=16, channels=1, latent_dim=64, widths=(32, 16), output_bn=False)
-        return generator_step(provider, teacher, ens, batch=16)
-    teacher, size = _real_teacher(teacher_name)
-    k, batch, classes, widths = REAL_STEPS[teacher_name]
-    ens = GeneratorEnsemble(k, classes, image_size=size, channels=3, widths=widths, output_bn=False)
-    return generator_step(provider, teacher, ens, batch=batch)
+TEACHERS = tuple(WHOLE_STEPS)
 
 
 def measure(teacher_name: str, providers, rounds: int, inner: int = 1, verbose: bool = True) -> dict:
     steps, warm = {}, {}
     for p in providers:
         t0 = time.perf_counter()
-        step, _ = build(teacher_name, p)
+        step, _ = whole_step(teacher_name, p)
         step()
         step()  # a compiled provider's second call runs the compiled graph alone
         warm[p] = time.perf_counter() - t0
