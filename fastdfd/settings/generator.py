@@ -39,7 +39,9 @@ class LossSettings(Settings):
         L_k = moment_weight * D_k + ce_weight * CE_k + tv_weight * TV_k + l2_weight * mean(x_k^2)
               - adversarial_weight * KL(T(x_k) || S(x_k)) + diversity_weight * MS_k
 
-    with D the weighted moment distance over the teacher's BN layers (:class:`fastdfd.nn.MomentMatcher`).
+    with D the weighted moment distance over the teacher's BN layers (:class:`fastdfd.nn.MomentMatcher`),
+    every term on the teacher's input x_k: the generator's images, jittered and flipped when ``jitter`` /
+    ``flip`` are set (:func:`fastdfd.train.augment.jitter_flip`).
     Every weight is >= 0."""
 
     kind: str = setting("kl", "moment distance (docs/method.md section 3)", kind="str", choices=tuple(KINDS))
@@ -59,6 +61,11 @@ class LossSettings(Settings):
                                              "(DFAD / CMI; needs a student)", kind="float", minimum=0, absent=0.0)
     diversity_weight: float = setting(0.0, "weight of the mode-seeking term against collapse (Mao et al. 2019; "
                                            "needs batch_size >= 2)", kind="float", minimum=0, absent=0.0)
+    jitter: int = setting(0, "DeepInversion's random shift of the teacher's input: each image rolled cyclically by up "
+                             "to this many pixels in height and width (Yin et al. 2020 use 30 at 224 px); 0: off",
+                          kind="int", minimum=0, absent=0)
+    flip: bool = setting(False, "DeepInversion's random horizontal flip of each image before the teacher",
+                         kind="bool", absent=False)
     first_layer_multiplier: float = setting(1.0, "extra factor on the first BN layer's distance (DeepInversion "
                                                  "uses 10)", kind="float", minimum=0)
     layer_weights: tuple[float, ...] | Mapping[str, float] | None = setting(

@@ -1,8 +1,14 @@
-"""Augmentation of generated images in distillation: the standard CIFAR random crop and flip, batched.
+"""Augmentation of generated images, batched: one gather per batch.
 
-The teacher and the student see the same augmented view (a consistent view, as Beyer et al.,
-"Knowledge distillation: A good teacher is patient and consistent", 2022, recommend), so the
-teacher's targets stay exact; what it adds is more distinct inputs per generated image.
+- In distillation, the standard CIFAR random crop and flip (:func:`random_crop_flip`). The teacher and
+  the student see the same augmented view (a consistent view, as Beyer et al., "Knowledge distillation:
+  A good teacher is patient and consistent", 2022, recommend), so the teacher's targets stay exact; what
+  it adds is more distinct inputs per generated image.
+- In the generators' step, DeepInversion's random jitter and flip (Yin et al., "Dreaming to Distill",
+  CVPR 2020, sec. 3.2): each image rolled cyclically by a random offset and flipped at random before the
+  teacher sees it, so that the generator cannot satisfy the teacher with features tied to exact pixel
+  positions (:func:`draw_jitter_flip`, :func:`jitter_flip`). The draws are separate from the apply, so
+  that a captured CUDA graph replays the apply on each step's fresh draws.
 """
 
 from __future__ import annotations
@@ -35,4 +41,35 @@ def random_crop_flip(x: torch.Tensor, padding: int, rng: torch.Generator | None 
     return padded.flatten(2).gather(2, index).view_as(x)
 
 
-__all__ = ["AUGMENTS", "random_crop_flip"]
+def draw_jitter_flip(n: int, jitter: int, flip: bool, rng: torch.Generator | None = None,
+                     device: torch.device | str | None = None) -> torch.Tensor:
+    """Per image, a cyclic shift (dy, dx), each uniform in [-jitter, jitter], and a horizontal flip with
+    probability 1/2 when ``flip``: int64 [n, 3] (dy, dx, flipped in {0, 1}) on ``device``, from ``rng``."""
+    if n < 0 or jitter < 0:
+        raise ValueError(f"n and jitter must be >= 0, got n={n}, jitter={jitter}")
+    shifts = torch.randint(-jitter, jitter + 1, (n, 2), generator=rng, device=device)
+    flips = (torch.rand(n, 1, generator=rng, device=device) < 0.5).long() if flip else shifts.new_zeros(n, 1)
+    return torch.cat([shifts, flips], 1)
+
+
+def jitter_flip(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """``x`` [N, C, H, W] with image i rolled by ``params[i, :2]`` pixels along H and W (``torch.roll``'s
+    direction: pixel r moves to r + dy mod H), then flipped left-right where ``params[i, 2]`` is 1, as
+    DeepInversion does per batch. Same shape, dtype and device; differentiable in ``x`` (a permutation of
+    each image's pixels). ``params``: int64 [N, 3] from :func:`draw_jitter_flip`."""
+    if x.dim() != 4:
+        raise ValueError(f"jitter_flip takes [N, C, H, W] images, got {tuple(x.shape)}")
+    n, c, h, w = x.shape
+    if params.shape != (n, 3) or params.dtype != torch.int64:
+        raise ValueError(f"params must be int64 [{n}, 3] (dy, dx, flipped), got {params.dtype} {tuple(params.shape)}")
+    if params.device != x.device:
+        raise ValueError(f"params on {params.device}, images on {x.device}")
+    dy, dx, flipped = (params[:, i].view(n, 1, 1) for i in range(3))
+    cols = torch.arange(w, device=x.device).view(1, 1, w)
+    cols = torch.where(flipped.bool(), w - 1 - cols, cols)  # flip after the roll: out[c] = rolled[W-1-c]
+    rows = torch.arange(h, device=x.device).view(1, h, 1)
+    index = ((rows - dy) % h) * w + (cols - dx) % w  # [N, H, W]: the source pixel of each output pixel
+    return x.flatten(2).gather(2, index.reshape(n, 1, h * w).expand(n, c, h * w)).view(n, c, h, w)
+
+
+__all__ = ["AUGMENTS", "draw_jitter_flip", "jitter_flip", "random_crop_flip"]

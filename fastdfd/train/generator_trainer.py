@@ -49,6 +49,7 @@ from ..nn.ensemble import GeneratorEnsemble, ensemble_forward
 from ..rundir import fingerprint
 from ..nn.matcher import MomentMatcher
 from ..settings import ExecutionSettings, LoopSettings, LossSettings, OptimizerSettings, split_settings
+from .augment import draw_jitter_flip, jitter_flip
 from .graphed_step import GraphedStep, cuda_capture
 from .images import grid, save_png
 from .loop import StepLoop
@@ -240,8 +241,9 @@ class GeneratorTrainer(StepLoop):
                 # a graph reads this matcher's layout and tap tensors: it lives as long as the fit
                 self._graphs = {}
 
-    def objective(self, params, z, y, local, matcher: MomentMatcher):
-        """The summed loss of k generators on latents z [k, B, latent] and labels y [k, B].
+    def objective(self, params, z, y, local, matcher: MomentMatcher, augment: torch.Tensor | None = None):
+        """The summed loss of k generators on latents z [k, B, latent] and labels y [k, B]; ``augment`` (int64
+        [k*B, 3], :meth:`_draw_augment`) jitters and flips the teacher's input.
 
         Returns (total, moment [k] or scalar, ce [k], tv [k], logits [k*B, classes], the teacher's input [k*B, C, S, S]).
         """
@@ -251,6 +253,8 @@ class GeneratorTrainer(StepLoop):
         seeking = mode_seeking(x, z) if L.diversity_weight else None  # [k], on the generators' own output
         k_global = k * self.dist.world  # scope="ensemble": every generator of the step carries the shared term
         x = self.input_space.from_generator(x.reshape(k * b, *x.shape[2:]))  # pixels, normalised for the teacher
+        if augment is not None:  # after normalising: a roll and a flip commute with a per-channel affine map
+            x = jitter_flip(x, augment)
         matcher.groups = k if L.scope == "generator" else None
         if self.execution.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -282,7 +286,7 @@ class GeneratorTrainer(StepLoop):
             rows = rows.pin_memory()
         return rows.to(self.device, non_blocking=True)
 
-    def _train_step(self, matcher: MomentMatcher, rows, z, y, local) -> torch.Tensor:
+    def _train_step(self, matcher: MomentMatcher, rows, z, y, local, augment=None) -> torch.Tensor:
         """One step on drawn inputs: forward, loss, backward, Adam; the loss terms as one tensor.
 
         Eager steps call it on fresh tensors; a graphed step on its static buffers (it is what
@@ -294,7 +298,7 @@ class GeneratorTrainer(StepLoop):
             params = {n: t.detach().to(self.compute_device, non_blocking=True).requires_grad_(True)
                       for n, t in params.items()}
             z, y, local = (t.to(self.compute_device, non_blocking=True) for t in (z, y, local))
-        total, moment, ce, tv, logits, x = self.objective(params, z, y, local, matcher)
+        total, moment, ce, tv, logits, x = self.objective(params, z, y, local, matcher, augment)
         if self.pool is not None:  # the images and the teacher's logits this step computed anyway
             self.pool.push(x, logits.float())
         grads = torch.autograd.grad(total, list(params.values()))
@@ -305,17 +309,34 @@ class GeneratorTrainer(StepLoop):
     def _step(self, matcher: MomentMatcher) -> torch.Tensor:
         rows = self._rows(self.schedule.next())
         z, y, local = self._draw(rows)
+        augment = self._draw_augment(z.shape[0])
         if not self.cuda_graph:
-            return self._train_step(matcher, rows, z, y, local)
+            return self._train_step(matcher, rows, z, y, local, augment)
         k = z.shape[0]
         graphed = self._graphs.get(k)
         if graphed is None:  # one graph per chunk size (the schedule keeps it fixed)
             bufs = {"rows": None if rows is None else torch.empty_like(rows), "z": torch.empty_like(z),
-                    "y": torch.empty_like(y), "local": torch.empty_like(local)}
+                    "y": torch.empty_like(y), "local": torch.empty_like(local),
+                    "augment": None if augment is None else torch.empty_like(augment)}
             graphed = self._graphs[k] = GraphedStep(
-                lambda: self._train_step(matcher, bufs["rows"], bufs["z"], bufs["y"], bufs["local"]), bufs,
+                lambda: self._train_step(matcher, bufs["rows"], bufs["z"], bufs["y"], bufs["local"],
+                                         bufs["augment"]), bufs,
                 state=self.optimizer.state_tensors(), warmup=self.GRAPH_WARMUP, capture=self._capture)
-        return graphed(rows=rows, z=z, y=y, local=local)
+        return graphed(rows=rows, z=z, y=y, local=local, augment=augment)
+
+    def _draw_augment(self, k: int) -> torch.Tensor | None:
+        """The step's jitter and flip draws for k generators' images (int64 [k*B, 3]), or None when both are
+        off (nothing drawn: the latents' stream is the one of a run without them). Drawn outside the step,
+        like the latents, so that a CUDA graph replays them fresh; whole steps under torch.distributed draw
+        the global step's and keep this rank's rows, as :meth:`_draw` does."""
+        L = self.loss
+        if not (L.jitter or L.flip):
+            return None
+        n = self.batch_size
+        if not self._global_draw:
+            return draw_jitter_flip(k * n, L.jitter, L.flip, self.rng, self.device)
+        world = draw_jitter_flip(k * self.dist.world * n, L.jitter, L.flip, self.rng, self.device)
+        return world.view(k * self.dist.world, n, 3)[self.dist.rank * k:(self.dist.rank + 1) * k].reshape(-1, 3)
 
     def _after_step(self) -> None:
         if self.loop.sample_every and self.step % self.loop.sample_every == 0 and self.dist.is_main:
