@@ -61,6 +61,8 @@ class Settings:
     ce_weight: float = _DEFAULT.loss.ce_weight
     tv_weight: float = 0.0
     l2_weight: float = 0.0
+    jitter: int = 0  # DeepInversion's random roll of the teacher's input, pixels (LossSettings.jitter)
+    flip: bool = False  # and its random left-right flip
     output_bn: bool = False
     latent_dim: int = 100
     widths: tuple[int, ...] = (32, 16)  # the generator dominates a step's cost at 64 px; the study's size
@@ -96,7 +98,8 @@ def run(s: Settings, teacher=None, out_dir: Path | None = None, time_limit_s: fl
                                  widths=s.widths, output_bn=s.output_bn, classes=[[c] for c in CLASSES])
     trainer = GeneratorTrainer(
         teacher, ensemble, kind=s.kind, scope=s.scope, normalization=s.normalization, moment_weight=s.moment_weight,
-        ce_weight=s.ce_weight, tv_weight=s.tv_weight, l2_weight=s.l2_weight, batch_size=s.batch_size, lr=s.lr,
+        ce_weight=s.ce_weight, tv_weight=s.tv_weight, l2_weight=s.l2_weight, jitter=s.jitter, flip=s.flip,
+        batch_size=s.batch_size, lr=s.lr,
         seed=s.seed, progress=progress, log_every=5, input_space="minus_one_one",
     )
     start = time.perf_counter()
