@@ -298,6 +298,8 @@ class GeneratorTrainer(StepLoop):
             params = {n: t.detach().to(self.compute_device, non_blocking=True).requires_grad_(True)
                       for n, t in params.items()}
             z, y, local = (t.to(self.compute_device, non_blocking=True) for t in (z, y, local))
+            if augment is not None:
+                augment = augment.to(self.compute_device, non_blocking=True)
         total, moment, ce, tv, logits, x = self.objective(params, z, y, local, matcher, augment)
         if self.pool is not None:  # the images and the teacher's logits this step computed anyway
             self.pool.push(x, logits.float())

@@ -113,7 +113,8 @@ def test_offloaded_adam_updates_exactly_like_the_resident_one():
     assert torch.equal(resident.steps, offloaded.steps)
 
 
-def test_offloaded_trainer_matches_the_resident_trainer():
+@pytest.mark.parametrize("loss", [{}, {"jitter": 2, "flip": True}])
+def test_offloaded_trainer_matches_the_resident_trainer(loss):
     from ..conftest import randomize_bn_stats
 
     def run(offload):
@@ -122,7 +123,7 @@ def test_offloaded_trainer_matches_the_resident_trainer():
         ens = GeneratorEnsemble(4, 10, image_size=16, channels=1, latent_dim=8, widths=(8, 4), output_bn=False,
                                 classes=[[0, 1], [2, 3], [4, 5], [6, 7]])
         trainer = GeneratorTrainer(teacher, ens, batch_size=2, generators_per_step=2, progress=False,
-                                   offload=offload)
+                                   offload=offload, **loss)
         if offload:  # the GPU path, forced on the CPU: the step runs on "cpu:0", states stay on "cpu"
             trainer.plan = dataclasses.replace(trainer.plan, compute_device=torch.device("cpu", 0))
             trainer.optimizer.compute_device = torch.device("cpu", 0)
