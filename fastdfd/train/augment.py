@@ -5,8 +5,9 @@
   A good teacher is patient and consistent", 2022, recommend), so the teacher's targets stay exact; what
   it adds is more distinct inputs per generated image.
 - In the generators' step, DeepInversion's random jitter and flip (Yin et al., "Dreaming to Distill",
-  CVPR 2020, sec. 3.2): each image rolled cyclically by a random offset and flipped at random before the
-  teacher sees it, so that the generator cannot satisfy the teacher with features tied to exact pixel
+  CVPR 2020; its released code rolls the batch with ``torch.roll`` and flips it with ``torch.flip``):
+  each image rolled cyclically by a random offset and flipped at random before the teacher sees it
+  (DeepInversion draws one offset and one flip per batch; here every image draws its own), so that the generator cannot satisfy the teacher with features tied to exact pixel
   positions (:func:`draw_jitter_flip`, :func:`jitter_flip`). The draws are separate from the apply, so
   that a captured CUDA graph replays the apply on each step's fresh draws.
 """
@@ -45,6 +46,8 @@ def draw_jitter_flip(n: int, jitter: int, flip: bool, rng: torch.Generator | Non
                      device: torch.device | str | None = None) -> torch.Tensor:
     """Per image, a cyclic shift (dy, dx), each uniform in [-jitter, jitter], and a horizontal flip with
     probability 1/2 when ``flip``: int64 [n, 3] (dy, dx, flipped in {0, 1}) on ``device``, from ``rng``."""
+    if isinstance(jitter, bool) or not isinstance(jitter, int):
+        raise TypeError(f"jitter must be an int (pixels), got {jitter!r}")
     if n < 0 or jitter < 0:
         raise ValueError(f"n and jitter must be >= 0, got n={n}, jitter={jitter}")
     shifts = torch.randint(-jitter, jitter + 1, (n, 2), generator=rng, device=device)
@@ -54,8 +57,8 @@ def draw_jitter_flip(n: int, jitter: int, flip: bool, rng: torch.Generator | Non
 
 def jitter_flip(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     """``x`` [N, C, H, W] with image i rolled by ``params[i, :2]`` pixels along H and W (``torch.roll``'s
-    direction: pixel r moves to r + dy mod H), then flipped left-right where ``params[i, 2]`` is 1, as
-    DeepInversion does per batch. Same shape, dtype and device; differentiable in ``x`` (a permutation of
+    direction: pixel r moves to r + dy mod H), then flipped left-right where ``params[i, 2]`` is non-zero
+    (DeepInversion's roll then flip, per image). Same shape, dtype and device; differentiable in ``x`` (a permutation of
     each image's pixels). ``params``: int64 [N, 3] from :func:`draw_jitter_flip`."""
     if x.dim() != 4:
         raise ValueError(f"jitter_flip takes [N, C, H, W] images, got {tuple(x.shape)}")

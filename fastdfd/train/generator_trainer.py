@@ -98,7 +98,8 @@ class GeneratorTrainer(StepLoop):
         student: the network whose disagreement the adversarial term maximises (frozen in eval mode inside
             each step; may be set or replaced between fits).
         pool: an :class:`fastdfd.train.pool.ImagePool` that every step fills with its images (in the teacher's
-            input space, detached) and the teacher's logits on them, for ``Distiller(..., pool=pool)``.
+            input space, detached; jittered and flipped as the teacher saw them when ``jitter`` / ``flip`` are
+            set) and the teacher's logits on them, for ``Distiller(..., pool=pool)``.
         log_path (``.csv`` or JSON lines), checkpoint_dir, sample_dir: where the loop writes.
         distributed: a :class:`fastdfd.distributed.DistContext`; the ensemble given is this rank's shard.
 
@@ -142,6 +143,9 @@ class GeneratorTrainer(StepLoop):
         L, ex = self.loss, self.execution
         if L.adversarial_weight and student is None:
             raise ValueError("adversarial_weight > 0 needs the student whose disagreement the generators maximise")
+        if L.jitter >= ensemble.spec.image_size:  # the shifts would wrap past a whole image: no longer uniform
+            raise ValueError(f"jitter = {L.jitter} px must be smaller than the images ({ensemble.spec.image_size} px); "
+                             "DeepInversion rolls by up to 30 px at 224 px")
         if L.diversity_weight and self.optim.batch_size < 2:
             raise ValueError("diversity_weight > 0 pairs a generator's images: batch_size must be at least 2")
         if student is not None and student is teacher:

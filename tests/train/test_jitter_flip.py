@@ -2,11 +2,14 @@
 LossSettings.jitter / flip): the batched gather against torch.roll and torch.flip image by image, its
 gradient, the trainer's use of it (eagerly and replayed as a graph), and bad input refused."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from fastdfd.settings import LossSettings
 from fastdfd.train.augment import draw_jitter_flip, jitter_flip
+from fastdfd.train.graphed_step import GraphedStep
 
 from .test_cuda_graph import CAPTURES, _assert_same, _trainer, teacher  # noqa: F401 (the fixture)
 from .test_trainer import small_ensemble, trainer
@@ -106,16 +109,39 @@ def test_the_step_feeds_the_teacher_jittered_images(digits_teacher, monkeypatch)
     assert not torch.equal(seen[0], raw[0])
 
 
-def test_off_by_default_and_the_latents_stream_unchanged(digits_teacher):
+def test_off_draws_nothing_and_on_changes_the_run(digits_teacher):
     a = trainer(digits_teacher, small_ensemble(k=2, num_classes=10))
-    b = trainer(digits_teacher, small_ensemble(k=2, num_classes=10), jitter=0, flip=False)
+    state = a.rng.get_state()
+    assert a._draw_augment(2) is None and torch.equal(a.rng.get_state(), state)  # the latents' stream untouched
     a.fit(3)
-    b.fit(3)
-    assert a._draw_augment(2) is None
-    assert [r["loss"] for r in a.history] == [r["loss"] for r in b.history]
     c = trainer(digits_teacher, small_ensemble(k=2, num_classes=10), jitter=2)
     c.fit(3)
     assert [r["loss"] for r in a.history][1:] != [r["loss"] for r in c.history][1:]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_whole_steps_under_distributed_keep_their_rows_of_the_global_draw(digits_teacher, world):
+    """Each rank draws the global step's jitter from the shared stream and keeps its generators' rows: the ranks'
+    rows together are the one-process draw (as the latents are, in _draw)."""
+    t = trainer(digits_teacher, small_ensemble(k=2, num_classes=10), jitter=3, flip=True)
+    k, n = 2, t.batch_size
+    start = t.rng.get_state()
+    whole = draw_jitter_flip(k * world * n, 3, True, t.rng, t.device)
+    parts = []
+    for rank in range(world):
+        t.rng.set_state(start)
+        t._global_draw, t.dist = True, SimpleNamespace(world=world, rank=rank)
+        parts.append(t._draw_augment(k))
+    assert torch.equal(torch.cat(parts), whole)
+
+
+def test_bad_settings_are_refused(digits_teacher):
+    with pytest.raises(ValueError, match="smaller than the images"):
+        trainer(digits_teacher, small_ensemble(k=2, num_classes=10), jitter=16)  # 16 px images
+    with pytest.raises(TypeError, match="jitter must be an int"):
+        draw_jitter_flip(4, True, False)
+    with pytest.raises(ValueError, match="params on"):
+        jitter_flip(torch.randn(2, 1, 4, 4, device="meta"), torch.zeros(2, 3, dtype=torch.long))
 
 
 @pytest.mark.parametrize("capture", list(CAPTURES))
@@ -124,5 +150,17 @@ def test_graphed_step_replays_fresh_draws(teacher, capture):  # noqa: F811 (the 
     eager = _trainer(teacher, jitter=2, flip=True)
     eager.fit(6)
     graphed = _trainer(teacher, CAPTURES[capture], jitter=2, flip=True)
-    graphed.fit(6)
+    made = []
+    real_init = GraphedStep.__init__
+
+    def spy(self, *a, **kw):
+        real_init(self, *a, **kw)
+        made.append(self)
+
+    GraphedStep.__init__ = spy
+    try:
+        graphed.fit(6)
+    finally:
+        GraphedStep.__init__ = real_init
+    assert len(made) == 1 and made[0].captured and made[0].calls == 6
     _assert_same(eager, graphed)

@@ -2,6 +2,8 @@
 
 import dataclasses
 
+import math
+
 import pytest
 import torch
 
@@ -206,3 +208,19 @@ def test_an_auto_chunk_resumes_with_the_checkpoints_chunk(tmp_path, monkeypatch)
     again.fit(3)
     for name, p in whole.ensemble.state_dict().items():
         assert torch.equal(p, again.ensemble.state_dict()[name]), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (on a CPU 'cpu:0' is 'cpu': the step's "
+                                                          "draws crossing to the compute device cannot be seen)")
+def test_offloaded_gpu_step_takes_its_jitter_draws_to_the_gpu():
+    from ..conftest import randomize_bn_stats
+
+    torch.manual_seed(0)
+    teacher = randomize_bn_stats(create_model("digits_teacher", num_classes=10)).cuda()
+    ens = GeneratorEnsemble(4, 10, image_size=16, channels=1, latent_dim=8, widths=(8, 4), output_bn=False,
+                            classes=[[0, 1], [2, 3], [4, 5], [6, 7]])  # on the host: offloaded
+    trainer = GeneratorTrainer(teacher, ens, batch_size=2, generators_per_step=2, progress=False, offload=True,
+                               jitter=2, flip=True)
+    assert trainer.compute_device.type == "cuda"
+    rows = trainer.fit(2)
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
