@@ -1,7 +1,6 @@
 """Scale on one GPU, checked on the CPU: the memory planner, offloaded states, bf16 and channels_last."""
 
 import dataclasses
-
 import math
 
 import pytest
