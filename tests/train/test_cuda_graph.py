@@ -6,6 +6,7 @@ tensors and the recorded ops are replayed on the real tensors: the semantics of 
 so a value baked in at capture time shows up as a divergence from eager training).
 """
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -61,14 +62,9 @@ def _assert_same(a, b):
             assert ra[term] == rb[term], (ra["step"], term)
 
 
-# ------------------------------------------------------------- static buffers on the CPU
-@pytest.mark.parametrize("capture", list(CAPTURES))
-@pytest.mark.parametrize("chunk,scope", [(2, "generator"), (None, "generator"), (2, "ensemble")])
-def test_static_buffer_step_is_bit_identical_to_eager(teacher, capture, chunk, scope):
-    """Warm-up steps, the capture and 4 replays (chunked: every step other rows) == eager, bit for bit."""
-    eager = _trainer(teacher, generators_per_step=chunk, scope=scope, tv_weight=0.1)
-    eager.fit(7)
-    graphed = _trainer(teacher, CAPTURES[capture], generators_per_step=chunk, scope=scope, tv_weight=0.1)
+@contextlib.contextmanager
+def spy_graphs():
+    """Inside, every GraphedStep made is appended to the yielded list."""
     made = []
     real_init = GraphedStep.__init__
 
@@ -78,9 +74,21 @@ def test_static_buffer_step_is_bit_identical_to_eager(teacher, capture, chunk, s
 
     GraphedStep.__init__ = spy
     try:
-        graphed.fit(7)
+        yield made
     finally:
         GraphedStep.__init__ = real_init
+
+
+# ------------------------------------------------------------- static buffers on the CPU
+@pytest.mark.parametrize("capture", list(CAPTURES))
+@pytest.mark.parametrize("chunk,scope", [(2, "generator"), (None, "generator"), (2, "ensemble")])
+def test_static_buffer_step_is_bit_identical_to_eager(teacher, capture, chunk, scope):
+    """Warm-up steps, the capture and 4 replays (chunked: every step other rows) == eager, bit for bit."""
+    eager = _trainer(teacher, generators_per_step=chunk, scope=scope, tv_weight=0.1)
+    eager.fit(7)
+    graphed = _trainer(teacher, CAPTURES[capture], generators_per_step=chunk, scope=scope, tv_weight=0.1)
+    with spy_graphs() as made:
+        graphed.fit(7)
     assert len(made) == 1 and made[0].captured and made[0].calls == 7  # one chunk size, one graph
     _assert_same(eager, graphed)
     assert graphed._graphs == {}  # released with the fit's matcher

@@ -9,9 +9,8 @@ import torch
 
 from fastdfd.settings import LossSettings
 from fastdfd.train.augment import draw_jitter_flip, jitter_flip
-from fastdfd.train.graphed_step import GraphedStep
 
-from .test_cuda_graph import CAPTURES, _assert_same, _trainer, teacher  # noqa: F401 (the fixture)
+from .test_cuda_graph import CAPTURES, _assert_same, _trainer, spy_graphs, teacher  # noqa: F401 (the fixture)
 from .test_trainer import small_ensemble, trainer
 
 
@@ -150,17 +149,7 @@ def test_graphed_step_replays_fresh_draws(teacher, capture):  # noqa: F811 (the 
     eager = _trainer(teacher, jitter=2, flip=True)
     eager.fit(6)
     graphed = _trainer(teacher, CAPTURES[capture], jitter=2, flip=True)
-    made = []
-    real_init = GraphedStep.__init__
-
-    def spy(self, *a, **kw):
-        real_init(self, *a, **kw)
-        made.append(self)
-
-    GraphedStep.__init__ = spy
-    try:
+    with spy_graphs() as made:
         graphed.fit(6)
-    finally:
-        GraphedStep.__init__ = real_init
     assert len(made) == 1 and made[0].captured and made[0].calls == 6
     _assert_same(eager, graphed)
