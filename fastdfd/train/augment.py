@@ -7,9 +7,10 @@
 - In the generators' step, DeepInversion's random jitter and flip (Yin et al., "Dreaming to Distill",
   CVPR 2020; its released code rolls the batch with ``torch.roll`` and flips it with ``torch.flip``):
   each image rolled cyclically by a random offset and flipped at random before the teacher sees it
-  (DeepInversion draws one offset and one flip per batch; here every image draws its own), so that the generator cannot satisfy the teacher with features tied to exact pixel
-  positions (:func:`draw_jitter_flip`, :func:`jitter_flip`). The draws are separate from the apply, so
-  that a captured CUDA graph replays the apply on each step's fresh draws.
+  (DeepInversion draws one offset and one flip per batch; here every image draws its own), so that the
+  generator cannot satisfy the teacher with features tied to exact pixel positions
+  (:func:`draw_jitter_flip`, :func:`jitter_flip`). The draws are separate from the apply, so that a
+  captured CUDA graph replays the apply on each step's fresh draws.
 """
 
 from __future__ import annotations
@@ -34,12 +35,25 @@ def random_crop_flip(x: torch.Tensor, padding: int, rng: torch.Generator | None 
     dy = torch.randint(0, 2 * padding + 1, (n, 1, 1), generator=rng, device=dev)
     dx = torch.randint(0, 2 * padding + 1, (n, 1, 1), generator=rng, device=dev)
     flip = torch.rand(n, 1, 1, generator=rng, device=dev) < 0.5
-    cols = torch.arange(w, device=dev).view(1, 1, w)
-    cols = torch.where(flip, w - 1 - cols, cols) + dx  # flip the crop's columns: the same as flipping after
+    cols = _flipped_columns(w, flip) + dx  # flip the crop's columns: the same as flipping after
     rows = torch.arange(h, device=dev).view(1, h, 1) + dy
     padded = F.pad(x, (padding, padding, padding, padding))
-    index = (rows * (w + 2 * padding) + cols).reshape(n, 1, h * w).expand(n, x.shape[1], h * w)
-    return padded.flatten(2).gather(2, index).view_as(x)
+    return _gather_pixels(padded, rows, cols, (h, w))
+
+
+def _flipped_columns(w: int, flip: torch.Tensor) -> torch.Tensor:
+    """Column indices [N, 1, W]: 0..W-1, reversed where ``flip`` ([N, 1, 1] bool) is set."""
+    cols = torch.arange(w, device=flip.device).view(1, 1, w)
+    return torch.where(flip, w - 1 - cols, cols)
+
+
+def _gather_pixels(src: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Out [N, C, H, W] (H, W = ``size``) with out[i, :, r, c] = src[i, :, rows[i, r, c], cols[i, r, c]]: one gather
+    for the batch. ``rows`` and ``cols`` broadcast to [N, H, W] and index ``src`` [N, C, H', W']."""
+    n, c, w_src = src.shape[0], src.shape[1], src.shape[3]
+    h, w = size
+    index = (rows * w_src + cols).expand(n, h, w).reshape(n, 1, h * w).expand(n, c, h * w)
+    return src.flatten(2).gather(2, index).view(n, c, h, w)
 
 
 def draw_jitter_flip(n: int, jitter: int, flip: bool, rng: torch.Generator | None = None,
@@ -58,21 +72,19 @@ def draw_jitter_flip(n: int, jitter: int, flip: bool, rng: torch.Generator | Non
 def jitter_flip(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     """``x`` [N, C, H, W] with image i rolled by ``params[i, :2]`` pixels along H and W (``torch.roll``'s
     direction: pixel r moves to r + dy mod H), then flipped left-right where ``params[i, 2]`` is non-zero
-    (DeepInversion's roll then flip, per image). Same shape, dtype and device; differentiable in ``x`` (a permutation of
-    each image's pixels). ``params``: int64 [N, 3] from :func:`draw_jitter_flip`."""
+    (DeepInversion's roll then flip, per image). Same shape, dtype and device; differentiable in ``x`` (a
+    permutation of each image's pixels). ``params``: int64 [N, 3] from :func:`draw_jitter_flip`."""
     if x.dim() != 4:
         raise ValueError(f"jitter_flip takes [N, C, H, W] images, got {tuple(x.shape)}")
-    n, c, h, w = x.shape
+    n, _, h, w = x.shape
     if params.shape != (n, 3) or params.dtype != torch.int64:
         raise ValueError(f"params must be int64 [{n}, 3] (dy, dx, flipped), got {params.dtype} {tuple(params.shape)}")
     if params.device != x.device:
         raise ValueError(f"params on {params.device}, images on {x.device}")
     dy, dx, flipped = (params[:, i].view(n, 1, 1) for i in range(3))
-    cols = torch.arange(w, device=x.device).view(1, 1, w)
-    cols = torch.where(flipped.bool(), w - 1 - cols, cols)  # flip after the roll: out[c] = rolled[W-1-c]
+    cols = _flipped_columns(w, flipped.bool())  # flip after the roll: out[c] = rolled[W-1-c]
     rows = torch.arange(h, device=x.device).view(1, h, 1)
-    index = ((rows - dy) % h) * w + (cols - dx) % w  # [N, H, W]: the source pixel of each output pixel
-    return x.flatten(2).gather(2, index.reshape(n, 1, h * w).expand(n, c, h * w)).view(n, c, h, w)
+    return _gather_pixels(x, (rows - dy) % h, (cols - dx) % w, (h, w))
 
 
 __all__ = ["AUGMENTS", "draw_jitter_flip", "jitter_flip", "random_crop_flip"]
