@@ -3,6 +3,7 @@
     python benchmarks/real_teacher.py [--seed N]           # the library's default loss settings, <= 15 CPU-minutes
     python benchmarks/real_teacher.py --steps 60 --lr 3e-2 --tag lr3e-2
     python benchmarks/real_teacher.py --scope generator --ce-weight 1 --tag targets   # issue 19's Lite0 targets
+    python benchmarks/real_teacher.py --generator "jitter=8,flip=true" --tag jitter   # any generator setting
 
 10 class generators (ImageNet classes 1, 207, 281, 340, 407, 430, 511, 817, 954, 980), 64 px,
 trained from nothing but the teacher (its BN statistics and its cross-entropy); then the quality
@@ -33,6 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.cifar10_datafree import overrides  # noqa: E402
 from benchmarks.efficientnet_lite import load_efficientnet_lite  # noqa: E402
 from fastdfd.data import imagenet_class_names  # noqa: E402
 from fastdfd.nn import GeneratorEnsemble  # noqa: E402
@@ -61,8 +63,9 @@ class Settings:
     ce_weight: float = _DEFAULT.loss.ce_weight
     tv_weight: float = 0.0
     l2_weight: float = 0.0
-    jitter: int = 0  # DeepInversion's random roll of the teacher's input, pixels (LossSettings.jitter)
-    flip: bool = False  # and its random left-right flip
+    # any other generator setting, "key=value,..." (parsed by its own spec: benchmarks.cifar10_datafree.overrides);
+    # e.g. "jitter=8,flip=true". A key here wins over the field of the same name above.
+    generator: str = ""
     output_bn: bool = False
     latent_dim: int = 100
     widths: tuple[int, ...] = (32, 16)  # the generator dominates a step's cost at 64 px; the study's size
@@ -96,12 +99,12 @@ def run(s: Settings, teacher=None, out_dir: Path | None = None, time_limit_s: fl
     torch.manual_seed(s.seed)
     ensemble = GeneratorEnsemble(len(CLASSES), 1000, image_size=s.image_size, channels=3, latent_dim=s.latent_dim,
                                  widths=s.widths, output_bn=s.output_bn, classes=[[c] for c in CLASSES])
-    trainer = GeneratorTrainer(
-        teacher, ensemble, kind=s.kind, scope=s.scope, normalization=s.normalization, moment_weight=s.moment_weight,
-        ce_weight=s.ce_weight, tv_weight=s.tv_weight, l2_weight=s.l2_weight, jitter=s.jitter, flip=s.flip,
-        batch_size=s.batch_size, lr=s.lr,
-        seed=s.seed, progress=progress, log_every=5, input_space="minus_one_one",
-    )
+    settings = dict(kind=s.kind, scope=s.scope, normalization=s.normalization, moment_weight=s.moment_weight,
+                    ce_weight=s.ce_weight, tv_weight=s.tv_weight, l2_weight=s.l2_weight, batch_size=s.batch_size,
+                    lr=s.lr)
+    settings.update(overrides(s.generator))
+    trainer = GeneratorTrainer(teacher, ensemble, **settings, seed=s.seed, progress=progress, log_every=5,
+                               input_space="minus_one_one")
     start = time.perf_counter()
     while trainer.step < s.steps and time.perf_counter() - start < time_limit_s:
         rows = trainer.fit(min(5, s.steps - trainer.step))
