@@ -206,29 +206,47 @@ def test_every_kernel_compiles_ahead_of_time_for_sm80_and_sm90():
 @pytest.mark.triton_heavy  # 75 s under the Triton interpreter: in make test-triton
 @pytest.mark.parametrize("name", ["torch", "fused"])
 def test_generator_step_compiles_fullgraph(name, backend):
-    """torch.compile(fullgraph=True) of a generator step with a MomentMatcher: no graph breaks."""
+    """torch.compile(fullgraph=True) of a generator step with a MomentMatcher: no graph breaks, and the
+    compiled step's loss and gradient as close to the float64 reference as the eager step's.
+
+    Compiled, the fused backends' tap is aten ops (ops.moment.decomposition), not the eager kernels: a
+    different fp32 summation order. At a fresh generator's tiny images this step's fp32 gradient is
+    about 1e-4 of its largest element away from float64 in every backend, eager or compiled, so the
+    two fp32 steps are each checked against float64, not against each other bitwise; a wrong term in
+    the traced backward moves the gradient by O(1).
+    """
+    import copy
+
     from fastdfd import GeneratorEnsemble, MomentMatcher
     from fastdfd.nn import ensemble_forward
 
-    torch._dynamo.reset()
-    teacher = randomize_bn_stats(create_model("digits_teacher")).to(DEVICE)
+    teacher32 = randomize_bn_stats(create_model("digits_teacher")).to(DEVICE)
     ens = GeneratorEnsemble(2, 10, image_size=16, channels=1, latent_dim=8, widths=(8, 4), output_bn=False).to(DEVICE)
     z, y, local = ens.draw(4, None, torch.Generator(device=DEVICE).manual_seed(0))
-    params = ens.stacked()
 
-    with fastdfd.backend(backend if name == "fused" else "torch"), \
-            MomentMatcher(teacher, scope="generator", groups=2) as matcher:
-        def step(z, local, y):
-            x = ensemble_forward(params, ens.spec, z, local).reshape(-1, 1, 16, 16)
-            logits = teacher(x)
-            return matcher.loss().sum() + F.cross_entropy(logits, y)
+    def run(dtype, chosen, compiled):
+        torch._dynamo.reset()
+        teacher = copy.deepcopy(teacher32).to(dtype)
+        params = {k: v.detach().to(dtype).requires_grad_() for k, v in ens.stacked().items()}
+        with fastdfd.backend(chosen), MomentMatcher(teacher, scope="generator", groups=2) as matcher:
+            def step(z, local, y):
+                x = ensemble_forward(params, ens.spec, z, local).reshape(-1, 1, 16, 16)
+                logits = teacher(x)
+                return matcher.loss().sum() + F.cross_entropy(logits, y)
 
-        eager = step(z, local, y.reshape(-1))
-        (g_eager,) = torch.autograd.grad(eager, params["conv0_weight"])
-        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(z, local, y.reshape(-1))
-        (g_comp,) = torch.autograd.grad(compiled, params["conv0_weight"])
-    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(g_comp, g_eager, rtol=1e-4, atol=1e-6)
+            fn = torch.compile(step, fullgraph=True, backend="aot_eager") if compiled else step
+            loss = fn(z.to(dtype), local, y.reshape(-1))
+            (grad,) = torch.autograd.grad(loss, params["conv0_weight"])
+        return loss.double(), grad.double()
+
+    loss64, grad64 = run(torch.float64, "torch", False)
+    scale = grad64.abs().max()
+    chosen = backend if name == "fused" else "torch"
+    for compiled in (False, True):
+        loss, grad = run(torch.float32, chosen, compiled)
+        torch.testing.assert_close(loss, loss64, rtol=1e-5, atol=0, msg=lambda m: f"compiled={compiled}: {m}")
+        torch.testing.assert_close(grad, grad64, rtol=1e-3, atol=float(1e-3 * scale),
+                                   msg=lambda m: f"compiled={compiled}: {m}")
 
 
 _COMPILED_FIRST = """
