@@ -488,6 +488,67 @@ def imagenet_ensemble_estimate(k: int = 1000, size: int = 32, batch: int = 8, wi
             "steps_per_generator_in_60_min": 3600.0 / (per_generator_step * k)}
 
 
+#: the providers of benchmarks/whole_step.py on a card (the fused backend there is triton)
+WHOLE_STEP_PROVIDERS = ("hooks", "hooks-compiled", "fastdfd-triton", "fastdfd-triton-compiled", "fastdfd-triton+gen-triton")
+#: benchmarks/providers.WHOLE_STEPS' teachers, by the name _meta_teacher builds
+WHOLE_STEP_TEACHERS = {"digits": "digits_teacher", "resnet56": "cifar_resnet56", "lite0": "efficientnet-lite0"}
+
+
+def compiled_moments(teacher: tuple) -> Cost:
+    """The moment statistics ``torch.compile`` adds around a teacher's BN layers, the same for the compiled hooks
+    and fastdfd's traced tap (both reach inductor as aten ops): per layer, a forward reduction reading x once
+    (S1 and S2 together) and, in the backward, one more read of x inside BN's fused backward kernel (the
+    ``2 (x - mu) dS2 + dS1`` term: bytes, no kernel of its own, so it is counted in the reduction's entry);
+    two per-channel kernels each way (the loss over the layer's statistics and its gradient)."""
+    ks = []
+    for numel, e in bn_inputs(list(teacher)):
+        ks += [(2 * e * numel, 0.0, "fp32", 1), (0.0, 0.0, "fp32", 4)]
+    return Cost(ks, launches=sum(n for *_, n in ks))
+
+
+def whole_step_cost(provider: str, teacher: tuple, generators: tuple) -> Cost:
+    """One whole generator step (benchmarks/providers.generator_step): the grouped generators' forward and
+    backward, the teacher's forward and input-gradient backward, the moment loss and cross-entropy.
+
+    Eager (``hooks``, ``fastdfd-triton``): every traced op one kernel (``fastdfd-triton+gen-triton``: the
+    generators as fused kernels, as the trainer runs them on a card), the teacher's BN layers the provider's
+    :func:`bn_layer`. Compiled (``*-compiled``: the step is one ``torch.compile``'d forward and backward):
+    :func:`fuse` over the generators' and the teacher's traces with BN kept (inductor fuses BN with the ReLU or
+    add after it), :func:`compiled_moments` on top, and the compiled call's host cost each way. The compiled
+    hooks and fastdfd compiled are the same model: under ``torch.compile`` both are aten ops inductor fuses
+    (``fastdfd.ops.moment.decomposition``); the CPU's 1.1-1.3x between them is the tap's one-pass backward
+    against autograd's, which inductor's fused backward reads alike on a card."""
+    if provider.endswith("-compiled"):
+        return fuse(list(generators)) + fuse(list(teacher)) + compiled_moments(teacher) \
+            + Cost(host_s=2 * H200.compiled_call_s)
+    if provider in ("hooks", "fastdfd-triton"):
+        return ops_cost(list(generators)) + teacher_cost(provider, teacher)
+    if provider == "fastdfd-triton+gen-triton":  # the generators' own Triton kernels too (GeneratorTrainer on a card)
+        return fuse(list(generators)) + teacher_cost("fastdfd-triton", teacher)
+    raise ValueError(f"unknown whole-step provider {provider!r}; expected one of {WHOLE_STEP_PROVIDERS}")
+
+
+def whole_step_predictions(names=None, providers=WHOLE_STEP_PROVIDERS) -> list[Prediction]:
+    """benchmarks/whole_step.py's cases (benchmarks/providers.WHOLE_STEPS, fp32, NCHW) on an H200. Lite0 needs
+    ``efficientnet-lite-pytorch`` for its architecture and is left out without it."""
+    from benchmarks.providers import WHOLE_STEPS
+
+    out = []
+    for name in names or WHOLE_STEPS:
+        k, batch, classes, size, channels, latent, widths = WHOLE_STEPS[name]
+        if name == "lite0":
+            try:
+                import efficientnet_lite_pytorch  # noqa: F401
+            except ImportError:
+                continue
+        t = teacher_ops(WHOLE_STEP_TEACHERS[name], classes, channels, k * batch, size, torch.float32)
+        gens = generator_ops(k, batch, size, channels, tuple(widths), "train", torch.float32, latent=latent)
+        costs = {p: whole_step_cost(p, t, gens) for p in providers}
+        out += _predict("whole_step", f"{name} {k} gens x {batch} img, {size} px, fp32", costs,
+                        ("hooks", "hooks-compiled"))
+    return out
+
+
 def all_predictions(skip_compiled: bool = False) -> list[Prediction]:
     """Every case of the full (card) gpu_suite run."""
     from benchmarks import gpu_suite
@@ -497,7 +558,7 @@ def all_predictions(skip_compiled: bool = False) -> list[Prediction]:
     ens = [p for p in ENSEMBLE_PROVIDERS if not (skip_compiled and p == "grouped-compiled")]
     return (layer_predictions(gpu_suite.CIFAR_R34 + gpu_suite.IMAGENET_R50, (torch.float32, torch.bfloat16), bn)
             + step_predictions(gpu_suite.STEP_CASES, bn) + ensemble_predictions(CASES, ens)
-            + graph_predictions(GRAPH_CASES) + imagenet_predictions())
+            + graph_predictions(GRAPH_CASES) + imagenet_predictions() + whole_step_predictions())
 
 
 def measured_vs_predicted(measured_ms: float, pred: Prediction) -> dict:
@@ -522,7 +583,14 @@ def main(argv=None) -> None:
     ap.add_argument("--skip-compiled", action="store_true")
     ap.add_argument("--imagenet-ensemble", type=float, metavar="STEPS_PER_GENERATOR", default=None,
                     help="only the estimate of benchmarks/imagenet_ensemble.py at K = 10, 100, 1000 (32 px)")
+    ap.add_argument("--whole-step", action="store_true", help="only the whole generator step of benchmarks/whole_step.py")
     args = ap.parse_args(argv)
+    if args.whole_step:
+        for p in whole_step_predictions():
+            sp = "  ".join(f"{v:5.2f}x vs {a}" for a, v in p.speedups.items() if a != p.provider)
+            print(f"{p.case:<36} {p.provider:<24} {p.ms:8.3f} ms (roofline {p.roofline_ms:7.3f}, "
+                  f"{p.kernels:5.0f} kernels)  {sp}")
+        return
     if args.imagenet_ensemble is not None:
         for k in (10, 100, 1000):
             e = imagenet_ensemble_estimate(k, steps_per_generator=args.imagenet_ensemble)

@@ -117,3 +117,31 @@ def test_the_imagenet_ensemble_estimate_is_launch_bound_small_and_flat_large():
     assert big["seconds_per_generator_step"] == pytest.approx(mid["seconds_per_generator_step"], rel=0.25)
     assert big["seconds_for_steps_per_generator"] == pytest.approx(big["seconds_per_generator_step"] * 1000 * 88)
     assert small["kernels_per_step"] == big["kernels_per_step"]  # batched: the same kernels whatever K
+
+
+def test_whole_step_compiled_forms_agree_and_fuse_away_kernels():
+    (teacher, gens) = (pm.teacher_ops("digits_teacher", 10, 1, 40, 16, torch.float32),
+                       pm.generator_ops(4, 10, 16, 1, (8, 4), "train", torch.float32, latent=8))
+    cost = {p: pm.whole_step_cost(p, teacher, gens) for p in pm.WHOLE_STEP_PROVIDERS}
+    # the same arithmetic in every form: fusion changes traffic and launches, not FLOPs
+    assert len({round(c.flops) for c in cost.values()}) == 1
+    # compiled: both are aten ops inductor fuses, one model
+    assert cost["hooks-compiled"].seconds() == cost["fastdfd-triton-compiled"].seconds()
+    assert cost["hooks-compiled"].num_kernels < cost["fastdfd-triton"].num_kernels < cost["hooks"].num_kernels
+    # eager, the fused tap moves fewer bytes than the hooks by exactly the BN layers' difference
+    extra = sum(pm.bn_layer("hooks", n, e).bytes - pm.bn_layer("fastdfd-triton", n, e).bytes
+                for n, e in pm.bn_inputs(list(teacher)))
+    assert cost["hooks"].bytes - cost["fastdfd-triton"].bytes == pytest.approx(extra)
+    # the compiled moments: per BN layer x read twice (the forward's sums, the backward's dS term)
+    assert pm.compiled_moments(teacher).bytes == pytest.approx(sum(2 * e * n for n, e in pm.bn_inputs(list(teacher))))
+    with pytest.raises(ValueError, match="unknown whole-step provider"):
+        pm.whole_step_cost("hooks-eager", teacher, gens)
+
+
+def test_whole_step_predictions_cover_the_cases():
+    preds = pm.whole_step_predictions(["digits", "resnet56"])
+    assert {p.provider for p in preds} == set(pm.WHOLE_STEP_PROVIDERS)
+    assert {p.case.split()[0] for p in preds} == {"digits", "resnet56"}
+    for p in preds:
+        assert p.ms >= p.roofline_ms > 0
+        assert p.speedups["hooks"] > 0 and p.speedups["hooks-compiled"] > 0
