@@ -24,8 +24,8 @@ order, each writing its JSON to ``--out`` as it finishes, then ``summary.json``.
 5. ``whole_step.json``: the whole generator step (10 generators x 16 images at 16 px on the digits CNN:
    ensemble, teacher, moment loss and cross-entropy, gradients of every generator parameter) with
    DeepInversion's hooks eager and under ``torch.compile``, and fastdfd on the card's fused backend eager and
-   compiled: milliseconds and the ratios against both hooks, and benchmarks/perf_model.py's H200 prediction of
-   each (``perf_model``). ``--tiny`` runs the eager providers only.
+   compiled: milliseconds and the ratios against both hooks, and on a card benchmarks/perf_model.py's H200
+   prediction of each (``perf_model``). ``--tiny`` runs the eager providers only.
 6. ``gpu-suite-*.json``: benchmarks/gpu_suite.py with what is left of the time budget.
 
 Exit status 1 if any check failed (everything is still written), else 0.
@@ -269,11 +269,11 @@ def check_whole_step(device, tiny: bool) -> dict:
               "fastest_vs_hooks": ms["hooks"] / ms[fastest]}
     if "hooks-compiled" in ms:
         record["fastest_vs_hooks_compiled"] = ms["hooks-compiled"] / ms[fastest]
-    # the H200 model's prediction beside each measurement (its providers are the card's: triton)
-    from benchmarks.perf_model import measured_vs_predicted, whole_step_predictions
+    if device.type == "cuda":  # the H200 model's prediction beside each measurement (a CPU's would mean nothing)
+        from benchmarks.perf_model import measured_vs_predicted, whole_step_predictions
 
-    predicted = {p.provider: p for p in whole_step_predictions(["digits"])}
-    record["perf_model"] = {p: measured_vs_predicted(ms[p], predicted[p]) for p in ms if p in predicted}
+        predicted = {p.provider: p for p in whole_step_predictions(["digits"])}
+        record["perf_model"] = {p: measured_vs_predicted(ms[p], predicted[p]) for p in ms if p in predicted}
     return record
 
 

@@ -2,6 +2,7 @@
 
     python benchmarks/perf_model.py              # every case: predicted ms and speed-ups
     python benchmarks/perf_model.py --markdown   # the table of docs/benchmarks.md
+    python benchmarks/perf_model.py --whole-step # the whole generator step (benchmarks/whole_step.py's cases)
 
 Ceilings (``H200``; /work/.library/device/KINDS.md, two machines, 2026-10-28 and 11-04):
 
@@ -488,49 +489,71 @@ def imagenet_ensemble_estimate(k: int = 1000, size: int = 32, batch: int = 8, wi
             "steps_per_generator_in_60_min": 3600.0 / (per_generator_step * k)}
 
 
-#: the providers of benchmarks/whole_step.py on a card (the fused backend there is triton)
+#: the whole-step providers: benchmarks/whole_step.py's four on a card (its fused backend there is triton), and
+#: ``fastdfd-triton+gen-triton``, the step as the trainer runs it on a card (the generators' Triton kernels too),
+#: which whole_step.py does not time
 WHOLE_STEP_PROVIDERS = ("hooks", "hooks-compiled", "fastdfd-triton", "fastdfd-triton-compiled", "fastdfd-triton+gen-triton")
 #: benchmarks/providers.WHOLE_STEPS' teachers, by the name _meta_teacher builds
 WHOLE_STEP_TEACHERS = {"digits": "digits_teacher", "resnet56": "cifar_resnet56", "lite0": "efficientnet-lite0"}
 
 
 def compiled_moments(teacher: tuple) -> Cost:
-    """The moment statistics ``torch.compile`` adds around a teacher's BN layers, the same for the compiled hooks
-    and fastdfd's traced tap (both reach inductor as aten ops): per layer, a forward reduction reading x once
-    (S1 and S2 together) and, in the backward, one more read of x inside BN's fused backward kernel (the
-    ``2 (x - mu) dS2 + dS1`` term: bytes, no kernel of its own, so it is counted in the reduction's entry);
-    two per-channel kernels each way (the loss over the layer's statistics and its gradient)."""
+    """The moment statistics ``torch.compile`` adds to :func:`fuse` of a teacher's trace, the same for the compiled
+    hooks and fastdfd's traced tap (both reach inductor as aten ops).
+
+    ``teacher`` is a trace (:func:`teacher_ops`: ``Op`` records, bytes and FLOPs). Per BN layer of x with n
+    elements of e bytes: a forward reduction kernel reading x once (S1 and S2 together: e n bytes), and the
+    backward's ``dS1 + 2 (x - mu) dS2`` term, which needs x inside BN's fused backward kernel. :func:`fuse` already
+    counts that read where the BN backward opens a fused run (its inputs are the run's: a BN with no activation
+    after it), and leaves it out where the BN backward is inside a run (after a ReLU's backward), since an eval
+    BN's own backward does not read x; only then is e n added (bytes, no kernel of its own: counted in the
+    reduction's entry). Two per-channel kernels each way (the loss over the layer's statistics, its gradient).
+    Returns a :class:`Cost`."""
+    ops = list(teacher)
+    forward = [o.bn_input for o in ops if o.bn_input and "backward" not in o.name]
+    # the backward visits the layers in reverse: the j-th BN backward is forward layer L - 1 - j
+    inside = [i > 0 and ops[i - 1].name not in HEAVY for i, o in enumerate(ops) if o.bn_input and "backward" in o.name]
+    if len(inside) not in (0, len(forward)):
+        raise ValueError(f"{len(forward)} BN forwards against {len(inside)} BN backwards in the trace")
+    inside = inside[::-1] or [False] * len(forward)
     ks = []
-    for numel, e in bn_inputs(list(teacher)):
-        ks += [(2 * e * numel, 0.0, "fp32", 1), (0.0, 0.0, "fp32", 4)]
+    for (numel, e), read_in_backward in zip(forward, inside):
+        ks += [((1 + read_in_backward) * e * numel, 0.0, "fp32", 1), (0.0, 0.0, "fp32", 4)]
     return Cost(ks, launches=sum(n for *_, n in ks))
 
 
 def whole_step_cost(provider: str, teacher: tuple, generators: tuple) -> Cost:
     """One whole generator step (benchmarks/providers.generator_step): the grouped generators' forward and
-    backward, the teacher's forward and input-gradient backward, the moment loss and cross-entropy.
+    backward, the teacher's forward and input-gradient backward, the moment loss and cross-entropy, as a
+    :class:`Cost` (bytes, FLOPs, kernels, host time) on an H200.
 
-    Eager (``hooks``, ``fastdfd-triton``): every traced op one kernel (``fastdfd-triton+gen-triton``: the
-    generators as fused kernels, as the trainer runs them on a card), the teacher's BN layers the provider's
-    :func:`bn_layer`. Compiled (``*-compiled``: the step is one ``torch.compile``'d forward and backward):
-    :func:`fuse` over the generators' and the teacher's traces with BN kept (inductor fuses BN with the ReLU or
-    add after it), :func:`compiled_moments` on top, and the compiled call's host cost each way. The compiled
-    hooks and fastdfd compiled are the same model: under ``torch.compile`` both are aten ops inductor fuses
-    (``fastdfd.ops.moment.decomposition``); the CPU's 1.1-1.3x between them is the tap's one-pass backward
-    against autograd's, which inductor's fused backward reads alike on a card."""
+    ``teacher`` and ``generators`` are traces (:func:`teacher_ops`, :func:`generator_ops` in ``train`` mode).
+    Eager (``hooks``, ``fastdfd-triton``): every traced op one kernel, the teacher's BN layers the provider's
+    :func:`bn_layer` (``fastdfd-triton+gen-triton``: the generators as fused kernels, as the trainer runs them
+    on a card). Compiled (``*-compiled``: the step is one ``torch.compile``'d forward and backward): :func:`fuse`
+    over the generators' and the teacher's traces with BN kept (inductor fuses BN with the ReLU or add after it),
+    :func:`compiled_moments` on top, and the compiled call's host cost each way. :func:`fuse` keeps only a run's
+    first inputs, so it leaves out a residual add's second operand: on the teacher it is an estimate, not a bound.
+
+    The compiled hooks and fastdfd compiled are *assumed* equal, one model: under ``torch.compile`` both are aten
+    ops that inductor fuses with the same neighbours and whose fused backward reads x and dy once (the CPU's
+    1.1-1.3x between them comes from its loops, not from traffic). Launches are charged 4 us each in every form,
+    inductor's wrapper too, which sets the launch-bound rows. Raises ValueError for an unknown provider."""
     if provider.endswith("-compiled"):
         return fuse(list(generators)) + fuse(list(teacher)) + compiled_moments(teacher) \
             + Cost(host_s=2 * H200.compiled_call_s)
     if provider in ("hooks", "fastdfd-triton"):
         return ops_cost(list(generators)) + teacher_cost(provider, teacher)
-    if provider == "fastdfd-triton+gen-triton":  # the generators' own Triton kernels too (GeneratorTrainer on a card)
+    if provider == "fastdfd-triton+gen-triton":
         return fuse(list(generators)) + teacher_cost("fastdfd-triton", teacher)
     raise ValueError(f"unknown whole-step provider {provider!r}; expected one of {WHOLE_STEP_PROVIDERS}")
 
 
 def whole_step_predictions(names=None, providers=WHOLE_STEP_PROVIDERS) -> list[Prediction]:
-    """benchmarks/whole_step.py's cases (benchmarks/providers.WHOLE_STEPS, fp32, NCHW) on an H200. Lite0 needs
-    ``efficientnet-lite-pytorch`` for its architecture and is left out without it."""
+    """benchmarks/whole_step.py's cases (``names`` of benchmarks/providers.WHOLE_STEPS, all by default; fp32,
+    NCHW) on an H200, each provider's milliseconds and its speed-ups over the eager and compiled hooks. Lite0
+    needs ``efficientnet-lite-pytorch`` for its architecture and is left out without it. KeyError for an unknown
+    case name."""
     from benchmarks.providers import WHOLE_STEPS
 
     out = []
@@ -558,7 +581,9 @@ def all_predictions(skip_compiled: bool = False) -> list[Prediction]:
     ens = [p for p in ENSEMBLE_PROVIDERS if not (skip_compiled and p == "grouped-compiled")]
     return (layer_predictions(gpu_suite.CIFAR_R34 + gpu_suite.IMAGENET_R50, (torch.float32, torch.bfloat16), bn)
             + step_predictions(gpu_suite.STEP_CASES, bn) + ensemble_predictions(CASES, ens)
-            + graph_predictions(GRAPH_CASES) + imagenet_predictions() + whole_step_predictions())
+            + graph_predictions(GRAPH_CASES) + imagenet_predictions()
+            + whole_step_predictions(providers=[p for p in WHOLE_STEP_PROVIDERS
+                                                if not (skip_compiled and p.endswith("-compiled"))]))
 
 
 def measured_vs_predicted(measured_ms: float, pred: Prediction) -> dict:

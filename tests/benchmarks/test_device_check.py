@@ -47,8 +47,7 @@ def test_tiny_run_writes_every_part_and_passes(tmp_path):
     whole = reports["whole_step.json"]
     assert set(whole["ms"]) == {"hooks", "fastdfd-cpp"} and all(v > 0 for v in whole["ms"].values())
     assert whole["fastest_vs_hooks"] == whole["ms"]["hooks"] / whole["ms"]["fastdfd-cpp"]
-    # the H200 model's prediction beside the providers it models (the card's fused backend is triton, not cpp)
-    assert set(whole["perf_model"]) == {"hooks"} and whole["perf_model"]["hooks"]["predicted_ms"] > 0
+    assert "perf_model" not in whole  # the H200 model's prediction goes beside a card's measurement only
     (suite,) = [r for f, r in reports.items() if f.startswith("gpu-suite-")]
     assert suite["layers"] and all("predicted_ms" in r and r["predicted_ms"] > 0 for r in suite["layers"])
 
