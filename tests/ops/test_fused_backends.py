@@ -212,8 +212,9 @@ def test_generator_step_compiles_fullgraph(name, backend):
     Compiled, the fused backends' tap is aten ops (ops.moment.decomposition), not the eager kernels: a
     different fp32 summation order. At a fresh generator's tiny images this step's fp32 gradient is
     about 1e-4 of its largest element away from float64 in every backend, eager or compiled, so the
-    two fp32 steps are each checked against float64, not against each other bitwise; a wrong term in
-    the traced backward moves the gradient by O(1).
+    two fp32 steps are each checked against float64, not against each other bitwise: the compiled
+    step's error within a few times the eager step's. A wrong term in the traced backward moves the
+    gradient by O(1) of its scale.
     """
     import copy
 
@@ -240,13 +241,17 @@ def test_generator_step_compiles_fullgraph(name, backend):
         return loss.double(), grad.double()
 
     loss64, grad64 = run(torch.float64, "torch", False)
-    scale = grad64.abs().max()
+    scale = float(grad64.abs().max())
     chosen = backend if name == "fused" else "torch"
+    error = {}
     for compiled in (False, True):
         loss, grad = run(torch.float32, chosen, compiled)
         torch.testing.assert_close(loss, loss64, rtol=1e-5, atol=0, msg=lambda m: f"compiled={compiled}: {m}")
-        torch.testing.assert_close(grad, grad64, rtol=1e-3, atol=float(1e-3 * scale),
-                                   msg=lambda m: f"compiled={compiled}: {m}")
+        error[compiled] = float((grad - grad64).abs().max()) / scale
+    # fp32 rounding: ~1e-4 of the scale (eager cpp 1.2e-4, compiled 1.0e-4, eager torch 7.6e-5); the compiled
+    # step may be a few times the eager one's, never a wrong term's O(1) (a 5% error in dS2's term gives 0.48)
+    assert error[False] < 5e-4, error
+    assert error[True] < 3 * max(error[False], 1e-4), error
 
 
 _COMPILED_FIRST = """
