@@ -282,7 +282,9 @@ def test_a_bn_called_twice_counts_both_calls(kind, groups):
             ref = ref + hook_distance(pooled, mod, kind)
     (ref_grad,) = torch.autograd.grad(ref, xd)
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+    # atol on the gradient's scale: fp32 rounding of the kl distance's 1/var terms reaches 2e-5 of it on the cpp
+    # backend (AVX-512 host); a call left out of the pooled statistics moves it by O(1)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-4 * float(ref_grad.abs().max()))
 
 
 def test_to_while_attached_hands_new_tensors_back(digits_teacher):
