@@ -493,8 +493,6 @@ def imagenet_ensemble_estimate(k: int = 1000, size: int = 32, batch: int = 8, wi
 #: ``fastdfd-triton+gen-triton``, the step as the trainer runs it on a card (the generators' Triton kernels too),
 #: which whole_step.py does not time
 WHOLE_STEP_PROVIDERS = ("hooks", "hooks-compiled", "fastdfd-triton", "fastdfd-triton-compiled", "fastdfd-triton+gen-triton")
-#: benchmarks/providers.WHOLE_STEPS' teachers, by the name _meta_teacher builds
-WHOLE_STEP_TEACHERS = {"digits": "digits_teacher", "resnet56": "cifar_resnet56", "lite0": "efficientnet-lite0"}
 
 
 def compiled_moments(teacher: tuple) -> Cost:
@@ -554,17 +552,16 @@ def whole_step_predictions(names=None, providers=WHOLE_STEP_PROVIDERS) -> list[P
     NCHW) on an H200, each provider's milliseconds and its speed-ups over the eager and compiled hooks. Lite0
     needs ``efficientnet-lite-pytorch`` for its architecture and is left out without it. KeyError for an unknown
     case name."""
-    from benchmarks.providers import WHOLE_STEPS
+    import importlib.util
+
+    from benchmarks.providers import WHOLE_STEP_ARCHITECTURES, WHOLE_STEPS
 
     out = []
     for name in names or WHOLE_STEPS:
         k, batch, classes, size, channels, latent, widths = WHOLE_STEPS[name]
-        if name == "lite0":
-            try:
-                import efficientnet_lite_pytorch  # noqa: F401
-            except ImportError:
-                continue
-        t = teacher_ops(WHOLE_STEP_TEACHERS[name], classes, channels, k * batch, size, torch.float32)
+        if name == "lite0" and importlib.util.find_spec("efficientnet_lite_pytorch") is None:
+            continue
+        t = teacher_ops(WHOLE_STEP_ARCHITECTURES[name], classes, channels, k * batch, size, torch.float32)
         gens = generator_ops(k, batch, size, channels, tuple(widths), "train", torch.float32, latent=latent)
         costs = {p: whole_step_cost(p, t, gens) for p in providers}
         out += _predict("whole_step", f"{name} {k} gens x {batch} img, {size} px, fp32", costs,

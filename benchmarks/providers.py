@@ -180,6 +180,8 @@ def generator_step(provider: str, teacher: nn.Module, ensemble: GeneratorEnsembl
 # demo's generator, ResNet-56 with the library's default generator, Lite0 with the Lite0 study's smaller one
 WHOLE_STEPS = {"digits": (10, 16, 10, 16, 1, 64, (32, 16)), "resnet56": (10, 25, 10, 32, 3, 100, (128, 64)),
                "lite0": (10, 8, 1000, 64, 3, 100, (32, 16))}
+#: each case's teacher architecture: create_model's name (efficientnet-lite0: efficientnet_lite_pytorch's)
+WHOLE_STEP_ARCHITECTURES = {"digits": "digits_teacher", "resnet56": "cifar_resnet56", "lite0": "efficientnet-lite0"}
 
 
 def whole_step_teacher(name: str) -> nn.Module:
@@ -189,12 +191,12 @@ def whole_step_teacher(name: str) -> nn.Module:
     from fastdfd.models import create_model
 
     if name == "digits":
-        return randomize_bn(create_model("digits_teacher"))
+        return randomize_bn(create_model(WHOLE_STEP_ARCHITECTURES[name]))
     if name == "resnet56":
         import os
         from pathlib import Path
 
-        teacher = create_model("cifar_resnet56", num_classes=10)
+        teacher = create_model(WHOLE_STEP_ARCHITECTURES[name], num_classes=10)
         data = os.environ.get("FASTDFD_CIFAR10_DIR", Path(__file__).resolve().parents[2] / "shared/data/cifar10")
         path = Path(data) / "resnet56.th"
         if path.is_file():
@@ -205,7 +207,7 @@ def whole_step_teacher(name: str) -> nn.Module:
     if name == "lite0":
         from efficientnet_lite_pytorch import EfficientNet
 
-        return randomize_bn(EfficientNet.from_name("efficientnet-lite0"))
+        return randomize_bn(EfficientNet.from_name(WHOLE_STEP_ARCHITECTURES[name]))
     raise ValueError(f"unknown whole-step teacher {name!r}; expected one of {sorted(WHOLE_STEPS)}")
 
 

@@ -167,7 +167,6 @@ def test_whole_step_predictions_cover_the_cases():
     assert {p.case.split()[0] for p in preds} == {"digits", "resnet56"}
     by = {(p.case.split()[0], p.provider): p for p in preds}
     for case in ("digits", "resnet56"):
-        assert by[(case, "hooks")].speedups["hooks"] == 1.0
         assert by[(case, "hooks-compiled")].speedups["hooks"] > 1  # the compiler's fusion pays on a card too
     with pytest.raises(KeyError):
         pm.whole_step_predictions(["resnet18"])

@@ -5,6 +5,7 @@ built on first use. A backend that cannot run here is skipped with its reason (f
 FASTDFD_REQUIRE_BACKENDS names it: see tests/conftest.py).
 """
 
+import copy
 import os
 import re
 import subprocess
@@ -216,8 +217,6 @@ def test_generator_step_compiles_fullgraph(name, backend):
     step's error within a few times the eager step's. A wrong term in the traced backward moves the
     gradient by O(1) of its scale.
     """
-    import copy
-
     from fastdfd import GeneratorEnsemble, MomentMatcher
     from fastdfd.nn import ensemble_forward
 
