@@ -155,8 +155,10 @@ def generator_step(provider: str, teacher: nn.Module, ensemble: GeneratorEnsembl
             forward = torch.compile(forward)
         cleanup = hooks.remove
     else:
-        matcher = MomentMatcher(teacher, kind="l2")
-        backend = _backend_of(provider.removesuffix("-compiled"))
+        # "-unfused": the activations after the BN layers run as their own ops (the A/B of the taps' epilogue)
+        name = provider.removesuffix("-compiled")
+        matcher = MomentMatcher(teacher, kind="l2", fuse_epilogues=not name.endswith("-unfused"))
+        backend = _backend_of(name.removesuffix("-unfused"))
 
         def forward():
             with fastdfd.backend(backend):

@@ -25,7 +25,8 @@ import torch
 
 from .providers import WHOLE_STEPS, whole_step
 
-PROVIDERS = ("hooks", "hooks-compiled", "fastdfd-cpp", "fastdfd-cpp-compiled")
+# fastdfd-cpp-unfused: the matcher without its activation epilogues (fuse_epilogues=False), the A/B of that fusion
+PROVIDERS = ("hooks", "hooks-compiled", "fastdfd-cpp-unfused", "fastdfd-cpp", "fastdfd-cpp-compiled")
 TEACHERS = tuple(WHOLE_STEPS)
 
 

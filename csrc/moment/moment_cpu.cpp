@@ -6,9 +6,10 @@
 // non-overlapping, dense tensor with sp == 1 (NCHW-like) or sc == 1 (channels_last-like);
 // check_layout verifies that again, and y/dx get x's exact strides.
 //
-// Forward, one read of x: y = (x - mu_r) * gamma * rsqrt(var_r + eps) + beta (optional) and,
-// per (segment g, channel c), S1 = sum (x - mu_r), S2 = sum (x - mu_r)^2.
-// Backward, one pass: dx = dy * gamma * rsqrt(var_r + eps) + dS1[g, c] + 2 (x - mu_r) dS2[g, c].
+// Forward, one read of x: y = a(z), z = (x - mu_r) * gamma * rsqrt(var_r + eps) + beta (optional; a the
+// activation epilogue, identity by default) and, per (segment g, channel c), S1 = sum (x - mu_r),
+// S2 = sum (x - mu_r)^2.
+// Backward, one pass: dx = dy a'(z) * gamma * rsqrt(var_r + eps) + dS1[g, c] + 2 (x - mu_r) dS2[g, c].
 //
 // Parallelism (ATen's parallel_for), both passes in x's memory order: the forward cuts each
 // segment's rows (P values of an (image, channel) in NCHW, C values of an (image, position) in
@@ -23,6 +24,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -92,6 +94,45 @@ void bn_affine(const A* var, const A* w, const A* b, double eps, int64_t C, std:
   }
 }
 
+// The activation epilogue y = a(z), z the BN output, in the forward's store; the backward multiplies dy by
+// a'(z), z recomputed from the x it reads anyway. Ids as ACTIVATION_IDS in kernels/moment/layout.py; the
+// math and the derivatives at the kinks (torch's) are fastdfd/ops/moment/activation.py's. A template
+// argument, so each activation's inner loops stay branch-free and vectorisable.
+enum Act { IDENTITY = 0, RELU = 1, RELU6 = 2, LEAKY_RELU = 3, SILU = 4 };
+
+template <int ACT, typename A>
+inline A act_value(A z, A slope) {
+  if constexpr (ACT == RELU) return std::max(z, A(0));  // max(NaN, 0) is NaN, as torch's relu
+  else if constexpr (ACT == RELU6) return std::min(std::max(z, A(0)), A(6));
+  else if constexpr (ACT == LEAKY_RELU) return z > A(0) ? z : z * slope;
+  else if constexpr (ACT == SILU) return z / (A(1) + std::exp(-z));
+  else return z;
+}
+
+template <int ACT, typename A>
+inline A act_slope(A z, A slope) {
+  if constexpr (ACT == RELU) return z > A(0) ? A(1) : A(0);
+  else if constexpr (ACT == RELU6) return (z > A(0) && z < A(6)) ? A(1) : A(0);
+  else if constexpr (ACT == LEAKY_RELU) return z > A(0) ? A(1) : slope;
+  else if constexpr (ACT == SILU) {
+    const A sg = A(1) / (A(1) + std::exp(-z));
+    return sg * (A(1) + z * (A(1) - sg));
+  } else return A(1);
+}
+
+// Calls f with the activation id as a compile-time constant.
+template <typename F>
+void with_activation(int64_t act, F&& f) {
+  switch (act) {
+    case IDENTITY: f(std::integral_constant<int, IDENTITY>{}); break;
+    case RELU: f(std::integral_constant<int, RELU>{}); break;
+    case RELU6: f(std::integral_constant<int, RELU6>{}); break;
+    case LEAKY_RELU: f(std::integral_constant<int, LEAKY_RELU>{}); break;
+    case SILU: f(std::integral_constant<int, SILU>{}); break;
+    default: TORCH_CHECK(false, "fastdfd cpp tap: unknown activation id ", act, " (0-4)");
+  }
+}
+
 // Both passes walk x in memory order. A "row" is x's unit-stride run: the P values of one
 // (image, channel) in NCHW-like x, the C values of one (image, position) in channels_last-like x.
 // Rows are numbered within a segment so that consecutive numbers are neighbours in memory:
@@ -127,10 +168,11 @@ int64_t chunks_for(const Geometry& g, const Rows& rows) {
 // bounds the float sums' length whatever the batch.
 constexpr int64_t kFlushRows = 256;
 
-template <typename T>
+template <typename T, int ACT>
 void tap_forward_impl(const T* x, T* y, typename Acc<T>::type* s1, typename Acc<T>::type* s2,
                       const typename Acc<T>::type* mean, const typename Acc<T>::type* var,
-                      const typename Acc<T>::type* w, const typename Acc<T>::type* b, const Geometry& g, double eps) {
+                      const typename Acc<T>::type* w, const typename Acc<T>::type* b, const Geometry& g, double eps,
+                      typename Acc<T>::type slope) {
   using A = typename Acc<T>::type;
   std::vector<A> scale, shift;
   if (y) bn_affine(var, w, b, eps, g.C, scale, shift);
@@ -160,7 +202,7 @@ void tap_forward_impl(const T* x, T* y, typename Acc<T>::type* s1, typename Acc<
               const A d = static_cast<A>(xr[p]) - mu;
               a1 += d;
               a2 += d * d;
-              yr[p] = static_cast<T>(d * sc + sh);
+              yr[p] = static_cast<T>(act_value<ACT>(d * sc + sh, slope));
             }
           } else {
 #pragma omp simd reduction(+ : a1, a2)
@@ -190,7 +232,7 @@ void tap_forward_impl(const T* x, T* y, typename Acc<T>::type* s1, typename Acc<
               const A d = static_cast<A>(xr[c]) - mean[c];
               q1[c] += d;
               q2[c] += d * d;
-              yr[c] = static_cast<T>(d * scale[c] + shift[c]);
+              yr[c] = static_cast<T>(act_value<ACT>(d * scale[c] + shift[c], slope));
             }
           } else {
 #pragma omp simd
@@ -221,14 +263,14 @@ void tap_forward_impl(const T* x, T* y, typename Acc<T>::type* s1, typename Acc<
 // Values per backward task: large enough that a task's overhead is noise, small enough to balance.
 constexpr int64_t kBackwardGrainValues = 16384;
 
-template <typename T>
+template <typename T, int ACT>
 void tap_backward_impl(const T* x, const T* dy, T* dx, const typename Acc<T>::type* ds1,
                        const typename Acc<T>::type* ds2, const typename Acc<T>::type* mean,
-                       const typename Acc<T>::type* var, const typename Acc<T>::type* w, const Geometry& g,
-                       double eps) {
+                       const typename Acc<T>::type* var, const typename Acc<T>::type* w,
+                       const typename Acc<T>::type* b, const Geometry& g, double eps, typename Acc<T>::type slope) {
   using A = typename Acc<T>::type;
-  std::vector<A> scale, shift;
-  bn_affine(var, w, static_cast<const A*>(nullptr), eps, g.C, scale, shift);
+  std::vector<A> scale, shift;  // shift (beta) only enters through a'(z)
+  bn_affine(var, w, b, eps, g.C, scale, shift);
   std::vector<A> g2(g.G * g.C);  // 2 dS2, the factor of (x - mu_r)
   for (int64_t i = 0; i < g.G * g.C; ++i) g2[i] = 2 * ds2[i];
   const Rows rows = rows_of(g);
@@ -241,11 +283,14 @@ void tap_backward_impl(const T* x, const T* dy, T* dx, const typename Acc<T>::ty
       const T* dyr = dy ? dy + off : nullptr;
       if (!g.channels_last()) {
         const int64_t c = row_other(g, rows, r);
-        const A mu = mean[c], c1 = ds1[grp * g.C + c], c2 = g2[grp * g.C + c], sc = scale[c];
+        const A mu = mean[c], c1 = ds1[grp * g.C + c], c2 = g2[grp * g.C + c], sc = scale[c], sh = shift[c];
         if (dyr) {
 #pragma omp simd
-          for (int64_t p = 0; p < L; ++p)
-            dxr[p] = static_cast<T>(static_cast<A>(dyr[p]) * sc + c1 + (static_cast<A>(xr[p]) - mu) * c2);
+          for (int64_t p = 0; p < L; ++p) {
+            const A d = static_cast<A>(xr[p]) - mu;
+            const A dz = static_cast<A>(dyr[p]) * act_slope<ACT>(d * sc + sh, slope);
+            dxr[p] = static_cast<T>(dz * sc + c1 + d * c2);
+          }
         } else {
 #pragma omp simd
           for (int64_t p = 0; p < L; ++p) dxr[p] = static_cast<T>(c1 + (static_cast<A>(xr[p]) - mu) * c2);
@@ -256,8 +301,11 @@ void tap_backward_impl(const T* x, const T* dy, T* dx, const typename Acc<T>::ty
       const A* c2 = g2.data() + grp * g.C;
       if (dyr) {
 #pragma omp simd
-        for (int64_t c = 0; c < L; ++c)
-          dxr[c] = static_cast<T>(static_cast<A>(dyr[c]) * scale[c] + c1[c] + (static_cast<A>(xr[c]) - mean[c]) * c2[c]);
+        for (int64_t c = 0; c < L; ++c) {
+          const A d = static_cast<A>(xr[c]) - mean[c];
+          const A dz = static_cast<A>(dyr[c]) * act_slope<ACT>(d * scale[c] + shift[c], slope);
+          dxr[c] = static_cast<T>(dz * scale[c] + c1[c] + d * c2[c]);
+        }
       } else {
 #pragma omp simd
         for (int64_t c = 0; c < L; ++c) dxr[c] = static_cast<T>(c1[c] + (static_cast<A>(xr[c]) - mean[c]) * c2[c]);
@@ -285,7 +333,8 @@ namespace fastdfd::moment_cpu {
 
 std::vector<at::Tensor> tap_forward(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
                                     const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
-                                    double eps, int64_t groups, bool write_y, int64_t sn, int64_t sc, int64_t sp) {
+                                    double eps, int64_t groups, bool write_y, int64_t sn, int64_t sc, int64_t sp,
+                                    int64_t act, double slope) {
   follow_torch_threads();
   const Geometry g = geometry(x, groups, sn, sc, sp);
   check_stats(mean, g.C, acc_type(x), "mean");
@@ -297,17 +346,19 @@ std::vector<at::Tensor> tap_forward(const at::Tensor& x, const at::Tensor& mean,
   at::Tensor y = write_y ? empty_as(x) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastdfd_tap_forward", [&] {
     using A = typename Acc<scalar_t>::type;
-    tap_forward_impl<scalar_t>(x.data_ptr<scalar_t>(), write_y ? y.data_ptr<scalar_t>() : nullptr, s1.data_ptr<A>(),
-                               s2.data_ptr<A>(), mean.data_ptr<A>(), var.data_ptr<A>(), opt_ptr<A>(weight),
-                               opt_ptr<A>(bias), g, eps);
+    with_activation(write_y ? act : IDENTITY, [&](auto a) {  // without y there is nothing to activate
+      tap_forward_impl<scalar_t, decltype(a)::value>(
+          x.data_ptr<scalar_t>(), write_y ? y.data_ptr<scalar_t>() : nullptr, s1.data_ptr<A>(), s2.data_ptr<A>(),
+          mean.data_ptr<A>(), var.data_ptr<A>(), opt_ptr<A>(weight), opt_ptr<A>(bias), g, eps, static_cast<A>(slope));
+    });
   });
   return {write_y ? y : at::empty({0}, x.options()), s1, s2};
 }
 
 at::Tensor tap_backward(const at::Tensor& x, const c10::optional<at::Tensor>& dy, const at::Tensor& ds1,
                         const at::Tensor& ds2, const at::Tensor& mean, const at::Tensor& var,
-                        const c10::optional<at::Tensor>& weight, double eps, int64_t groups, int64_t sn, int64_t sc,
-                        int64_t sp) {
+                        const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias, double eps,
+                        int64_t groups, int64_t sn, int64_t sc, int64_t sp, int64_t act, double slope) {
   follow_torch_threads();
   const Geometry g = geometry(x, groups, sn, sc, sp);
   if (dy.has_value()) {
@@ -321,12 +372,16 @@ at::Tensor tap_backward(const at::Tensor& x, const c10::optional<at::Tensor>& dy
   check_stats(mean, g.C, acc_type(x), "mean");
   check_stats(var, g.C, acc_type(x), "var");
   if (weight.has_value()) check_stats(*weight, g.C, acc_type(x), "weight");
+  if (bias.has_value()) check_stats(*bias, g.C, acc_type(x), "bias");
   at::Tensor dx = empty_as(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastdfd_tap_backward", [&] {
     using A = typename Acc<scalar_t>::type;
-    tap_backward_impl<scalar_t>(x.data_ptr<scalar_t>(), dy.has_value() ? dy->data_ptr<scalar_t>() : nullptr,
-                                dx.data_ptr<scalar_t>(), ds1.data_ptr<A>(), ds2.data_ptr<A>(), mean.data_ptr<A>(),
-                                var.data_ptr<A>(), opt_ptr<A>(weight), g, eps);
+    with_activation(dy.has_value() ? act : IDENTITY, [&](auto a) {  // without dy the activation is not in the graph
+      tap_backward_impl<scalar_t, decltype(a)::value>(
+          x.data_ptr<scalar_t>(), dy.has_value() ? dy->data_ptr<scalar_t>() : nullptr, dx.data_ptr<scalar_t>(),
+          ds1.data_ptr<A>(), ds2.data_ptr<A>(), mean.data_ptr<A>(), var.data_ptr<A>(), opt_ptr<A>(weight),
+          opt_ptr<A>(bias), g, eps, static_cast<A>(slope));
+    });
   });
   return dx;
 }

@@ -1,7 +1,7 @@
 // The cpp backend's moment ops registered with the dispatcher, their autograd in C++:
 //
-//   fastdfd_cpu::tap(x, mean, var, weight?, bias?, eps, groups, write_y) -> (y, S1, S2)
-//   fastdfd_cpu::tap_backward(x, dy?, dS1, dS2, mean, var, weight?, eps, groups) -> dx
+//   fastdfd_cpu::tap(x, mean, var, weight?, bias?, eps, groups, write_y, act=0, slope=0) -> (y, S1, S2)
+//   fastdfd_cpu::tap_backward(x, dy?, dS1, dS2, mean, var, weight?, bias?, eps, groups, act=0, slope=0) -> dx
 //   fastdfd_cpu::finalize(S1, S2, count, var, eps, offsets, kind) -> [L, G]
 //   fastdfd_cpu::finalize_backward(S1, S2, count, var, eps, offsets, dout, kind) -> (dS1, dS2)
 //
@@ -84,25 +84,26 @@ at::Tensor like_strides(const at::Tensor& t, const at::Tensor& x) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tap_cpu(const at::Tensor& x, const at::Tensor& mean,
                                                        const at::Tensor& var, const c10::optional<at::Tensor>& weight,
                                                        const c10::optional<at::Tensor>& bias, double eps,
-                                                       int64_t groups, bool write_y) {
+                                                       int64_t groups, bool write_y, int64_t act, double slope) {
   const auto acc = acc_of(x.scalar_type());
   int64_t s[3];
   const at::Tensor xk = kernel_layout(x, s);
   auto out = impl::tap_forward(xk, as_acc(mean, acc), as_acc(var, acc), as_acc(weight, acc), as_acc(bias, acc), eps,
-                               groups, write_y, s[0], s[1], s[2]);
+                               groups, write_y, s[0], s[1], s[2], act, slope);
   return {out[0], out[1], out[2]};
 }
 
 at::Tensor tap_backward_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& dy, const at::Tensor& ds1,
                             const at::Tensor& ds2, const at::Tensor& mean, const at::Tensor& var,
-                            const c10::optional<at::Tensor>& weight, double eps, int64_t groups) {
+                            const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                            double eps, int64_t groups, int64_t act, double slope) {
   const auto acc = acc_of(x.scalar_type());
   int64_t s[3];
   const at::Tensor xk = kernel_layout(x, s);
   c10::optional<at::Tensor> dyk;
   if (dy.has_value() && dy->defined()) dyk = like_strides(*dy, xk);
   return impl::tap_backward(xk, dyk, as_acc(ds1, acc), as_acc(ds2, acc), as_acc(mean, acc), as_acc(var, acc),
-                            as_acc(weight, acc), eps, groups, s[0], s[1], s[2]);
+                            as_acc(weight, acc), as_acc(bias, acc), eps, groups, s[0], s[1], s[2], act, slope);
 }
 
 at::Tensor finalize_cpu(const at::Tensor& s1, const at::Tensor& s2, const at::Tensor& count, const at::Tensor& var,
@@ -122,6 +123,21 @@ std::tuple<at::Tensor, at::Tensor> finalize_backward_cpu(const at::Tensor& s1, c
   return {out[0], out[1]};
 }
 
+// a'(z) in aten ops, for the BN affine's gradients only (a user training the teacher's BN): the kernels'
+// act_slope (moment_cpu.cpp), torch's values at the kinks.
+at::Tensor activation_slope(const at::Tensor& z, int64_t act, double slope) {
+  switch (act) {
+    case 1: return (z > 0).to(z.scalar_type());
+    case 2: return ((z > 0) & (z < 6)).to(z.scalar_type());
+    case 3: return at::where(z > 0, at::ones_like(z), at::full_like(z, slope));
+    case 4: {
+      const at::Tensor s = at::sigmoid(z);
+      return s * (1 + z * (1 - s));
+    }
+    default: return at::ones_like(z);
+  }
+}
+
 c10::optional<at::Tensor> maybe(const at::Tensor& t) {
   return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
 }
@@ -134,23 +150,27 @@ class Tap : public torch::autograd::Function<Tap> {
   // recorded here rather than read back by edge index.
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& mean,
                                const at::Tensor& var, const c10::optional<at::Tensor>& weight,
-                               const c10::optional<at::Tensor>& bias, double eps, int64_t groups, bool write_y) {
+                               const c10::optional<at::Tensor>& bias, double eps, int64_t groups, bool write_y,
+                               int64_t act, double slope) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, s1, s2] = tap_cpu(x, mean, var, weight, bias, eps, groups, write_y);
-    ctx->save_for_backward({x, mean, var, weight.value_or(at::Tensor())});
+    auto [y, s1, s2] = tap_cpu(x, mean, var, weight, bias, eps, groups, write_y, act, slope);
+    ctx->save_for_backward({x, mean, var, weight.value_or(at::Tensor()), bias.value_or(at::Tensor())});
     ctx->saved_data["x_grad"] = x.requires_grad();
     ctx->saved_data["w_grad"] = weight.has_value() && weight->defined() && weight->requires_grad();
     ctx->saved_data["b_grad"] = bias.has_value() && bias->defined() && bias->requires_grad();
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["groups"] = groups;
     ctx->saved_data["write_y"] = write_y;
+    ctx->saved_data["act"] = act;
+    ctx->saved_data["slope"] = slope;
     return {y, s1, s2};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &mean = saved[1], &var = saved[2], &weight = saved[3];
-    const double eps = ctx->saved_data["eps"].toDouble();
+    const at::Tensor &x = saved[0], &mean = saved[1], &var = saved[2], &weight = saved[3], &bias = saved[4];
+    const double eps = ctx->saved_data["eps"].toDouble(), slope = ctx->saved_data["slope"].toDouble();
+    const int64_t act = ctx->saved_data["act"].toInt();
     const int64_t groups = ctx->saved_data["groups"].toInt(), c = x.size(1);
     const auto acc = acc_of(x.scalar_type());
     const at::Tensor dy = ctx->saved_data["write_y"].toBool() ? grads[0] : at::Tensor();
@@ -158,18 +178,24 @@ class Tap : public torch::autograd::Function<Tap> {
     at::Tensor dx, dw, db;
     const bool want_w = ctx->saved_data["w_grad"].toBool(), want_b = ctx->saved_data["b_grad"].toBool();
     if (ctx->saved_data["x_grad"].toBool())
-      dx = tap_backward_cpu(x, maybe(dy), sums(grads[1]), sums(grads[2]), mean, var, maybe(weight), eps, groups);
+      dx = tap_backward_cpu(x, maybe(dy), sums(grads[1]), sums(grads[2]), mean, var, maybe(weight), maybe(bias), eps,
+                            groups, act, slope);
     if (dy.defined() && (want_w || want_b)) {
       std::vector<int64_t> dims{0}, shape{1, c};
       for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d), shape.push_back(1);
-      const at::Tensor dya = dy.to(acc);
-      if (want_w) {
-        const at::Tensor xhat = (x.to(acc) - mean.to(acc).view(shape)) * at::rsqrt(var.to(acc).view(shape) + eps);
-        dw = (dya * xhat).sum(dims).to(weight.scalar_type());
+      at::Tensor dya = dy.to(acc);
+      const at::Tensor xhat = (x.to(acc) - mean.to(acc).view(shape)) * at::rsqrt(var.to(acc).view(shape) + eps);
+      if (act != 0) {  // with an activation epilogue the affine's gradients see dz = dy a'(z), z = BN(x) recomputed
+        at::Tensor z = xhat;
+        if (weight.defined()) z = z * weight.to(acc).view(shape);
+        if (bias.defined()) z = z + bias.to(acc).view(shape);
+        dya = dya * activation_slope(z, act, slope);
       }
+      if (want_w) dw = (dya * xhat).sum(dims).to(weight.scalar_type());
       if (want_b) db = dya.sum(dims).to(weight.defined() ? weight.scalar_type() : dy.scalar_type());
     }
-    return {dx, at::Tensor(), at::Tensor(), dw, db, at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dx, at::Tensor(), at::Tensor(), dw, db, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor()};
   }
 };
 
@@ -197,8 +223,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tap_autograd(const at::Tensor& x,
                                                             const at::Tensor& var,
                                                             const c10::optional<at::Tensor>& weight,
                                                             const c10::optional<at::Tensor>& bias, double eps,
-                                                            int64_t groups, bool write_y) {
-  auto out = Tap::apply(x, mean, var, weight, bias, eps, groups, write_y);
+                                                            int64_t groups, bool write_y, int64_t act, double slope) {
+  auto out = Tap::apply(x, mean, var, weight, bias, eps, groups, write_y, act, slope);
   return {out[0], out[1], out[2]};
 }
 
@@ -210,10 +236,10 @@ at::Tensor finalize_autograd(const at::Tensor& s1, const at::Tensor& s2, const a
 }  // namespace
 
 TORCH_LIBRARY(fastdfd_cpu, m) {
-  m.def("tap(Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps, int groups, bool write_y)"
-        " -> (Tensor, Tensor, Tensor)");
+  m.def("tap(Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps, int groups, bool write_y,"
+        " int act=0, float slope=0.) -> (Tensor, Tensor, Tensor)");
   m.def("tap_backward(Tensor x, Tensor? dy, Tensor ds1, Tensor ds2, Tensor mean, Tensor var, Tensor? weight,"
-        " float eps, int groups) -> Tensor");
+        " Tensor? bias, float eps, int groups, int act=0, float slope=0.) -> Tensor");
   m.def("finalize(Tensor s1, Tensor s2, Tensor count, Tensor var, Tensor eps, Tensor offsets, int kind) -> Tensor");
   m.def("finalize_backward(Tensor s1, Tensor s2, Tensor count, Tensor var, Tensor eps, Tensor offsets, Tensor dout,"
         " int kind) -> (Tensor, Tensor)");

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..ops.moment.activation import Activation
+
 _BN = nn.modules.batchnorm._BatchNorm
 
 # class (module path, name) -> (frozen: statistics in buffers and no train mode, has an epilogue)
@@ -64,6 +66,35 @@ class Flavour:
         return y
 
 
+# Activation modules a tap can apply in its own pass (fastdfd.ops.moment.activation), by exact class (a
+# subclass may compute something else): timm's norm + act layers hold one as ``act``, and a teacher's forward
+# may call one after a BN layer (.epilogue).
+_ACTIVATION_MODULES = {
+    nn.ReLU: lambda m: Activation("relu"),
+    nn.ReLU6: lambda m: Activation("relu6"),
+    nn.SiLU: lambda m: Activation("silu"),
+    nn.LeakyReLU: lambda m: Activation("leaky_relu", m.negative_slope),
+    nn.Hardtanh: lambda m: Activation("relu6") if (m.min_val, m.max_val) == (0.0, 6.0) else None,
+}
+
+
+def module_activation(module: nn.Module | None) -> Activation | None:
+    """The :class:`Activation` an activation module computes, or None when the taps do not fuse it."""
+    make = _ACTIVATION_MODULES.get(type(module))
+    return None if make is None else make(module)
+
+
+def fusable_epilogue(module: nn.Module, flavour: "Flavour") -> Activation | None:
+    """For a norm + act layer (timm's): its ``act`` when the tap can apply it in its pass (no drop, or an
+    identity one), else None (the tap's output then goes through the layer's own drop and act)."""
+    if not flavour.epilogue:
+        return None
+    drop = getattr(module, "drop", None)
+    if drop is not None and type(drop) is not nn.Identity:
+        return None
+    return module_activation(getattr(module, "act", None))
+
+
 def _forward_owner(module: nn.Module) -> type:
     for cls in type(module).__mro__:
         if "forward" in cls.__dict__:
@@ -97,4 +128,4 @@ def class_name(module: nn.Module) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-__all__ = ["Flavour", "class_name", "flavour_of", "is_uninitialized_lazy"]
+__all__ = ["Flavour", "class_name", "flavour_of", "fusable_epilogue", "is_uninitialized_lazy", "module_activation"]

@@ -23,6 +23,8 @@ from torch import nn
 from ..ops import KINDS, PackedLayout, check_kind, check_running_stats, moment_finalize
 from ..settings.generator import NORMALIZATIONS, SCOPES  # the choices live with the settings
 from .flavours import Flavour, class_name, flavour_of, is_uninitialized_lazy
+from .epilogue import Fusion
+from .epilogue import fuse_epilogues as fuse
 from .moment_record import MomentRecord
 from .tap import BNTap
 
@@ -73,6 +75,11 @@ class MomentMatcher:
         skip_without_stats: leave BN layers without running statistics (``track_running_stats=False``)
             in place and out of the loss, with one warning listing them; by default they are refused
             (ValueError naming the layer).
+        fuse_epilogues: trace the teacher once (``torch.fx``) and let each tap apply the activation that
+            follows its BN layer in the same pass, forward and backward, taking it out of the teacher's
+            forward while attached (:mod:`.epilogue`; ``fusion`` says which layers, or why none). A teacher
+            that cannot be traced, and every chain the taps do not fuse, runs as without it. The outputs
+            are the teacher's within fp32 rounding either way.
 
     Layers found: ``nn.BatchNorm1d/2d/3d``, ``SyncBatchNorm``, materialised lazy BN, torchvision's
     ``FrozenBatchNorm2d`` and timm's ``BatchNormAct2d`` / ``SyncBatchNormAct`` / ``FrozenBatchNormAct2d``
@@ -94,6 +101,7 @@ class MomentMatcher:
         first_layer_multiplier: float = 1.0,
         skip_without_stats: bool = False,
         normalization: str = "sum",
+        fuse_epilogues: bool = True,
     ):
         self.kind = check_kind(kind)
         if normalization not in NORMALIZATIONS:
@@ -156,6 +164,9 @@ class MomentMatcher:
                     parent._modules[child_name] = taps[id(child)]
                     self._swaps.append((parent, child_name, taps[id(child)]))
         self._hook = teacher.register_forward_pre_hook(self._start_forward)
+        by_name = {name: taps[id(bn)] for name, bn, _ in layers}
+        self.fusion = (fuse(teacher, by_name, self.record) if fuse_epilogues
+                       else Fusion(reason="fuse_epilogues=False"))
 
     # ------------------------------------------------------------------ set-up
     @staticmethod
@@ -289,7 +300,8 @@ class MomentMatcher:
         return bool(self._swaps)
 
     def remove(self) -> None:
-        """Put the original BN modules back (idempotent)."""
+        """Put the original BN modules back, and the teacher's own forward (idempotent)."""
+        self.fusion.remove()
         for parent, child_name, tap in reversed(self._swaps):
             parent._modules[child_name] = tap.restore()
         self._swaps = []

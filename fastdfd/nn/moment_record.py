@@ -36,6 +36,9 @@ class MomentRecord:
         # set by every write, cleared by the reader when it has read: a flag, not a counter, so that the same
         # step sets the same Python values every time (torch.compile guards on them; a counter would recompile)
         self.changed = False
+        # whether the taps apply the activations handed to them (.epilogue): on only inside the rewritten
+        # forward, which left them out; the teacher's own forward (or a submodule called alone) applies them itself
+        self.epilogues = False
 
     @property
     def active_groups(self) -> int:

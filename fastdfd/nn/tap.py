@@ -3,7 +3,8 @@
 For the layers whose forward is eval-mode BN (``fused`` flavours, :mod:`.flavours`), it
 computes the BN output and the layer's moment sums in one op (``fastdfd.ops.moment_tap``),
 so a fused backend reads the activation once for both, then applies the layer's own
-epilogue (timm's ``drop`` and ``act``). Any other layer, and any BN layer in training
+epilogue (timm's ``drop`` and ``act``). An activation that follows the layer in the teacher's
+forward can be handed to the tap (:mod:`.epilogue`): the tap then applies it in the same pass. Any other layer, and any BN layer in training
 mode, runs its own forward for the output while the sums are taken from its input: the
 teacher's outputs are exactly what they are without a matcher, whatever the layer does.
 
@@ -19,8 +20,9 @@ import torch
 from torch import nn
 
 from ..ops import moment_sums, moment_tap
+from ..ops.moment.activation import Activation
 from ..ops.moment.reference import eval_batch_norm
-from .flavours import Flavour
+from .flavours import Flavour, fusable_epilogue
 from .moment_record import MomentRecord
 
 
@@ -41,6 +43,11 @@ class BNTap(nn.Module):
         self._modules.update(bn._modules)
         self._non_persistent_buffers_set = set(bn._non_persistent_buffers_set)
         self.training = bn.training
+        # The activation that follows the layer in the teacher's forward, applied here instead (set by
+        # .epilogue.fuse_epilogues, which takes it out of the forward); None: no epilogue of that kind.
+        self.activation: Activation | None = None
+        # A norm + act layer's own act (timm), applied in the tap's pass when it can be (no drop layer)
+        self.own_activation = fusable_epilogue(bn, flavour)
 
     def _affine(self, name: str) -> torch.Tensor | None:
         return self._parameters[name] if name in self._parameters else self._buffers.get(name)
@@ -51,20 +58,28 @@ class BNTap(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         record = self._record
+        act = self.activation if record.epilogues else None
         if self.flavour.fused and not self._uses_batch_statistics():
             w, b = self._affine("weight"), self._affine("bias")
             if record.enabled:
                 groups = record.active_groups
-                y, s1, s2 = moment_tap(x, self.running_mean, self.running_var, w, b, self.eps, groups)
+                if self.own_activation is not None:  # the layer's act in the tap's pass (no teacher-level one)
+                    y, s1, s2 = moment_tap(x, self.running_mean, self.running_var, w, b, self.eps, groups,
+                                           self.own_activation)
+                    record.add(self.slot, s1, s2, x.numel() // (x.shape[1] * groups))
+                    return y
+                y, s1, s2 = moment_tap(x, self.running_mean, self.running_var, w, b, self.eps, groups, act)
                 record.add(self.slot, s1, s2, x.numel() // (x.shape[1] * groups))
             else:
                 y = eval_batch_norm(x, self.running_mean, self.running_var, w, b, self.eps)
+                y = y if act is None else act(y)
             return self.flavour.apply_epilogue(self, y)
         if record.enabled:
             groups = record.active_groups
             s1, s2 = moment_sums(x, record.shift(self.slot, x.device), groups)
             record.add(self.slot, s1, s2, x.numel() // (x.shape[1] * groups))
-        return self._own_forward(x)
+        y = self._own_forward(x)
+        return y if act is None else act(y)
 
     def _own_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.restore()(x)
@@ -79,5 +94,6 @@ class BNTap(nn.Module):
         return bn
 
     def extra_repr(self) -> str:
+        act = "" if self.activation is None else f", activation={self.activation.name}"
         return (f"{type(self.original).__name__}({self.num_features}, eps={self.eps}), slot={self.slot}, "
-                f"flavour={self.flavour.name}")
+                f"flavour={self.flavour.name}{act}")

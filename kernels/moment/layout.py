@@ -15,6 +15,12 @@ import torch
 KINDS = ("kl", "kl_reverse", "l2", "mse")
 KIND_IDS = {kind: i for i, kind in enumerate(KINDS)}  # the integer the compiled kernels take
 
+# The tap's activation epilogue, y = act(BN(x)), numbered as the compiled kernels take it (the ``act``
+# argument of csrc/moment/); "leaky_relu" also takes its negative slope. The math of each, forward and
+# derivative, is fastdfd/ops/moment/activation.py's.
+ACTIVATIONS = ("identity", "relu", "relu6", "leaky_relu", "silu")
+ACTIVATION_IDS = {name: i for i, name in enumerate(ACTIVATIONS)}
+
 
 def is_dense(x: torch.Tensor) -> bool:
     """True when x is non-overlapping and dense: its strides are a permutation of a contiguous layout's.

@@ -4,12 +4,12 @@ from one read of x, and the single-pass backward.
 Forward, for x [N, C, P] (P = prod(spatial)), N split into G contiguous segments::
 
     d = x - mu_r[c]
-    y = d * gamma[c] * rsqrt(var_r[c] + eps) + beta[c]        (written only if WRITE_Y)
+    y = a(d * gamma[c] * rsqrt(var_r[c] + eps) + beta[c])     (written only if WRITE_Y; a: ACT)
     S1[g, c] = sum_{n in g, p} d        S2[g, c] = sum_{n in g, p} d^2
 
 Backward, given dy (if the BN output was used) and dS1, dS2 [G, C]::
 
-    dx = dy * gamma[c] * rsqrt(var_r[c] + eps) + dS1[g, c] + 2 * d * dS2[g, c]
+    dx = dy a'(z) * gamma[c] * rsqrt(var_r[c] + eps) + dS1[g, c] + 2 * d * dS2[g, c]   (z recomputed)
 
 which reads x and dy once and writes dx once, whatever the loss on the sums was.
 
@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from ..launch import check_operand, on_device
-from .layout import check_kernel_layout, empty_kernel_like, kernel_layout, like_strides
+from .layout import ACTIVATION_IDS, check_kernel_layout, empty_kernel_like, kernel_layout, like_strides
 
 
 @triton.jit
@@ -57,6 +57,38 @@ def _bn_scale(var_ptr, w_ptr, offs_c, mask_c, eps, HAS_W: tl.constexpr):
     if HAS_W:
         scale = scale * tl.load(w_ptr + offs_c, mask=mask_c, other=1.0)
     return scale
+
+
+@triton.jit
+def _activation(z, slope, ACT: tl.constexpr):
+    """a(z) for the activation id ACT (ACTIVATION_IDS in .layout; fastdfd/ops/moment/activation.py's math)."""
+    y = z
+    # relu and relu6 by where(), not maximum/minimum: a NaN stays NaN, as in torch
+    if ACT == 1:  # relu
+        y = tl.where(z < 0, 0.0, z)
+    if ACT == 2:  # relu6
+        y = tl.where(z < 0, 0.0, tl.where(z > 6.0, 6.0, z))
+    if ACT == 3:  # leaky_relu
+        y = tl.where(z > 0, z, z * slope)
+    if ACT == 4:  # silu
+        y = z * tl.sigmoid(z)
+    return y
+
+
+@triton.jit
+def _activation_slope(z, slope, ACT: tl.constexpr):
+    """a'(z), torch's values at the kinks."""
+    g = z * 0.0 + 1.0
+    if ACT == 1:
+        g = tl.where(z > 0, 1.0, 0.0)
+    if ACT == 2:
+        g = tl.where((z > 0) & (z < 6.0), 1.0, 0.0)
+    if ACT == 3:
+        g = tl.where(z > 0, 1.0, slope)
+    if ACT == 4:
+        sg = tl.sigmoid(z)
+        g = sg * (1.0 + z * (1.0 - sg))
+    return g
 
 
 @triton.jit
@@ -87,10 +119,12 @@ def _tap_fwd_kernel(
     stride_c,
     stride_p,
     eps,
+    slope,  # leaky_relu's negative slope (unused by the other activations)
     SPLIT,  # splits per segment (runtime: one compiled kernel serves every shape)
     WRITE_Y: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
+    ACT: tl.constexpr,  # the activation epilogue, y = a(BN(x)) (0: identity)
     BLOCK_C: tl.constexpr,
     BLOCK_J: tl.constexpr,
 ):
@@ -113,7 +147,7 @@ def _tap_fwd_kernel(
         acc1 += d
         acc2 += d * d
         if WRITE_Y:
-            y = d * scale[:, None] + shift[:, None]
+            y = _activation(d * scale[:, None] + shift[:, None], slope, ACT)
             tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=mask)
     out = (g * SPLIT + s) * C + offs_c
     tl.store(part1_ptr + out, tl.sum(acc1, axis=1), mask=mask_c)
@@ -130,6 +164,7 @@ def _tap_bwd_kernel(
     mean_ptr,  # *fp32 [C]
     var_ptr,  # *fp32 [C]; unused without HAS_DY
     w_ptr,  # *fp32 [C]; unused without HAS_W
+    b_ptr,  # *fp32 [C]; read only for an activation's a'(z) with HAS_B
     C,
     P,
     rows_per_group,
@@ -138,9 +173,12 @@ def _tap_bwd_kernel(
     stride_c,
     stride_p,
     eps,
+    slope,
     SPLIT,
     HAS_DY: tl.constexpr,
     HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    ACT: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_J: tl.constexpr,
 ):
@@ -150,14 +188,21 @@ def _tap_bwd_kernel(
     g2 = 2.0 * tl.load(ds2_ptr + g * C + offs_c, mask=mask_c, other=0.0)
     if HAS_DY:
         scale = _bn_scale(var_ptr, w_ptr, offs_c, mask_c, eps, HAS_W)
+        if HAS_B:
+            shift = tl.load(b_ptr + offs_c, mask=mask_c, other=0.0)
+        else:
+            shift = tl.zeros([BLOCK_C], dtype=tl.float32)
 
     for j0 in range(j_start, j_end, BLOCK_J):
         off, mask = _tile_offsets(j0, j_end, g * rows_per_group, P, offs_c, mask_c, stride_n, stride_c, stride_p,
                                   BLOCK_J)
         x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
-        dx = g1[:, None] + (x - mu[:, None]) * g2[:, None]
+        d = x - mu[:, None]
+        dx = g1[:, None] + d * g2[:, None]
         if HAS_DY:
             dy = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            if ACT != 0:  # dz = dy a'(z), z recomputed from the x read above
+                dy = dy * _activation_slope(d * scale[:, None] + shift[:, None], slope, ACT)
             dx += dy * scale[:, None]
         tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
@@ -187,6 +232,11 @@ INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 WHERE = "fastdfd triton tap"
 
 
+def _check_act(act: int) -> None:
+    if act not in ACTIVATION_IDS.values():
+        raise ValueError(f"{WHERE}: unknown activation id {act!r}; expected one of {ACTIVATION_IDS}")
+
+
 def _check(x, groups: int, vectors: dict, sums: dict) -> None:
     """x and every per-channel operand, before raw addressing (x's strides: :func:`.layout.check_kernel_layout`)."""
     check_operand(WHERE, "x", x, device=x.device, dtypes=INPUT_DTYPES)
@@ -200,8 +250,11 @@ def _check(x, groups: int, vectors: dict, sums: dict) -> None:
         check_operand(WHERE, name, t, device=x.device, dtypes=(torch.float32,), numel=groups * c, contiguous=True)
 
 
-def tap_forward(x, mean, var, weight, bias, eps: float, groups: int, write_y: bool, programs: int):
-    """Launch the forward; returns (y or None, S1 [G, C], S2 [G, C]); y has x's kernel-layout strides."""
+def tap_forward(x, mean, var, weight, bias, eps: float, groups: int, write_y: bool, programs: int, act: int = 0,
+                slope: float = 0.0):
+    """Launch the forward; returns (y or None, S1 [G, C], S2 [G, C]); y has x's kernel-layout strides.
+    ``act``/``slope``: the activation epilogue (ACTIVATION_IDS of .layout)."""
+    _check_act(act)
     _check(x, groups, {"mean": mean, "var": var if write_y else None, "weight": weight, "bias": bias}, {})
     x, strides = kernel_layout(x)
     n, c = x.shape[0], x.shape[1]
@@ -215,8 +268,8 @@ def tap_forward(x, mean, var, weight, bias, eps: float, groups: int, write_y: bo
         _tap_fwd_kernel[(cfg["c_blocks"], groups * cfg["SPLIT"])](
             x, y if write_y else x, part1, part2, mean, var,
             weight if weight is not None else mean, bias if bias is not None else mean,
-            c, p, n // groups, cfg["chunk"], *strides, float(eps), cfg["SPLIT"],
-            WRITE_Y=write_y, HAS_W=weight is not None, HAS_B=bias is not None,
+            c, p, n // groups, cfg["chunk"], *strides, float(eps), float(slope), cfg["SPLIT"],
+            WRITE_Y=write_y, HAS_W=weight is not None, HAS_B=bias is not None, ACT=int(act) if write_y else 0,
             BLOCK_C=cfg["BLOCK_C"], BLOCK_J=cfg["BLOCK_J"], num_warps=NUM_WARPS,
         )
         if cfg["SPLIT"] == 1:
@@ -224,9 +277,12 @@ def tap_forward(x, mean, var, weight, bias, eps: float, groups: int, write_y: bo
         return y, part1.sum(dim=1), part2.sum(dim=1)
 
 
-def tap_backward(x, dy, ds1, ds2, mean, var, weight, eps: float, groups: int, programs: int):
-    """Launch the backward; returns dx with x's kernel-layout strides."""
-    _check(x, groups, {"mean": mean, "var": var, "weight": weight}, {"ds1": ds1, "ds2": ds2})
+def tap_backward(x, dy, ds1, ds2, mean, var, weight, eps: float, groups: int, programs: int, bias=None, act: int = 0,
+                 slope: float = 0.0):
+    """Launch the backward; returns dx with x's kernel-layout strides. ``bias``, ``act``, ``slope``: the
+    forward's, for the activation's a'(z)."""
+    _check_act(act)
+    _check(x, groups, {"mean": mean, "var": var, "weight": weight, "bias": bias}, {"ds1": ds1, "ds2": ds2})
     check_operand(WHERE, "dy", dy, device=x.device, dtypes=(x.dtype,), shape=tuple(x.shape))
     x, strides = kernel_layout(x)
     dy = like_strides(dy, x)
@@ -238,8 +294,10 @@ def tap_backward(x, dy, ds1, ds2, mean, var, weight, eps: float, groups: int, pr
     with on_device(x):
         _tap_bwd_kernel[(cfg["c_blocks"], groups * cfg["SPLIT"])](
             x, dy if dy is not None else x, dx, ds1, ds2, mean, var, weight if weight is not None else mean,
-            c, p, n // groups, cfg["chunk"], *strides, float(eps), cfg["SPLIT"],
-            HAS_DY=dy is not None, HAS_W=weight is not None,
+            bias if bias is not None else mean,
+            c, p, n // groups, cfg["chunk"], *strides, float(eps), float(slope), cfg["SPLIT"],
+            HAS_DY=dy is not None, HAS_W=weight is not None, HAS_B=bias is not None,
+            ACT=int(act) if dy is not None else 0,
             BLOCK_C=cfg["BLOCK_C"], BLOCK_J=cfg["BLOCK_J"], num_warps=NUM_WARPS,
         )
     return dx

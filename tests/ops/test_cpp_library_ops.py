@@ -101,7 +101,9 @@ def test_bad_input_is_refused(cpp):
         cpp.tap(x, torch.zeros(4), torch.ones(3), None, None, 1e-5, 1, True)
     with pytest.raises(RuntimeError, match="gradient of shape"):
         cpp.tap_backward(x, torch.randn(4, 3, 5, 4), torch.zeros(1, 3), torch.zeros(1, 3), torch.zeros(3),
-                         torch.ones(3), None, 1e-5, 1)
+                         torch.ones(3), None, None, 1e-5, 1)
+    with pytest.raises(RuntimeError, match="unknown activation id 9"):
+        cpp.tap(x, torch.zeros(3), torch.ones(3), None, None, 1e-5, 1, True, 9)
 
 
 def test_the_moment_ops_take_the_library_path_eager_and_the_custom_ops_compiled(monkeypatch):

@@ -91,7 +91,7 @@ def test_decomposition_matches_the_cpp_kernels():
     for a, e in zip(decomposed, kernel):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dec._tap_backward_math(x, dy, ds1, ds2, mean, var, w, 1e-3, 2),
-                               tap_backward(x, dy, ds1, ds2, mean, var, w, 1e-3, 2, "cpp"), rtol=1e-5, atol=1e-5)
+                               tap_backward(x, dy, ds1, ds2, mean, var, w, None, 1e-3, 2, "cpp"), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("write_y", [True, False])

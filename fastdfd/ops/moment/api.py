@@ -12,6 +12,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..dispatch import resolve
 from . import dispatch  # noqa: F401  (registers every backend's entries)
+from .activation import Activation, as_activation
 from .packed import PackedLayout
 from .reference import KINDS
 
@@ -155,10 +156,29 @@ def moment_tap(
     bias: torch.Tensor | None,
     eps: float,
     groups: int = 1,
+    activation: Activation | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Eval-mode BN output y (x's dtype) and the running-mean-shifted sums, from one read of x."""
+    """Eval-mode BN output and the running-mean-shifted sums, from one read of x.
+
+    Args:
+        x: the BN layer's input, [N, C, *spatial], fp16/bf16/fp32/fp64, any dense or strided layout.
+        running_mean, running_var: [C], the layer's statistics (the shift of the sums and the BN's).
+        weight, bias: [C] or None, the BN's affine.
+        eps: the BN's eps.
+        groups: N split into this many contiguous segments, sums per segment.
+        activation: the epilogue ``y = a(BN(x))`` (:class:`fastdfd.ops.moment.activation.Activation` or its
+            name: identity (None, the default), relu, relu6, leaky_relu, silu). The ``cpp`` backend and the
+            form ``torch.compile`` traces apply it in the tap's pass, forward and backward; the others after it.
+
+    Returns:
+        y in x's dtype and shape (x's layout where the kernels take it), and S1, S2 [groups, C] in fp32
+        (fp64 for fp64 x), differentiable in x (and the affine). docs/method.md section 8 states the math.
+
+    Raises TypeError / ValueError for a bad x, groups or activation (:func:`check_moment_input`).
+    """
     check_moment_input(x, running_mean.numel(), groups)
-    return resolve("moment_tap", x)[1](x, running_mean, running_var, weight, bias, eps, groups)
+    act = as_activation(activation)
+    return resolve("moment_tap", x)[1](x, running_mean, running_var, weight, bias, eps, groups, act)
 
 
 def moment_finalize(

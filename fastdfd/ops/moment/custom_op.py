@@ -8,8 +8,11 @@ that backend's launchers, ``LAUNCHERS[name]`` (``backends/<name>.py``).
 
 A launcher set provides::
 
-    tap_forward(x, mean, var, weight, bias, eps, groups, write_y) -> (y | None, S1, S2)
-    tap_backward(x, dy | None, dS1, dS2, mean, var, weight, eps, groups) -> dx
+    tap_forward(x, mean, var, weight, bias, eps, groups, write_y, act, slope) -> (y | None, S1, S2)
+    tap_backward(x, dy | None, dS1, dS2, mean, var, weight, bias, eps, groups, act, slope) -> dx
+
+(``act``/``slope``: the activation epilogue, :mod:`.activation`; a backend that does not fuse it gets
+identity, 0, and the dispatch applies the activation after the tap: :mod:`.dispatch`)
     finalize_forward(S1, S2, count, var, eps, offsets, kind) -> [L, G]
     finalize_backward(S1, S2, count, var, eps, offsets, dout, kind) -> (dS1, dS2)
 
@@ -28,8 +31,9 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from fastdfd.kernels.moment.layout import kernel_output_like
+from fastdfd.kernels.moment.layout import ACTIVATIONS, kernel_output_like
 from .backends import cpp, cuda, triton
+from .activation import Activation
 from .reference import accumulation_dtype, bn_affine_grads
 
 LAUNCHERS: dict[str, dict[str, Callable]] = {"triton": triton.LAUNCHERS, "cpp": cpp.LAUNCHERS, "cuda": cuda.LAUNCHERS}
@@ -43,16 +47,16 @@ def _acc(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
 @torch.library.custom_op("fastdfd::tap_forward", mutates_args=())
 def tap_forward(
     x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-    eps: float, groups: int, write_y: bool, impl: str,
+    eps: float, groups: int, write_y: bool, impl: str, act: int = 0, slope: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     acc = accumulation_dtype(x.dtype)
     y, s1, s2 = LAUNCHERS[impl]["tap_forward"](
-        x, _acc(mean, acc), _acc(var, acc), _acc(weight, acc), _acc(bias, acc), eps, groups, write_y)
+        x, _acc(mean, acc), _acc(var, acc), _acc(weight, acc), _acc(bias, acc), eps, groups, write_y, act, slope)
     return (y if y is not None else x.new_empty(0)), s1, s2
 
 
 @tap_forward.register_fake
-def _(x, mean, var, weight, bias, eps, groups, write_y, impl):
+def _(x, mean, var, weight, bias, eps, groups, write_y, impl, act=0, slope=0.0):
     s = x.new_empty((groups, x.shape[1]), dtype=accumulation_dtype(x.dtype))
     return (kernel_output_like(x) if write_y else x.new_empty(0)), s, torch.empty_like(s)
 
@@ -60,37 +64,41 @@ def _(x, mean, var, weight, bias, eps, groups, write_y, impl):
 @torch.library.custom_op("fastdfd::tap_backward", mutates_args=())
 def tap_backward(
     x: Tensor, dy: Optional[Tensor], ds1: Tensor, ds2: Tensor, mean: Tensor, var: Tensor,
-    weight: Optional[Tensor], eps: float, groups: int, impl: str,
+    weight: Optional[Tensor], bias: Optional[Tensor], eps: float, groups: int, impl: str, act: int = 0,
+    slope: float = 0.0,
 ) -> Tensor:
     acc = accumulation_dtype(x.dtype)
     return LAUNCHERS[impl]["tap_backward"](
-        x, dy, _acc(ds1, acc), _acc(ds2, acc), _acc(mean, acc), _acc(var, acc), _acc(weight, acc), eps, groups)
+        x, dy, _acc(ds1, acc), _acc(ds2, acc), _acc(mean, acc), _acc(var, acc), _acc(weight, acc), _acc(bias, acc),
+        eps, groups, act, slope)
 
 
 @tap_backward.register_fake
-def _(x, dy, ds1, ds2, mean, var, weight, eps, groups, impl):
+def _(x, dy, ds1, ds2, mean, var, weight, bias, eps, groups, impl, act=0, slope=0.0):
     return kernel_output_like(x)
 
 
 def _tap_setup(ctx, inputs, output):
-    x, mean, var, weight, bias, eps, groups, write_y, impl = inputs
-    ctx.save_for_backward(x, mean, var, weight)
-    ctx.eps, ctx.groups, ctx.write_y, ctx.impl = eps, groups, write_y, impl
+    x, mean, var, weight, bias, eps, groups, write_y, impl, act, slope = inputs
+    ctx.save_for_backward(x, mean, var, weight, bias)
+    ctx.eps, ctx.groups, ctx.write_y, ctx.impl, ctx.act, ctx.slope = eps, groups, write_y, impl, act, slope
 
 
 def _tap_grad(ctx, dy, ds1, ds2):
-    x, mean, var, weight = ctx.saved_tensors
+    x, mean, var, weight, bias = ctx.saved_tensors
     c, acc = x.shape[1], accumulation_dtype(x.dtype)
     ds1 = ds1 if ds1 is not None else x.new_zeros((ctx.groups, c), dtype=acc)
     ds2 = ds2 if ds2 is not None else x.new_zeros((ctx.groups, c), dtype=acc)
     dy = dy if ctx.write_y else None
     dx = None
     if ctx.needs_input_grad[0]:
-        dx = tap_backward(x, dy, ds1, ds2, mean, var, weight, ctx.eps, ctx.groups, ctx.impl)
+        dx = tap_backward(x, dy, ds1, ds2, mean, var, weight, bias, ctx.eps, ctx.groups, ctx.impl, ctx.act, ctx.slope)
     dw = db = None
     if dy is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4]):
-        dw, db = bn_affine_grads(x, dy, mean, var, weight, ctx.eps, ctx.needs_input_grad[3], ctx.needs_input_grad[4])
-    return dx, None, None, dw, db, None, None, None, None
+        activation = Activation(ACTIVATIONS[ctx.act], ctx.slope)
+        dw, db = bn_affine_grads(x, dy, mean, var, weight, ctx.eps, ctx.needs_input_grad[3], ctx.needs_input_grad[4],
+                                 bias, activation)
+    return dx, None, None, dw, db, None, None, None, None, None, None
 
 
 tap_forward.register_autograd(_tap_grad, setup_context=_tap_setup)

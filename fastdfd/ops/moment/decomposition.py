@@ -9,8 +9,8 @@ call :func:`tap` instead, an ``autograd.Function`` whose forward and backward ar
 in aten ops (the forward is :mod:`.reference`'s, sums in the accumulation dtype)::
 
     forward   d = x - mu_r;  S1[g, c] = sum d,  S2[g, c] = sum d^2;
-              y = d * gamma * rsqrt(var_r + eps) + beta                       (eval-mode BN)
-    backward  dx = dy * gamma * rsqrt(var_r + eps) + dS1[g, c] + 2 d dS2[g, c]  (one pass)
+              y = a(z),  z = d * gamma * rsqrt(var_r + eps) + beta             (eval-mode BN, activation a)
+    backward  dx = dy a'(z) * gamma * rsqrt(var_r + eps) + dS1[g, c] + 2 d dS2[g, c]  (one pass)
 
 Inductor then emits loops that read x once for y, S1 and S2 with the epilogue (ReLU, the residual
 add) in the same pass, and a backward that reads x and dy once; the backward is the one-pass form
@@ -36,7 +36,9 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor
 
-from .reference import accumulation_dtype, bn_affine_grads, channel_view, eval_batch_norm, moment_sums_torch
+from .activation import Activation, activation_derivative, apply_activation
+from .reference import (accumulation_dtype, bn_affine_grads, channel_view, eval_batch_norm, moment_sums_torch,
+                        pre_activation)
 
 FUSED = frozenset({"triton", "cpp", "cuda"})
 #: the fused backends whose tap is traced as aten ops under torch.compile
@@ -72,22 +74,26 @@ def _scale(var: Tensor, weight: Optional[Tensor], eps: float, acc: torch.dtype) 
 
 
 def _tap_forward_math(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                      eps: float, groups: int, write_y: bool):
+                      eps: float, groups: int, write_y: bool, act: str = "identity", slope: float = 0.0):
     """The reference's forward (:mod:`.reference`): inductor reads x once for the sums and y."""
     s1, s2 = moment_sums_torch(x, mean, groups)
-    y = eval_batch_norm(x, mean, var, weight, bias, eps) if write_y else x.new_empty(0)
+    y = apply_activation(act, slope, eval_batch_norm(x, mean, var, weight, bias, eps)) if write_y else x.new_empty(0)
     return y, s1, s2
 
 
 def _tap_backward_math(x: Tensor, dy: Optional[Tensor], ds1: Tensor, ds2: Tensor, mean: Tensor, var: Tensor,
-                       weight: Optional[Tensor], eps: float, groups: int) -> Tensor:
+                       weight: Optional[Tensor], eps: float, groups: int, bias: Optional[Tensor] = None,
+                       act: str = "identity", slope: float = 0.0) -> Tensor:
     acc = accumulation_dtype(x.dtype)
     xg = x.to(acc).unflatten(0, (groups, x.shape[0] // groups))
     d = xg - channel_view(mean.to(acc), x).unsqueeze(0)
     dx = _segment_view(ds1.to(acc), x, groups) + 2 * d * _segment_view(ds2.to(acc), x, groups)
     if dy is not None:
+        dz = dy.to(acc)
+        if act != "identity":  # dy * a'(z), z recomputed from the x this pass reads anyway
+            dz = dz * activation_derivative(act, slope, pre_activation(x, mean, var, weight, bias, eps))
         scale = channel_view(_scale(var, weight, eps, acc), x).unsqueeze(0)
-        dx = dx + dy.to(acc).unflatten(0, (groups, x.shape[0] // groups)) * scale
+        dx = dx + dz.unflatten(0, (groups, x.shape[0] // groups)) * scale
     return dx.flatten(0, 1).to(x.dtype)
 
 
@@ -98,29 +104,30 @@ def decomposes(impl: str) -> bool:
 
 class _Tap(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, mean, var, weight, bias, eps, groups, write_y):
-        ctx.save_for_backward(x, mean, var, weight)
-        ctx.eps, ctx.groups, ctx.write_y = eps, groups, write_y
-        return _tap_forward_math(x, mean, var, weight, bias, eps, groups, write_y)
+    def forward(ctx, x, mean, var, weight, bias, eps, groups, write_y, act, slope):
+        ctx.save_for_backward(x, mean, var, weight, bias)
+        ctx.eps, ctx.groups, ctx.write_y, ctx.act, ctx.slope = eps, groups, write_y, act, slope
+        return _tap_forward_math(x, mean, var, weight, bias, eps, groups, write_y, act, slope)
 
     @staticmethod
     def backward(ctx, dy, ds1, ds2):
-        x, mean, var, weight = ctx.saved_tensors
+        x, mean, var, weight, bias = ctx.saved_tensors
         acc = accumulation_dtype(x.dtype)
         ds1 = ds1 if ds1 is not None else x.new_zeros((ctx.groups, x.shape[1]), dtype=acc)
         ds2 = ds2 if ds2 is not None else x.new_zeros((ctx.groups, x.shape[1]), dtype=acc)
         dy = dy if ctx.write_y else None
-        dx = _tap_backward_math(x, dy, ds1, ds2, mean, var, weight, ctx.eps, ctx.groups) \
+        dx = _tap_backward_math(x, dy, ds1, ds2, mean, var, weight, ctx.eps, ctx.groups, bias, ctx.act, ctx.slope) \
             if ctx.needs_input_grad[0] else None
         dw = db = None
         if dy is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4]):
-            dw, db = bn_affine_grads(x, dy, mean, var, weight, ctx.eps, ctx.needs_input_grad[3], ctx.needs_input_grad[4])
-        return dx, None, None, dw, db, None, None, None
+            dw, db = bn_affine_grads(x, dy, mean, var, weight, ctx.eps, ctx.needs_input_grad[3], ctx.needs_input_grad[4],
+                                     bias, Activation(ctx.act, ctx.slope))
+        return dx, None, None, dw, db, None, None, None, None, None
 
 
 def tap(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-        groups: int, write_y: bool) -> tuple[Tensor, Tensor, Tensor]:
+        groups: int, write_y: bool, act: str = "identity", slope: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     """The tap in aten ops, differentiable with the one-pass backward: ``fastdfd::tap_forward``'s
-    contract (y in x's dtype, or an empty tensor without ``write_y``; S1, S2 [groups, C] in the
-    accumulation dtype)."""
-    return _Tap.apply(x, mean, var, weight, bias, eps, groups, write_y)
+    contract (y = a(BN(x)) in x's dtype for the activation ``act`` of :mod:`.activation`, or an empty
+    tensor without ``write_y``; S1, S2 [groups, C] in the accumulation dtype)."""
+    return _Tap.apply(x, mean, var, weight, bias, eps, groups, write_y, act, slope)

@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_
 
 from ..dispatch import register
 from . import decomposition, reference
+from .activation import IDENTITY, Activation
 from .backends import cpp, cuda, triton
 from .custom_op import finalize_forward, tap_forward
 from .packed import PackedLayout
@@ -26,10 +27,13 @@ register("moment_finalize", "torch")(reference.moment_finalize_torch)
 
 
 def _register_fused(name: str, check: Callable[[Tensor], str | None],
-                    check_finalize: Callable[[Tensor], str | None], eager: dict[str, Callable] | None = None) -> None:
+                    check_finalize: Callable[[Tensor], str | None], eager: dict[str, Callable] | None = None,
+                    fuses_activation: bool = False) -> None:
     """Register ``name``'s implementations of the three dispatched moment ops: eager, the backend's own
     dispatcher ops where it registers them (``eager``); while torch.compile traces, the tap as aten ops
-    (:mod:`.decomposition`) or the Python custom ops with impl=name."""
+    (:mod:`.decomposition`) or the Python custom ops with impl=name. A backend whose kernels have no
+    activation epilogue (``fuses_activation`` False) gets the tap alone, and the activation runs after it
+    as a torch op (exact, one more pass); the traced form always fuses it."""
 
     def eager_now(x: Tensor) -> bool:
         # The dispatcher ops have no fake kernels and call their kernels directly: any tracer (dynamo, make_fx
@@ -38,17 +42,23 @@ def _register_fused(name: str, check: Callable[[Tensor], str | None],
                 and _current_dispatch_mode() is None and not torch._C._is_torch_function_mode_enabled()
                 and not torch._C._functorch.is_functorch_wrapped_tensor(x))
 
-    def tap(x, mean, var, weight, bias, eps, groups, write_y):
+    def tap(x, mean, var, weight, bias, eps, groups, write_y, activation: Activation = IDENTITY):
         eps, groups = float(eps), int(groups)
         if decomposition.decomposes(name):  # traced by torch.compile: aten ops inductor fuses with the neighbours
-            return decomposition.tap(x, mean, var, weight, bias, eps, groups, write_y)
+            return decomposition.tap(x, mean, var, weight, bias, eps, groups, write_y, activation.name,
+                                     activation.negative_slope)
+        if not fuses_activation and not activation.is_identity:
+            y, s1, s2 = tap(x, mean, var, weight, bias, eps, groups, write_y)
+            return activation(y), s1, s2
         if eager_now(x):
-            return eager["tap"](x, mean, var, weight, bias, eps, groups, write_y)
-        return tap_forward(x, mean, var, weight, bias, eps, groups, write_y, name)
+            return eager["tap"](x, mean, var, weight, bias, eps, groups, write_y, activation.id,
+                                activation.negative_slope)
+        return tap_forward(x, mean, var, weight, bias, eps, groups, write_y, name, activation.id,
+                           activation.negative_slope)
 
     @register("moment_tap", name, check=check)
-    def moment_tap(x, running_mean, running_var, weight, bias, eps, groups):
-        return tap(x, running_mean, running_var, weight, bias, eps, groups, True)
+    def moment_tap(x, running_mean, running_var, weight, bias, eps, groups, activation=IDENTITY):
+        return tap(x, running_mean, running_var, weight, bias, eps, groups, True, activation)
 
     @register("moment_sums", name, check=check)
     def moment_sums(x, shift, groups):
@@ -65,6 +75,6 @@ def _register_fused(name: str, check: Callable[[Tensor], str | None],
                                 layout.eps.to(s1.dtype).contiguous(), layout.offsets.contiguous(), kind, name)
 
 
-_register_fused("triton", triton.check, triton.check_finalize)
-_register_fused("cpp", cpp.check, cpp.check, cpp.EAGER)
-_register_fused("cuda", cuda.check, cuda.check_finalize)
+_register_fused("triton", triton.check, triton.check_finalize, fuses_activation=triton.FUSES_ACTIVATION)
+_register_fused("cpp", cpp.check, cpp.check, cpp.EAGER, fuses_activation=cpp.FUSES_ACTIVATION)
+_register_fused("cuda", cuda.check, cuda.check_finalize, fuses_activation=cuda.FUSES_ACTIVATION)

@@ -9,7 +9,8 @@ before the pass, so E[x^2] - E[x]^2 does not cancel when batch means sit near it
 
     S1[g, c] = sum (x - mu_r[c])          S2[g, c] = sum (x - mu_r[c])^2
     mu_b = mu_r + S1 / M                  var_b = S2 / M - (S1 / M)^2   (biased)
-    y = (x - mu_r) * rsqrt(var_r + eps) * gamma + beta                  (eval-mode BN)
+    y = a((x - mu_r) * rsqrt(var_r + eps) * gamma + beta)               (eval-mode BN, then the
+                                                                         activation epilogue a, .activation)
 
 Distances per channel, summed (kl, kl_reverse) or normed/averaged (l2, mse) per layer;
 v_b = var_b + eps, v_r = var_r + eps, d = mu_b - mu_r = S1 / M::
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 
 from fastdfd.kernels.moment.layout import KIND_IDS, KINDS  # noqa: F401  (the kinds, numbered as the kernels take them)
 
+from .activation import IDENTITY, Activation
 from .packed import PackedLayout
 
 
@@ -57,9 +59,10 @@ def moment_tap_torch(
     bias: torch.Tensor | None,
     eps: float,
     groups: int,
+    activation: Activation = IDENTITY,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     s1, s2 = moment_sums_torch(x, running_mean, groups)
-    return eval_batch_norm(x, running_mean, running_var, weight, bias, eps), s1, s2
+    return activation(eval_batch_norm(x, running_mean, running_var, weight, bias, eps)), s1, s2
 
 
 def eval_batch_norm(x, running_mean, running_var, weight, bias, eps: float) -> torch.Tensor:
@@ -74,13 +77,27 @@ def eval_batch_norm(x, running_mean, running_var, weight, bias, eps: float) -> t
     return y.to(x.dtype)
 
 
+def pre_activation(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None,
+                   bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """z = BN(x) in the accumulation dtype, recomputed from x: what an activation's derivative needs."""
+    acc = accumulation_dtype(x.dtype)
+    scale = torch.rsqrt(var.to(acc) + eps)
+    if weight is not None:
+        scale = scale * weight.to(acc)
+    z = (x.to(acc) - channel_view(mean.to(acc), x)) * channel_view(scale, x)
+    return z if bias is None else z + channel_view(bias.to(acc), x)
+
+
 def bn_affine_grads(x: torch.Tensor, dy: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
-                    weight: torch.Tensor | None, eps: float, want_weight: bool, want_bias: bool):
-    """Gradients of the eval-BN output y = xhat * gamma + beta for its gamma and beta (None where not wanted):
-    only needed when a user trains the teacher's BN affine. The tap's custom op and its traced form share it."""
+                    weight: torch.Tensor | None, eps: float, want_weight: bool, want_bias: bool,
+                    bias: torch.Tensor | None = None, activation: Activation = IDENTITY):
+    """Gradients of y = a(xhat * gamma + beta) for gamma and beta (None where not wanted): only needed when
+    a user trains the teacher's BN affine. The tap's custom op and its traced form share it."""
     acc = accumulation_dtype(x.dtype)
     dims = [0] + list(range(2, x.dim()))
     dya = dy.to(acc)
+    if not activation.is_identity:  # dz = dy a'(z)
+        dya = dya * activation.derivative(pre_activation(x, mean, var, weight, bias, eps))
     dw = db = None
     if want_weight:
         xhat = (x.to(acc) - channel_view(mean.to(acc), x)) * channel_view(torch.rsqrt(var.to(acc) + eps), x)

@@ -20,6 +20,7 @@ from fastdfd.kernels.moment.layout import KIND_IDS, kernel_layout, like_strides
 from ... import extensions
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FUSES_ACTIVATION = True  # the kernels apply the activation epilogue in the tap's pass (act, slope)
 
 
 def check(x: Tensor) -> str | None:
@@ -34,16 +35,18 @@ def _ext():
     return extensions.load("cpu")[0]
 
 
-def _tap_forward(x, mean, var, weight, bias, eps, groups, write_y):
+def _tap_forward(x, mean, var, weight, bias, eps, groups, write_y, act=0, slope=0.0):
     x, strides = kernel_layout(x)
-    y, s1, s2 = _ext().tap_forward(x, mean, var, weight, bias, float(eps), int(groups), bool(write_y), *strides)
+    y, s1, s2 = _ext().tap_forward(x, mean, var, weight, bias, float(eps), int(groups), bool(write_y), *strides,
+                                   int(act), float(slope))
     return (y if write_y else None), s1, s2
 
 
-def _tap_backward(x, dy, ds1, ds2, mean, var, weight, eps, groups):
+def _tap_backward(x, dy, ds1, ds2, mean, var, weight, bias, eps, groups, act=0, slope=0.0):
     x, strides = kernel_layout(x)
     dy = like_strides(dy, x)
-    return _ext().tap_backward(x, dy, ds1, ds2, mean, var, weight, float(eps), int(groups), *strides)
+    return _ext().tap_backward(x, dy, ds1, ds2, mean, var, weight, bias, float(eps), int(groups), *strides, int(act),
+                               float(slope))
 
 
 def _finalize_forward(s1, s2, count, var, eps, offsets, kind):
@@ -55,9 +58,10 @@ def _finalize_backward(s1, s2, count, var, eps, offsets, dout, kind):
     return ds1, ds2
 
 
-def _eager_tap(x, mean, var, weight, bias, eps, groups, write_y):
+def _eager_tap(x, mean, var, weight, bias, eps, groups, write_y, act=0, slope=0.0):
     _ext()  # the extension's load registers torch.ops.fastdfd_cpu
-    return torch.ops.fastdfd_cpu.tap(x, mean, var, weight, bias, float(eps), int(groups), bool(write_y))
+    return torch.ops.fastdfd_cpu.tap(x, mean, var, weight, bias, float(eps), int(groups), bool(write_y), int(act),
+                                     float(slope))
 
 
 def _eager_finalize(s1, s2, count, var, eps, offsets, kind):
@@ -65,7 +69,7 @@ def _eager_finalize(s1, s2, count, var, eps, offsets, kind):
     return torch.ops.fastdfd_cpu.finalize(s1, s2, count, var, eps, offsets, KIND_IDS[kind])
 
 
-# the eager entries: tap(x, mean, var, weight, bias, eps, groups, write_y) -> (y, S1, S2) and
+# the eager entries: tap(x, mean, var, weight, bias, eps, groups, write_y, act, slope) -> (y, S1, S2) and
 # finalize(S1, S2, count, var, eps, offsets, kind) -> [L, G], differentiable, the custom ops' contract
 EAGER = {"tap": _eager_tap, "finalize": _eager_finalize}
 

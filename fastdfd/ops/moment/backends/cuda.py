@@ -14,9 +14,15 @@ from torch import Tensor
 
 from fastdfd.kernels.moment.layout import KIND_IDS, kernel_layout, like_strides
 
+from ..activation import refuse_activation
 from ... import extensions
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# The kernels have no activation epilogue yet: the dispatch applies the activation after the tap
+# (fastdfd/ops/moment/dispatch.py), so these launchers only ever see identity.
+FUSES_ACTIVATION = False
 
 
 def check(x: Tensor) -> str | None:
@@ -47,14 +53,16 @@ def _stream(x: Tensor) -> int:
     return torch.cuda.current_stream(x.device).cuda_stream
 
 
-def _tap_forward(x, mean, var, weight, bias, eps, groups, write_y):
+def _tap_forward(x, mean, var, weight, bias, eps, groups, write_y, act=0, slope=0.0):
+    refuse_activation("cuda", act)
     x, strides = kernel_layout(x)
     y, s1, s2 = _ext().tap_forward(x, mean, var, weight, bias, float(eps), int(groups), bool(write_y), *strides,
                                    _sm_count(x.device.index or 0), _stream(x))
     return (y if write_y else None), s1, s2
 
 
-def _tap_backward(x, dy, ds1, ds2, mean, var, weight, eps, groups):
+def _tap_backward(x, dy, ds1, ds2, mean, var, weight, bias, eps, groups, act=0, slope=0.0):
+    refuse_activation("cuda", act)
     x, strides = kernel_layout(x)
     dy = like_strides(dy, x)
     return _ext().tap_backward(x, dy, ds1, ds2, mean, var, weight, float(eps), int(groups), *strides, _stream(x))

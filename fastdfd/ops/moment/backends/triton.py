@@ -15,6 +15,9 @@ from torch import Tensor
 from ... import triton_runtime
 
 
+FUSES_ACTIVATION = True  # the kernels apply the activation epilogue in the tap's pass (ACT, slope)
+
+
 def check(x: Tensor) -> str | None:
     return triton_runtime.unavailable(x)
 
@@ -37,16 +40,16 @@ def programs_for(x: Tensor) -> int:
     return _programs(x.device.type, x.device.index)
 
 
-def _tap_forward(x, mean, var, weight, bias, eps, groups, write_y):
+def _tap_forward(x, mean, var, weight, bias, eps, groups, write_y, act=0, slope=0.0):
     from fastdfd.kernels.moment.tap import tap_forward
 
-    return tap_forward(x, mean, var, weight, bias, eps, groups, write_y, programs_for(x))
+    return tap_forward(x, mean, var, weight, bias, eps, groups, write_y, programs_for(x), act, slope)
 
 
-def _tap_backward(x, dy, ds1, ds2, mean, var, weight, eps, groups):
+def _tap_backward(x, dy, ds1, ds2, mean, var, weight, bias, eps, groups, act=0, slope=0.0):
     from fastdfd.kernels.moment.tap import tap_backward
 
-    return tap_backward(x, dy, ds1, ds2, mean, var, weight, eps, groups, programs_for(x))
+    return tap_backward(x, dy, ds1, ds2, mean, var, weight, eps, groups, programs_for(x), bias, act, slope)
 
 
 def _finalize_forward(*args):

@@ -1,0 +1,297 @@
+"""Finding the activation after each BN layer of a teacher, so that the tap applies it in its own pass.
+
+The three teachers of the whole-step benchmark apply their activations as modules or functionals called
+from their own ``forward`` (``self.relu1(self.bn1(...))`` in the CIFAR ResNets, ``self._swish(self._bn0(...))``
+with one ReLU6 module called after two BN layers in EfficientNet-Lite, ``F.relu`` elsewhere): no module
+structure shows which activation follows which BN. So the teacher is traced once with ``torch.fx`` when a
+:class:`~fastdfd.nn.MomentMatcher` attaches, the taps standing in as leaves:
+
+- a tap whose output has exactly one user, and that user is a recognised activation of it alone
+  (:func:`activation_of`), takes that activation as its epilogue (``BNTap.activation``: ``moment_tap``'s
+  ``activation``), and the activation's node leaves the graph, its users reading the tap's output instead;
+- the teacher's ``forward`` is replaced, on the instance and while the matcher is attached, by the rewritten
+  graph's (same submodule objects, same parameters: ``state_dict``, ``.to()`` and the BN swap are unchanged).
+
+What stays unfused, and why (each is exact: the activation runs as its own op, as without a matcher):
+
+- a teacher ``torch.fx`` cannot trace (data-dependent control flow, ``*args`` forwards, ...): the whole teacher
+  (:attr:`Fusion.reason` says why);
+- a BN output used twice (a residual add of the block's input, a skip), or an activation that is not one of
+  ``ACTIVATIONS`` (GELU, Hardswish, ...), or one applied after something else (the ``relu(bn(x) + shortcut)`` of
+  a basic block: the residual add is not fused);
+- the inside of any submodule that carries forward hooks (kept whole, so that the hooks fire).
+
+The graph stands for the call and the modules as they were traced, so the class's own forward runs instead,
+unfused, whenever they differ: a call with keyword arguments or another number of inputs, a module whose
+train/eval mode changed (``teacher.train()`` while attached), a forward hook or pre-hook added or removed on any
+module, or a global module hook. A teacher whose ``forward`` takes optional or variable arguments (which a trace
+would fix) or already has an instance-level ``forward`` is not rewritten. The taps apply their epilogues only
+inside the rewritten forward, so a submodule called on its own keeps its own activations. A forward hook on a
+fused BN layer sees a(BN(x)). Under bf16/fp16 autocast a'(z) is taken on the fp32 z: within a rounding step of
+a kink (ReLU6's 6) the fused gradient may differ from the unfused one, which tests the rounded output.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.nn.modules import module as _module
+
+from ..ops.moment.activation import Activation
+from .flavours import module_activation
+from .tap import BNTap
+
+# Functions and methods recognised as an activation (modules: .flavours.module_activation).
+_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu_: "relu", F.relu6: "relu6",
+              F.silu: "silu", F.leaky_relu: "leaky_relu", torch.nn.functional.hardtanh: "hardtanh"}
+_METHODS = {"relu": "relu", "relu_": "relu"}
+# keyword arguments that change nothing about the value (in-place is harmless: the tap's output has no
+# other user)
+_INPLACE = {"inplace"}
+
+
+def _function_activation(name: str, args: tuple, kwargs: dict) -> Activation | None:
+    """The activation of ``F.<name>(node, *args, **kwargs)``, or None when its arguments are not constants
+    it supports."""
+    extra = dict(kwargs)
+    for key in _INPLACE:
+        extra.pop(key, None)
+    if name == "leaky_relu":
+        slope = args[0] if args else extra.pop("negative_slope", 0.01)
+        rest = args[1:]  # inplace, positionally
+        if extra or not isinstance(slope, (int, float)) or any(not isinstance(a, bool) for a in rest):
+            return None
+        return Activation("leaky_relu", float(slope))
+    if name == "hardtanh":
+        lo = args[0] if args else extra.pop("min_val", -1.0)
+        hi = args[1] if len(args) > 1 else extra.pop("max_val", 1.0)
+        if extra or (lo, hi) != (0.0, 6.0) or any(not isinstance(a, bool) for a in args[2:]):
+            return None
+        return Activation("relu6")
+    if extra or any(not isinstance(a, bool) for a in args):  # only inplace may follow
+        return None
+    return Activation(name)
+
+
+def activation_of(node: fx.Node, source: fx.Node, root: nn.Module, keep: set[int] = frozenset()) -> Activation | None:
+    """The activation ``node`` applies to ``source`` alone, or None (not an activation we fuse, or it takes
+    other tensors, or it is a module in ``keep``: one with hooks, which must still fire)."""
+    if node.op == "call_module":
+        module = root.get_submodule(node.target)
+        if node.args != (source,) or node.kwargs or id(module) in keep or _has_hooks(module):
+            return None
+        return module_activation(module)
+    if node.op == "call_function" and node.target in _FUNCTIONS:
+        if not node.args or node.args[0] is not source:
+            return None
+        return _function_activation(_FUNCTIONS[node.target], tuple(node.args[1:]), dict(node.kwargs))
+    if node.op == "call_method" and node.target in _METHODS:
+        if node.args != (source,) or node.kwargs:
+            return None
+        return Activation(_METHODS[node.target])
+    return None
+
+
+class _Tracer(fx.Tracer):
+    """Taps, and modules whose hooks must fire, are leaves; torch's own modules are leaves as usual."""
+
+    def __init__(self, keep_whole: set[int]):
+        super().__init__()
+        self.keep_whole = keep_whole
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, BNTap) or id(m) in self.keep_whole or super().is_leaf_module(m, qualname)
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or getattr(m, "_backward_hooks", None)
+                or getattr(m, "_backward_pre_hooks", None))
+
+
+@dataclass
+class Fusion:
+    """What :func:`fuse_epilogues` did to a teacher.
+
+    Attributes:
+        fused: qualified name of each tap's BN layer -> the activation it now applies.
+        reason: why nothing was fused, or None when something was.
+        unfused: BN layers followed by something the taps do not fuse, with what (for the docs and tests).
+    """
+
+    fused: dict[str, Activation] = field(default_factory=dict)
+    reason: str | None = None
+    unfused: dict[str, str] = field(default_factory=dict)
+    _forward: "_FusedForward | None" = None
+    _taps: list = field(default_factory=list)
+
+    def remove(self) -> None:
+        """Give the teacher its own forward back and the taps no epilogue (idempotent)."""
+        if self._forward is not None:
+            teacher = self._forward.teacher
+            if teacher.__dict__.get("forward") is self._forward:
+                del teacher.__dict__["forward"]
+            self._forward = None
+        for tap in self._taps:
+            tap.activation = None
+        self._taps = []
+
+
+def _resolves(root: nn.Module, target: str) -> bool:
+    obj = root
+    for part in target.split("."):
+        if not hasattr(obj, part):
+            return False
+        obj = getattr(obj, part)
+    return True
+
+
+def _user_name(node: fx.Node) -> str:
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target))
+    return f"{node.op} {node.target}"
+
+
+def _positional_only_signature(teacher: nn.Module) -> int | None:
+    """How many inputs ``type(teacher).forward`` takes when they are all plain positional parameters without
+    defaults (what a trace can stand for: fx turns an optional argument into a Proxy and bakes in the branch
+    taken for it), else None."""
+    try:
+        params = list(inspect.signature(type(teacher).forward).parameters.values())[1:]  # without self
+    except (TypeError, ValueError):
+        return None
+    plain = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if any(p.kind not in plain or p.default is not inspect.Parameter.empty for p in params):
+        return None
+    return len(params)
+
+
+def _hook_state(modules: list[nn.Module]) -> tuple:
+    """The train/eval mode and the hook counts of every module, and whether global module hooks exist: what
+    the traced graph baked in (an inlined module's forward hooks would not fire, its mode-dependent code
+    would not change)."""
+    global_hooks = bool(_module._global_forward_hooks or _module._global_forward_pre_hooks)
+    return global_hooks, tuple((m.training, len(m._forward_hooks), len(m._forward_pre_hooks)) for m in modules)
+
+
+class _FusedForward:
+    """The teacher's ``forward`` while attached: the rewritten graph's code with the teacher as ``self``, while
+    the call and the modules are as they were traced; the class's own forward otherwise.
+
+    The taps apply their epilogues only inside this call (``record.epilogues``), so a submodule called on its
+    own (``teacher.features(x)``) keeps its own activations. ``copy.deepcopy`` of the teacher gives the copy a
+    fused forward of its own (its modules, its record); pickling is refused (the code is generated)."""
+
+    def __init__(self, teacher: nn.Module, code: Callable, record, inputs: int):
+        self.teacher, self.code, self.record, self.inputs = teacher, code, record, inputs
+        self.modules = list(teacher.modules())
+        self.state = _hook_state(self.modules)
+
+    def __call__(self, *args, **kwargs):
+        teacher, record = self.teacher, self.record
+        if kwargs or len(args) != self.inputs or _hook_state(self.modules) != self.state:
+            return type(teacher).forward(teacher, *args, **kwargs)  # unfused: the taps apply no epilogue
+        record.epilogues = True
+        try:
+            return self.code(teacher, *args)
+        finally:
+            record.epilogues = False
+
+    def __deepcopy__(self, memo):
+        if id(self.teacher) not in memo:  # copied on its own, not as part of its teacher: nothing to bind to
+            raise RuntimeError("fastdfd: a fused forward copies only with its teacher (copy.deepcopy(teacher))")
+        clone = object.__new__(_FusedForward)
+        clone.teacher, clone.code, clone.inputs = memo[id(self.teacher)], self.code, self.inputs
+        clone.record, clone.modules = copy.deepcopy(self.record, memo), copy.deepcopy(self.modules, memo)
+        clone.state = self.state
+        return clone
+
+    def __reduce__(self):
+        raise TypeError("fastdfd: a teacher with a MomentMatcher attached cannot be pickled while its activations "
+                        "are fused into the taps: save teacher.state_dict(), remove the matcher first, or attach it "
+                        "with fuse_epilogues=False")
+
+
+def fuse_epilogues(teacher: nn.Module, taps: dict[str, BNTap], record) -> Fusion:
+    """Trace ``teacher`` (its BN layers already swapped for ``taps``, by qualified name) and fuse each tap's
+    activation into it; ``record`` (the taps' :class:`~.moment_record.MomentRecord`) carries the switch that
+    turns the epilogues on inside the rewritten forward only. Returns the :class:`Fusion`; never raises for
+    a teacher it cannot rewrite (the reason is in the result)."""
+    if "forward" in teacher.__dict__:
+        return Fusion(reason="the teacher already has a forward of its own on the instance (kept, unfused)")
+    inputs = _positional_only_signature(teacher)
+    if inputs is None:
+        return Fusion(reason=f"{type(teacher).__name__}.forward takes optional, keyword or variable arguments, "
+                             "which a trace would fix")
+    by_id = {id(tap): name for name, tap in taps.items()}
+    keep_whole = {id(m) for m in teacher.modules() if m is not teacher and _has_hooks(m)}
+    try:
+        graph = _Tracer(keep_whole).trace(teacher)
+    except Exception as exc:  # noqa: BLE001 (any tracing failure leaves the teacher as it is)
+        return Fusion(reason=f"torch.fx could not trace {type(teacher).__name__}.forward ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''})")
+    fusion = Fusion()
+    # every call of each tap, with the activation that alone follows it (None: not fusable); a tap called
+    # more than once is fused only when every call is followed by the same activation
+    calls: dict[str, list[tuple[fx.Node, Activation | None]]] = {}
+    for node in graph.nodes:
+        if node.op != "call_module":
+            continue
+        name = by_id.get(id(teacher.get_submodule(node.target)))
+        if name is None:
+            continue
+        tap = taps[name]
+        users = list(node.users)
+        act = None
+        if not tap.flavour.fused or tap.flavour.epilogue:
+            fusion.unfused[name] = f"a {tap.flavour.name} layer (its own forward or epilogue)"
+        elif len(users) != 1:
+            fusion.unfused[name] = f"its output has {len(users)} users"
+        else:
+            act = activation_of(users[0], node, teacher, keep_whole)
+            if act is None:
+                fusion.unfused[name] = f"followed by {_user_name(users[0])}"
+        calls.setdefault(name, []).append((node, act))
+    fused_taps: dict[str, Activation] = {}
+    for name, nodes in calls.items():
+        acts = {act for _, act in nodes}
+        if None in acts or len(acts) != 1:
+            if len(nodes) > 1 and None not in acts:
+                fusion.unfused[name] = "called more than once, with different activations"
+            continue
+        for node, _ in nodes:
+            (user,) = node.users
+            user.replace_all_uses_with(node)
+            graph.erase_node(user)
+        fused_taps[name] = acts.pop()
+    if not fused_taps:
+        fusion.reason = "no BN layer is followed by an activation the taps fuse"
+        return fusion
+    # The rewritten forward's code runs with the teacher itself as ``self``: every module, parameter and buffer
+    # it names is then the teacher's live one (``.to()`` replaces buffers; a GraphModule would keep copies).
+    missing = [n.target for n in graph.nodes if n.op == "get_attr" and not _resolves(teacher, n.target)]
+    if missing:
+        return Fusion(reason=f"the trace made constants the teacher does not hold ({missing[:3]})",
+                      unfused=fusion.unfused)
+    try:
+        graph.lint()
+        code = type(fx.GraphModule(teacher, graph)).forward
+    except Exception as exc:  # noqa: BLE001 (nothing is changed yet)
+        return Fusion(reason=f"the rewritten graph did not build ({type(exc).__name__}: {exc})", unfused=fusion.unfused)
+
+    fused_forward = _FusedForward(teacher, code, record, inputs)
+    record.epilogues = False  # on only inside the fused forward
+    for name, act in fused_taps.items():
+        taps[name].activation = act
+    teacher.forward = fused_forward
+    fusion.fused = dict(fused_taps)
+    fusion._forward, fusion._taps = fused_forward, [taps[name] for name in fused_taps]
+    return fusion
+
+
+__all__ = ["Fusion", "activation_of", "fuse_epilogues"]

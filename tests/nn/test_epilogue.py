@@ -1,0 +1,329 @@
+"""The matcher's epilogue fusion (fastdfd.nn.epilogue): which chains it fuses, which it leaves, and that a
+fused teacher is the unfused one (outputs, loss, input gradient) on every backend."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastdfd
+from fastdfd import MomentMatcher
+from fastdfd.models import create_model
+from fastdfd.ops.dispatch import unavailable
+
+from ..conftest import randomize_bn_stats, require_backend
+
+
+def _bn(c):
+    return nn.BatchNorm2d(c)
+
+
+class Chains(nn.Module):
+    """Every form the fusion recognises, one that it must leave (GELU), a residual add, an activation module
+    shared by two BN layers (EfficientNet's ``_swish``), and a BN whose output has two users."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bns = nn.ModuleList(_bn(8) for _ in range(10))
+        self.relu = nn.ReLU(inplace=True)
+        self.shared = nn.ReLU6()
+        self.leaky = nn.LeakyReLU(0.3)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        b = self.bns
+        x = self.relu(b[0](self.conv(x)))          # module
+        x = F.leaky_relu(b[1](x), 0.2)             # functional with a slope
+        x = b[2](x).relu()                         # method
+        x = self.shared(b[3](x))                   # one ReLU6 module after two BN layers
+        x = self.shared(b[4](x))
+        x = F.silu(b[5](x))
+        x = F.gelu(b[6](x))                        # not an epilogue the taps fuse
+        y = b[7](x)
+        x = F.relu(y + x)                          # residual: b[7]'s output has one user, the add
+        z = b[8](x)
+        x = self.leaky(z) + z                      # two users
+        x = F.hardtanh(b[9](x), 0.0, 6.0)          # relu6 as hardtanh
+        return self.head(x.mean((2, 3)))
+
+
+def _teacher(model, seed=0):
+    model = randomize_bn_stats(model.eval(), seed=seed)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+@pytest.fixture(params=["torch", "cpp"])
+def backend(request):
+    return require_backend(request.param, unavailable("moment_tap", request.param, torch.empty(0)))
+
+
+def _run(teacher, x, fuse, backend):
+    x = x.clone().requires_grad_(True)
+    with fastdfd.backend(backend), MomentMatcher(teacher, fuse_epilogues=fuse) as m:
+        out = teacher(x)
+        loss = m.loss()
+        (gx,) = torch.autograd.grad(out.square().sum() + loss, x)
+        return out.detach(), loss.detach(), gx, m.fusion
+
+
+def test_recognised_chains_and_the_ones_left(backend):
+    teacher = _teacher(Chains())
+    x = torch.randn(4, 3, 6, 6)
+    plain = teacher(x)
+    out0, loss0, g0, _ = _run(teacher, x, False, backend)
+    out1, loss1, g1, fusion = _run(teacher, x, True, backend)
+    assert fusion.reason is None
+    assert {k: (a.name, a.negative_slope) for k, a in fusion.fused.items()} == {
+        "bns.0": ("relu", 0.0), "bns.1": ("leaky_relu", 0.2), "bns.2": ("relu", 0.0), "bns.3": ("relu6", 0.0),
+        "bns.4": ("relu6", 0.0), "bns.5": ("silu", 0.0), "bns.9": ("relu6", 0.0)}
+    assert fusion.unfused == {"bns.6": "followed by gelu", "bns.7": "followed by add", "bns.8": "its output has 2 users"}
+    torch.testing.assert_close(out1, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out1, out0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
+    assert (g1 - g0).abs().max() <= 1e-4 * g0.abs().max()
+    # detached: the teacher's own forward and modules are back
+    assert "forward" not in teacher.__dict__
+    torch.testing.assert_close(teacher(x), plain)
+
+
+def test_cifar_resnet_fuses_every_bn_relu_and_no_residual(backend):
+    teacher = _teacher(create_model("cifar_resnet20", num_classes=10), seed=1)
+    x = torch.randn(4, 3, 32, 32)
+    plain = teacher(x)
+    out0, loss0, g0, _ = _run(teacher, x, False, backend)
+    out1, loss1, g1, fusion = _run(teacher, x, True, backend)
+    assert sorted(fusion.fused) == ["bn1"] + [f"layer{s}.{b}.bn1" for s in (1, 2, 3) for b in range(3)]
+    assert all(a.name == "relu" for a in fusion.fused.values())
+    assert set(fusion.unfused.values()) == {"followed by add"} and len(fusion.unfused) == 9
+    torch.testing.assert_close(out1, plain, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-5)
+    assert (g1 - g0).abs().max() <= 1e-4 * g0.abs().max()
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), _bn(4)
+
+    def forward(self, x):
+        y = F.relu(self.bn(self.conv(x)))
+        if y.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            y = y * 2
+        return y.mean((2, 3))
+
+
+def test_an_untraceable_teacher_runs_unfused_and_says_why():
+    teacher = _teacher(Untraceable())
+    x = torch.randn(2, 3, 8, 8)
+    with MomentMatcher(teacher) as m:
+        out = teacher(x)
+        assert m.fusion.fused == {} and "torch.fx could not trace Untraceable.forward" in m.fusion.reason
+    torch.testing.assert_close(out, teacher(x))
+
+
+def test_train_mode_runs_the_own_forward_with_the_activation_once():
+    """While attached, ``teacher.train()`` changes the modes the graph baked in: the class's forward runs, and
+    the taps then apply no epilogue (LeakyReLU twice would not be LeakyReLU)."""
+    teacher = _teacher(Chains())
+    x = torch.randn(4, 3, 6, 6)
+    with MomentMatcher(teacher) as m:
+        assert m.fusion.fused
+        teacher.train()
+        with torch.no_grad():
+            out = teacher(x)
+        teacher.eval()
+        fused_out = teacher(x)
+    ref = _teacher(Chains())
+    ref.load_state_dict(teacher.state_dict())
+    ref.train()
+    with torch.no_grad():
+        want = ref(x)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused_out, teacher(x), rtol=1e-5, atol=1e-5)
+
+
+class Hooked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 4, 3), _bn(4), nn.ReLU())
+        self.bn, self.act = _bn(4), nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.bn(self.block(x))).mean((2, 3))
+
+
+def test_a_hooked_submodule_stays_whole_and_its_hook_fires():
+    teacher = _teacher(Hooked())
+    seen = []
+    teacher.block.register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+    with MomentMatcher(teacher) as m:
+        teacher(torch.randn(2, 3, 8, 8))
+        assert sorted(m.fusion.fused) == ["bn"]  # block.1 is inside the hooked module
+    assert seen == [torch.Size([2, 4, 6, 6])]
+
+
+class SharedBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 1), _bn(4)
+
+    def forward(self, x):
+        return F.relu(self.bn(x)) + F.silu(self.bn(self.conv(x)))
+
+
+def test_a_bn_called_twice_with_two_activations_is_left_alone():
+    teacher = _teacher(SharedBN())
+    x = torch.randn(2, 4, 5, 5)
+    with MomentMatcher(teacher) as m:
+        out = teacher(x)
+        assert m.fusion.fused == {} and m.fusion.unfused == {"bn": "called more than once, with different activations"}
+    torch.testing.assert_close(out, teacher(x))
+
+
+def test_fusion_off_and_the_state_dict_unchanged():
+    teacher = _teacher(Chains())
+    keys = list(teacher.state_dict())
+    with MomentMatcher(teacher, fuse_epilogues=False) as m:
+        assert m.fusion.fused == {} and m.fusion.reason == "fuse_epilogues=False"
+        assert "forward" not in teacher.__dict__
+    with MomentMatcher(teacher) as m:
+        assert list(teacher.state_dict()) == keys
+        assert "activation=relu" in repr(teacher.bns[0])
+    assert list(teacher.state_dict()) == keys
+
+
+def test_a_timm_norm_act_layer_applies_its_act_in_the_taps_pass():
+    """timm's BatchNormAct2d holds its act: the tap applies it in its pass when the drop is an identity, and
+    leaves act and drop to run after it otherwise; either way the layer is the untapped one."""
+    from ..zoo_standins import BatchNormAct2d
+
+    fused, kept = BatchNormAct2d(4, act_layer=nn.SiLU), BatchNormAct2d(4, act_layer=nn.Hardswish)
+    teacher = _teacher(nn.Sequential(nn.Conv2d(3, 4, 1), fused, nn.Conv2d(4, 4, 1), kept))
+    x = torch.randn(3, 3, 5, 5)
+    want = teacher(x)
+    import fastdfd.nn.tap as tap_module
+
+    handed = []
+    real = tap_module.moment_tap
+
+    def spy(*args):
+        handed.append(args[-1] and args[-1].name)
+        return real(*args)
+
+    with MomentMatcher(teacher) as m:
+        taps = [mod for mod in teacher.modules() if type(mod).__name__ == "BNTap"]
+        assert [t.own_activation and t.own_activation.name for t in taps] == ["silu", None]
+        tap_module.moment_tap = spy
+        try:
+            got = teacher(x)
+        finally:
+            tap_module.moment_tap = real
+        m.loss()
+    assert handed == ["silu", None]  # the silu layer's act went to the tap; the hardswish one ran after it
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+class Optional_(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 1), _bn(4)
+
+    def forward(self, x, mask=None):
+        if mask is not None:
+            x = x * mask
+        return F.silu(self.bn(self.conv(x))).mean((2, 3))
+
+
+def test_a_forward_with_optional_arguments_is_not_rewritten():
+    teacher = _teacher(Optional_())
+    x = torch.randn(2, 3, 4, 4)
+    with MomentMatcher(teacher) as m:
+        assert m.fusion.fused == {} and "optional, keyword or variable arguments" in m.fusion.reason
+        out = teacher(x)
+    torch.testing.assert_close(out, teacher(x))
+
+
+class Blocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 4, 1), _bn(4), nn.SiLU())
+        self.act = nn.SiLU()
+        self.bn = _bn(4)
+
+    def forward(self, x):
+        return self.act(self.bn(self.block(x))).mean((2, 3))
+
+
+def test_a_submodule_called_alone_keeps_its_own_activation():
+    """The taps apply their epilogues only inside the rewritten forward: teacher.block(x) is silu(bn(conv x))
+    once, not silu twice."""
+    teacher = _teacher(Blocks())
+    x = torch.randn(2, 3, 4, 4)
+    want = teacher.block(x)
+    with MomentMatcher(teacher) as m:
+        assert sorted(m.fusion.fused) == ["block.1", "bn"]
+        teacher(x)
+        got = teacher.block(x)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_a_hooked_activation_module_is_not_fused_and_its_hook_fires():
+    teacher = _teacher(Blocks())
+    seen = []
+    teacher.act.register_forward_hook(lambda mod, inp, out: seen.append("act"))
+    with MomentMatcher(teacher) as m:
+        assert "bn" not in m.fusion.fused and m.fusion.unfused["bn"] == "followed by call_module act"
+        teacher(torch.randn(2, 3, 4, 4))
+    assert seen == ["act"]
+
+
+def test_a_hook_added_while_attached_makes_the_own_forward_run():
+    teacher = _teacher(Blocks())
+    x = torch.randn(2, 3, 4, 4)
+    want = teacher(x)
+    seen = []
+    with MomentMatcher(teacher) as m:
+        assert m.fusion.fused
+        handle = teacher.block.register_forward_hook(lambda mod, inp, out: seen.append("block"))
+        got = teacher(x)
+        handle.remove()
+    assert seen == ["block"]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_deepcopy_while_attached_gives_an_independent_fused_teacher_and_pickling_is_refused():
+    import copy
+    import io
+
+    teacher = _teacher(Blocks())
+    x = torch.randn(2, 3, 4, 4)
+    with MomentMatcher(teacher) as m:
+        assert m.fusion.fused
+        twin = copy.deepcopy(teacher)
+        with torch.no_grad():
+            for p in twin.parameters():
+                p.mul_(0.5)
+        assert not torch.allclose(twin(x), teacher(x))  # the copy computes with its own parameters
+        with pytest.raises(TypeError, match="cannot be pickled while its activations are fused"):
+            torch.save(teacher, io.BytesIO())
+    ref = _teacher(Blocks())
+    ref.load_state_dict({k: v for k, v in twin.state_dict().items()})
+    torch.testing.assert_close(twin(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_an_instance_forward_is_kept():
+    teacher = _teacher(Blocks())
+    marker = []
+
+    def own(x):
+        marker.append(1)
+        return type(teacher).forward(teacher, x)
+
+    teacher.forward = own
+    with MomentMatcher(teacher) as m:
+        assert m.fusion.fused == {} and "instance" in m.fusion.reason
+        teacher(torch.randn(2, 3, 4, 4))
+    assert teacher.forward is own and marker == [1]
