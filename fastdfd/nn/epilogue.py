@@ -22,9 +22,10 @@ What stays unfused, and why (each is exact: the activation runs as its own op, a
 - the inside of any submodule that carries forward hooks (kept whole, so that the hooks fire).
 
 The graph stands for the call and the modules as they were traced, so the class's own forward runs instead,
-unfused, whenever they differ: a call with keyword arguments or another number of inputs, a module whose
-train/eval mode changed (``teacher.train()`` while attached), a forward hook or pre-hook added or removed on any
-module, or a global module hook. A teacher whose ``forward`` takes optional or variable arguments (which a trace
+unfused, whenever they differ: a call with keyword arguments or another number of inputs, a plain Python
+attribute of any module changed (the train/eval mode after ``teacher.train()``, a flag a ``forward`` branches
+on), a forward hook or pre-hook added or removed on any module, or a global module hook. A forward that changes
+its modules' attributes itself (a call counter) is not rewritten. A teacher whose ``forward`` takes optional or variable arguments (which a trace
 would fix) or already has an instance-level ``forward`` is not rewritten. The taps apply their epilogues only
 inside the rewritten forward, so a submodule called on its own keeps its own activations. A forward hook on a
 fused BN layer sees a(BN(x)). Under bf16/fp16 autocast a'(z) is taken on the fp32 z: within a rounding step of
@@ -171,12 +172,25 @@ def _positional_only_signature(teacher: nn.Module) -> int | None:
     return len(params)
 
 
-def _hook_state(modules: list[nn.Module]) -> tuple:
-    """The train/eval mode and the hook counts of every module, and whether global module hooks exist: what
-    the traced graph baked in (an inlined module's forward hooks would not fire, its mode-dependent code
-    would not change)."""
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def _module_state(modules: list[nn.Module]) -> tuple:
+    """What the traced graph baked in, per module: its plain Python attributes (the train/eval mode, flags and
+    counters a ``forward`` may branch on), its hook counts (an inlined module's hooks would not fire), and
+    whether global module hooks exist."""
     global_hooks = bool(_module._global_forward_hooks or _module._global_forward_pre_hooks)
-    return global_hooks, tuple((m.training, len(m._forward_hooks), len(m._forward_pre_hooks)) for m in modules)
+    return global_hooks, tuple(
+        (tuple((k, v) for k, v in m.__dict__.items() if type(v) in _SCALARS), len(m._forward_hooks),
+         len(m._forward_pre_hooks)) for m in modules)
+
+
+def _restore_attributes(modules: list[nn.Module], state: tuple) -> None:
+    """Put back the plain attributes a trace changed (a call counter in a forward counts the trace too)."""
+    for m, (scalars, _, _) in zip(modules, state[1]):
+        for k, v in scalars:
+            if m.__dict__.get(k, v) != v or type(m.__dict__.get(k)) is not type(v):
+                m.__dict__[k] = v
 
 
 class _FusedForward:
@@ -190,11 +204,11 @@ class _FusedForward:
     def __init__(self, teacher: nn.Module, code: Callable, record, inputs: int):
         self.teacher, self.code, self.record, self.inputs = teacher, code, record, inputs
         self.modules = list(teacher.modules())
-        self.state = _hook_state(self.modules)
+        self.state = _module_state(self.modules)
 
     def __call__(self, *args, **kwargs):
         teacher, record = self.teacher, self.record
-        if kwargs or len(args) != self.inputs or _hook_state(self.modules) != self.state:
+        if kwargs or len(args) != self.inputs or _module_state(self.modules) != self.state:
             return type(teacher).forward(teacher, *args, **kwargs)  # unfused: the taps apply no epilogue
         record.epilogues = True
         try:
@@ -230,11 +244,18 @@ def fuse_epilogues(teacher: nn.Module, taps: dict[str, BNTap], record) -> Fusion
                              "which a trace would fix")
     by_id = {id(tap): name for name, tap in taps.items()}
     keep_whole = {id(m) for m in teacher.modules() if m is not teacher and _has_hooks(m)}
+    modules = list(teacher.modules())
+    before = _module_state(modules)
     try:
         graph = _Tracer(keep_whole).trace(teacher)
     except Exception as exc:  # noqa: BLE001 (any tracing failure leaves the teacher as it is)
+        _restore_attributes(modules, before)
         return Fusion(reason=f"torch.fx could not trace {type(teacher).__name__}.forward ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else ''})")
+    if _module_state(modules) != before:  # the forward keeps Python state (a counter): a graph cannot stand for it
+        _restore_attributes(modules, before)
+        return Fusion(reason=f"{type(teacher).__name__}.forward changes its modules' Python attributes (a call "
+                             "counter, a cache), which a traced graph would freeze")
     fusion = Fusion()
     # every call of each tap, with the activation that alone follows it (None: not fusable); a tap called
     # more than once is fused only when every call is followed by the same activation

@@ -327,3 +327,45 @@ def test_an_instance_forward_is_kept():
         assert m.fusion.fused == {} and "instance" in m.fusion.reason
         teacher(torch.randn(2, 3, 4, 4))
     assert teacher.forward is own and marker == [1]
+
+
+class Counting(nn.Module):
+    """A forward with Python state: a traced graph would freeze its branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.calls, self.double = nn.Conv2d(3, 4, 1), _bn(4), 0, False
+
+    def forward(self, x):
+        self.calls += 1
+        y = F.relu(self.bn(self.conv(x)))
+        return (2 * y if self.calls > 2 else y).mean((2, 3))
+
+
+class Flagged(Blocks):
+    def __init__(self):
+        super().__init__()
+        self.scale = False
+
+    def forward(self, x):
+        y = super().forward(x)
+        return 3 * y if self.scale else y
+
+
+def test_python_state_in_forward_is_never_frozen():
+    """A forward that counts its calls is not rewritten (and the trace's own call is not counted); a flag that
+    changes after the trace sends the call to the class's own forward."""
+    teacher = _teacher(Counting())
+    x = torch.randn(2, 3, 4, 4)
+    with MomentMatcher(teacher) as m:
+        assert m.fusion.fused == {} and "changes its modules' Python attributes" in m.fusion.reason
+        assert teacher.calls == 0
+        outs = [teacher(x) for _ in range(3)]
+    torch.testing.assert_close(outs[2], 2 * outs[0])
+    flagged = _teacher(Flagged())
+    want = 3 * flagged(x)
+    with MomentMatcher(flagged) as m:
+        assert m.fusion.fused
+        flagged.scale = True
+        got = flagged(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
