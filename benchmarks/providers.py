@@ -67,9 +67,10 @@ def _backend_of(provider: str) -> str | None:
 
 
 # ------------------------------------------------------------------------- one BN layer
-def bn_layer_step(provider: str, bn: nn.BatchNorm2d) -> tuple[Callable, Callable]:
-    """Returns (step(x, dy) -> (moment loss, dx), cleanup). The BN layer is frozen, as a teacher's is."""
-    model = nn.Sequential(bn).eval().requires_grad_(False)
+def bn_layer_step(provider: str, bn: nn.BatchNorm2d, activation: nn.Module | None = None) -> tuple[Callable, Callable]:
+    """Returns (step(x, dy) -> (moment loss, dx), cleanup). The BN layer is frozen, as a teacher's is.
+    ``activation``: a module after the BN (the matcher fuses it into the tap; ``-unfused`` providers do not)."""
+    model = nn.Sequential(bn, *([activation] if activation is not None else [])).eval().requires_grad_(False)
     if provider.startswith("hooks"):
         hooks = HookLoss(model)
 
@@ -81,8 +82,8 @@ def bn_layer_step(provider: str, bn: nn.BatchNorm2d) -> tuple[Callable, Callable
             forward = torch.compile(forward)
         cleanup = hooks.remove
     else:
-        matcher = MomentMatcher(model, kind="l2")
-        backend = _backend_of(provider)
+        matcher = MomentMatcher(model, kind="l2", fuse_epilogues=not provider.endswith("-unfused"))
+        backend = _backend_of(provider.removesuffix("-unfused"))
 
         def forward(x):
             with fastdfd.backend(backend):

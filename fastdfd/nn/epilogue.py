@@ -24,9 +24,9 @@ What stays unfused, and why (each is exact: the activation runs as its own op, a
 The graph stands for the call and the modules as they were traced, so the class's own forward runs instead,
 unfused, whenever they differ: a call with keyword arguments or another number of inputs, a plain Python
 attribute of any module changed (the train/eval mode after ``teacher.train()``, a flag a ``forward`` branches
-on), a forward hook or pre-hook added or removed on any module, or a global module hook. A forward that changes
-its modules' attributes itself (a call counter) is not rewritten. A teacher whose ``forward`` takes optional or variable arguments (which a trace
-would fix) or already has an instance-level ``forward`` is not rewritten. The taps apply their epilogues only
+on), a forward hook or pre-hook added or removed on any module, or a global module hook. Not rewritten at all:
+a forward that changes its modules' attributes itself (a call counter), one that takes optional or variable
+arguments (which a trace would fix), and a teacher with an instance-level ``forward``. The taps apply their epilogues only
 inside the rewritten forward, so a submodule called on its own keeps its own activations. A forward hook on a
 fused BN layer sees a(BN(x)). Under bf16/fp16 autocast a'(z) is taken on the fp32 z: within a rounding step of
 a kink (ReLU6's 6) the fused gradient may differ from the unfused one, which tests the rounded output.
@@ -305,10 +305,10 @@ def fuse_epilogues(teacher: nn.Module, taps: dict[str, BNTap], record) -> Fusion
     except Exception as exc:  # noqa: BLE001 (nothing is changed yet)
         return Fusion(reason=f"the rewritten graph did not build ({type(exc).__name__}: {exc})", unfused=fusion.unfused)
 
-    fused_forward = _FusedForward(teacher, code, record, inputs)
     record.epilogues = False  # on only inside the fused forward
     for name, act in fused_taps.items():
         taps[name].activation = act
+    fused_forward = _FusedForward(teacher, code, record, inputs)  # after the taps' change: its state snapshot
     teacher.forward = fused_forward
     fusion.fused = dict(fused_taps)
     fusion._forward, fusion._taps = fused_forward, [taps[name] for name in fused_taps]

@@ -69,10 +69,31 @@ def _run(teacher, x, fuse, backend):
         return out.detach(), loss.detach(), gx, m.fusion
 
 
+def _handed_activations(teacher, x):
+    """The activation each tap hands the kernels in one forward of the attached teacher (None: none)."""
+    import fastdfd.nn.tap as tap_module
+
+    handed, real = [], tap_module.moment_tap
+
+    def spy(*args):
+        handed.append(args[-1] and args[-1].name)
+        return real(*args)
+
+    tap_module.moment_tap = spy
+    try:
+        teacher(x)
+    finally:
+        tap_module.moment_tap = real
+    return handed
+
+
 def test_recognised_chains_and_the_ones_left(backend):
     teacher = _teacher(Chains())
     x = torch.randn(4, 3, 6, 6)
     plain = teacher(x)
+    with MomentMatcher(teacher):  # the fused graph runs: the kernels get the activations
+        assert _handed_activations(teacher, x) == ["relu", "leaky_relu", "relu", "relu6", "relu6", "silu", None,
+                                                   None, None, "relu6"]
     out0, loss0, g0, _ = _run(teacher, x, False, backend)
     out1, loss1, g1, fusion = _run(teacher, x, True, backend)
     assert fusion.reason is None
@@ -96,6 +117,8 @@ def test_cifar_resnet_fuses_every_bn_relu_and_no_residual(backend):
     out0, loss0, g0, _ = _run(teacher, x, False, backend)
     out1, loss1, g1, fusion = _run(teacher, x, True, backend)
     assert sorted(fusion.fused) == ["bn1"] + [f"layer{s}.{b}.bn1" for s in (1, 2, 3) for b in range(3)]
+    with MomentMatcher(teacher):
+        assert _handed_activations(teacher, x).count("relu") == 10
     assert all(a.name == "relu" for a in fusion.fused.values())
     assert set(fusion.unfused.values()) == {"followed by add"} and len(fusion.unfused) == 9
     torch.testing.assert_close(out1, plain, rtol=1e-4, atol=1e-4)
@@ -365,7 +388,9 @@ def test_python_state_in_forward_is_never_frozen():
     flagged = _teacher(Flagged())
     want = 3 * flagged(x)
     with MomentMatcher(flagged) as m:
-        assert m.fusion.fused
+        assert m.fusion.fused and "relu" not in str(_handed_activations(flagged, x))  # Blocks: silu
+        assert _handed_activations(flagged, x) == ["silu", "silu"]
         flagged.scale = True
+        assert _handed_activations(flagged, x) == [None, None]  # the class's forward, unfused
         got = flagged(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -16,6 +16,7 @@ from fastdfd.ops.moment.activation import ACTIVATIONS, Activation, as_activation
 from fastdfd.ops.moment.decomposition import tap as traced_tap
 
 from ..conftest import require_backend
+from .test_fused_backends import reference64
 
 ACTS = [Activation("identity"), Activation("relu"), Activation("relu6"), Activation("leaky_relu", 0.2),
         Activation("silu")]
@@ -55,13 +56,8 @@ def _inputs(shape, groups, channels_last, seed=0):
 
 
 def _reference(x, mean, var, w, b, eps, groups, act):
-    x = x.double()
-    n, c = x.shape[:2]
-    view = (1, c) + (1,) * (x.dim() - 2)
-    d = x - mean.double().view(view)
-    z = d * torch.rsqrt(var.double().view(view) + eps) * w.double().view(view) + b.double().view(view)
-    dg = d.reshape(groups, n // groups, c, -1)
-    return _torch64(act.name, act.negative_slope, z), dg.sum((1, 3)), (dg * dg).sum((1, 3))
+    z, s1, s2 = reference64(x, mean, var, w, b, eps, groups)  # the BN output and sums, from the definitions
+    return _torch64(act.name, act.negative_slope, z), s1, s2
 
 
 def _backend(name: str) -> str:
