@@ -4,9 +4,10 @@ For the layers whose forward is eval-mode BN (``fused`` flavours, :mod:`.flavour
 computes the BN output and the layer's moment sums in one op (``fastdfd.ops.moment_tap``),
 so a fused backend reads the activation once for both, then applies the layer's own
 epilogue (timm's ``drop`` and ``act``). An activation that follows the layer in the teacher's
-forward can be handed to the tap (:mod:`.epilogue`): the tap then applies it in the same pass. Any other layer, and any BN layer in training
-mode, runs its own forward for the output while the sums are taken from its input: the
-teacher's outputs are exactly what they are without a matcher, whatever the layer does.
+forward can be handed to the tap (:mod:`.epilogue`): the tap then applies it in the same pass.
+Any other layer, and any BN layer in training mode, runs its own forward for the output while
+the sums are taken from its input: the teacher's outputs are exactly what they are without a
+matcher, whatever the layer does.
 
 It registers the *same* Parameter, buffer and submodule objects as the layer under the same
 names: the teacher's ``state_dict``, ``parameters()`` and ``.to()`` behave as before, and the
