@@ -66,6 +66,15 @@ def _backend_of(provider: str) -> str | None:
     return provider.split("-", 1)[1] if provider.startswith("fastdfd-") else None
 
 
+def _matcher(provider: str, model: nn.Module) -> tuple[MomentMatcher, str | None]:
+    """A fastdfd provider's matcher (DeepInversion's l2) and backend: ``fastdfd-<backend>[-unfused][-compiled]``,
+    where ``-unfused`` leaves the activations after the BN layers as their own ops (the A/B of the taps'
+    epilogue)."""
+    name = provider.removesuffix("-compiled")
+    matcher = MomentMatcher(model, kind="l2", fuse_epilogues=not name.endswith("-unfused"))
+    return matcher, _backend_of(name.removesuffix("-unfused"))
+
+
 # ------------------------------------------------------------------------- one BN layer
 def bn_layer_step(provider: str, bn: nn.BatchNorm2d, activation: nn.Module | None = None) -> tuple[Callable, Callable]:
     """Returns (step(x, dy) -> (moment loss, dx), cleanup). The BN layer is frozen, as a teacher's is.
@@ -82,8 +91,7 @@ def bn_layer_step(provider: str, bn: nn.BatchNorm2d, activation: nn.Module | Non
             forward = torch.compile(forward)
         cleanup = hooks.remove
     else:
-        matcher = MomentMatcher(model, kind="l2", fuse_epilogues=not provider.endswith("-unfused"))
-        backend = _backend_of(provider.removesuffix("-unfused"))
+        matcher, backend = _matcher(provider, model)
 
         def forward(x):
             with fastdfd.backend(backend):
@@ -156,10 +164,7 @@ def generator_step(provider: str, teacher: nn.Module, ensemble: GeneratorEnsembl
             forward = torch.compile(forward)
         cleanup = hooks.remove
     else:
-        # "-unfused": the activations after the BN layers run as their own ops (the A/B of the taps' epilogue)
-        name = provider.removesuffix("-compiled")
-        matcher = MomentMatcher(teacher, kind="l2", fuse_epilogues=not name.endswith("-unfused"))
-        backend = _backend_of(name.removesuffix("-unfused"))
+        matcher, backend = _matcher(provider, teacher)
 
         def forward():
             with fastdfd.backend(backend):

@@ -23,8 +23,10 @@ What stays unfused, and why (each is exact: the activation runs as its own op, a
 
 The graph stands for the call and the modules as they were traced, so the class's own forward runs instead,
 unfused, whenever they differ: a call with keyword arguments or another number of inputs, a plain Python
-attribute of any module changed (the train/eval mode after ``teacher.train()``, a flag a ``forward`` branches
-on), a forward hook or pre-hook added or removed on any module, or a global module hook. Not rewritten at all:
+attribute changed on a module whose forward the graph inlined or on an activation module it took out (the
+train/eval mode after ``teacher.train()``, a flag a ``forward`` branches on, a LeakyReLU's slope), a forward
+hook or pre-hook added or removed on such a module, or a global module hook. (The other modules, convolutions
+and taps among them, are called as they are and read their own state.) Not rewritten at all:
 a forward that changes its modules' attributes itself (a call counter), one that takes optional or variable
 arguments (which a trace would fix), and a teacher with an instance-level ``forward``. The taps apply their epilogues only
 inside the rewritten forward, so a submodule called on its own keeps its own activations. A forward hook on a
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+from operator import attrgetter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -105,9 +108,15 @@ class _Tracer(fx.Tracer):
     def __init__(self, keep_whole: set[int]):
         super().__init__()
         self.keep_whole = keep_whole
+        self.inlined: dict[int, nn.Module] = {}  # the modules whose forward the graph stands for
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, BNTap) or id(m) in self.keep_whole or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        if not self.is_leaf_module(m, self.path_of_module(m)):
+            self.inlined[id(m)] = m
+        return super().call_module(m, forward, args, kwargs)
 
 
 def _has_hooks(m: nn.Module) -> bool:
@@ -144,11 +153,10 @@ class Fusion:
 
 
 def _resolves(root: nn.Module, target: str) -> bool:
-    obj = root
-    for part in target.split("."):
-        if not hasattr(obj, part):
-            return False
-        obj = getattr(obj, part)
+    try:
+        attrgetter(target)(root)
+    except AttributeError:
+        return False
     return True
 
 
@@ -201,9 +209,11 @@ class _FusedForward:
     own (``teacher.features(x)``) keeps its own activations. ``copy.deepcopy`` of the teacher gives the copy a
     fused forward of its own (its modules, its record); pickling is refused (the code is generated)."""
 
-    def __init__(self, teacher: nn.Module, code: Callable, record, inputs: int):
+    def __init__(self, teacher: nn.Module, code: Callable, record, inputs: int, baked: list[nn.Module]):
         self.teacher, self.code, self.record, self.inputs = teacher, code, record, inputs
-        self.modules = list(teacher.modules())
+        # Only what the graph baked in is watched per call: the modules whose forward it inlined and the
+        # activation modules it took out. Every other module is called as it is and reads its own state then.
+        self.modules = baked
         self.state = _module_state(self.modules)
 
     def __call__(self, *args, **kwargs):
@@ -246,8 +256,9 @@ def fuse_epilogues(teacher: nn.Module, taps: dict[str, BNTap], record) -> Fusion
     keep_whole = {id(m) for m in teacher.modules() if m is not teacher and _has_hooks(m)}
     modules = list(teacher.modules())
     before = _module_state(modules)
+    tracer = _Tracer(keep_whole)
     try:
-        graph = _Tracer(keep_whole).trace(teacher)
+        graph = tracer.trace(teacher)
     except Exception as exc:  # noqa: BLE001 (any tracing failure leaves the teacher as it is)
         _restore_attributes(modules, before)
         return Fusion(reason=f"torch.fx could not trace {type(teacher).__name__}.forward ({type(exc).__name__}: "
@@ -279,6 +290,7 @@ def fuse_epilogues(teacher: nn.Module, taps: dict[str, BNTap], record) -> Fusion
                 fusion.unfused[name] = f"followed by {_user_name(users[0])}"
         calls.setdefault(name, []).append((node, act))
     fused_taps: dict[str, Activation] = {}
+    baked = {id(teacher): teacher, **tracer.inlined}
     for name, nodes in calls.items():
         acts = {act for _, act in nodes}
         if None in acts or len(acts) != 1:
@@ -287,6 +299,9 @@ def fuse_epilogues(teacher: nn.Module, taps: dict[str, BNTap], record) -> Fusion
             continue
         for node, _ in nodes:
             (user,) = node.users
+            if user.op == "call_module":  # an activation module no longer called: its hooks and slope are baked
+                module = teacher.get_submodule(user.target)
+                baked[id(module)] = module
             user.replace_all_uses_with(node)
             graph.erase_node(user)
         fused_taps[name] = acts.pop()
@@ -308,7 +323,7 @@ def fuse_epilogues(teacher: nn.Module, taps: dict[str, BNTap], record) -> Fusion
     record.epilogues = False  # on only inside the fused forward
     for name, act in fused_taps.items():
         taps[name].activation = act
-    fused_forward = _FusedForward(teacher, code, record, inputs)  # after the taps' change: its state snapshot
+    fused_forward = _FusedForward(teacher, code, record, inputs, list(baked.values()))
     teacher.forward = fused_forward
     fusion.fused = dict(fused_taps)
     fusion._forward, fusion._taps = fused_forward, [taps[name] for name in fused_taps]

@@ -222,3 +222,27 @@ def test_a_backend_without_the_epilogue_gets_the_activation_after_its_tap(monkey
     assert seen == [0]  # the kernels saw identity
     ry, _, _ = _reference(x, mean, var, w, b, 1e-3, 1, Activation("silu"))
     torch.testing.assert_close(y.double(), ry, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "traced", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("act", [Activation("relu6"), Activation("leaky_relu", 0.2), Activation("silu")],
+                         ids=lambda a: a.name)
+def test_half_precision_inputs_match_float64(backend, dtype, act):
+    """fp16/bf16 x (the kernels' other instantiations): y and dx against float64 on the same rounded x, within
+    the dtype's rounding of the outputs (the math runs in fp32)."""
+    backend = _backend(backend)
+    x, mean, var, w, b = _inputs((6, 17, 4, 4), 2, False)
+    x = x.to(dtype).requires_grad_(True)
+    y, s1, s2 = _run(backend, x, mean, var, w, b, 1e-3, 2, act)
+    assert y.dtype == dtype
+    x64 = x.detach().double().requires_grad_(True)
+    ry, r1, r2 = _reference(x64, mean, var, w, b, 1e-3, 2, act)
+    eps = torch.finfo(dtype).eps
+    assert (y.double() - ry).abs().max() <= eps * ry.abs().max()
+    torch.testing.assert_close(s1.double(), r1, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(s2.double(), r2, rtol=1e-4, atol=1e-3)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    (gx,) = torch.autograd.grad((y * dy).sum() + 1e-3 * s2.sum(), x)
+    (rg,) = torch.autograd.grad((ry * dy.double()).sum() + 1e-3 * r2.sum(), x64)
+    assert (gx.double() - rg).abs().max() <= eps * rg.abs().max()

@@ -37,8 +37,8 @@ import torch
 from torch import Tensor
 
 from .activation import Activation, activation_derivative, apply_activation
-from .reference import (accumulation_dtype, bn_affine_grads, channel_view, eval_batch_norm, moment_sums_torch,
-                        pre_activation)
+from .reference import (accumulation_dtype, bn_affine_grads, bn_scale, channel_view, eval_batch_norm,
+                        moment_sums_torch)
 
 FUSED = frozenset({"triton", "cpp", "cuda"})
 #: the fused backends whose tap is traced as aten ops under torch.compile
@@ -68,11 +68,6 @@ def _segment_view(t: Tensor, x: Tensor, groups: int) -> Tensor:
     return t.view((groups, 1, -1) + (1,) * (x.dim() - 2))
 
 
-def _scale(var: Tensor, weight: Optional[Tensor], eps: float, acc: torch.dtype) -> Tensor:
-    scale = torch.rsqrt(var.to(acc) + eps)
-    return scale if weight is None else scale * weight.to(acc)
-
-
 def _tap_forward_math(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                       eps: float, groups: int, write_y: bool, act: str = "identity", slope: float = 0.0):
     """The reference's forward (:mod:`.reference`): inductor reads x once for the sums and y."""
@@ -89,11 +84,12 @@ def _tap_backward_math(x: Tensor, dy: Optional[Tensor], ds1: Tensor, ds2: Tensor
     d = xg - channel_view(mean.to(acc), x).unsqueeze(0)
     dx = _segment_view(ds1.to(acc), x, groups) + 2 * d * _segment_view(ds2.to(acc), x, groups)
     if dy is not None:
-        dz = dy.to(acc)
-        if act != "identity":  # dy * a'(z), z recomputed from the x this pass reads anyway
-            dz = dz * activation_derivative(act, slope, pre_activation(x, mean, var, weight, bias, eps))
-        scale = channel_view(_scale(var, weight, eps, acc), x).unsqueeze(0)
-        dx = dx + dz.unflatten(0, (groups, x.shape[0] // groups)) * scale
+        scale = channel_view(bn_scale(var, weight, eps, acc), x).unsqueeze(0)
+        dz = dy.to(acc).unflatten(0, (groups, x.shape[0] // groups))
+        if act != "identity":  # dy * a'(z), z = d * scale + beta from the d above (x read once)
+            z = d * scale if bias is None else d * scale + channel_view(bias.to(acc), x).unsqueeze(0)
+            dz = dz * activation_derivative(act, slope, z)
+        dx = dx + dz * scale
     return dx.flatten(0, 1).to(x.dtype)
 
 

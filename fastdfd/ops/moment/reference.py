@@ -77,14 +77,17 @@ def eval_batch_norm(x, running_mean, running_var, weight, bias, eps: float) -> t
     return y.to(x.dtype)
 
 
+def bn_scale(var: torch.Tensor, weight: torch.Tensor | None, eps: float, acc: torch.dtype) -> torch.Tensor:
+    """gamma * rsqrt(var_r + eps) per channel, in ``acc``: the eval BN's slope, forward and backward."""
+    scale = torch.rsqrt(var.to(acc) + eps)
+    return scale if weight is None else scale * weight.to(acc)
+
+
 def pre_activation(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None,
                    bias: torch.Tensor | None, eps: float) -> torch.Tensor:
     """z = BN(x) in the accumulation dtype, recomputed from x: what an activation's derivative needs."""
     acc = accumulation_dtype(x.dtype)
-    scale = torch.rsqrt(var.to(acc) + eps)
-    if weight is not None:
-        scale = scale * weight.to(acc)
-    z = (x.to(acc) - channel_view(mean.to(acc), x)) * channel_view(scale, x)
+    z = (x.to(acc) - channel_view(mean.to(acc), x)) * channel_view(bn_scale(var, weight, eps, acc), x)
     return z if bias is None else z + channel_view(bias.to(acc), x)
 
 
