@@ -52,9 +52,9 @@ def kernels_against_copies() -> None:
             mean, var = 0.2 * torch.randn(c, generator=g), 0.5 + torch.rand(c, generator=g)
             w, b = 1 + 0.2 * torch.randn(c, generator=g), 0.1 * torch.randn(c, generator=g)
             ds1, ds2 = torch.randn(1, c, generator=g), torch.randn(1, c, generator=g)
-            fwd = median_time(lambda: ext.tap_forward(x, mean, var, w, b, 1e-5, 1, True, *strides, 0, 0.0))
+            fwd = median_time(lambda: ext.tap_forward(x, mean, var, w, b, 1e-5, 1, True, *strides, 0, 0.0, None))
             bwd = median_time(lambda: ext.tap_backward(x, dy, ds1, ds2, mean, var, w, b, 1e-5, 1, *strides, 0,
-                                                       0.0))
+                                                       0.0, None))
             copy = median_time(lambda: x.clone())
             add = median_time(lambda: torch.add(x, dy))
             layout = "channels_last" if channels_last else "NCHW"

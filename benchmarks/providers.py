@@ -20,6 +20,7 @@ is given, as inside a network), and a whole generator-training step (ensemble ->
 from __future__ import annotations
 
 from typing import Callable
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,7 @@ from torch import nn
 
 import fastdfd
 from fastdfd import GeneratorEnsemble, MomentMatcher
-from fastdfd.nn import ensemble_forward
+from fastdfd.nn import ensemble_forward, epilogue
 
 PROVIDERS = ("hooks", "hooks-compiled", "fastdfd-torch", "fastdfd-triton", "fastdfd-cpp", "fastdfd-cuda")
 
@@ -67,19 +68,42 @@ def _backend_of(provider: str) -> str | None:
 
 
 def _matcher(provider: str, model: nn.Module) -> tuple[MomentMatcher, str | None]:
-    """A fastdfd provider's matcher (DeepInversion's l2) and backend: ``fastdfd-<backend>[-unfused][-compiled]``,
-    where ``-unfused`` leaves the activations after the BN layers as their own ops (the A/B of the taps'
-    epilogue)."""
+    """A fastdfd provider's matcher (DeepInversion's l2) and backend:
+    ``fastdfd-<backend>[-unfused|-actonly][-compiled]``, where ``-unfused`` leaves the activations and residual
+    adds after the BN layers as their own ops (the A/B of the taps' epilogues) and ``-actonly`` fuses the
+    activations but no residual add (the A/B of the residual epilogue alone)."""
     name = provider.removesuffix("-compiled")
+    if name.endswith("-actonly"):
+        # benchmark-only: the fusion's trace finds no residual add, so each BN + add + act stays as it was
+        with mock.patch.object(epilogue, "residual_of", lambda node, source: None):
+            matcher = MomentMatcher(model, kind="l2")
+        return matcher, _backend_of(name.removesuffix("-actonly"))
     matcher = MomentMatcher(model, kind="l2", fuse_epilogues=not name.endswith("-unfused"))
     return matcher, _backend_of(name.removesuffix("-unfused"))
 
 
 # ------------------------------------------------------------------------- one BN layer
-def bn_layer_step(provider: str, bn: nn.BatchNorm2d, activation: nn.Module | None = None) -> tuple[Callable, Callable]:
+class ResidualBN(nn.Module):
+    """``relu(bn(x) + x)``: a basic block's second BN, its residual add and ReLU, with the block's input as the
+    residual (so dx sums the tap's gradient and the residual's)."""
+
+    def __init__(self, bn: nn.BatchNorm2d):
+        super().__init__()
+        self.bn = bn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn(x) + x)
+
+
+def bn_layer_step(provider: str, bn: nn.BatchNorm2d, activation: nn.Module | None = None,
+                  residual: bool = False) -> tuple[Callable, Callable]:
     """Returns (step(x, dy) -> (moment loss, dx), cleanup). The BN layer is frozen, as a teacher's is.
-    ``activation``: a module after the BN (the matcher fuses it into the tap; ``-unfused`` providers do not)."""
-    model = nn.Sequential(bn, *([activation] if activation is not None else [])).eval().requires_grad_(False)
+    ``activation``: a module after the BN (the matcher fuses it into the tap; ``-unfused`` providers do not);
+    ``residual``: the layer is :class:`ResidualBN` instead (the tap fuses the add and the ReLU)."""
+    if residual:
+        model = ResidualBN(bn).eval().requires_grad_(False)
+    else:
+        model = nn.Sequential(bn, *([activation] if activation is not None else [])).eval().requires_grad_(False)
     if provider.startswith("hooks"):
         hooks = HookLoss(model)
 

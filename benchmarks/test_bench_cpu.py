@@ -51,6 +51,22 @@ def test_bn_relu_layer_forward_backward(benchmark, provider, channels, size):
     cleanup()
 
 
+@pytest.mark.parametrize("provider", ["hooks", "hooks-compiled", "fastdfd-cpp-unfused", "fastdfd-cpp"])
+@pytest.mark.parametrize("channels,size", LAYERS[:2], ids=[f"c{c}s{s}" for c, s in LAYERS[:2]])
+def test_bn_add_relu_layer_forward_backward(benchmark, provider, channels, size):
+    """relu(BN(x) + x), a basic block's end (issue 22's residual epilogue): fastdfd-cpp adds the residual and
+    applies the ReLU in the tap's pass, -unfused after it."""
+    bn = randomize_bn(nn.BatchNorm2d(channels))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(BATCH, channels, size, size, generator=g).requires_grad_(True)
+    dy = torch.randn(BATCH, channels, size, size, generator=g)
+    step, cleanup = bn_layer_step(provider, bn, residual=True)
+    step(x, dy)
+    benchmark.group = f"bn+add+relu layer c{channels} s{size} b{BATCH}"
+    benchmark(step, x, dy)
+    cleanup()
+
+
 @pytest.mark.parametrize("provider", CPU_PROVIDERS)
 def test_bn_layer_call_overhead(benchmark, provider):
     """A tiny layer (2 x 16 x 4 x 4), forward and backward: what a call costs beyond its bytes (issue 22's

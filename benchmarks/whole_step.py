@@ -25,7 +25,8 @@ import torch
 
 from .providers import WHOLE_STEPS, whole_step
 
-# fastdfd-cpp-unfused: the matcher without its activation epilogues (fuse_epilogues=False), the A/B of that fusion
+# fastdfd-cpp-unfused: the matcher without its epilogues (fuse_epilogues=False), the A/B of that fusion;
+# fastdfd-cpp-actonly (not in the default list): the activations fused, the residual adds not
 PROVIDERS = ("hooks", "hooks-compiled", "fastdfd-cpp-unfused", "fastdfd-cpp", "fastdfd-cpp-compiled")
 TEACHERS = tuple(WHOLE_STEPS)
 

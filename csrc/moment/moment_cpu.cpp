@@ -6,10 +6,11 @@
 // non-overlapping, dense tensor with sp == 1 (NCHW-like) or sc == 1 (channels_last-like);
 // check_layout verifies that again, and y/dx get x's exact strides.
 //
-// Forward, one read of x: y = a(z), z = (x - mu_r) * gamma * rsqrt(var_r + eps) + beta (optional; a the
-// activation epilogue, identity by default) and, per (segment g, channel c), S1 = sum (x - mu_r),
-// S2 = sum (x - mu_r)^2.
-// Backward, one pass: dx = dy a'(z) * gamma * rsqrt(var_r + eps) + dS1[g, c] + 2 (x - mu_r) dS2[g, c].
+// Forward, one read of x: y = a(u), u = (x - mu_r) * gamma * rsqrt(var_r + eps) + beta [+ r] (optional; r an
+// optional residual of x's shape and strides, a the activation epilogue, identity by default) and, per
+// (segment g, channel c), S1 = sum (x - mu_r), S2 = sum (x - mu_r)^2.
+// Backward, one pass: dz = dy a'(u), dx = dz * gamma * rsqrt(var_r + eps) + dS1[g, c] + 2 (x - mu_r) dS2[g, c],
+// and with a residual dr = dz (u recomputed from the x and r the pass reads).
 //
 // Parallelism (ATen's parallel_for), both passes in x's memory order: the forward cuts each
 // segment's rows (P values of an (image, channel) in NCHW, C values of an (image, position) in
@@ -133,6 +134,13 @@ void with_activation(int64_t act, F&& f) {
   }
 }
 
+// Calls f with whether a residual is added, as a compile-time constant (branch-free inner loops again).
+template <typename F>
+void with_residual(bool residual, F&& f) {
+  if (residual) f(std::true_type{});
+  else f(std::false_type{});
+}
+
 // Both passes walk x in memory order. A "row" is x's unit-stride run: the P values of one
 // (image, channel) in NCHW-like x, the C values of one (image, position) in channels_last-like x.
 // Rows are numbered within a segment so that consecutive numbers are neighbours in memory:
@@ -168,11 +176,11 @@ int64_t chunks_for(const Geometry& g, const Rows& rows) {
 // bounds the float sums' length whatever the batch.
 constexpr int64_t kFlushRows = 256;
 
-template <typename T, int ACT>
+template <typename T, int ACT, bool RES>
 void tap_forward_impl(const T* x, T* y, typename Acc<T>::type* s1, typename Acc<T>::type* s2,
                       const typename Acc<T>::type* mean, const typename Acc<T>::type* var,
                       const typename Acc<T>::type* w, const typename Acc<T>::type* b, const Geometry& g, double eps,
-                      typename Acc<T>::type slope) {
+                      typename Acc<T>::type slope, const T* res) {
   using A = typename Acc<T>::type;
   std::vector<A> scale, shift;
   if (y) bn_affine(var, w, b, eps, g.C, scale, shift);
@@ -196,13 +204,16 @@ void tap_forward_impl(const T* x, T* y, typename Acc<T>::type* s1, typename Acc<
           A a1 = 0, a2 = 0;
           if (y) {
             T* yr = y + off;
+            const T* rr = RES ? res + off : nullptr;
             const A sc = scale[c], sh = shift[c];
 #pragma omp simd reduction(+ : a1, a2)
             for (int64_t p = 0; p < L; ++p) {
               const A d = static_cast<A>(xr[p]) - mu;
               a1 += d;
               a2 += d * d;
-              yr[p] = static_cast<T>(act_value<ACT>(d * sc + sh, slope));
+              A u = d * sc + sh;
+              if constexpr (RES) u += static_cast<A>(rr[p]);
+              yr[p] = static_cast<T>(act_value<ACT>(u, slope));
             }
           } else {
 #pragma omp simd reduction(+ : a1, a2)
@@ -227,12 +238,15 @@ void tap_forward_impl(const T* x, T* y, typename Acc<T>::type* s1, typename Acc<
           const T* xr = x + off;
           if (y) {
             T* yr = y + off;
+            const T* rr = RES ? res + off : nullptr;
 #pragma omp simd
             for (int64_t c = 0; c < L; ++c) {
               const A d = static_cast<A>(xr[c]) - mean[c];
               q1[c] += d;
               q2[c] += d * d;
-              yr[c] = static_cast<T>(act_value<ACT>(d * scale[c] + shift[c], slope));
+              A u = d * scale[c] + shift[c];
+              if constexpr (RES) u += static_cast<A>(rr[c]);
+              yr[c] = static_cast<T>(act_value<ACT>(u, slope));
             }
           } else {
 #pragma omp simd
@@ -263,11 +277,13 @@ void tap_forward_impl(const T* x, T* y, typename Acc<T>::type* s1, typename Acc<
 // Values per backward task: large enough that a task's overhead is noise, small enough to balance.
 constexpr int64_t kBackwardGrainValues = 16384;
 
-template <typename T, int ACT>
+// RES: a residual r was added before the activation; dr = dy a'(u) is written beside dx (only called with dy).
+template <typename T, int ACT, bool RES>
 void tap_backward_impl(const T* x, const T* dy, T* dx, const typename Acc<T>::type* ds1,
                        const typename Acc<T>::type* ds2, const typename Acc<T>::type* mean,
                        const typename Acc<T>::type* var, const typename Acc<T>::type* w,
-                       const typename Acc<T>::type* b, const Geometry& g, double eps, typename Acc<T>::type slope) {
+                       const typename Acc<T>::type* b, const Geometry& g, double eps, typename Acc<T>::type slope,
+                       const T* res, T* dres) {
   using A = typename Acc<T>::type;
   std::vector<A> scale, shift;  // shift (beta) only enters through a'(z)
   bn_affine(var, w, b, eps, g.C, scale, shift);
@@ -281,6 +297,8 @@ void tap_backward_impl(const T* x, const T* dy, T* dx, const typename Acc<T>::ty
       const T* xr = x + off;
       T* dxr = dx + off;
       const T* dyr = dy ? dy + off : nullptr;
+      const T* rr = RES ? res + off : nullptr;
+      T* drr = RES ? dres + off : nullptr;
       if (!g.channels_last()) {
         const int64_t c = row_other(g, rows, r);
         const A mu = mean[c], c1 = ds1[grp * g.C + c], c2 = g2[grp * g.C + c], sc = scale[c], sh = shift[c];
@@ -288,8 +306,11 @@ void tap_backward_impl(const T* x, const T* dy, T* dx, const typename Acc<T>::ty
 #pragma omp simd
           for (int64_t p = 0; p < L; ++p) {
             const A d = static_cast<A>(xr[p]) - mu;
-            const A dz = static_cast<A>(dyr[p]) * act_slope<ACT>(d * sc + sh, slope);
+            A u = d * sc + sh;
+            if constexpr (RES) u += static_cast<A>(rr[p]);
+            const A dz = static_cast<A>(dyr[p]) * act_slope<ACT>(u, slope);
             dxr[p] = static_cast<T>(dz * sc + c1 + d * c2);
+            if constexpr (RES) drr[p] = static_cast<T>(dz);
           }
         } else {
 #pragma omp simd
@@ -303,8 +324,11 @@ void tap_backward_impl(const T* x, const T* dy, T* dx, const typename Acc<T>::ty
 #pragma omp simd
         for (int64_t c = 0; c < L; ++c) {
           const A d = static_cast<A>(xr[c]) - mean[c];
-          const A dz = static_cast<A>(dyr[c]) * act_slope<ACT>(d * scale[c] + shift[c], slope);
+          A u = d * scale[c] + shift[c];
+          if constexpr (RES) u += static_cast<A>(rr[c]);
+          const A dz = static_cast<A>(dyr[c]) * act_slope<ACT>(u, slope);
           dxr[c] = static_cast<T>(dz * scale[c] + c1[c] + d * c2[c]);
+          if constexpr (RES) drr[c] = static_cast<T>(dz);
         }
       } else {
 #pragma omp simd
@@ -326,6 +350,14 @@ const A* opt_ptr(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<A>() : nullptr;
 }
 
+// dy and the residual are addressed with x's offsets: they must have its dtype, shape and strides.
+void check_like_x(const at::Tensor& t, const at::Tensor& x, const char* what) {
+  TORCH_CHECK(t.sizes() == x.sizes() && t.strides() == x.strides() && t.scalar_type() == x.scalar_type() &&
+                  t.device() == x.device(),
+              "fastdfd cpp tap: ", what, " ", t.scalar_type(), " ", t.sizes(), " with strides ", t.strides(),
+              " must have x's dtype, shape and strides (", x.scalar_type(), " ", x.sizes(), ", ", x.strides(), ")");
+}
+
 }  // namespace
 
 // The entry points, shared with the op registrations of moment_library_cpu.cpp (moment_cpu.h).
@@ -334,9 +366,11 @@ namespace fastdfd::moment_cpu {
 std::vector<at::Tensor> tap_forward(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
                                     const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
                                     double eps, int64_t groups, bool write_y, int64_t sn, int64_t sc, int64_t sp,
-                                    int64_t act, double slope) {
+                                    int64_t act, double slope, const c10::optional<at::Tensor>& residual) {
   follow_torch_threads();
   const Geometry g = geometry(x, groups, sn, sc, sp);
+  const bool res = write_y && residual.has_value() && residual->defined();  // without y there is nothing to add to
+  if (res) check_like_x(*residual, x, "residual");
   check_stats(mean, g.C, acc_type(x), "mean");
   if (write_y) check_stats(var, g.C, acc_type(x), "var");
   if (weight.has_value()) check_stats(*weight, g.C, acc_type(x), "weight");
@@ -347,26 +381,28 @@ std::vector<at::Tensor> tap_forward(const at::Tensor& x, const at::Tensor& mean,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastdfd_tap_forward", [&] {
     using A = typename Acc<scalar_t>::type;
     with_activation(write_y ? act : IDENTITY, [&](auto a) {  // without y there is nothing to activate
-      tap_forward_impl<scalar_t, decltype(a)::value>(
-          x.data_ptr<scalar_t>(), write_y ? y.data_ptr<scalar_t>() : nullptr, s1.data_ptr<A>(), s2.data_ptr<A>(),
-          mean.data_ptr<A>(), var.data_ptr<A>(), opt_ptr<A>(weight), opt_ptr<A>(bias), g, eps, static_cast<A>(slope));
+      with_residual(res, [&](auto r) {
+        tap_forward_impl<scalar_t, decltype(a)::value, decltype(r)::value>(
+            x.data_ptr<scalar_t>(), write_y ? y.data_ptr<scalar_t>() : nullptr, s1.data_ptr<A>(), s2.data_ptr<A>(),
+            mean.data_ptr<A>(), var.data_ptr<A>(), opt_ptr<A>(weight), opt_ptr<A>(bias), g, eps,
+            static_cast<A>(slope), res ? residual->data_ptr<scalar_t>() : nullptr);
+      });
     });
   });
   return {write_y ? y : at::empty({0}, x.options()), s1, s2};
 }
 
-at::Tensor tap_backward(const at::Tensor& x, const c10::optional<at::Tensor>& dy, const at::Tensor& ds1,
-                        const at::Tensor& ds2, const at::Tensor& mean, const at::Tensor& var,
-                        const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias, double eps,
-                        int64_t groups, int64_t sn, int64_t sc, int64_t sp, int64_t act, double slope) {
+std::vector<at::Tensor> tap_backward(const at::Tensor& x, const c10::optional<at::Tensor>& dy, const at::Tensor& ds1,
+                                     const at::Tensor& ds2, const at::Tensor& mean, const at::Tensor& var,
+                                     const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                                     double eps, int64_t groups, int64_t sn, int64_t sc, int64_t sp, int64_t act,
+                                     double slope, const c10::optional<at::Tensor>& residual) {
   follow_torch_threads();
   const Geometry g = geometry(x, groups, sn, sc, sp);
-  if (dy.has_value()) {
-    TORCH_CHECK(dy->sizes() == x.sizes() && dy->strides() == x.strides() && dy->scalar_type() == x.scalar_type() &&
-                    dy->device() == x.device(),
-                "fastdfd cpp tap: dy ", dy->scalar_type(), " ", dy->sizes(), " with strides ", dy->strides(),
-                " must have x's dtype, shape and strides (", x.scalar_type(), " ", x.sizes(), ", ", x.strides(), ")");
-  }
+  if (dy.has_value()) check_like_x(*dy, x, "dy");
+  // the residual's gradient dr = dy a'(u) comes from this pass; without dy there is none
+  const bool res = dy.has_value() && residual.has_value() && residual->defined();
+  if (res) check_like_x(*residual, x, "residual");
   check_stats(ds1, groups * g.C, acc_type(x), "ds1");
   check_stats(ds2, groups * g.C, acc_type(x), "ds2");
   check_stats(mean, g.C, acc_type(x), "mean");
@@ -374,16 +410,20 @@ at::Tensor tap_backward(const at::Tensor& x, const c10::optional<at::Tensor>& dy
   if (weight.has_value()) check_stats(*weight, g.C, acc_type(x), "weight");
   if (bias.has_value()) check_stats(*bias, g.C, acc_type(x), "bias");
   at::Tensor dx = empty_as(x);
+  at::Tensor dr = res ? empty_as(x) : at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastdfd_tap_backward", [&] {
     using A = typename Acc<scalar_t>::type;
     with_activation(dy.has_value() ? act : IDENTITY, [&](auto a) {  // without dy the activation is not in the graph
-      tap_backward_impl<scalar_t, decltype(a)::value>(
-          x.data_ptr<scalar_t>(), dy.has_value() ? dy->data_ptr<scalar_t>() : nullptr, dx.data_ptr<scalar_t>(),
-          ds1.data_ptr<A>(), ds2.data_ptr<A>(), mean.data_ptr<A>(), var.data_ptr<A>(), opt_ptr<A>(weight),
-          opt_ptr<A>(bias), g, eps, static_cast<A>(slope));
+      with_residual(res, [&](auto r) {
+        tap_backward_impl<scalar_t, decltype(a)::value, decltype(r)::value>(
+            x.data_ptr<scalar_t>(), dy.has_value() ? dy->data_ptr<scalar_t>() : nullptr, dx.data_ptr<scalar_t>(),
+            ds1.data_ptr<A>(), ds2.data_ptr<A>(), mean.data_ptr<A>(), var.data_ptr<A>(), opt_ptr<A>(weight),
+            opt_ptr<A>(bias), g, eps, static_cast<A>(slope), res ? residual->data_ptr<scalar_t>() : nullptr,
+            res ? dr.data_ptr<scalar_t>() : nullptr);
+      });
     });
   });
-  return dx;
+  return {dx, dr};
 }
 
 // ------------------------------------------------------------------------------ finalize

@@ -1,7 +1,8 @@
 // The cpp backend's moment ops registered with the dispatcher, their autograd in C++:
 //
-//   fastdfd_cpu::tap(x, mean, var, weight?, bias?, eps, groups, write_y, act=0, slope=0) -> (y, S1, S2)
-//   fastdfd_cpu::tap_backward(x, dy?, dS1, dS2, mean, var, weight?, bias?, eps, groups, act=0, slope=0) -> dx
+//   fastdfd_cpu::tap(x, mean, var, weight?, bias?, eps, groups, write_y, act=0, slope=0, residual?) -> (y, S1, S2)
+//   fastdfd_cpu::tap_backward(x, dy?, dS1, dS2, mean, var, weight?, bias?, eps, groups, act=0, slope=0, residual?)
+//       -> (dx, dr)   (dr empty without a residual or dy)
 //   fastdfd_cpu::finalize(S1, S2, count, var, eps, offsets, kind) -> [L, G]
 //   fastdfd_cpu::finalize_backward(S1, S2, count, var, eps, offsets, dout, kind) -> (dS1, dS2)
 //
@@ -12,6 +13,8 @@
 // the layout rule in Python), against 6 us for the kernel call itself; on a teacher of 50 small
 // layers that is most of the step. Here the whole eager path runs in C++. Under torch.compile the
 // Python path is traced instead (fastdfd/ops/moment/dispatch.py): these ops have no fake kernels.
+// Only these ops take a residual (y = a(BN(x) + r), a basic block's add and ReLU in the tap's pass); the Python
+// custom ops do not, and the dispatch adds a residual after their tap.
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -81,29 +84,44 @@ at::Tensor like_strides(const at::Tensor& t, const at::Tensor& x) {
 }
 
 // ------------------------------------------------------------------------ CPU kernels (ops)
+// The residual in the kernels' layout (x's strides); its dtype must already be x's (no silent cast).
+c10::optional<at::Tensor> residual_like(const c10::optional<at::Tensor>& r, const at::Tensor& xk) {
+  if (!r.has_value() || !r->defined()) return c10::nullopt;
+  TORCH_CHECK(r->sizes() == xk.sizes() && r->scalar_type() == xk.scalar_type() && r->device() == xk.device(),
+              "fastdfd cpp tap: residual ", r->scalar_type(), " ", r->sizes(), " on ", r->device(),
+              " must have x's dtype, shape and device (", xk.scalar_type(), " ", xk.sizes(), " on ", xk.device(), ")");
+  return like_strides(*r, xk);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tap_cpu(const at::Tensor& x, const at::Tensor& mean,
                                                        const at::Tensor& var, const c10::optional<at::Tensor>& weight,
                                                        const c10::optional<at::Tensor>& bias, double eps,
-                                                       int64_t groups, bool write_y, int64_t act, double slope) {
+                                                       int64_t groups, bool write_y, int64_t act, double slope,
+                                                       const c10::optional<at::Tensor>& residual) {
   const auto acc = acc_of(x.scalar_type());
   int64_t s[3];
   const at::Tensor xk = kernel_layout(x, s);
   auto out = impl::tap_forward(xk, as_acc(mean, acc), as_acc(var, acc), as_acc(weight, acc), as_acc(bias, acc), eps,
-                               groups, write_y, s[0], s[1], s[2], act, slope);
+                               groups, write_y, s[0], s[1], s[2], act, slope, residual_like(residual, xk));
   return {out[0], out[1], out[2]};
 }
 
-at::Tensor tap_backward_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& dy, const at::Tensor& ds1,
-                            const at::Tensor& ds2, const at::Tensor& mean, const at::Tensor& var,
-                            const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
-                            double eps, int64_t groups, int64_t act, double slope) {
+std::tuple<at::Tensor, at::Tensor> tap_backward_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& dy,
+                                                    const at::Tensor& ds1, const at::Tensor& ds2,
+                                                    const at::Tensor& mean, const at::Tensor& var,
+                                                    const c10::optional<at::Tensor>& weight,
+                                                    const c10::optional<at::Tensor>& bias, double eps, int64_t groups,
+                                                    int64_t act, double slope,
+                                                    const c10::optional<at::Tensor>& residual) {
   const auto acc = acc_of(x.scalar_type());
   int64_t s[3];
   const at::Tensor xk = kernel_layout(x, s);
   c10::optional<at::Tensor> dyk;
   if (dy.has_value() && dy->defined()) dyk = like_strides(*dy, xk);
-  return impl::tap_backward(xk, dyk, as_acc(ds1, acc), as_acc(ds2, acc), as_acc(mean, acc), as_acc(var, acc),
-                            as_acc(weight, acc), as_acc(bias, acc), eps, groups, s[0], s[1], s[2], act, slope);
+  auto out = impl::tap_backward(xk, dyk, as_acc(ds1, acc), as_acc(ds2, acc), as_acc(mean, acc), as_acc(var, acc),
+                                as_acc(weight, acc), as_acc(bias, acc), eps, groups, s[0], s[1], s[2], act, slope,
+                                residual_like(residual, xk));
+  return {out[0], out[1]};
 }
 
 at::Tensor finalize_cpu(const at::Tensor& s1, const at::Tensor& s2, const at::Tensor& count, const at::Tensor& var,
@@ -151,10 +169,15 @@ class Tap : public torch::autograd::Function<Tap> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& mean,
                                const at::Tensor& var, const c10::optional<at::Tensor>& weight,
                                const c10::optional<at::Tensor>& bias, double eps, int64_t groups, bool write_y,
-                               int64_t act, double slope) {
+                               int64_t act, double slope, const c10::optional<at::Tensor>& residual) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, s1, s2] = tap_cpu(x, mean, var, weight, bias, eps, groups, write_y, act, slope);
-    ctx->save_for_backward({x, mean, var, weight.value_or(at::Tensor()), bias.value_or(at::Tensor())});
+    const bool res = write_y && residual.has_value() && residual->defined();
+    auto [y, s1, s2] = tap_cpu(x, mean, var, weight, bias, eps, groups, write_y, act, slope,
+                               res ? residual : c10::nullopt);
+    // the residual is read again backward only for a'(u); with the identity its gradient is dy itself
+    ctx->save_for_backward({x, mean, var, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()),
+                            res && act != 0 ? *residual : at::Tensor()});
+    ctx->saved_data["r_grad"] = res && residual->requires_grad();
     ctx->saved_data["x_grad"] = x.requires_grad();
     ctx->saved_data["w_grad"] = weight.has_value() && weight->defined() && weight->requires_grad();
     ctx->saved_data["b_grad"] = bias.has_value() && bias->defined() && bias->requires_grad();
@@ -169,33 +192,40 @@ class Tap : public torch::autograd::Function<Tap> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &mean = saved[1], &var = saved[2], &weight = saved[3], &bias = saved[4];
+    const at::Tensor& residual = saved[5];  // defined when a residual went through a non-identity activation
     const double eps = ctx->saved_data["eps"].toDouble(), slope = ctx->saved_data["slope"].toDouble();
     const int64_t act = ctx->saved_data["act"].toInt();
     const int64_t groups = ctx->saved_data["groups"].toInt(), c = x.size(1);
     const auto acc = acc_of(x.scalar_type());
     const at::Tensor dy = ctx->saved_data["write_y"].toBool() ? grads[0] : at::Tensor();
     auto sums = [&](const at::Tensor& g) { return g.defined() ? g : at::zeros({groups, c}, x.options().dtype(acc)); };
-    at::Tensor dx, dw, db;
+    at::Tensor dx, dw, db, dr;
     const bool want_w = ctx->saved_data["w_grad"].toBool(), want_b = ctx->saved_data["b_grad"].toBool();
-    if (ctx->saved_data["x_grad"].toBool())
-      dx = tap_backward_cpu(x, maybe(dy), sums(grads[1]), sums(grads[2]), mean, var, maybe(weight), maybe(bias), eps,
-                            groups, act, slope);
+    const bool want_r = ctx->saved_data["r_grad"].toBool();
+    if (ctx->saved_data["x_grad"].toBool() || (want_r && residual.defined() && dy.defined())) {
+      auto [dx_, dr_] = tap_backward_cpu(x, maybe(dy), sums(grads[1]), sums(grads[2]), mean, var, maybe(weight),
+                                         maybe(bias), eps, groups, act, slope, maybe(residual));
+      if (ctx->saved_data["x_grad"].toBool()) dx = dx_;
+      if (want_r && residual.defined() && dy.defined()) dr = dr_;
+    }
+    if (want_r && !residual.defined()) dr = dy;  // identity activation: d(BN(x) + r)/dr = 1 (undefined: no dy)
     if (dy.defined() && (want_w || want_b)) {
       std::vector<int64_t> dims{0}, shape{1, c};
       for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d), shape.push_back(1);
       at::Tensor dya = dy.to(acc);
       const at::Tensor xhat = (x.to(acc) - mean.to(acc).view(shape)) * at::rsqrt(var.to(acc).view(shape) + eps);
-      if (act != 0) {  // with an activation epilogue the affine's gradients see dz = dy a'(z), z = BN(x) recomputed
+      if (act != 0) {  // with an activation epilogue the affine's gradients see dz = dy a'(u), u = BN(x) [+ r]
         at::Tensor z = xhat;
         if (weight.defined()) z = z * weight.to(acc).view(shape);
         if (bias.defined()) z = z + bias.to(acc).view(shape);
+        if (residual.defined()) z = z + residual.to(acc);
         dya = dya * activation_slope(z, act, slope);
       }
       if (want_w) dw = (dya * xhat).sum(dims).to(weight.scalar_type());
       if (want_b) db = dya.sum(dims).to(weight.defined() ? weight.scalar_type() : dy.scalar_type());
     }
     return {dx, at::Tensor(), at::Tensor(), dw, db, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor()};
+            at::Tensor(), dr};
   }
 };
 
@@ -223,8 +253,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tap_autograd(const at::Tensor& x,
                                                             const at::Tensor& var,
                                                             const c10::optional<at::Tensor>& weight,
                                                             const c10::optional<at::Tensor>& bias, double eps,
-                                                            int64_t groups, bool write_y, int64_t act, double slope) {
-  auto out = Tap::apply(x, mean, var, weight, bias, eps, groups, write_y, act, slope);
+                                                            int64_t groups, bool write_y, int64_t act, double slope,
+                                                            const c10::optional<at::Tensor>& residual) {
+  auto out = Tap::apply(x, mean, var, weight, bias, eps, groups, write_y, act, slope, residual);
   return {out[0], out[1], out[2]};
 }
 
@@ -237,9 +268,9 @@ at::Tensor finalize_autograd(const at::Tensor& s1, const at::Tensor& s2, const a
 
 TORCH_LIBRARY(fastdfd_cpu, m) {
   m.def("tap(Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps, int groups, bool write_y,"
-        " int act=0, float slope=0.) -> (Tensor, Tensor, Tensor)");
+        " int act=0, float slope=0., Tensor? residual=None) -> (Tensor, Tensor, Tensor)");
   m.def("tap_backward(Tensor x, Tensor? dy, Tensor ds1, Tensor ds2, Tensor mean, Tensor var, Tensor? weight,"
-        " Tensor? bias, float eps, int groups, int act=0, float slope=0.) -> Tensor");
+        " Tensor? bias, float eps, int groups, int act=0, float slope=0., Tensor? residual=None) -> (Tensor, Tensor)");
   m.def("finalize(Tensor s1, Tensor s2, Tensor count, Tensor var, Tensor eps, Tensor offsets, int kind) -> Tensor");
   m.def("finalize_backward(Tensor s1, Tensor s2, Tensor count, Tensor var, Tensor eps, Tensor offsets, Tensor dout,"
         " int kind) -> (Tensor, Tensor)");

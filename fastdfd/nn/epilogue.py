@@ -1,14 +1,22 @@
-"""Finding the activation after each BN layer of a teacher, so that the tap applies it in its own pass.
+"""Finding the activation (and the residual add) after each BN layer of a teacher, so that the tap applies
+them in its own pass.
 
 The three teachers of the whole-step benchmark apply their activations as modules or functionals called
-from their own ``forward`` (``self.relu1(self.bn1(...))`` in the CIFAR ResNets, ``self._swish(self._bn0(...))``
-with one ReLU6 module called after two BN layers in EfficientNet-Lite, ``F.relu`` elsewhere): no module
-structure shows which activation follows which BN. So the teacher is traced once with ``torch.fx`` when a
-:class:`~fastdfd.nn.MomentMatcher` attaches, the taps standing in as leaves:
+from their own ``forward`` (``self.relu1(self.bn1(...))`` and ``self.relu2(self.bn2(...) + self.shortcut(x))``
+in the CIFAR ResNets, ``self._swish(self._bn0(...))`` with one ReLU6 module called after two BN layers in
+EfficientNet-Lite, ``F.relu`` elsewhere): no module structure shows which activation follows which BN. So the
+teacher is traced once with ``torch.fx`` when a :class:`~fastdfd.nn.MomentMatcher` attaches, the taps standing
+in as leaves:
 
 - a tap whose output has exactly one user, and that user is a recognised activation of it alone
   (:func:`activation_of`), takes that activation as its epilogue (``BNTap.activation``: ``moment_tap``'s
   ``activation``), and the activation's node leaves the graph, its users reading the tap's output instead;
+- a tap whose output has exactly one user, and that user adds another tensor to it (:func:`residual_of`: a
+  basic block's ``bn2(...) + shortcut``), takes the add, and the activation after it when the sum's only
+  user is one (``a(BN(x) + r)``, ``moment_tap``'s ``residual``); the tap node moves down to the add's place,
+  since the graph may compute the residual after the BN (the CIFAR block's shortcut), and reads it as a
+  second input. At run time a residual that does not match x exactly (broadcasting, another dtype) is added
+  after the tap, as the teacher's forward did;
 - the teacher's ``forward`` is replaced, on the instance and while the matcher is attached, by the rewritten
   graph's (same submodule objects, same parameters: ``state_dict``, ``.to()`` and the BN swap are unchanged).
 
@@ -16,9 +24,9 @@ What stays unfused, and why (each is exact: the activation runs as its own op, a
 
 - a teacher ``torch.fx`` cannot trace (data-dependent control flow, ``*args`` forwards, ...): the whole teacher
   (:attr:`Fusion.reason` says why);
-- a BN output used twice (a residual add of the block's input, a skip), or an activation that is not one of
-  ``ACTIVATIONS`` (GELU, Hardswish, ...), or one applied after something else (the ``relu(bn(x) + shortcut)`` of
-  a basic block: the residual add is not fused);
+- a BN output used twice (a skip taken from the BN output itself), an activation that is not one of
+  ``ACTIVATIONS`` (GELU, Hardswish, ...), an add with ``alpha`` or of a constant, an in-place add into the
+  other operand;
 - the inside of any submodule that carries forward hooks (kept whole, so that the hooks fire).
 
 The graph stands for the call and the modules as they were traced, so the class's own forward runs instead,
@@ -30,14 +38,18 @@ and taps among them, are called as they are and read their own state.) Not rewri
 a forward that changes its modules' attributes itself (a call counter), one that takes optional or variable
 arguments (which a trace would fix), and a teacher with an instance-level ``forward``. The taps apply their epilogues only
 inside the rewritten forward, so a submodule called on its own keeps its own activations. A forward hook on a
-fused BN layer sees a(BN(x)). Under bf16/fp16 autocast a'(z) is taken on the fp32 z: within a rounding step of
-a kink (ReLU6's 6) the fused gradient may differ from the unfused one, which tests the rounded output.
+fused BN layer sees a(BN(x) [+ r]), and a fused residual among its inputs. ``torch.fx`` traces ``a += b`` on
+tensors as ``a = a + b`` (with or without fusion): a forward that relies on an in-place add changing another
+alias of ``a`` is not one a traced graph stands for. Under bf16/fp16 autocast a'(z) is taken on the fp32 z:
+within a rounding step of a kink (ReLU6's 6) the fused gradient may differ from the unfused one, which tests
+the rounded output.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+import operator
 from operator import attrgetter
 from dataclasses import dataclass, field
 from typing import Callable
@@ -81,6 +93,89 @@ def _function_activation(name: str, args: tuple, kwargs: dict) -> Activation | N
     if extra or any(not isinstance(a, bool) for a in args):  # only inplace may follow
         return None
     return Activation(name)
+
+
+def residual_of(node: fx.Node, source: fx.Node) -> fx.Node | None:
+    """The other operand when ``node`` adds a tensor to ``source`` (``source + r``, ``r + source``,
+    ``torch.add(source, r)``, ``source += r``, ``source.add(r)``, ``source.add_(r)``), else None.
+
+    Not taken: an add with ``alpha`` or other keywords, a constant operand (a scalar bias, not a residual),
+    ``source + source``, and in-place adds into the other operand (``r.add_(source)`` changes ``r`` for its
+    other users, which a fused tap would not do). (``torch.fx`` traces ``r += source`` on tensors as
+    ``r = r + source``, in the graph with or without fusion.)"""
+    if node.kwargs or len(node.args) != 2:
+        return None
+    a, b = node.args
+    if node.op == "call_function" and node.target in (operator.add, torch.add):
+        other = b if a is source else a if b is source else None
+    elif (node.op == "call_function" and node.target is operator.iadd) or (
+            node.op == "call_method" and node.target in ("add", "add_")):
+        other = b if a is source else None  # in place into source (its only user is this add), or source.add(r)
+    else:
+        return None
+    if not isinstance(other, fx.Node) or other is source:
+        return None
+    return other
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What one call of a tap takes over: the activation after it (identity: none) and, when it adds a
+    residual first, the residual's node; ``erase`` are the nodes it replaces, last user first."""
+
+    activation: Activation
+    residual: fx.Node | None
+    erase: tuple[fx.Node, ...]
+
+    @property
+    def key(self) -> tuple:  # what every call of one tap must agree on
+        return self.activation, self.residual is not None
+
+
+def _in_place(node: fx.Node, root: nn.Module, keep: set[int]) -> bool:
+    """Whether ``node`` may write a tensor in place: an in-place method or function (``relu_``, ``add_``,
+    ``inplace=True``), a module with ``inplace=True``, or a module kept whole (its forward is not seen)."""
+    if node.op == "call_method":
+        return str(node.target).endswith("_")
+    if node.op == "call_function":
+        return (getattr(node.target, "__name__", "").endswith("_") or node.target is operator.iadd
+                or node.kwargs.get("inplace") is True or any(a is True for a in node.args[1:]))
+    if node.op == "call_module":
+        module = root.get_submodule(node.target)
+        return getattr(module, "inplace", False) is True or id(module) in keep
+    return False
+
+
+def _movable(node: fx.Node, to: fx.Node, root: nn.Module, keep: set[int]) -> bool:
+    """Whether the tap call ``node`` can run at ``to``'s place instead (reading its input there): no node in
+    between writes anything in place, so its input (or an alias of it) is what it was."""
+    n = node.next
+    while n is not to:
+        if _in_place(n, root, keep):
+            return False
+        n = n.next
+    return True
+
+
+def _plan(node: fx.Node, root: nn.Module, keep: set[int]) -> tuple["_Plan | None", str]:
+    """The epilogue to fuse into the tap call ``node`` (whose output has exactly one user), or None and why
+    not: an activation of it alone, or a residual add then, when the sum's only user is one, an activation."""
+    (user,) = node.users
+    act = activation_of(user, node, root, keep)
+    if act is not None:
+        return _Plan(act, None, (user,)), ""
+    other = residual_of(user, node)
+    if other is None:
+        return None, f"followed by {_user_name(user)}"
+    if id(root.get_submodule(node.target)) in keep:  # a pre-hook that replaces the input would drop the residual
+        return None, "followed by add (a hooked layer takes no residual)"
+    if not _movable(node, user, root, keep):  # the tap reads x at the add's place, and r there too
+        return None, "followed by add, after an in-place op"
+    after = list(user.users)
+    act = activation_of(after[0], user, root, keep) if len(after) == 1 else None
+    if act is None:  # the add alone (a projection BN's residual, no activation after it)
+        return _Plan(Activation(), other, (user,)), ""
+    return _Plan(act, other, (after[0], user)), ""
 
 
 def activation_of(node: fx.Node, source: fx.Node, root: nn.Module, keep: set[int] = frozenset()) -> Activation | None:
@@ -129,12 +224,16 @@ class Fusion:
     """What :func:`fuse_epilogues` did to a teacher.
 
     Attributes:
-        fused: qualified name of each tap's BN layer -> the activation it now applies.
+        fused: qualified name of each tap's BN layer -> the activation it now applies (identity: a residual
+            add alone).
+        residual: the names in ``fused`` whose tap also adds the residual before the activation
+            (``a(BN(x) + r)``: a basic block's ``relu(bn2(conv2(h)) + shortcut)``).
         reason: why nothing was fused, or None when something was.
         unfused: BN layers followed by something the taps do not fuse, with what (for the docs and tests).
     """
 
     fused: dict[str, Activation] = field(default_factory=dict)
+    residual: set[str] = field(default_factory=set)
     reason: str | None = None
     unfused: dict[str, str] = field(default_factory=dict)
     _forward: "_FusedForward | None" = None
@@ -268,9 +367,9 @@ def fuse_epilogues(teacher: nn.Module, taps: dict[str, BNTap], record) -> Fusion
         return Fusion(reason=f"{type(teacher).__name__}.forward changes its modules' Python attributes (a call "
                              "counter, a cache), which a traced graph would freeze")
     fusion = Fusion()
-    # every call of each tap, with the activation that alone follows it (None: not fusable); a tap called
-    # more than once is fused only when every call is followed by the same activation
-    calls: dict[str, list[tuple[fx.Node, Activation | None]]] = {}
+    # every call of each tap, with the epilogue that alone follows it (None: not fusable); a tap called more
+    # than once is fused only when every call is followed by the same kind of epilogue
+    calls: dict[str, list[tuple[fx.Node, _Plan | None]]] = {}
     for node in graph.nodes:
         if node.op != "call_module":
             continue
@@ -279,34 +378,69 @@ def fuse_epilogues(teacher: nn.Module, taps: dict[str, BNTap], record) -> Fusion
             continue
         tap = taps[name]
         users = list(node.users)
-        act = None
+        plan = None
         if not tap.flavour.fused or tap.flavour.epilogue:
             fusion.unfused[name] = f"a {tap.flavour.name} layer (its own forward or epilogue)"
         elif len(users) != 1:
             fusion.unfused[name] = f"its output has {len(users)} users"
+        elif len(node.args) != 1 or node.kwargs:
+            fusion.unfused[name] = "called with more than its input"
         else:
-            act = activation_of(users[0], node, teacher, keep_whole)
-            if act is None:
-                fusion.unfused[name] = f"followed by {_user_name(users[0])}"
-        calls.setdefault(name, []).append((node, act))
+            plan, why = _plan(node, teacher, keep_whole)
+            if plan is None:
+                fusion.unfused[name] = why
+        calls.setdefault(name, []).append((node, plan))
     fused_taps: dict[str, Activation] = {}
     baked = {id(teacher): teacher, **tracer.inlined}
+    replaced: dict[fx.Node, fx.Node] = {}  # erased node -> the tap node now standing for it
+
+    def current(n: fx.Node) -> fx.Node:  # a residual planned before an earlier rewrite took its node out
+        while n in replaced:
+            n = replaced[n]
+        return n
+
+    # nodes a plan takes over can be claimed by one tap only (``bn2(h) + shortcut_bn(x)``: both outputs go to
+    # the add alone): the first tap in graph order keeps its plans, the other is left unfused
+    claimed: dict[fx.Node, str] = {}
     for name, nodes in calls.items():
-        acts = {act for _, act in nodes}
-        if None in acts or len(acts) != 1:
-            if len(nodes) > 1 and None not in acts:
-                fusion.unfused[name] = "called more than once, with different activations"
+        keys = {None if plan is None else plan.key for _, plan in nodes}
+        if None in keys or len(keys) != 1:
+            if len(nodes) > 1 and None not in keys:
+                fusion.unfused[name] = "called more than once, with different epilogues"
+            calls[name] = []
             continue
-        for node, _ in nodes:
-            (user,) = node.users
-            if user.op == "call_module":  # an activation module no longer called: its hooks and slope are baked
-                module = teacher.get_submodule(user.target)
-                baked[id(module)] = module
-            user.replace_all_uses_with(node)
-            graph.erase_node(user)
-        fused_taps[name] = acts.pop()
+        taken = {claimed[n] for _, plan in nodes for n in plan.erase if n in claimed}
+        if taken:
+            fusion.unfused[name] = f"its add is fused into {sorted(taken)[0]}"
+            calls[name] = []
+            continue
+        claimed.update({n: name for _, plan in nodes for n in plan.erase})
+    for name, nodes in calls.items():
+        if not nodes:
+            continue
+        for node, plan in nodes:
+            for user in plan.erase:
+                if user.op == "call_module":  # an activation module no longer called: its hooks and slope are baked
+                    module = teacher.get_submodule(user.target)
+                    baked[id(module)] = module
+            if plan.residual is not None:
+                # the tap now reads the residual, which the graph may compute after it (a block's shortcut):
+                # the tap moves down to the add's place (its only user was the add, its inputs come before,
+                # and no in-place op lies between: _movable). Its hooks would not see the residual: watched.
+                tap_module = teacher.get_submodule(node.target)
+                baked[id(tap_module)] = tap_module
+                plan.erase[-1].prepend(node)
+                node.args = (node.args[0], current(plan.residual))
+            plan.erase[0].replace_all_uses_with(node)
+            for user in plan.erase:
+                replaced[user] = node
+                graph.erase_node(user)
+        plan = nodes[0][1]
+        fused_taps[name] = plan.activation
+        if plan.residual is not None:
+            fusion.residual.add(name)
     if not fused_taps:
-        fusion.reason = "no BN layer is followed by an activation the taps fuse"
+        fusion.reason = "no BN layer is followed by an activation or residual add the taps fuse"
         return fusion
     # The rewritten forward's code runs with the teacher itself as ``self``: every module, parameter and buffer
     # it names is then the teacher's live one (``.to()`` replaces buffers; a GraphModule would keep copies).

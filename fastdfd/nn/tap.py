@@ -4,7 +4,8 @@ For the layers whose forward is eval-mode BN (``fused`` flavours, :mod:`.flavour
 computes the BN output and the layer's moment sums in one op (``fastdfd.ops.moment_tap``),
 so a fused backend reads the activation once for both, then applies the layer's own
 epilogue (timm's ``drop`` and ``act``). An activation that follows the layer in the teacher's
-forward can be handed to the tap (:mod:`.epilogue`): the tap then applies it in the same pass.
+forward can be handed to the tap (:mod:`.epilogue`): the tap then applies it in the same pass, and so
+the residual add of a basic block before it (the rewritten forward then passes the residual).
 Any other layer, and any BN layer in training mode, runs its own forward for the output while
 the sums are taken from its input: the teacher's outputs are exactly what they are without a
 matcher, whatever the layer does.
@@ -44,8 +45,9 @@ class BNTap(nn.Module):
         self._modules.update(bn._modules)
         self._non_persistent_buffers_set = set(bn._non_persistent_buffers_set)
         self.training = bn.training
-        # The activation that follows the layer in the teacher's forward, applied here instead (set by
-        # .epilogue.fuse_epilogues, which takes it out of the forward); None: no epilogue of that kind.
+        # The activation that follows the layer in the teacher's forward (directly, or after a residual add
+        # when the tap is called with a residual), applied here instead (set by .epilogue.fuse_epilogues, which
+        # takes it out of the forward); None: no epilogue of that kind.
         self.activation: Activation | None = None
         # A norm + act layer's own act (timm), applied in the tap's pass when it can be (no drop layer)
         self.own_activation = fusable_epilogue(bn, flavour)
@@ -57,9 +59,31 @@ class BNTap(nn.Module):
         # BN in training mode normalises with the batch's statistics and updates its own
         return self.training and not self.flavour.frozen
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if residual is not None:  # only the rewritten forward passes one (.epilogue): a(BN(x) + residual)
+            return self._forward_residual(x, residual)
+        return self._output(x, self.activation if self._record.epilogues else None)
+
+    def _forward_residual(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``activation(BN(x) + residual)``: the residual add (and the activation after it) that
+        :func:`.epilogue.fuse_epilogues` took out of the teacher's forward, in the tap's pass where the
+        residual matches x exactly; otherwise BN, then the add (broadcasting, type promotion) and the
+        activation as torch ops, as the teacher's forward had them."""
+        record, act = self._record, self.activation
+        if (self.flavour.fused and not self._uses_batch_statistics() and record.enabled
+                and self.own_activation is None and isinstance(residual, torch.Tensor)
+                and residual.shape == x.shape and residual.dtype == x.dtype and residual.device == x.device):
+            groups = record.active_groups
+            y, s1, s2 = moment_tap(x, self.running_mean, self.running_var, self._affine("weight"),
+                                   self._affine("bias"), self.eps, groups, act, residual=residual)
+            record.add(self.slot, s1, s2, x.numel() // (x.shape[1] * groups))
+            return y
+        y = self._output(x, None) + residual
+        return y if act is None else act(y)
+
+    def _output(self, x: torch.Tensor, act: Activation | None) -> torch.Tensor:
+        """The layer's output (its sums recorded when the matcher is enabled), then ``act`` if given."""
         record = self._record
-        act = self.activation if record.epilogues else None
         if self.flavour.fused and not self._uses_batch_statistics():
             w, b = self._affine("weight"), self._affine("bias")
             if record.enabled:

@@ -19,8 +19,8 @@ def _bn(c):
 
 
 class Chains(nn.Module):
-    """Every form the fusion recognises, one that it must leave (GELU), a residual add, an activation module
-    shared by two BN layers (EfficientNet's ``_swish``), and a BN whose output has two users."""
+    """Every form the fusion recognises, one that it must leave (GELU), a residual add and ReLU, an activation
+    module shared by two BN layers (EfficientNet's ``_swish``), and a BN whose output has two users."""
 
     def __init__(self):
         super().__init__()
@@ -41,7 +41,7 @@ class Chains(nn.Module):
         x = F.silu(b[5](x))
         x = F.gelu(b[6](x))                        # not an epilogue the taps fuse
         y = b[7](x)
-        x = F.relu(y + x)                          # residual: b[7]'s output has one user, the add
+        x = F.relu(y + x)                          # residual and ReLU: b[7]'s output has one user, the add
         z = b[8](x)
         x = self.leaky(z) + z                      # two users
         x = F.hardtanh(b[9](x), 0.0, 6.0)          # relu6 as hardtanh
@@ -70,14 +70,16 @@ def _run(teacher, x, fuse, backend):
 
 
 def _handed_activations(teacher, x):
-    """The activation each tap hands the kernels in one forward of the attached teacher (None: none)."""
+    """The activation each tap hands the kernels in one forward of the attached teacher (None: none;
+    "+residual" when it hands a residual too)."""
     import fastdfd.nn.tap as tap_module
 
     handed, real = [], tap_module.moment_tap
 
-    def spy(*args):
-        handed.append(args[-1] and args[-1].name)
-        return real(*args)
+    def spy(*args, **kwargs):
+        name = args[-1] and args[-1].name
+        handed.append(f"{name}+residual" if kwargs.get("residual") is not None else name)
+        return real(*args, **kwargs)
 
     tap_module.moment_tap = spy
     try:
@@ -93,14 +95,15 @@ def test_recognised_chains_and_the_ones_left(backend):
     plain = teacher(x)
     with MomentMatcher(teacher):  # the fused graph runs: the kernels get the activations
         assert _handed_activations(teacher, x) == ["relu", "leaky_relu", "relu", "relu6", "relu6", "silu", None,
-                                                   None, None, "relu6"]
+                                                   "relu+residual", None, "relu6"]
     out0, loss0, g0, _ = _run(teacher, x, False, backend)
     out1, loss1, g1, fusion = _run(teacher, x, True, backend)
     assert fusion.reason is None
     assert {k: (a.name, a.negative_slope) for k, a in fusion.fused.items()} == {
         "bns.0": ("relu", 0.0), "bns.1": ("leaky_relu", 0.2), "bns.2": ("relu", 0.0), "bns.3": ("relu6", 0.0),
-        "bns.4": ("relu6", 0.0), "bns.5": ("silu", 0.0), "bns.9": ("relu6", 0.0)}
-    assert fusion.unfused == {"bns.6": "followed by gelu", "bns.7": "followed by add", "bns.8": "its output has 2 users"}
+        "bns.4": ("relu6", 0.0), "bns.5": ("silu", 0.0), "bns.7": ("relu", 0.0), "bns.9": ("relu6", 0.0)}
+    assert fusion.residual == {"bns.7"}
+    assert fusion.unfused == {"bns.6": "followed by gelu", "bns.8": "its output has 2 users"}
     torch.testing.assert_close(out1, plain, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out1, out0, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
@@ -110,17 +113,22 @@ def test_recognised_chains_and_the_ones_left(backend):
     torch.testing.assert_close(teacher(x), plain)
 
 
-def test_cifar_resnet_fuses_every_bn_relu_and_no_residual(backend):
+def test_cifar_resnet_fuses_every_bn_relu_and_residual(backend):
+    """Every BN of a CIFAR ResNet: the first of each block with its ReLU, the second with the block's residual
+    add (the option-A shortcut, which the graph computes after the BN) and the ReLU after it."""
     teacher = _teacher(create_model("cifar_resnet20", num_classes=10), seed=1)
     x = torch.randn(4, 3, 32, 32)
     plain = teacher(x)
     out0, loss0, g0, _ = _run(teacher, x, False, backend)
     out1, loss1, g1, fusion = _run(teacher, x, True, backend)
-    assert sorted(fusion.fused) == ["bn1"] + [f"layer{s}.{b}.bn1" for s in (1, 2, 3) for b in range(3)]
+    blocks = [f"layer{s}.{b}" for s in (1, 2, 3) for b in range(3)]
+    assert sorted(fusion.fused) == sorted(["bn1"] + [f"{k}.bn{i}" for k in blocks for i in (1, 2)])
+    assert fusion.residual == {f"{k}.bn2" for k in blocks}
     with MomentMatcher(teacher):
-        assert _handed_activations(teacher, x).count("relu") == 10
+        handed = _handed_activations(teacher, x)
+        assert handed.count("relu") == 10 and handed.count("relu+residual") == 9
     assert all(a.name == "relu" for a in fusion.fused.values())
-    assert set(fusion.unfused.values()) == {"followed by add"} and len(fusion.unfused) == 9
+    assert fusion.unfused == {}
     torch.testing.assert_close(out1, plain, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-5)
     assert (g1 - g0).abs().max() <= 1e-4 * g0.abs().max()
@@ -202,7 +210,7 @@ def test_a_bn_called_twice_with_two_activations_is_left_alone():
     x = torch.randn(2, 4, 5, 5)
     with MomentMatcher(teacher) as m:
         out = teacher(x)
-        assert m.fusion.fused == {} and m.fusion.unfused == {"bn": "called more than once, with different activations"}
+        assert m.fusion.fused == {} and m.fusion.unfused == {"bn": "called more than once, with different epilogues"}
     torch.testing.assert_close(out, teacher(x))
 
 
@@ -394,3 +402,132 @@ def test_python_state_in_forward_is_never_frozen():
         assert _handed_activations(flagged, x) == [None, None]  # the class's forward, unfused
         got = flagged(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+class Residuals(nn.Module):
+    """The residual adds the fusion takes (every spelling, the add alone, a residual computed after the BN and
+    one that broadcasts at run time) and the ones it must leave."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bns = nn.ModuleList(_bn(8) for _ in range(10))
+        self.map = nn.Parameter(torch.randn(1, 8, 1, 1))  # broadcasts: the tap falls back to BN, add, act
+
+    def forward(self, x):
+        b = self.bns
+        x = self.conv(x)
+        x = F.relu(x + b[0](x))                    # residual first
+        y = b[1](x)
+        y += x                                     # in place into the BN output
+        x = F.relu(y)
+        x = torch.add(b[2](x), x).relu()           # torch.add, method relu
+        x = F.silu(b[3](x).add_(x))                # add_ into the BN output
+        x = b[4](x) + x                            # the add alone (no activation after it)
+        s = x * 0.5                                # computed after the BN below: the tap moves to the add
+        z = b[5](x)
+        x = F.relu(z + s * 2.0)
+        x = F.relu(b[6](x) + self.map)             # broadcast residual
+        x = F.relu(torch.add(b[7](x), x, alpha=2.0))   # alpha: left
+        x = F.relu(b[8](x) + 1.0)                  # a constant: left
+        w = x.clone()
+        w.add_(b[9](x))                            # in place into the other operand: left
+        return F.relu(w).mean((2, 3))
+
+
+def test_residual_forms_are_fused_and_exact(backend):
+    teacher = _teacher(Residuals())
+    x = torch.randn(4, 3, 6, 6)
+    plain = teacher(x)
+    out0, loss0, g0, _ = _run(teacher, x, False, backend)
+    out1, loss1, g1, fusion = _run(teacher, x, True, backend)
+    assert fusion.residual == {f"bns.{i}" for i in range(7)}
+    assert {k: a.name for k, a in fusion.fused.items()} == {
+        "bns.0": "relu", "bns.1": "relu", "bns.2": "relu", "bns.3": "silu", "bns.4": "identity", "bns.5": "relu",
+        "bns.6": "relu"}
+    assert set(fusion.unfused) == {"bns.7", "bns.8", "bns.9"}
+    with MomentMatcher(teacher):
+        handed = _handed_activations(teacher, x)
+    # bns.6's residual broadcasts: its tap runs BN alone, then the add and ReLU as torch ops
+    assert handed == ["relu+residual", "relu+residual", "relu+residual", "silu+residual", "identity+residual",
+                      "relu+residual", None, None, None, None]
+    torch.testing.assert_close(out1, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out1, out0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
+    assert (g1 - g0).abs().max() <= 1e-4 * g0.abs().max()
+
+
+def test_residual_gradients_reach_a_trained_block_input():
+    """The residual's gradient (dy a'(u) from the tap's backward) reaches what made it: a generator's
+    parameters upstream of a fused teacher get the unfused teacher's gradients."""
+    require_backend("cpp", unavailable("moment_tap", "cpp", torch.empty(0)))
+    teacher = _teacher(create_model("cifar_resnet20", num_classes=10), seed=2)
+    head = nn.Conv2d(3, 3, 1)
+    x = torch.randn(4, 3, 32, 32)
+    grads = []
+    for fuse in (False, True):
+        head.zero_grad()
+        with fastdfd.backend("cpp"), MomentMatcher(teacher, fuse_epilogues=fuse) as m:
+            out = teacher(head(x))
+            (out.square().mean() + m.loss()).backward()
+        grads.append(head.weight.grad.clone())
+    assert (grads[1] - grads[0]).abs().max() <= 1e-4 * grads[0].abs().max()
+
+
+def test_a_projection_shortcut_leaves_its_add_to_the_main_path():
+    """``relu(bn2(h) + shortcut_bn(conv(x)))``: both BN outputs go to the add alone; the main path's bn2 (first
+    in the graph) takes the add and the ReLU, the shortcut's BN stays a plain tap, and the outputs are exact."""
+    teacher = _teacher(create_model("resnet18", num_classes=10), seed=3)
+    x = torch.randn(2, 3, 32, 32)
+    plain = teacher(x)
+    out0, loss0, g0, _ = _run(teacher, x, False, "torch")
+    out1, loss1, g1, fusion = _run(teacher, x, True, "torch")
+    assert fusion.reason is None
+    blocks = [f"layer{s}.{b}" for s in (1, 2, 3, 4) for b in (0, 1)]
+    assert fusion.residual == {f"{k}.bn2" for k in blocks}
+    shortcuts = [f"layer{s}.0.shortcut.1" for s in (2, 3, 4)]
+    assert {k: fusion.unfused[k] for k in shortcuts} == {k: f"its add is fused into {k[:8]}.bn2" for k in shortcuts}
+    torch.testing.assert_close(out1, plain, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out1, out0, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-5)
+    assert (g1 - g0).abs().max() <= 1e-4 * g0.abs().max()
+
+
+class InPlaceBetween(nn.Module):
+    """The BN's input is changed in place between the BN and the add: a tap moved to the add would read the
+    changed input, so the add is left."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), _bn(4)
+
+    def forward(self, x):
+        h = self.conv(x)
+        y = self.bn(h)
+        r = torch.relu_(h)
+        return F.relu(y + r).mean((2, 3))
+
+
+def test_an_in_place_op_between_the_bn_and_its_add_keeps_the_add():
+    teacher = _teacher(InPlaceBetween())
+    x = torch.randn(2, 3, 5, 5)
+    want = teacher(x)
+    with MomentMatcher(teacher) as m:
+        assert m.fusion.unfused == {"bn": "followed by add, after an in-place op"}
+        got = teacher(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_hook_on_a_tap_that_takes_a_residual_makes_the_own_forward_run():
+    """A pre-hook that replaces the tap's input would drop the residual: a hook added while attached sends the
+    call to the class's forward (exact), and a layer hooked at attach takes no residual."""
+    teacher = _teacher(create_model("cifar_resnet20", num_classes=10), seed=4)
+    x = torch.randn(2, 3, 32, 32)
+    want = teacher(x)
+    with MomentMatcher(teacher) as m:
+        assert "layer1.0.bn2" in m.fusion.residual
+        tap = teacher.layer1[0].bn2
+        handle = tap.register_forward_pre_hook(lambda mod, inp: inp[0] * 1.0)
+        got = teacher(x)
+        handle.remove()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

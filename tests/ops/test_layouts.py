@@ -246,21 +246,21 @@ def test_cpp_extension_refuses_non_dense_x_and_mismatched_dy():
     x = wide[:, :5]
     m, v = torch.zeros(5), torch.ones(5)
     with pytest.raises(RuntimeError, match="not non-overlapping and dense"):
-        ext.tap_forward(x, m, v, None, None, 1e-5, 1, True, *x.stride()[:2], 1, 0, 0.0)
+        ext.tap_forward(x, m, v, None, None, 1e-5, 1, True, *x.stride()[:2], 1, 0, 0.0, None)
     with pytest.raises(RuntimeError, match="not non-overlapping and dense"):
         ext.tap_forward(torch.randn(1, 5, 3, 3).expand(6, 5, 3, 3), m, v, None, None, 1e-5, 1, True, 0, 9, 1, 0,
-                        0.0)
+                        0.0, None)
     xc = x.contiguous()
     with pytest.raises(RuntimeError, match="stride_c"):
-        ext.tap_forward(xc, m, v, None, None, 1e-5, 1, True, 45, 1, 1, 0, 0.0)
+        ext.tap_forward(xc, m, v, None, None, 1e-5, 1, True, 45, 1, 1, 0, 0.0, None)
     ds = torch.zeros(1, 5)
     with pytest.raises(RuntimeError, match="dy"):
-        ext.tap_backward(xc, wide[:, :5], ds, ds, m, v, None, None, 1e-5, 1, 45, 9, 1, 0, 0.0)
+        ext.tap_backward(xc, wide[:, :5], ds, ds, m, v, None, None, 1e-5, 1, 45, 9, 1, 0, 0.0, None)
     with pytest.raises(RuntimeError, match="mean"):
-        ext.tap_forward(xc, torch.zeros(4), v, None, None, 1e-5, 1, True, 45, 9, 1, 0, 0.0)
+        ext.tap_forward(xc, torch.zeros(4), v, None, None, 1e-5, 1, True, 45, 9, 1, 0, 0.0, None)
     with pytest.raises(RuntimeError, match="unknown activation id 7"):
-        ext.tap_forward(xc, m, v, None, None, 1e-5, 1, True, 45, 9, 1, 7, 0.0)
-    y, s1, _ = ext.tap_forward(xc, m, v, None, None, 1e-5, 1, True, 45, 9, 1, 0, 0.0)
+        ext.tap_forward(xc, m, v, None, None, 1e-5, 1, True, 45, 9, 1, 7, 0.0, None)
+    y, s1, _ = ext.tap_forward(xc, m, v, None, None, 1e-5, 1, True, 45, 9, 1, 0, 0.0, None)
     assert y.stride() == xc.stride() and s1.shape == (1, 5)
 
 

@@ -204,9 +204,9 @@ def test_a_backend_without_the_epilogue_gets_the_activation_after_its_tap(monkey
 
     seen = []
 
-    def eager_tap(x, mean, var, weight, bias, eps, groups, write_y, act=0, slope=0.0):
+    def eager_tap(x, mean, var, weight, bias, eps, groups, write_y, act=0, slope=0.0, residual=None):
         seen.append(act)
-        return cpp.EAGER["tap"](x, mean, var, weight, bias, eps, groups, write_y, act, slope)
+        return cpp.EAGER["tap"](x, mean, var, weight, bias, eps, groups, write_y, act, slope, residual)
 
     saved = {op: dict(_REGISTRY[op]) for op in ("moment_tap", "moment_sums", "moment_finalize")}
     try:

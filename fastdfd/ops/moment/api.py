@@ -157,6 +157,7 @@ def moment_tap(
     eps: float,
     groups: int = 1,
     activation: Activation | str | None = None,
+    residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eval-mode BN output and the running-mean-shifted sums, from one read of x.
 
@@ -169,16 +170,33 @@ def moment_tap(
         activation: the epilogue ``y = a(BN(x))`` (:class:`fastdfd.ops.moment.activation.Activation` or its
             name: identity (None, the default), relu, relu6, leaky_relu, silu). The ``cpp`` backend and the
             form ``torch.compile`` traces apply it in the tap's pass, forward and backward; the others after it.
+        residual: None, or a tensor of x's shape, dtype and device added to the BN output before the
+            activation: ``y = a(BN(x) + residual)``, a basic block's ``relu(bn2(conv2(h)) + shortcut)``. The
+            ``cpp`` backend (eager) and the traced form apply it in the tap's pass and give its gradient
+            ``dy a'(u)`` from the same backward pass; the others add it after the tap.
 
     Returns:
         y in x's dtype and shape (x's layout where the kernels take it), and S1, S2 [groups, C] in fp32
         (fp64 for fp64 x), differentiable in x (and the affine). docs/method.md section 8 states the math.
 
-    Raises TypeError / ValueError for a bad x, groups or activation (:func:`check_moment_input`).
+    Raises TypeError / ValueError for a bad x, groups, activation or residual (:func:`check_moment_input`;
+    a residual must match x exactly: no broadcasting, no type promotion).
     """
     check_moment_input(x, running_mean.numel(), groups)
     act = as_activation(activation)
+    if residual is not None:
+        check_residual(residual, x)
+        return resolve("moment_tap", x)[1](x, running_mean, running_var, weight, bias, eps, groups, act, residual)
     return resolve("moment_tap", x)[1](x, running_mean, running_var, weight, bias, eps, groups, act)
+
+
+def check_residual(residual: torch.Tensor, x: torch.Tensor) -> None:
+    """A residual of the tap must be a tensor of x's shape, dtype and device (TypeError / ValueError)."""
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
+    if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
+        raise ValueError(f"residual {residual.dtype} {tuple(residual.shape)} on {residual.device} must have x's "
+                         f"shape, dtype and device ({x.dtype} {tuple(x.shape)} on {x.device})")
 
 
 def moment_finalize(

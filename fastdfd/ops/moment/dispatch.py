@@ -28,12 +28,13 @@ register("moment_finalize", "torch")(reference.moment_finalize_torch)
 
 def _register_fused(name: str, check: Callable[[Tensor], str | None],
                     check_finalize: Callable[[Tensor], str | None], eager: dict[str, Callable] | None = None,
-                    fuses_activation: bool = False) -> None:
+                    fuses_activation: bool = False, fuses_residual: bool = False) -> None:
     """Register ``name``'s implementations of the three dispatched moment ops: eager, the backend's own
     dispatcher ops where it registers them (``eager``); while torch.compile traces, the tap as aten ops
     (:mod:`.decomposition`) or the Python custom ops with impl=name. A backend whose kernels have no
     activation epilogue (``fuses_activation`` False) gets the tap alone, and the activation runs after it
-    as a torch op (exact, one more pass); the traced form always fuses it."""
+    as a torch op (exact, one more pass); likewise the residual add where the backend's eager ops do not take
+    one (``fuses_residual``; the Python custom ops never do). The traced form always fuses both."""
 
     def eager_now(x: Tensor) -> bool:
         # The dispatcher ops have no fake kernels and call their kernels directly: any tracer (dynamo, make_fx
@@ -42,23 +43,26 @@ def _register_fused(name: str, check: Callable[[Tensor], str | None],
                 and _current_dispatch_mode() is None and not torch._C._is_torch_function_mode_enabled()
                 and not torch._C._functorch.is_functorch_wrapped_tensor(x))
 
-    def tap(x, mean, var, weight, bias, eps, groups, write_y, activation: Activation = IDENTITY):
+    def tap(x, mean, var, weight, bias, eps, groups, write_y, activation: Activation = IDENTITY, residual=None):
         eps, groups = float(eps), int(groups)
         if decomposition.decomposes(name):  # traced by torch.compile: aten ops inductor fuses with the neighbours
             return decomposition.tap(x, mean, var, weight, bias, eps, groups, write_y, activation.name,
-                                     activation.negative_slope)
+                                     activation.negative_slope, residual)
+        if residual is not None and not (fuses_residual and eager_now(x)):  # the add and activation after the tap
+            y, s1, s2 = tap(x, mean, var, weight, bias, eps, groups, write_y)
+            return activation(y + residual), s1, s2
         if not fuses_activation and not activation.is_identity:
             y, s1, s2 = tap(x, mean, var, weight, bias, eps, groups, write_y)
             return activation(y), s1, s2
         if eager_now(x):
             return eager["tap"](x, mean, var, weight, bias, eps, groups, write_y, activation.id,
-                                activation.negative_slope)
+                                activation.negative_slope, residual)
         return tap_forward(x, mean, var, weight, bias, eps, groups, write_y, name, activation.id,
                            activation.negative_slope)
 
     @register("moment_tap", name, check=check)
-    def moment_tap(x, running_mean, running_var, weight, bias, eps, groups, activation=IDENTITY):
-        return tap(x, running_mean, running_var, weight, bias, eps, groups, True, activation)
+    def moment_tap(x, running_mean, running_var, weight, bias, eps, groups, activation=IDENTITY, residual=None):
+        return tap(x, running_mean, running_var, weight, bias, eps, groups, True, activation, residual)
 
     @register("moment_sums", name, check=check)
     def moment_sums(x, shift, groups):
@@ -75,6 +79,9 @@ def _register_fused(name: str, check: Callable[[Tensor], str | None],
                                 layout.eps.to(s1.dtype).contiguous(), layout.offsets.contiguous(), kind, name)
 
 
-_register_fused("triton", triton.check, triton.check_finalize, fuses_activation=triton.FUSES_ACTIVATION)
-_register_fused("cpp", cpp.check, cpp.check, cpp.EAGER, fuses_activation=cpp.FUSES_ACTIVATION)
-_register_fused("cuda", cuda.check, cuda.check_finalize, fuses_activation=cuda.FUSES_ACTIVATION)
+_register_fused("triton", triton.check, triton.check_finalize, fuses_activation=triton.FUSES_ACTIVATION,
+                fuses_residual=triton.FUSES_RESIDUAL)
+_register_fused("cpp", cpp.check, cpp.check, cpp.EAGER, fuses_activation=cpp.FUSES_ACTIVATION,
+                fuses_residual=cpp.FUSES_RESIDUAL)
+_register_fused("cuda", cuda.check, cuda.check_finalize, fuses_activation=cuda.FUSES_ACTIVATION,
+                fuses_residual=cuda.FUSES_RESIDUAL)

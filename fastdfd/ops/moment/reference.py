@@ -9,7 +9,8 @@ before the pass, so E[x^2] - E[x]^2 does not cancel when batch means sit near it
 
     S1[g, c] = sum (x - mu_r[c])          S2[g, c] = sum (x - mu_r[c])^2
     mu_b = mu_r + S1 / M                  var_b = S2 / M - (S1 / M)^2   (biased)
-    y = a((x - mu_r) * rsqrt(var_r + eps) * gamma + beta)               (eval-mode BN, then the
+    y = a((x - mu_r) * rsqrt(var_r + eps) * gamma + beta [+ r])         (eval-mode BN, an optional
+                                                                         residual r of x's shape, then the
                                                                          activation epilogue a, .activation)
 
 Distances per channel, summed (kl, kl_reverse) or normed/averaged (l2, mse) per layer;
@@ -60,9 +61,11 @@ def moment_tap_torch(
     eps: float,
     groups: int,
     activation: Activation = IDENTITY,
+    residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     s1, s2 = moment_sums_torch(x, running_mean, groups)
-    return activation(eval_batch_norm(x, running_mean, running_var, weight, bias, eps)), s1, s2
+    y = eval_batch_norm(x, running_mean, running_var, weight, bias, eps)
+    return activation(y if residual is None else y + residual), s1, s2
 
 
 def eval_batch_norm(x, running_mean, running_var, weight, bias, eps: float) -> torch.Tensor:
@@ -84,23 +87,26 @@ def bn_scale(var: torch.Tensor, weight: torch.Tensor | None, eps: float, acc: to
 
 
 def pre_activation(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None,
-                   bias: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """z = BN(x) in the accumulation dtype, recomputed from x: what an activation's derivative needs."""
+                   bias: torch.Tensor | None, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """z = BN(x) (+ residual) in the accumulation dtype, recomputed from x: what an activation's derivative
+    needs."""
     acc = accumulation_dtype(x.dtype)
     z = (x.to(acc) - channel_view(mean.to(acc), x)) * channel_view(bn_scale(var, weight, eps, acc), x)
-    return z if bias is None else z + channel_view(bias.to(acc), x)
+    z = z if bias is None else z + channel_view(bias.to(acc), x)
+    return z if residual is None else z + residual.to(acc)
 
 
 def bn_affine_grads(x: torch.Tensor, dy: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
                     weight: torch.Tensor | None, eps: float, want_weight: bool, want_bias: bool,
-                    bias: torch.Tensor | None = None, activation: Activation = IDENTITY):
-    """Gradients of y = a(xhat * gamma + beta) for gamma and beta (None where not wanted): only needed when
-    a user trains the teacher's BN affine. The tap's custom op and its traced form share it."""
+                    bias: torch.Tensor | None = None, activation: Activation = IDENTITY,
+                    residual: torch.Tensor | None = None):
+    """Gradients of y = a(xhat * gamma + beta [+ r]) for gamma and beta (None where not wanted): only needed
+    when a user trains the teacher's BN affine. The tap's custom op and its traced form share it."""
     acc = accumulation_dtype(x.dtype)
     dims = [0] + list(range(2, x.dim()))
     dya = dy.to(acc)
     if not activation.is_identity:  # dz = dy a'(z)
-        dya = dya * activation.derivative(pre_activation(x, mean, var, weight, bias, eps))
+        dya = dya * activation.derivative(pre_activation(x, mean, var, weight, bias, eps, residual))
     dw = db = None
     if want_weight:
         xhat = (x.to(acc) - channel_view(mean.to(acc), x)) * channel_view(torch.rsqrt(var.to(acc) + eps), x)

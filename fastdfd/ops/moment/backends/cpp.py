@@ -21,6 +21,7 @@ from ... import extensions
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 FUSES_ACTIVATION = True  # the kernels apply the activation epilogue in the tap's pass (act, slope)
+FUSES_RESIDUAL = True  # the eager ops add a residual before the activation in the same pass (the custom ops do not)
 
 
 def check(x: Tensor) -> str | None:
@@ -38,7 +39,7 @@ def _ext():
 def _tap_forward(x, mean, var, weight, bias, eps, groups, write_y, act=0, slope=0.0):
     x, strides = kernel_layout(x)
     y, s1, s2 = _ext().tap_forward(x, mean, var, weight, bias, float(eps), int(groups), bool(write_y), *strides,
-                                   int(act), float(slope))
+                                   int(act), float(slope), None)
     return (y if write_y else None), s1, s2
 
 
@@ -46,7 +47,7 @@ def _tap_backward(x, dy, ds1, ds2, mean, var, weight, bias, eps, groups, act=0, 
     x, strides = kernel_layout(x)
     dy = like_strides(dy, x)
     return _ext().tap_backward(x, dy, ds1, ds2, mean, var, weight, bias, float(eps), int(groups), *strides, int(act),
-                               float(slope))
+                               float(slope), None)[0]
 
 
 def _finalize_forward(s1, s2, count, var, eps, offsets, kind):
@@ -58,10 +59,10 @@ def _finalize_backward(s1, s2, count, var, eps, offsets, dout, kind):
     return ds1, ds2
 
 
-def _eager_tap(x, mean, var, weight, bias, eps, groups, write_y, act=0, slope=0.0):
+def _eager_tap(x, mean, var, weight, bias, eps, groups, write_y, act=0, slope=0.0, residual=None):
     _ext()  # the extension's load registers torch.ops.fastdfd_cpu
     return torch.ops.fastdfd_cpu.tap(x, mean, var, weight, bias, float(eps), int(groups), bool(write_y), int(act),
-                                     float(slope))
+                                     float(slope), residual)
 
 
 def _eager_finalize(s1, s2, count, var, eps, offsets, kind):
@@ -69,7 +70,7 @@ def _eager_finalize(s1, s2, count, var, eps, offsets, kind):
     return torch.ops.fastdfd_cpu.finalize(s1, s2, count, var, eps, offsets, KIND_IDS[kind])
 
 
-# the eager entries: tap(x, mean, var, weight, bias, eps, groups, write_y, act, slope) -> (y, S1, S2) and
+# the eager entries: tap(x, mean, var, weight, bias, eps, groups, write_y, act, slope, residual) -> (y, S1, S2) and
 # finalize(S1, S2, count, var, eps, offsets, kind) -> [L, G], differentiable, the custom ops' contract
 EAGER = {"tap": _eager_tap, "finalize": _eager_finalize}
 

@@ -23,6 +23,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The kernels have no activation epilogue yet: the dispatch applies the activation after the tap
 # (fastdfd/ops/moment/dispatch.py), so these launchers only ever see identity.
 FUSES_ACTIVATION = False
+FUSES_RESIDUAL = False  # no residual operand: the dispatch adds a residual after the tap (one more pass)
 
 
 def check(x: Tensor) -> str | None:

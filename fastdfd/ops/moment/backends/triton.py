@@ -16,6 +16,7 @@ from ... import triton_runtime
 
 
 FUSES_ACTIVATION = True  # the kernels apply the activation epilogue in the tap's pass (ACT, slope)
+FUSES_RESIDUAL = False  # no residual operand: the dispatch adds a residual after the tap (one more pass)
 
 
 def check(x: Tensor) -> str | None:
