@@ -4,14 +4,17 @@ from one read of x, and the single-pass backward.
 Forward, for x [N, C, P] (P = prod(spatial)), N split into G contiguous segments::
 
     d = x - mu_r[c]
-    y = a(d * gamma[c] * rsqrt(var_r[c] + eps) + beta[c])     (written only if WRITE_Y; a: ACT)
+    y = a(u),  u = d * gamma[c] * rsqrt(var_r[c] + eps) + beta[c] [+ r]   (written only if WRITE_Y; a: ACT;
+                                                                          r: the residual, HAS_R)
     S1[g, c] = sum_{n in g, p} d        S2[g, c] = sum_{n in g, p} d^2
 
 Backward, given dy (if the BN output was used) and dS1, dS2 [G, C]::
 
-    dx = dy a'(z) * gamma[c] * rsqrt(var_r[c] + eps) + dS1[g, c] + 2 * d * dS2[g, c]   (z recomputed)
+    dz = dy a'(u)   (u recomputed from x [and r])      dr = dz   (written if HAS_R)
+    dx = dz * gamma[c] * rsqrt(var_r[c] + eps) + dS1[g, c] + 2 * d * dS2[g, c]
 
-which reads x and dy once and writes dx once, whatever the loss on the sums was.
+which reads x and dy (and r) once and writes dx (and dr) once, whatever the loss on the sums was. With
+the identity the residual's gradient is dy itself: the launcher then reads no r backward.
 
 Work split (both kernels): program (cb, g*SPLIT + s) owns channels [cb*BLOCK_C, ...) of
 segment g, and the s-th of SPLIT contiguous chunks of that segment's N/G*P positions.
@@ -22,8 +25,8 @@ finishes them (deterministic: no atomics).
 
 Addressing: element (n, c, p) is at n*stride_n + c*stride_c + p*stride_p, which covers
 NCHW (stride_p = 1) and channels_last (stride_c = 1) without copies; Triton specialises
-a stride of 1 so each layout gets coalesced loads along its contiguous axis. x, y, dy and
-dx share one set of strides, so the launchers take x only in the layout of
+a stride of 1 so each layout gets coalesced loads along its contiguous axis. x, y, dy, dx
+and the residual r and dr share one set of strides, so the launchers take x only in the layout of
 :func:`.layout.kernel_layout` (non-overlapping and dense; slices, batch strides and
 expands are copied to contiguous) and allocate y/dx with exactly x's strides.
 """
@@ -111,6 +114,7 @@ def _tap_fwd_kernel(
     var_ptr,  # *fp32 [C] running variance
     w_ptr,  # *fp32 [C] BN weight (gamma); unused without HAS_W
     b_ptr,  # *fp32 [C] BN bias (beta); unused without HAS_B
+    r_ptr,  # *T   residual added before the activation (same strides as x); unused without HAS_R
     C,  # channels
     P,  # spatial positions per (n, c)
     rows_per_group,  # N / G
@@ -124,7 +128,8 @@ def _tap_fwd_kernel(
     WRITE_Y: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
-    ACT: tl.constexpr,  # the activation epilogue, y = a(BN(x)) (0: identity)
+    ACT: tl.constexpr,  # the activation epilogue, y = a(BN(x) [+ r]) (0: identity)
+    HAS_R: tl.constexpr,  # a residual r is added before the activation (only with WRITE_Y)
     BLOCK_C: tl.constexpr,
     BLOCK_J: tl.constexpr,
 ):
@@ -147,7 +152,10 @@ def _tap_fwd_kernel(
         acc1 += d
         acc2 += d * d
         if WRITE_Y:
-            y = _activation(d * scale[:, None] + shift[:, None], slope, ACT)
+            u = d * scale[:, None] + shift[:, None]
+            if HAS_R:
+                u += tl.load(r_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            y = _activation(u, slope, ACT)
             tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=mask)
     out = (g * SPLIT + s) * C + offs_c
     tl.store(part1_ptr + out, tl.sum(acc1, axis=1), mask=mask_c)
@@ -164,7 +172,9 @@ def _tap_bwd_kernel(
     mean_ptr,  # *fp32 [C]
     var_ptr,  # *fp32 [C]; unused without HAS_DY
     w_ptr,  # *fp32 [C]; unused without HAS_W
-    b_ptr,  # *fp32 [C]; read only for an activation's a'(z) with HAS_B
+    b_ptr,  # *fp32 [C]; read only for an activation's a'(u) with HAS_B
+    r_ptr,  # *T   the forward's residual, same strides as x; unused without HAS_R
+    dr_ptr,  # *T  the residual's gradient dy a'(u), same strides as x; unused without HAS_R
     C,
     P,
     rows_per_group,
@@ -179,6 +189,7 @@ def _tap_bwd_kernel(
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
     ACT: tl.constexpr,
+    HAS_R: tl.constexpr,  # a residual went through a non-identity activation (only with HAS_DY)
     BLOCK_C: tl.constexpr,
     BLOCK_J: tl.constexpr,
 ):
@@ -201,8 +212,13 @@ def _tap_bwd_kernel(
         dx = g1[:, None] + d * g2[:, None]
         if HAS_DY:
             dy = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
-            if ACT != 0:  # dz = dy a'(z), z recomputed from the x read above
-                dy = dy * _activation_slope(d * scale[:, None] + shift[:, None], slope, ACT)
+            if ACT != 0:  # dz = dy a'(u), u recomputed from the x (and r) read here
+                u = d * scale[:, None] + shift[:, None]
+                if HAS_R:
+                    u += tl.load(r_ptr + off, mask=mask, other=0.0).to(tl.float32)
+                dy = dy * _activation_slope(u, slope, ACT)
+            if HAS_R:
+                tl.store(dr_ptr + off, dy.to(dr_ptr.dtype.element_ty), mask=mask)
             dx += dy * scale[:, None]
         tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
@@ -250,27 +266,36 @@ def _check(x, groups: int, vectors: dict, sums: dict) -> None:
         check_operand(WHERE, name, t, device=x.device, dtypes=(torch.float32,), numel=groups * c, contiguous=True)
 
 
+def _check_residual(x, residual) -> None:
+    if residual is not None:
+        check_operand(WHERE, "residual", residual, device=x.device, dtypes=(x.dtype,), shape=tuple(x.shape))
+
+
 def tap_forward(x, mean, var, weight, bias, eps: float, groups: int, write_y: bool, programs: int, act: int = 0,
-                slope: float = 0.0):
+                slope: float = 0.0, residual=None):
     """Launch the forward; returns (y or None, S1 [G, C], S2 [G, C]); y has x's kernel-layout strides.
-    ``act``/``slope``: the activation epilogue (ACTIVATION_IDS of .layout)."""
+    ``act``/``slope``: the activation epilogue (ACTIVATION_IDS of .layout); ``residual``: None or a tensor of
+    x's dtype and shape added before it (read in x's kernel layout; a copy when its strides differ)."""
     _check_act(act)
     _check(x, groups, {"mean": mean, "var": var if write_y else None, "weight": weight, "bias": bias}, {})
+    _check_residual(x, residual)
     x, strides = kernel_layout(x)
+    residual = like_strides(residual, x) if write_y else None
     n, c = x.shape[0], x.shape[1]
     p = x.numel() // (n * c)
     cfg = tap_config(n, c, p, groups, strides[1] == 1 and c > 1, programs)
     y = empty_kernel_like(x) if write_y else None
-    check_kernel_layout(x, strides, y)
+    check_kernel_layout(x, strides, y, residual)
     with on_device(x):
         part1 = torch.empty((groups, cfg["SPLIT"], c), device=x.device, dtype=torch.float32)
         part2 = torch.empty_like(part1)
         _tap_fwd_kernel[(cfg["c_blocks"], groups * cfg["SPLIT"])](
             x, y if write_y else x, part1, part2, mean, var,
             weight if weight is not None else mean, bias if bias is not None else mean,
+            residual if residual is not None else x,
             c, p, n // groups, cfg["chunk"], *strides, float(eps), float(slope), cfg["SPLIT"],
             WRITE_Y=write_y, HAS_W=weight is not None, HAS_B=bias is not None, ACT=int(act) if write_y else 0,
-            BLOCK_C=cfg["BLOCK_C"], BLOCK_J=cfg["BLOCK_J"], num_warps=NUM_WARPS,
+            HAS_R=residual is not None, BLOCK_C=cfg["BLOCK_C"], BLOCK_J=cfg["BLOCK_J"], num_warps=NUM_WARPS,
         )
         if cfg["SPLIT"] == 1:
             return y, part1.view(groups, c), part2.view(groups, c)
@@ -278,26 +303,30 @@ def tap_forward(x, mean, var, weight, bias, eps: float, groups: int, write_y: bo
 
 
 def tap_backward(x, dy, ds1, ds2, mean, var, weight, eps: float, groups: int, programs: int, bias=None, act: int = 0,
-                 slope: float = 0.0):
-    """Launch the backward; returns dx with x's kernel-layout strides. ``bias``, ``act``, ``slope``: the
-    forward's, for the activation's a'(z)."""
+                 slope: float = 0.0, residual=None):
+    """Launch the backward; returns (dx, dr or None), both with x's kernel-layout strides. ``bias``, ``act``,
+    ``slope``, ``residual``: the forward's, for the activation's a'(u); dr = dy a'(u) is written when a residual
+    is given with dy and a non-identity activation (with the identity it is dy, and no residual is needed)."""
     _check_act(act)
     _check(x, groups, {"mean": mean, "var": var, "weight": weight, "bias": bias}, {"ds1": ds1, "ds2": ds2})
     check_operand(WHERE, "dy", dy, device=x.device, dtypes=(x.dtype,), shape=tuple(x.shape))
+    _check_residual(x, residual)
     x, strides = kernel_layout(x)
     dy = like_strides(dy, x)
+    residual = like_strides(residual, x) if dy is not None and act else None
     n, c = x.shape[0], x.shape[1]
     p = x.numel() // (n * c)
     cfg = tap_config(n, c, p, groups, strides[1] == 1 and c > 1, programs)
     dx = empty_kernel_like(x)
-    check_kernel_layout(x, strides, dy, dx)
+    dr = empty_kernel_like(x) if residual is not None else None
+    check_kernel_layout(x, strides, dy, dx, residual, dr)
     with on_device(x):
         _tap_bwd_kernel[(cfg["c_blocks"], groups * cfg["SPLIT"])](
             x, dy if dy is not None else x, dx, ds1, ds2, mean, var, weight if weight is not None else mean,
-            bias if bias is not None else mean,
+            bias if bias is not None else mean, residual if residual is not None else x, dr if dr is not None else dx,
             c, p, n // groups, cfg["chunk"], *strides, float(eps), float(slope), cfg["SPLIT"],
             HAS_DY=dy is not None, HAS_W=weight is not None, HAS_B=bias is not None,
-            ACT=int(act) if dy is not None else 0,
+            ACT=int(act) if dy is not None else 0, HAS_R=residual is not None,
             BLOCK_C=cfg["BLOCK_C"], BLOCK_J=cfg["BLOCK_J"], num_warps=NUM_WARPS,
         )
-    return dx
+    return dx, dr

@@ -66,30 +66,38 @@ def _jobs(programs: int = 528):
             # on the widest tiles is where a spill would show), identity in fp16/bf16 (the same epilogue code
             # after the loads' conversion to fp32)
             acts = tuple(ACTIVATION_IDS.items()) if dt == "fp32" else (("identity", 0),)
+            # the residual epilogue (one more load forward, a load and a store backward) on every tile in fp32,
+            # with ReLU (the basic block's) and SiLU (the most registers)
+            with_residual = ("relu", "silu") if dt == "fp32" else ()
             for write_y in (True, False):
                 sig = {
                     "x_ptr": ptr, "y_ptr": ptr, "part1_ptr": "*fp32", "part2_ptr": "*fp32", "mean_ptr": "*fp32",
-                    "var_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32", "C": "i32", "P": "i32",
+                    "var_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32", "r_ptr": ptr, "C": "i32", "P": "i32",
                     "rows_per_group": "i32", "chunk": "i32", "stride_n": "i64", "stride_c": "i32", "stride_p": "i32",
                     "eps": "fp32", "slope": "fp32", "SPLIT": "i32",
                 }
                 for act, aid in acts if write_y else (("identity", 0),):
-                    const = {"WRITE_Y": write_y, "HAS_W": True, "HAS_B": True, "ACT": aid, "BLOCK_C": block_c,
-                             "BLOCK_J": block_j}
-                    yield (f"tap_fwd {layout} {dt} y={int(write_y)} {act} {block_c}x{block_j}", tap._tap_fwd_kernel,
-                           sig, {**const, **unit}, tap.NUM_WARPS)
+                    for has_r in (False, True) if write_y and act in with_residual else (False,):
+                        const = {"WRITE_Y": write_y, "HAS_W": True, "HAS_B": True, "ACT": aid, "HAS_R": has_r,
+                                 "BLOCK_C": block_c, "BLOCK_J": block_j}
+                        res = "+r" if has_r else ""
+                        yield (f"tap_fwd {layout} {dt} y={int(write_y)} {act}{res} {block_c}x{block_j}",
+                               tap._tap_fwd_kernel, sig, {**const, **unit}, tap.NUM_WARPS)
             for has_dy in (True, False):
                 sig = {
                     "x_ptr": ptr, "dy_ptr": ptr, "dx_ptr": ptr, "ds1_ptr": "*fp32", "ds2_ptr": "*fp32",
-                    "mean_ptr": "*fp32", "var_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32", "C": "i32", "P": "i32",
+                    "mean_ptr": "*fp32", "var_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32", "r_ptr": ptr,
+                    "dr_ptr": ptr, "C": "i32", "P": "i32",
                     "rows_per_group": "i32", "chunk": "i32", "stride_n": "i64", "stride_c": "i32", "stride_p": "i32",
                     "eps": "fp32", "slope": "fp32", "SPLIT": "i32",
                 }
                 for act, aid in acts if has_dy else (("identity", 0),):
-                    const = {"HAS_DY": has_dy, "HAS_W": True, "HAS_B": True, "ACT": aid, "BLOCK_C": block_c,
-                             "BLOCK_J": block_j}
-                    yield (f"tap_bwd {layout} {dt} dy={int(has_dy)} {act} {block_c}x{block_j}", tap._tap_bwd_kernel,
-                           sig, {**const, **unit}, tap.NUM_WARPS)
+                    for has_r in (False, True) if has_dy and act in with_residual else (False,):
+                        const = {"HAS_DY": has_dy, "HAS_W": True, "HAS_B": True, "ACT": aid, "HAS_R": has_r,
+                                 "BLOCK_C": block_c, "BLOCK_J": block_j}
+                        res = "+r" if has_r else ""
+                        yield (f"tap_bwd {layout} {dt} dy={int(has_dy)} {act}{res} {block_c}x{block_j}",
+                               tap._tap_bwd_kernel, sig, {**const, **unit}, tap.NUM_WARPS)
     for kind, kid in KIND_IDS.items():
         base = {"s1_ptr": "*fp32", "s2_ptr": "*fp32", "count_ptr": "*fp32", "var_ptr": "*fp32", "eps_ptr": "*fp32",
                 "offsets_ptr": "*i32"}

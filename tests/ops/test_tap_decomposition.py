@@ -91,7 +91,8 @@ def test_decomposition_matches_the_cpp_kernels():
     for a, e in zip(decomposed, kernel):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dec._tap_backward_math(x, dy, ds1, ds2, mean, var, w, 1e-3, 2)[0],
-                               tap_backward(x, dy, ds1, ds2, mean, var, w, None, 1e-3, 2, "cpp"), rtol=1e-5, atol=1e-5)
+                               tap_backward(x, dy, ds1, ds2, mean, var, w, None, 1e-3, 2, "cpp")[0], rtol=1e-5,
+                               atol=1e-5)
 
 
 @pytest.mark.parametrize("write_y", [True, False])
@@ -118,11 +119,24 @@ def test_set_inductor_decomposition():
         dec.set_inductor_decomposition(["torch"])
 
 
+class _Block(nn.Module):
+    """conv-BN-ReLU, then a basic block's end relu(BN(conv(h)) + h): the matcher fuses both epilogues."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.bn1(self.conv1(x)))
+        h = torch.relu(self.bn2(self.conv2(h)) + h)
+        return self.head(h.mean((2, 3)))
+
+
 def _teacher() -> nn.Module:
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+    net = _Block()
     for m in net.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.normal_(0, 0.3)
@@ -135,7 +149,8 @@ def _teacher() -> nn.Module:
 @pytest.mark.parametrize("decompose", [True, False])
 def test_inductor_compiles_the_tap_fused_in_one_graph(decompose):
     """torch.compile(fullgraph=True) with inductor: the tap's ops leave the generated code (decomposed and fused
-    with the ReLU after them) or stay one opaque call per layer (opted out), the eager loss and input gradient
+    with the ReLU, and the residual add, after them) or stay one opaque call per layer (opted out; the add and
+    ReLU after it), the eager loss and input gradient
     either way, and later steps reuse the graph (a recompile is an error)."""
     require_backend("cpp", unavailable("moment_tap", "cpp", torch.empty(0)))
     from torch._inductor.utils import run_and_get_code
@@ -164,6 +179,7 @@ def test_inductor_compiles_the_tap_fused_in_one_graph(decompose):
             text = "\n".join(code)
             opaque = "torch.ops.fastdfd.tap_forward" in text or "torch.ops.fastdfd.tap_backward" in text
             assert opaque != decompose, "the generated code " + ("still calls" if decompose else "lost") + " the tap"
+            assert matcher.fusion.residual == {"bn2"} and set(matcher.fusion.fused) == {"bn1", "bn2"}
             with torch._dynamo.config.patch(error_on_recompile=True):
                 for seed in (1, 2):
                     xs = torch.randn(4, 3, 9, 7, generator=torch.Generator().manual_seed(seed), requires_grad=True)

@@ -53,7 +53,7 @@ def _run(backend, x, mean, var, w, b, eps, groups, act, r):
 
 
 CASES = [(s, cl) for s in SHAPES for cl in (False, True) if not cl or len(s) == 4]
-TRITON_CASES = [((2, 3, 5, 7), False)]  # the interpreter is slow; its kernels add no residual (the dispatch does)
+TRITON_CASES = [((2, 3, 5, 7), False), ((6, 17, 4, 4), True)]  # the interpreter is slow: one case per layout
 PARAMS = [(b, shape, cl) for b in ("torch", "cpp", "traced", "triton")
           for shape, cl in (TRITON_CASES if b == "triton" else CASES)]
 
@@ -143,8 +143,7 @@ def test_half_precision_inputs_match_float64(backend, dtype):
 
 
 def test_the_cpp_kernels_read_the_residual_in_their_pass(monkeypatch):
-    """Eager cpp with a residual is one call of the library op with the residual (no add after the tap); the
-    Python custom-op path (what a tracer without the decomposition gets) adds it after its tap instead."""
+    """Eager cpp with a residual is one call of the library op with the residual (no add after the tap)."""
     _backend("cpp")
     from fastdfd.ops.moment.backends import cpp
 
@@ -205,3 +204,65 @@ def test_a_planted_error_in_the_residual_gradient_is_caught(monkeypatch):
     r = _residual(x, mean, var, w, b, 1e-3)
     with pytest.raises(AssertionError):
         _check_all("traced", Activation("relu"), x, mean, var, w, b, r, 1)
+
+
+@pytest.mark.parametrize("impl", ["cpp", "triton"])
+@pytest.mark.parametrize("act", [Activation("relu"), Activation("identity"), Activation("leaky_relu", 0.2)],
+                         ids=lambda a: a.name)
+def test_the_python_custom_op_takes_the_residual(impl, act):
+    """The custom op (what torch.compile runs when a backend is kept opaque, and the triton backend's only way
+    in) takes the residual to the launchers and gives dr from its backward (dy itself with the identity):
+    against float64, x and r in different layouts."""
+    _backend(impl)
+    from fastdfd.ops.moment.custom_op import tap_forward
+
+    x, mean, var, w, b = _inputs((6, 17, 4, 4), 2, True)
+    r = _residual(x, mean, var, w, b, 1e-3, strides_of_x=False)
+    x, w, r = (t.detach().clone().requires_grad_(True) for t in (x, w, r))
+    y, s1, s2 = tap_forward(x, mean, var, w, b, 1e-3, 2, True, impl, act.id, act.negative_slope, r)
+    x64, w64, r64 = (t.detach().double().requires_grad_(True) for t in (x, w, r))
+    ry, _, r2 = _reference(x64, mean, var, w64, b, 1e-3, 2, act, r64)
+    torch.testing.assert_close(y.double(), ry, rtol=1e-5, atol=1e-5)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    got = torch.autograd.grad((y * dy).sum() + 1e-3 * s2.sum(), (x, w, r))
+    want = torch.autograd.grad((ry * dy.double()).sum() + 1e-3 * r2.sum(), (x64, w64, r64))
+    for name, a, e in zip("xwr", got, want):
+        assert (a.double() - e).abs().max().item() <= 1e-5 * max(e.abs().max().item(), 1.0), name
+
+
+def test_a_backend_without_the_residual_gets_the_add_after_its_tap(monkeypatch):
+    """The cuda kernels take no residual: its dispatch entry runs their tap, then the add and the activation.
+    Checked on the CPU through the same registration with the cpp kernels standing in for them."""
+    _backend("cpp")
+    from fastdfd.ops.dispatch import _REGISTRY
+    from fastdfd.ops.moment import dispatch as moment_dispatch
+    from fastdfd.ops.moment.backends import cpp
+
+    seen = []
+
+    def eager_tap(x, mean, var, weight, bias, eps, groups, write_y, act=0, slope=0.0, residual=None):
+        seen.append((act, residual is None))
+        return cpp.EAGER["tap"](x, mean, var, weight, bias, eps, groups, write_y, act, slope, residual)
+
+    saved = {op: dict(_REGISTRY[op]) for op in ("moment_tap", "moment_sums", "moment_finalize")}
+    try:
+        moment_dispatch._register_fused("cpp", cpp.check, cpp.check, {**cpp.EAGER, "tap": eager_tap},
+                                        fuses_activation=False, fuses_residual=False)
+        x, mean, var, w, b = _inputs((2, 4, 3, 3), 1, False)
+        r = _residual(x, mean, var, w, b, 1e-3)
+        with fastdfd.backend("cpp"):
+            y, _, _ = moment_tap(x, mean, var, w, b, 1e-3, 1, "silu", residual=r)
+    finally:
+        for op, impls in saved.items():
+            _REGISTRY[op].clear()
+            _REGISTRY[op].update(impls)
+    assert seen == [(0, True)]  # the kernels saw identity and no residual
+    ry, _, _ = _reference(x, mean, var, w, b, 1e-3, 1, Activation("silu"), r)
+    torch.testing.assert_close(y.double(), ry, rtol=1e-5, atol=1e-5)
+
+
+def test_the_cuda_launchers_refuse_a_residual():
+    from fastdfd.ops.moment.activation import refuse_activation
+
+    with pytest.raises(ValueError, match="no residual"):
+        refuse_activation("cuda", 0, torch.zeros(1))

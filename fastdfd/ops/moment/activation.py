@@ -105,11 +105,13 @@ def activation_derivative(name: str, negative_slope: float, z: torch.Tensor) -> 
 IDENTITY = Activation()
 
 
-def refuse_activation(backend: str, act: int) -> None:
-    """For the launchers of a backend whose kernels have no epilogue (the dispatch applies the activation
-    after their tap): ValueError if one reaches them anyway."""
+def refuse_activation(backend: str, act: int, residual=None) -> None:
+    """For the launchers of a backend whose kernels have no epilogue (the dispatch applies the activation, and
+    adds a residual, after their tap): ValueError if one reaches them anyway."""
     if act:
         raise ValueError(f"the {backend} tap kernels take no activation epilogue (got id {act})")
+    if residual is not None:
+        raise ValueError(f"the {backend} tap kernels take no residual")
 
 
 def as_activation(activation: Activation | str | None) -> Activation:

@@ -8,11 +8,14 @@ that backend's launchers, ``LAUNCHERS[name]`` (``backends/<name>.py``).
 
 A launcher set provides::
 
-    tap_forward(x, mean, var, weight, bias, eps, groups, write_y, act, slope) -> (y | None, S1, S2)
-    tap_backward(x, dy | None, dS1, dS2, mean, var, weight, bias, eps, groups, act, slope) -> dx
+    tap_forward(x, mean, var, weight, bias, eps, groups, write_y, act, slope, residual) -> (y | None, S1, S2)
+    tap_backward(x, dy | None, dS1, dS2, mean, var, weight, bias, eps, groups, act, slope, residual)
+        -> (dx, dr | None)
 
-(``act``/``slope``: the activation epilogue, :mod:`.activation`; a backend that does not fuse it gets
-identity, 0, and the dispatch applies the activation after the tap: :mod:`.dispatch`)
+(``act``/``slope``: the activation epilogue, :mod:`.activation`; ``residual``: None or a tensor of x's dtype
+and shape added before it, y = a(BN(x) + r), whose gradient dr = dy a'(u) the backward writes; it reaches the
+backward only with a non-identity activation, since otherwise dr is dy. A backend that does not fuse them
+gets identity, 0, None, and the dispatch applies them after the tap: :mod:`.dispatch`)
     finalize_forward(S1, S2, count, var, eps, offsets, kind) -> [L, G]
     finalize_backward(S1, S2, count, var, eps, offsets, dout, kind) -> (dS1, dS2)
 
@@ -48,15 +51,17 @@ def _acc(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
 def tap_forward(
     x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     eps: float, groups: int, write_y: bool, impl: str, act: int = 0, slope: float = 0.0,
+    residual: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     acc = accumulation_dtype(x.dtype)
     y, s1, s2 = LAUNCHERS[impl]["tap_forward"](
-        x, _acc(mean, acc), _acc(var, acc), _acc(weight, acc), _acc(bias, acc), eps, groups, write_y, act, slope)
+        x, _acc(mean, acc), _acc(var, acc), _acc(weight, acc), _acc(bias, acc), eps, groups, write_y, act, slope,
+        residual)
     return (y if y is not None else x.new_empty(0)), s1, s2
 
 
 @tap_forward.register_fake
-def _(x, mean, var, weight, bias, eps, groups, write_y, impl, act=0, slope=0.0):
+def _(x, mean, var, weight, bias, eps, groups, write_y, impl, act=0, slope=0.0, residual=None):
     s = x.new_empty((groups, x.shape[1]), dtype=accumulation_dtype(x.dtype))
     return (kernel_output_like(x) if write_y else x.new_empty(0)), s, torch.empty_like(s)
 
@@ -65,40 +70,51 @@ def _(x, mean, var, weight, bias, eps, groups, write_y, impl, act=0, slope=0.0):
 def tap_backward(
     x: Tensor, dy: Optional[Tensor], ds1: Tensor, ds2: Tensor, mean: Tensor, var: Tensor,
     weight: Optional[Tensor], bias: Optional[Tensor], eps: float, groups: int, impl: str, act: int = 0,
-    slope: float = 0.0,
-) -> Tensor:
+    slope: float = 0.0, residual: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
     acc = accumulation_dtype(x.dtype)
-    return LAUNCHERS[impl]["tap_backward"](
+    dx, dr = LAUNCHERS[impl]["tap_backward"](
         x, dy, _acc(ds1, acc), _acc(ds2, acc), _acc(mean, acc), _acc(var, acc), _acc(weight, acc), _acc(bias, acc),
-        eps, groups, act, slope)
+        eps, groups, act, slope, residual)
+    return dx, (dr if dr is not None else x.new_empty(0))  # a custom op returns tensors: empty for none
 
 
 @tap_backward.register_fake
-def _(x, dy, ds1, ds2, mean, var, weight, bias, eps, groups, impl, act=0, slope=0.0):
-    return kernel_output_like(x)
+def _(x, dy, ds1, ds2, mean, var, weight, bias, eps, groups, impl, act=0, slope=0.0, residual=None):
+    with_dr = residual is not None and dy is not None and act != 0
+    return kernel_output_like(x), (kernel_output_like(x) if with_dr else x.new_empty(0))
 
 
 def _tap_setup(ctx, inputs, output):
-    x, mean, var, weight, bias, eps, groups, write_y, impl, act, slope = inputs
-    ctx.save_for_backward(x, mean, var, weight, bias)
+    x, mean, var, weight, bias, eps, groups, write_y, impl, act, slope, residual = inputs
+    has_r = residual is not None and write_y
+    # the residual is read again backward only for a'(u); with the identity its gradient is dy itself
+    ctx.save_for_backward(x, mean, var, weight, bias, residual if has_r and act != 0 else None)
     ctx.eps, ctx.groups, ctx.write_y, ctx.impl, ctx.act, ctx.slope = eps, groups, write_y, impl, act, slope
+    ctx.has_r = has_r
 
 
 def _tap_grad(ctx, dy, ds1, ds2):
-    x, mean, var, weight, bias = ctx.saved_tensors
+    x, mean, var, weight, bias, residual = ctx.saved_tensors
     c, acc = x.shape[1], accumulation_dtype(x.dtype)
     ds1 = ds1 if ds1 is not None else x.new_zeros((ctx.groups, c), dtype=acc)
     ds2 = ds2 if ds2 is not None else x.new_zeros((ctx.groups, c), dtype=acc)
     dy = dy if ctx.write_y else None
-    dx = None
-    if ctx.needs_input_grad[0]:
-        dx = tap_backward(x, dy, ds1, ds2, mean, var, weight, bias, ctx.eps, ctx.groups, ctx.impl, ctx.act, ctx.slope)
+    dx = dr = None
+    want_r = ctx.has_r and ctx.needs_input_grad[11] and dy is not None
+    if ctx.needs_input_grad[0] or (want_r and residual is not None):
+        dx, dr = tap_backward(x, dy, ds1, ds2, mean, var, weight, bias, ctx.eps, ctx.groups, ctx.impl, ctx.act,
+                              ctx.slope, residual)
+        dx = dx if ctx.needs_input_grad[0] else None
+        dr = dr if want_r and residual is not None else None
+    if want_r and residual is None:  # identity: d(BN(x) + r)/dr = 1
+        dr = dy
     dw = db = None
     if dy is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4]):
         activation = Activation(ACTIVATIONS[ctx.act], ctx.slope)
         dw, db = bn_affine_grads(x, dy, mean, var, weight, ctx.eps, ctx.needs_input_grad[3], ctx.needs_input_grad[4],
-                                 bias, activation)
-    return dx, None, None, dw, db, None, None, None, None, None, None
+                                 bias, activation, residual)
+    return dx, None, None, dw, db, None, None, None, None, None, None, dr
 
 
 tap_forward.register_autograd(_tap_grad, setup_context=_tap_setup)

@@ -33,8 +33,8 @@ def _register_fused(name: str, check: Callable[[Tensor], str | None],
     dispatcher ops where it registers them (``eager``); while torch.compile traces, the tap as aten ops
     (:mod:`.decomposition`) or the Python custom ops with impl=name. A backend whose kernels have no
     activation epilogue (``fuses_activation`` False) gets the tap alone, and the activation runs after it
-    as a torch op (exact, one more pass); likewise the residual add where the backend's eager ops do not take
-    one (``fuses_residual``; the Python custom ops never do). The traced form always fuses both."""
+    as a torch op (exact, one more pass); likewise the residual add where its kernels do not take one
+    (``fuses_residual``). The traced form always fuses both."""
 
     def eager_now(x: Tensor) -> bool:
         # The dispatcher ops have no fake kernels and call their kernels directly: any tracer (dynamo, make_fx
@@ -48,7 +48,7 @@ def _register_fused(name: str, check: Callable[[Tensor], str | None],
         if decomposition.decomposes(name):  # traced by torch.compile: aten ops inductor fuses with the neighbours
             return decomposition.tap(x, mean, var, weight, bias, eps, groups, write_y, activation.name,
                                      activation.negative_slope, residual)
-        if residual is not None and not (fuses_residual and eager_now(x)):  # the add and activation after the tap
+        if residual is not None and not fuses_residual:  # the add and activation after the tap
             y, s1, s2 = tap(x, mean, var, weight, bias, eps, groups, write_y)
             return activation(y + residual), s1, s2
         if not fuses_activation and not activation.is_identity:
@@ -58,7 +58,7 @@ def _register_fused(name: str, check: Callable[[Tensor], str | None],
             return eager["tap"](x, mean, var, weight, bias, eps, groups, write_y, activation.id,
                                 activation.negative_slope, residual)
         return tap_forward(x, mean, var, weight, bias, eps, groups, write_y, name, activation.id,
-                           activation.negative_slope)
+                           activation.negative_slope, residual)
 
     @register("moment_tap", name, check=check)
     def moment_tap(x, running_mean, running_var, weight, bias, eps, groups, activation=IDENTITY, residual=None):

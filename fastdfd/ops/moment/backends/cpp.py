@@ -3,7 +3,8 @@
 Built on first use (see :mod:`fastdfd.ops.extensions`); the default on the CPU when the
 build succeeds, else the ``torch`` backend serves (after one warning).
 
-Two ways in. Eager, :data:`EAGER` calls the ops the extension registers with the dispatcher
+Two ways in, both with the activation and residual epilogues. Eager, :data:`EAGER` calls the ops the extension
+registers with the dispatcher
 (``torch.ops.fastdfd_cpu.*``, csrc/moment/moment_library_cpu.cpp), whose casts, layout rule and
 autograd run in C++: a tiny layer's tap costs tens of microseconds instead of hundreds. While
 ``torch.compile`` traces, :data:`LAUNCHERS` serve the Python custom ops (:mod:`..custom_op`), which
@@ -21,7 +22,7 @@ from ... import extensions
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 FUSES_ACTIVATION = True  # the kernels apply the activation epilogue in the tap's pass (act, slope)
-FUSES_RESIDUAL = True  # the eager ops add a residual before the activation in the same pass (the custom ops do not)
+FUSES_RESIDUAL = True  # and add a residual before it, writing its gradient in the backward's pass
 
 
 def check(x: Tensor) -> str | None:
@@ -36,18 +37,21 @@ def _ext():
     return extensions.load("cpu")[0]
 
 
-def _tap_forward(x, mean, var, weight, bias, eps, groups, write_y, act=0, slope=0.0):
+def _tap_forward(x, mean, var, weight, bias, eps, groups, write_y, act=0, slope=0.0, residual=None):
     x, strides = kernel_layout(x)
+    residual = like_strides(residual, x)  # the kernels read it with x's strides
     y, s1, s2 = _ext().tap_forward(x, mean, var, weight, bias, float(eps), int(groups), bool(write_y), *strides,
-                                   int(act), float(slope), None)
+                                   int(act), float(slope), residual)
     return (y if write_y else None), s1, s2
 
 
-def _tap_backward(x, dy, ds1, ds2, mean, var, weight, bias, eps, groups, act=0, slope=0.0):
+def _tap_backward(x, dy, ds1, ds2, mean, var, weight, bias, eps, groups, act=0, slope=0.0, residual=None):
     x, strides = kernel_layout(x)
     dy = like_strides(dy, x)
-    return _ext().tap_backward(x, dy, ds1, ds2, mean, var, weight, bias, float(eps), int(groups), *strides, int(act),
-                               float(slope), None)[0]
+    residual = like_strides(residual, x) if dy is not None and act else None  # identity: dr is dy
+    dx, dr = _ext().tap_backward(x, dy, ds1, ds2, mean, var, weight, bias, float(eps), int(groups), *strides,
+                                 int(act), float(slope), residual)
+    return dx, (dr if residual is not None else None)
 
 
 def _finalize_forward(s1, s2, count, var, eps, offsets, kind):

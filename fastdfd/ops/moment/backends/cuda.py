@@ -54,19 +54,19 @@ def _stream(x: Tensor) -> int:
     return torch.cuda.current_stream(x.device).cuda_stream
 
 
-def _tap_forward(x, mean, var, weight, bias, eps, groups, write_y, act=0, slope=0.0):
-    refuse_activation("cuda", act)
+def _tap_forward(x, mean, var, weight, bias, eps, groups, write_y, act=0, slope=0.0, residual=None):
+    refuse_activation("cuda", act, residual)
     x, strides = kernel_layout(x)
     y, s1, s2 = _ext().tap_forward(x, mean, var, weight, bias, float(eps), int(groups), bool(write_y), *strides,
                                    _sm_count(x.device.index or 0), _stream(x))
     return (y if write_y else None), s1, s2
 
 
-def _tap_backward(x, dy, ds1, ds2, mean, var, weight, bias, eps, groups, act=0, slope=0.0):
-    refuse_activation("cuda", act)
+def _tap_backward(x, dy, ds1, ds2, mean, var, weight, bias, eps, groups, act=0, slope=0.0, residual=None):
+    refuse_activation("cuda", act, residual)
     x, strides = kernel_layout(x)
     dy = like_strides(dy, x)
-    return _ext().tap_backward(x, dy, ds1, ds2, mean, var, weight, float(eps), int(groups), *strides, _stream(x))
+    return _ext().tap_backward(x, dy, ds1, ds2, mean, var, weight, float(eps), int(groups), *strides, _stream(x)), None
 
 
 def _finalize_forward(s1, s2, count, var, eps, offsets, kind):

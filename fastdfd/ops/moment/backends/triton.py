@@ -16,7 +16,7 @@ from ... import triton_runtime
 
 
 FUSES_ACTIVATION = True  # the kernels apply the activation epilogue in the tap's pass (ACT, slope)
-FUSES_RESIDUAL = False  # no residual operand: the dispatch adds a residual after the tap (one more pass)
+FUSES_RESIDUAL = True  # and add a residual before it (HAS_R), writing its gradient in the backward's pass
 
 
 def check(x: Tensor) -> str | None:
@@ -41,16 +41,16 @@ def programs_for(x: Tensor) -> int:
     return _programs(x.device.type, x.device.index)
 
 
-def _tap_forward(x, mean, var, weight, bias, eps, groups, write_y, act=0, slope=0.0):
+def _tap_forward(x, mean, var, weight, bias, eps, groups, write_y, act=0, slope=0.0, residual=None):
     from fastdfd.kernels.moment.tap import tap_forward
 
-    return tap_forward(x, mean, var, weight, bias, eps, groups, write_y, programs_for(x), act, slope)
+    return tap_forward(x, mean, var, weight, bias, eps, groups, write_y, programs_for(x), act, slope, residual)
 
 
-def _tap_backward(x, dy, ds1, ds2, mean, var, weight, bias, eps, groups, act=0, slope=0.0):
+def _tap_backward(x, dy, ds1, ds2, mean, var, weight, bias, eps, groups, act=0, slope=0.0, residual=None):
     from fastdfd.kernels.moment.tap import tap_backward
 
-    return tap_backward(x, dy, ds1, ds2, mean, var, weight, eps, groups, programs_for(x), bias, act, slope)
+    return tap_backward(x, dy, ds1, ds2, mean, var, weight, eps, groups, programs_for(x), bias, act, slope, residual)
 
 
 def _finalize_forward(*args):
