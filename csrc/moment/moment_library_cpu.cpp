@@ -13,8 +13,7 @@
 // the layout rule in Python), against 6 us for the kernel call itself; on a teacher of 50 small
 // layers that is most of the step. Here the whole eager path runs in C++. Under torch.compile the
 // Python path is traced instead (fastdfd/ops/moment/dispatch.py): these ops have no fake kernels.
-// Only these ops take a residual (y = a(BN(x) + r), a basic block's add and ReLU in the tap's pass); the Python
-// custom ops do not, and the dispatch adds a residual after their tap.
+// The residual (y = a(BN(x) + r), a basic block's add and ReLU in the tap's pass) is the optional last argument.
 #include <torch/autograd.h>
 #include <torch/library.h>
 

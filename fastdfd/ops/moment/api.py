@@ -172,8 +172,8 @@ def moment_tap(
             form ``torch.compile`` traces apply it in the tap's pass, forward and backward; the others after it.
         residual: None, or a tensor of x's shape, dtype and device added to the BN output before the
             activation: ``y = a(BN(x) + residual)``, a basic block's ``relu(bn2(conv2(h)) + shortcut)``. The
-            ``cpp`` backend (eager) and the traced form apply it in the tap's pass and give its gradient
-            ``dy a'(u)`` from the same backward pass; the others add it after the tap.
+            ``cpp`` and ``triton`` kernels and the traced form read it in the tap's pass and give its gradient
+            ``dy a'(u)`` from the same backward pass; ``cuda`` adds it after its tap.
 
     Returns:
         y in x's dtype and shape (x's layout where the kernels take it), and S1, S2 [groups, C] in fp32
