@@ -36,33 +36,22 @@ def test_bn_layer_forward_backward(benchmark, provider, channels, size):
     cleanup()
 
 
+@pytest.mark.parametrize("epilogue", ["relu", "add+relu"])
 @pytest.mark.parametrize("provider", ["hooks", "hooks-compiled", "fastdfd-cpp-unfused", "fastdfd-cpp"])
 @pytest.mark.parametrize("channels,size", LAYERS[:2], ids=[f"c{c}s{s}" for c, s in LAYERS[:2]])
-def test_bn_relu_layer_forward_backward(benchmark, provider, channels, size):
-    """BN then ReLU (issue 22's epilogue): fastdfd-cpp applies the ReLU in the tap's pass, -unfused after it."""
+def test_bn_epilogue_layer_forward_backward(benchmark, provider, channels, size, epilogue):
+    """BN then ReLU, and relu(BN(x) + x) (issue 22's epilogues): fastdfd-cpp applies the ReLU (and adds the
+    residual) in the tap's pass, -unfused after it."""
     bn = randomize_bn(nn.BatchNorm2d(channels))
     g = torch.Generator().manual_seed(0)
     x = torch.randn(BATCH, channels, size, size, generator=g).requires_grad_(True)
     dy = torch.randn(BATCH, channels, size, size, generator=g)
-    step, cleanup = bn_layer_step(provider, bn, nn.ReLU(inplace=True))
+    if epilogue == "relu":
+        step, cleanup = bn_layer_step(provider, bn, nn.ReLU(inplace=True))
+    else:
+        step, cleanup = bn_layer_step(provider, bn, residual=True)
     step(x, dy)
-    benchmark.group = f"bn+relu layer c{channels} s{size} b{BATCH}"
-    benchmark(step, x, dy)
-    cleanup()
-
-
-@pytest.mark.parametrize("provider", ["hooks", "hooks-compiled", "fastdfd-cpp-unfused", "fastdfd-cpp"])
-@pytest.mark.parametrize("channels,size", LAYERS[:2], ids=[f"c{c}s{s}" for c, s in LAYERS[:2]])
-def test_bn_add_relu_layer_forward_backward(benchmark, provider, channels, size):
-    """relu(BN(x) + x), a basic block's end (issue 22's residual epilogue): fastdfd-cpp adds the residual and
-    applies the ReLU in the tap's pass, -unfused after it."""
-    bn = randomize_bn(nn.BatchNorm2d(channels))
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(BATCH, channels, size, size, generator=g).requires_grad_(True)
-    dy = torch.randn(BATCH, channels, size, size, generator=g)
-    step, cleanup = bn_layer_step(provider, bn, residual=True)
-    step(x, dy)
-    benchmark.group = f"bn+add+relu layer c{channels} s{size} b{BATCH}"
+    benchmark.group = f"bn+{epilogue} layer c{channels} s{size} b{BATCH}"
     benchmark(step, x, dy)
     cleanup()
 

@@ -69,36 +69,34 @@ class BNTap(nn.Module):
         :func:`.epilogue.fuse_epilogues` took out of the teacher's forward, in the tap's pass where the
         residual matches x exactly; otherwise BN, then the add (broadcasting, type promotion) and the
         activation as torch ops, as the teacher's forward had them."""
-        record, act = self._record, self.activation
-        if (self.flavour.fused and not self._uses_batch_statistics() and record.enabled
+        act = self.activation
+        if (self.flavour.fused and not self._uses_batch_statistics() and self._record.enabled
                 and self.own_activation is None and isinstance(residual, torch.Tensor)
                 and residual.shape == x.shape and residual.dtype == x.dtype and residual.device == x.device):
-            groups = record.active_groups
-            y, s1, s2 = moment_tap(x, self.running_mean, self.running_var, self._affine("weight"),
-                                   self._affine("bias"), self.eps, groups, act, residual=residual)
-            record.add(self.slot, s1, s2, x.numel() // (x.shape[1] * groups))
-            return y
+            return self._tap(x, act, residual)
         y = self._output(x, None) + residual
         return y if act is None else act(y)
+
+    def _tap(self, x: torch.Tensor, act: Activation | None, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The fused op on an eval-mode BN layer: its output with ``act`` (and ``residual``) applied in the same
+        pass, its sums recorded."""
+        record, groups = self._record, self._record.active_groups
+        y, s1, s2 = moment_tap(x, self.running_mean, self.running_var, self._affine("weight"), self._affine("bias"),
+                               self.eps, groups, act, residual=residual)
+        record.add(self.slot, s1, s2, x.numel() // (x.shape[1] * groups))
+        return y
 
     def _output(self, x: torch.Tensor, act: Activation | None) -> torch.Tensor:
         """The layer's output (its sums recorded when the matcher is enabled), then ``act`` if given."""
         record = self._record
         if self.flavour.fused and not self._uses_batch_statistics():
-            w, b = self._affine("weight"), self._affine("bias")
             if record.enabled:
-                groups = record.active_groups
                 if self.own_activation is not None:  # the layer's act in the tap's pass (no teacher-level one)
-                    y, s1, s2 = moment_tap(x, self.running_mean, self.running_var, w, b, self.eps, groups,
-                                           self.own_activation)
-                    record.add(self.slot, s1, s2, x.numel() // (x.shape[1] * groups))
-                    return y
-                y, s1, s2 = moment_tap(x, self.running_mean, self.running_var, w, b, self.eps, groups, act)
-                record.add(self.slot, s1, s2, x.numel() // (x.shape[1] * groups))
-            else:
-                y = eval_batch_norm(x, self.running_mean, self.running_var, w, b, self.eps)
-                y = y if act is None else act(y)
-            return self.flavour.apply_epilogue(self, y)
+                    return self._tap(x, self.own_activation)
+                return self.flavour.apply_epilogue(self, self._tap(x, act))
+            y = eval_batch_norm(x, self.running_mean, self.running_var, self._affine("weight"), self._affine("bias"),
+                                self.eps)
+            return self.flavour.apply_epilogue(self, y if act is None else act(y))
         if record.enabled:
             groups = record.active_groups
             s1, s2 = moment_sums(x, record.shift(self.slot, x.device), groups)

@@ -240,9 +240,9 @@ def test_a_timm_norm_act_layer_applies_its_act_in_the_taps_pass():
     handed = []
     real = tap_module.moment_tap
 
-    def spy(*args):
+    def spy(*args, **kwargs):
         handed.append(args[-1] and args[-1].name)
-        return real(*args)
+        return real(*args, **kwargs)
 
     with MomentMatcher(teacher) as m:
         taps = [mod for mod in teacher.modules() if type(mod).__name__ == "BNTap"]

@@ -262,7 +262,7 @@ def test_a_backend_without_the_residual_gets_the_add_after_its_tap(monkeypatch):
 
 
 def test_the_cuda_launchers_refuse_a_residual():
-    from fastdfd.ops.moment.activation import refuse_activation
+    from fastdfd.ops.moment.activation import refuse_epilogue
 
     with pytest.raises(ValueError, match="no residual"):
-        refuse_activation("cuda", 0, torch.zeros(1))
+        refuse_epilogue("cuda", 0, torch.zeros(1))

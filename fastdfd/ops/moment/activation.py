@@ -105,7 +105,7 @@ def activation_derivative(name: str, negative_slope: float, z: torch.Tensor) -> 
 IDENTITY = Activation()
 
 
-def refuse_activation(backend: str, act: int, residual=None) -> None:
+def refuse_epilogue(backend: str, act: int, residual=None) -> None:
     """For the launchers of a backend whose kernels have no epilogue (the dispatch applies the activation, and
     adds a residual, after their tap): ValueError if one reaches them anyway."""
     if act:

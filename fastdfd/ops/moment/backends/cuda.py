@@ -14,7 +14,7 @@ from torch import Tensor
 
 from fastdfd.kernels.moment.layout import KIND_IDS, kernel_layout, like_strides
 
-from ..activation import refuse_activation
+from ..activation import refuse_epilogue
 from ... import extensions
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -55,7 +55,7 @@ def _stream(x: Tensor) -> int:
 
 
 def _tap_forward(x, mean, var, weight, bias, eps, groups, write_y, act=0, slope=0.0, residual=None):
-    refuse_activation("cuda", act, residual)
+    refuse_epilogue("cuda", act, residual)
     x, strides = kernel_layout(x)
     y, s1, s2 = _ext().tap_forward(x, mean, var, weight, bias, float(eps), int(groups), bool(write_y), *strides,
                                    _sm_count(x.device.index or 0), _stream(x))
@@ -63,7 +63,7 @@ def _tap_forward(x, mean, var, weight, bias, eps, groups, write_y, act=0, slope=
 
 
 def _tap_backward(x, dy, ds1, ds2, mean, var, weight, bias, eps, groups, act=0, slope=0.0, residual=None):
-    refuse_activation("cuda", act, residual)
+    refuse_epilogue("cuda", act, residual)
     x, strides = kernel_layout(x)
     dy = like_strides(dy, x)
     return _ext().tap_backward(x, dy, ds1, ds2, mean, var, weight, float(eps), int(groups), *strides, _stream(x)), None
