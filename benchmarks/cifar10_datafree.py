@@ -13,8 +13,9 @@ figures, once.
 The schedule (every setting is a field of :class:`Settings`, and a flag; the defaults are what the studies in
 docs/cifar10.md kept):
 
-1. warm-up: ``warmup_fraction`` of the budget trains the 10 class generators alone (the preset's loss, with
-   per-generator BN statistics by default: each generator's batch must carry the whole data's spread);
+1. warm-up: ``warmup_fraction`` of the budget trains the class generators alone (``generators_per_class``
+   of them for each of the 10 classes; the preset's loss, with per-generator BN statistics by default: each
+   generator's batch must carry the whole data's spread);
 2. then rounds until the budget ends: ``gen_steps`` generator steps (with the adversarial and mode-seeking
    terms when their weights are set), then ``student_steps`` distillation steps. With ``pool`` > 0 the
    student learns from a pool of the generator steps' own images and the teacher's logits on them
@@ -70,6 +71,8 @@ class Settings:
     preset: str = "default"
     generator: str = "scope=generator"  # overrides of the preset's fields, "scope=generator,ce_weight=1.0" (one knob at a time)
     # generators
+    generators_per_class: int = 1  # > 1: several generators share each class (more modes of it); generator k
+    #                                serves class k % 10
     gen_batch: int = 16  # images per generator per generator step
     warmup_fraction: float = 0.1  # of the budget, generators alone before the student starts
     gen_steps: int = 1  # generator steps per round
@@ -77,7 +80,7 @@ class Settings:
     diversity_weight: float = 0.0  # mode seeking
     # student
     student_steps: int = 4  # distillation steps per round
-    distill_batch: int = 13  # images per generator per distillation step (130 a step)
+    distill_batch: int = 13  # images per class per distillation step (130 a step), whatever generators_per_class
     pool: int = 5000  # > 0: the student learns from a pool of this many of the generator steps' images and teacher
     #                logits (no teacher pass of its own); 0: from fresh images of the ensemble
     lr: float = 0.05
@@ -132,15 +135,19 @@ def run(s: Settings, out: Path, verbose: bool = True) -> dict:
     g = preset(s.preset).replace(batch_size=s.gen_batch, adversarial_weight=s.adversarial_weight,
                                  diversity_weight=s.diversity_weight, **overrides(s.generator))
     a = g.architecture
-    ensemble = GeneratorEnsemble(10, 10, image_size=32, channels=3, latent_dim=a.latent_dim, widths=a.widths,
-                                 output_bn=a.output_bn)
+    # generator k serves class k % 10. A distillation step takes 10 generators' worth of images (130 at
+    # distill_batch 13) however many share a class, so the student's step costs the same; from the pool the
+    # draw is uniform over what every generator pushed, fresh it is 10 generators visited evenly
+    k = 10 * s.generators_per_class
+    ensemble = GeneratorEnsemble(k, 10, image_size=32, channels=3, latent_dim=a.latent_dim, widths=a.widths,
+                                 output_bn=a.output_bn, classes=[[g % 10] for g in range(k)])
     pool = ImagePool(s.pool) if s.pool else None
     loop = LoopSettings(seed=s.seed, progress=False, log_every=5)
     trainer = GeneratorTrainer(teacher, ensemble, loss=g.loss, optim=g.optimizer, loop=loop, student=student,
                                pool=pool, input_space=INPUT_SPACE)
     distiller = Distiller(teacher, student, ensemble, settings=DistillSettings(
         batch_size=s.distill_batch, lr=s.lr, weight_decay=s.weight_decay, temperature=s.temperature,
-        augment=s.augment), loop=loop, pool=pool, input_space=INPUT_SPACE)
+        augment=s.augment, generators_per_step=10), loop=loop, pool=pool, input_space=INPUT_SPACE)
     tune = _loader(s, "tune")
     curve, measure_s = [], 0.0
     next_eval = budget / s.curve_points
@@ -260,8 +267,10 @@ def parse(argv=None) -> tuple[Settings, Path]:
     s = Settings(**a)
     if not (Path(s.data) / "test.tar").is_file():
         p.error(f"--data {s.data} holds no test.tar (the CIFAR-10 JPEG test set)")
-    if s.minutes <= 0 or not 0 <= s.warmup_fraction < 1 or s.student_steps < 1 or s.curve_points < 1:
-        p.error("--minutes must be positive, --warmup-fraction in [0, 1), --student-steps and --curve-points >= 1")
+    if s.minutes <= 0 or not 0 <= s.warmup_fraction < 1 or min(s.student_steps, s.curve_points,
+                                                                 s.generators_per_class) < 1:
+        p.error("--minutes must be positive, --warmup-fraction in [0, 1), --student-steps, --curve-points and "
+                "--generators-per-class >= 1")
     return s, out
 
 

@@ -1,0 +1,72 @@
+"""benchmarks.cifar10_datafree at toy size on a synthetic test tar and an untrained teacher, so the script that
+makes the CIFAR-10 figures cannot rot unseen: its outputs, its flags' refusals, several generators per class."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fastdfd.models import create_model
+
+from ..data.test_cifar10_real import _write_tar
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    from fastdfd.data import CIFAR10_CLASSES
+
+    root = tmp_path / "cifar10"
+    root.mkdir()
+    # two tune images (0000-0499) and one held-out image (0500-0999) per class
+    _write_tar(root / "test.tar", {c: [0, 1, 500] for c in CIFAR10_CLASSES})
+    torch.manual_seed(0)
+    state = create_model("cifar_resnet20", num_classes=10).state_dict()
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, root / "resnet20.th")
+    return root
+
+
+def _argv(data_dir, out, *extra):
+    return ["--data", str(data_dir), "--teacher", "resnet20", "--student", "resnet20", "--minutes", "0.02",
+            "--gen-batch", "2", "--distill-batch", "2", "--pool", "64", "--curve-points", "2",
+            "--quality-per-class", "2", "--out", str(out), *extra]
+
+
+def test_a_toy_run_writes_every_output_with_two_generators_per_class(data_dir, tmp_path):
+    from benchmarks import cifar10_datafree
+
+    out = tmp_path / "run"
+    result = cifar10_datafree.main(_argv(data_dir, out, "--generators-per-class", "2"))
+    assert json.loads((out / "result.json").read_text()) == json.loads(json.dumps(result))
+    assert result["settings"]["generators_per_class"] == 2
+    assert result["generator_steps"] > 0 and result["distill_steps"] > 0
+    # every generator step pushes each of the 20 generators' gen_batch images into the pool
+    assert result["pool_images_pushed"] == result["generator_steps"] * 20 * 2
+    assert 0.0 <= result["student_top1_heldout"] <= 1.0 and result["teacher_top1_heldout"] > 0
+    assert result["curve"] and result["curve"][-1]["distill_steps"] == result["distill_steps"]
+    student = create_model("cifar_resnet20", num_classes=10)
+    student.load_state_dict(torch.load(out / "student.pt"))
+    quality = json.loads((out / "quality" / "quality.json").read_text())
+    # the diversity figure is per class, over the images of both of a class's generators (2 from each)
+    per_class = quality["diversity"]["per_class"]
+    assert sorted(map(int, per_class)) == list(range(10)) and {c["images"] for c in per_class.values()} == {4}
+
+
+@pytest.mark.parametrize("flag, value", [("--generators-per-class", "0"), ("--student-steps", "0"),
+                                         ("--warmup-fraction", "1.0")])
+def test_bad_flags_are_refused_before_any_work(data_dir, tmp_path, flag, value, capsys):
+    from benchmarks import cifar10_datafree
+
+    with pytest.raises(SystemExit):
+        cifar10_datafree.parse(_argv(data_dir, tmp_path / "run", flag, value))
+    assert flag.lstrip("-") in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_generator_override_that_is_not_a_setting_is_named():
+    from benchmarks.cifar10_datafree import overrides
+
+    assert overrides("scope=ensemble") == {"scope": "ensemble"}
+    with pytest.raises(ValueError, match="'no_such_knob' is not a generator setting"):
+        overrides("no_such_knob=1")
