@@ -20,8 +20,9 @@ docs/cifar10.md kept):
    terms when their weights are set), then ``student_steps`` distillation steps. With ``pool`` > 0 the
    student learns from a pool of the generator steps' own images and the teacher's logits on them
    (:class:`fastdfd.train.pool.ImagePool`: no teacher pass of its own); with ``pool = 0`` from fresh images
-   of the ensemble as it is. Either way the images get a random crop and flip (``augment``), and the
-   student's SGD rate follows a cosine in *time* over the budget.
+   of the ensemble as it is. Either way the images get a random crop and flip (``augment``), with ``mix``
+   they are mixed in pairs and the teacher labels the mixes, and the student's SGD rate follows a cosine in
+   *time* over the budget.
 
 The budget clock counts everything but the curve's evaluations and the final scoring (their seconds are
 reported apart). Writes ``OUT/result.json``, ``OUT/student.pt`` (a state_dict of
@@ -87,6 +88,7 @@ class Settings:
     weight_decay: float = 5e-4
     temperature: float = 20.0  # CMI's and FastDFKD's; over 3 seeds at 20 minutes +2.31 points against 4 (docs/cifar10.md)
     augment: str = "crop_flip"
+    mix: str = "none"  # mixup | cutmix: pairs of a step's images mixed, the teacher labelling the mix (DistillSettings)
     # measurement
     curve_points: int = 12  # evaluations of the student on the tune half over the budget
     quality_per_class: int = 64
@@ -147,7 +149,7 @@ def run(s: Settings, out: Path, verbose: bool = True) -> dict:
                                pool=pool, input_space=INPUT_SPACE)
     distiller = Distiller(teacher, student, ensemble, settings=DistillSettings(
         batch_size=s.distill_batch, lr=s.lr, weight_decay=s.weight_decay, temperature=s.temperature,
-        augment=s.augment, generators_per_step=10), loop=loop, pool=pool, input_space=INPUT_SPACE)
+        augment=s.augment, mix=s.mix, generators_per_step=10), loop=loop, pool=pool, input_space=INPUT_SPACE)
     tune = _loader(s, "tune")
     curve, measure_s = [], 0.0
     next_eval = budget / s.curve_points
@@ -271,6 +273,10 @@ def parse(argv=None) -> tuple[Settings, Path]:
                                                                  s.generators_per_class) < 1:
         p.error("--minutes must be positive, --warmup-fraction in [0, 1), --student-steps, --curve-points and "
                 "--generators-per-class >= 1")
+    try:  # the distillation settings' own checks, before any work
+        DistillSettings(augment=s.augment, mix=s.mix, temperature=s.temperature, lr=s.lr, weight_decay=s.weight_decay)
+    except ValueError as e:
+        p.error(str(e))
     return s, out
 
 

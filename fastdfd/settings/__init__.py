@@ -11,7 +11,7 @@ The CLI flags (:mod:`.cli`), the recipe keys (:mod:`fastdfd.recipes.schema`) and
 are made from these fields; no other list of their names exists.
 """
 
-from .distill import AUGMENTS, DISTILL_OPTIMIZERS, STUDENT_BN, DistillSettings
+from .distill import AUGMENTS, DISTILL_OPTIMIZERS, MIXES, STUDENT_BN, DistillSettings
 from .execution import ExecutionSettings
 from .field import REQUIRED, Settings, Spec, setting
 from .generator import NORMALIZATIONS, SCOPES, ArchitectureSettings, LossSettings, OptimizerSettings
@@ -25,7 +25,8 @@ GENERATOR_STAGE = (ArchitectureSettings, LossSettings, OptimizerSettings, Execut
 DISTILL_STAGE = (DistillSettings, LoopSettings)
 
 __all__ = [
-    "AUGMENTS", "DISTILL_OPTIMIZERS", "DISTILL_STAGE", "GENERATOR_STAGE", "NORMALIZATIONS", "PRESETS", "REQUIRED", "SCOPES", "STUDENT_BN",
+    "AUGMENTS", "DISTILL_OPTIMIZERS", "DISTILL_STAGE", "GENERATOR_STAGE", "MIXES", "NORMALIZATIONS", "PRESETS",
+    "REQUIRED", "SCOPES", "STUDENT_BN",
     "ArchitectureSettings", "DistillSettings", "ExecutionSettings", "GeneratorSettings", "LoopSettings",
     "LossSettings", "OptimizerSettings", "Settings", "Spec", "TeacherSettings", "preset", "setting", "split_settings",
 ]

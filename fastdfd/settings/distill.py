@@ -6,11 +6,12 @@ from dataclasses import dataclass
 
 from .field import Settings, setting
 
-__all__ = ["AUGMENTS", "DISTILL_OPTIMIZERS", "STUDENT_BN", "DistillSettings"]
+__all__ = ["AUGMENTS", "DISTILL_OPTIMIZERS", "MIXES", "STUDENT_BN", "DistillSettings"]
 
 DISTILL_OPTIMIZERS = ("sgd", "adam")
 STUDENT_BN = ("mixed", "per_generator")
 AUGMENTS = ("none", "crop_flip")
+MIXES = ("none", "mixup", "cutmix")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,9 @@ class DistillSettings(Settings):
                               kind="str", choices=STUDENT_BN, absent="mixed")
     augment: str = setting("none", "random crop (padding side/8) and horizontal flip of each step's images",
                            kind="str", choices=AUGMENTS, absent="none")
+    mix: str = setting("none", "after augment, each image mixed with another of its step (mixup: a blend, cutmix: a "
+                               "pasted box) and labelled by the teacher on the mixed image: one teacher forward a "
+                               "step, from a pool too", kind="str", choices=MIXES, absent="none")
 
     def _check(self) -> None:
         if self.momentum >= 1:

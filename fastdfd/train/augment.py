@@ -11,6 +11,10 @@
   generator cannot satisfy the teacher with features tied to exact pixel positions
   (:func:`draw_jitter_flip`, :func:`jitter_flip`). The draws are separate from the apply, so that a
   captured CUDA graph replays the apply on each step's fresh draws.
+- In distillation, mixing pairs of a step's images (:func:`mix_pairs`): mixup (Zhang et al., "mixup: Beyond
+  Empirical Risk Minimization", ICLR 2018) or CutMix (Yun et al., "CutMix", ICCV 2019). The mixed image is
+  off every generator's manifold, so no stored label fits it: the teacher labels it (function matching,
+  Beyer et al. 2022, sec. 3), and the shares of the two images need not be returned.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..settings import AUGMENTS  # the choices live with the setting
+from ..settings import AUGMENTS, MIXES  # the choices live with the settings
 
 
 def random_crop_flip(x: torch.Tensor, padding: int, rng: torch.Generator | None = None) -> torch.Tensor:
@@ -87,4 +91,41 @@ def jitter_flip(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     return _gather_pixels(x, (rows - dy) % h, (cols - dx) % w, (h, w))
 
 
-__all__ = ["AUGMENTS", "draw_jitter_flip", "jitter_flip", "random_crop_flip"]
+def mix_pairs(x: torch.Tensor, kind: str, rng: torch.Generator | None = None) -> torch.Tensor:
+    """Each image of ``x`` [N, C, H, W] mixed with its partner ``x[perm[i]]`` (``perm`` a random permutation of
+    the batch), by a share ``l_i ~ U(0, 1)`` drawn per image (Beta(1, 1), both papers' CIFAR setting):
+
+    - ``"mixup"``: ``out_i = l_i * x_i + (1 - l_i) * x_perm[i]``;
+    - ``"cutmix"``: ``out_i = x_i`` with a box of ``x_perm[i]`` pasted in: sides ``sqrt(1 - l_i)`` times the
+      image's, centre uniform over the image, clipped at the border (so the pasted area is about ``1 - l_i``
+      or less); a pixel is inside when its centre is.
+
+    Same shape, dtype and device as ``x``; the draws come from ``rng`` (on x's device: permutation, shares,
+    then the box centres), in one batched pass with no host sync. Mixup is affine-invariant, so mixing
+    normalised images equals normalising mixed pixels; CutMix copies pixels. ``kind = "none"`` returns ``x``.
+    ValueError: ``x`` not 4-d, ``kind`` not one of :data:`MIXES`."""
+    if kind not in MIXES:
+        raise ValueError(f"mix kind {kind!r}: expected one of {', '.join(MIXES)}")
+    if x.dim() != 4:
+        raise ValueError(f"mix_pairs takes [N, C, H, W] images, got {tuple(x.shape)}")
+    if kind == "none":
+        return x
+    n, _, h, w = x.shape
+    dev = x.device
+    partner = x.index_select(0, torch.randperm(n, generator=rng, device=dev))
+    share = torch.rand(n, generator=rng, device=dev, dtype=torch.float32)
+    if kind == "mixup":
+        share = share.to(x.dtype).view(n, 1, 1, 1)
+        return share * x + (1 - share) * partner
+    centre = torch.rand(n, 2, 1, generator=rng, device=dev, dtype=torch.float32)  # (row, column), in [0, 1)
+    half = 0.5 * torch.sqrt(1 - share).view(n, 1)  # half the box's side, in units of the image's side
+
+    def inside(axis: int, size: int) -> torch.Tensor:  # [N, size]: pixel centres within the box along an axis
+        centres = (torch.arange(size, device=dev, dtype=torch.float32) + 0.5) / size
+        return (centres >= centre[:, axis] - half) & (centres < centre[:, axis] + half)
+
+    box = inside(0, h).view(n, 1, h, 1) & inside(1, w).view(n, 1, 1, w)
+    return torch.where(box, partner, x)
+
+
+__all__ = ["AUGMENTS", "MIXES", "draw_jitter_flip", "jitter_flip", "mix_pairs", "random_crop_flip"]

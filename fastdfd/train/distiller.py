@@ -38,7 +38,7 @@ from ..settings import DistillSettings, LoopSettings, split_settings
 from .evaluate import evaluate_accuracy
 from .modes import frozen, in_mode
 from .loop import StepLoop
-from .augment import random_crop_flip
+from .augment import mix_pairs, random_crop_flip
 from .losses import distillation_kl
 from .pool import ImagePool
 from .probe import (as_logits, check_ensemble_classes, check_finite_weights, check_placement, check_student,
@@ -56,7 +56,9 @@ class Distiller(StepLoop):
             ``"per_generator"``: the batch the student's BN statistics are computed over, see the module
             docstring; single process only) and ``augment`` (``"none"`` or ``"crop_flip"``: each step's images get
             a random crop, black padding of ``image_size // 8`` pixels, and a horizontal flip before the teacher
-            and the student see them, :func:`fastdfd.train.augment.random_crop_flip`).
+            and the student see them, :func:`fastdfd.train.augment.random_crop_flip`) and ``mix`` (``"none"``,
+            ``"mixup"`` or ``"cutmix"``: after ``augment``, each image is mixed with another of its step, and the
+            teacher labels the mixed image, :func:`fastdfd.train.augment.mix_pairs`).
         loop: :class:`~fastdfd.settings.LoopSettings`, as for :class:`GeneratorTrainer` (``sample_every`` must be 0).
         **overrides: any field of those two by name, laid over them.
 
@@ -68,7 +70,8 @@ class Distiller(StepLoop):
             ``batch_size * generators_per_step`` (image, teacher logits) pairs from it instead of sampling the
             ensemble, and runs no teacher forward (the student alone: about a third of a fresh step's cost with
             a CIFAR ResNet-56 teacher). With ``augment``, the student sees the augmented image against the
-            teacher's logits on the stored one: crops and flips that the teacher is nearly invariant to.
+            teacher's logits on the stored one: crops and flips that the teacher is nearly invariant to. With
+            ``mix`` the stored logits fit no mixed image, so the teacher runs on the step's mixed images.
         log_path, checkpoint_dir, distributed: as for :class:`GeneratorTrainer`.
 
     Refused up front (ValueError naming both figures or objects): the student being the teacher or
@@ -108,7 +111,7 @@ class Distiller(StepLoop):
             raise ValueError(f"total_steps must be positive, got {total_steps}")
         d = self.settings
         self.pool = pool
-        self.augment, self.student_bn = d.augment, d.student_bn
+        self.augment, self.mix, self.student_bn = d.augment, d.mix, d.student_bn
         self.teacher, self.student, self.ensemble = teacher, student, ensemble
         self.input_space = InputSpace.parse(input_space)
         spec = ensemble.spec
@@ -165,6 +168,7 @@ class Distiller(StepLoop):
         x, _ = self.ensemble.sample(self.batch_size, chunk, rng=self.rng)
         if self.augment == "crop_flip":  # on g + 1 = 2 * pixels: the padding is black, as the field's CIFAR loaders pad
             x = random_crop_flip(x + 1, max(1, x.shape[-1] // 8), self.rng) - 1
+        x = mix_pairs(x, self.mix, self.rng)  # before the teacher: it labels what the student sees
         x = self.input_space.from_generator(x)  # pixels, normalised as the teacher (and so the student) expects
         with torch.no_grad():
             t_logits = as_logits(self.teacher(x), self.teacher_probe.probabilities)
@@ -175,6 +179,10 @@ class Distiller(StepLoop):
         if self.augment == "crop_flip":  # on pixels, so that the padding is black
             pixels = self.input_space.denormalize(x)
             x = self.input_space.normalize(random_crop_flip(pixels, max(1, x.shape[-1] // 8), self.rng))
+        if self.mix != "none":  # no stored logits fit a mixed image: the teacher labels it
+            x = mix_pairs(x, self.mix, self.rng)
+            with torch.no_grad():
+                t_logits = as_logits(self.teacher(x), self.teacher_probe.probabilities)
         return self._learn(x, t_logits)
 
     def _learn(self, x: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:

@@ -33,13 +33,13 @@ def _argv(data_dir, out, *extra):
             "--quality-per-class", "2", "--out", str(out), *extra]
 
 
-def test_a_toy_run_writes_every_output_with_two_generators_per_class(data_dir, tmp_path):
+def test_a_toy_run_writes_every_output_with_two_generators_per_class_and_cutmix(data_dir, tmp_path):
     from benchmarks import cifar10_datafree
 
     out = tmp_path / "run"
-    result = cifar10_datafree.main(_argv(data_dir, out, "--generators-per-class", "2"))
+    result = cifar10_datafree.main(_argv(data_dir, out, "--generators-per-class", "2", "--mix", "cutmix"))
     assert json.loads((out / "result.json").read_text()) == json.loads(json.dumps(result))
-    assert result["settings"]["generators_per_class"] == 2
+    assert result["settings"]["generators_per_class"] == 2 and result["settings"]["mix"] == "cutmix"
     assert result["generator_steps"] > 0 and result["distill_steps"] > 0
     # every generator step pushes each of the 20 generators' gen_batch images into the pool
     assert result["pool_images_pushed"] == result["generator_steps"] * 20 * 2
@@ -54,7 +54,7 @@ def test_a_toy_run_writes_every_output_with_two_generators_per_class(data_dir, t
 
 
 @pytest.mark.parametrize("flag, value", [("--generators-per-class", "0"), ("--student-steps", "0"),
-                                         ("--warmup-fraction", "1.0")])
+                                         ("--warmup-fraction", "1.0"), ("--mix", "blend")])
 def test_bad_flags_are_refused_before_any_work(data_dir, tmp_path, flag, value, capsys):
     from benchmarks import cifar10_datafree
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from fastdfd import Distiller, GeneratorTrainer
 from fastdfd.models import create_model
 from fastdfd.nn.ensemble import ensemble_forward
-from fastdfd.train.augment import random_crop_flip
+from fastdfd.train.augment import mix_pairs, random_crop_flip
 from fastdfd.train.losses import distillation_kl, mode_seeking
 
 from ..conftest import randomize_bn_stats
@@ -120,6 +120,78 @@ def test_distiller_augments_with_black_padding_and_resumes_in_its_config(digits_
     x = seen[0]
     assert x.min() >= -1 - 1e-6 and bool((x == -1).any())
     assert "augment" not in Distiller(digits_teacher, copy.deepcopy(student), ens, progress=False).config()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mixup_blends_each_image_with_its_partner_by_a_uniform_share(dtype):
+    x = torch.randn(37, 3, 5, 7, dtype=dtype)
+    y = mix_pairs(x, "mixup", torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)  # the same draws, in the same order
+    perm = torch.randperm(37, generator=g)
+    share = torch.rand(37, generator=g).to(dtype).view(37, 1, 1, 1)
+    assert y.dtype == dtype and torch.allclose(y, share * x + (1 - share) * x[perm], rtol=0, atol=1e-6)
+    assert mix_pairs(x, "none") is x
+
+
+def test_cutmix_pastes_one_clipped_box_of_the_partner_of_sides_sqrt_of_its_share():
+    n, h, w = 300, 9, 12
+    x = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 2, h, w).contiguous()  # image i is all i
+    y = mix_pairs(x, "cutmix", torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    perm = torch.randperm(n, generator=g)
+    share = torch.rand(n, generator=g)
+    pasted = y[:, 0] != x[:, 0]  # [N, H, W]
+    for i in range(n):
+        if perm[i] == i:
+            continue  # its own partner: nothing visible changes
+        assert torch.equal(y[i, 0], y[i, 1])  # every channel alike
+        assert set(y[i].unique().tolist()) <= {float(i), float(perm[i])}
+        rows, cols = pasted[i].any(1), pasted[i].any(0)
+        box = rows.view(h, 1) & cols.view(1, w)
+        assert torch.equal(pasted[i], box), i  # one axis-aligned box
+        for line in (rows, cols):  # each a single run of pixels
+            on = torch.nonzero(line)[:, 0]
+            assert len(on) == 0 or on[-1] - on[0] + 1 == len(on)
+        side = (1 - share[i]).sqrt()  # of the box, in units of the image's side: a run covers at most one more pixel
+        assert rows.sum() <= side * h + 1 and cols.sum() <= side * w + 1
+    area = pasted.float().mean((1, 2))
+    assert 0.2 < area.mean() < 0.5  # about E[1 - l] = 1/2, less what the border clips
+    with pytest.raises(ValueError, match="expected one of none, mixup, cutmix"):
+        mix_pairs(x, "blend")
+    with pytest.raises(ValueError, match="N, C, H, W"):
+        mix_pairs(x[0], "cutmix")
+
+
+@pytest.mark.parametrize("from_pool", [False, True])
+def test_distiller_mixes_and_the_teacher_labels_what_the_student_sees(digits_teacher, from_pool):
+    from fastdfd.train.pool import ImagePool
+
+    ens = small_ensemble(k=2, num_classes=10)
+    pool = None
+    if from_pool:
+        pool = ImagePool(64)
+        trainer(digits_teacher, ens, pool=pool).fit(2)
+    student = create_model("digits_student", num_classes=10)
+    d = Distiller(digits_teacher, student, ens, batch_size=4, pool=pool, progress=False, mix="cutmix",
+                  augment="crop_flip", input_space="minus_one_one")
+    assert d.config()["mix"] == "cutmix"
+    seen_t, seen_s = [], []
+    hooks = [digits_teacher.register_forward_hook(lambda _m, a, out: seen_t.append((a[0].clone(), out.clone()))),
+             student.register_forward_pre_hook(lambda _m, a: seen_s.append(a[0].clone()))]
+    try:
+        d.fit(3)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(seen_t) == len(seen_s) == 3  # one teacher forward a step, from the pool too
+    for (xt, _), xs in zip(seen_t, seen_s):
+        assert torch.equal(xt, xs)
+    if from_pool:  # some image of each step is a mix, found in no row of the pool
+        stored = pool.images[: len(pool)].flatten(1)
+        assert all((torch.cdist(xs.flatten(1), stored).min(1).values > 1e-6).any() for xs in seen_s)
+    with pytest.raises(ValueError, match="mix = .blend.: expected one of none, mixup, cutmix"):
+        Distiller(digits_teacher, student, ens, mix="blend", progress=False)
+    assert "mix" not in Distiller(digits_teacher, copy.deepcopy(student), ens, progress=False).config()
 
 
 # ------------------------------------------------------------------ the image pool
