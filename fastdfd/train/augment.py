@@ -14,7 +14,7 @@
 - In distillation, mixing pairs of a step's images (:func:`mix_pairs`): mixup (Zhang et al., "mixup: Beyond
   Empirical Risk Minimization", ICLR 2018) or CutMix (Yun et al., "CutMix", ICCV 2019). The mixed image is
   off every generator's manifold, so no stored label fits it: the teacher labels it (function matching,
-  Beyer et al. 2022, sec. 3), and the shares of the two images need not be returned.
+  Beyer et al. 2022), and the shares of the two images need not be returned.
 """
 
 from __future__ import annotations
