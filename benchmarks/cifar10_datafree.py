@@ -81,7 +81,7 @@ class Settings:
     diversity_weight: float = 0.0  # mode seeking
     # student
     student_steps: int = 4  # distillation steps per round
-    distill_batch: int = 13  # images per class per distillation step (130 a step), whatever generators_per_class
+    distill_batch: int = 13  # a distillation step takes 10 x this many images (130), whatever generators_per_class
     pool: int = 5000  # > 0: the student learns from a pool of this many of the generator steps' images and teacher
     #                logits (no teacher pass of its own); 0: from fresh images of the ensemble
     lr: float = 0.05
@@ -122,6 +122,13 @@ def overrides(spec: str) -> dict:
     return out
 
 
+def distill_settings(s: Settings) -> DistillSettings:
+    """The student's settings of a run; ValueError (from DistillSettings' own checks) names a bad value.
+    10 generators' worth of images a step, however many generators share a class (see ``run``)."""
+    return DistillSettings(batch_size=s.distill_batch, lr=s.lr, weight_decay=s.weight_decay, temperature=s.temperature,
+                           augment=s.augment, mix=s.mix, generators_per_step=10)
+
+
 def run(s: Settings, out: Path, verbose: bool = True) -> dict:
     if s.threads:
         torch.set_num_threads(s.threads)
@@ -148,9 +155,8 @@ def run(s: Settings, out: Path, verbose: bool = True) -> dict:
     loop = LoopSettings(seed=s.seed, progress=False, log_every=5)
     trainer = GeneratorTrainer(teacher, ensemble, loss=g.loss, optim=g.optimizer, loop=loop, student=student,
                                pool=pool, input_space=INPUT_SPACE)
-    distiller = Distiller(teacher, student, ensemble, settings=DistillSettings(
-        batch_size=s.distill_batch, lr=s.lr, weight_decay=s.weight_decay, temperature=s.temperature,
-        augment=s.augment, mix=s.mix, generators_per_step=10), loop=loop, pool=pool, input_space=INPUT_SPACE)
+    distiller = Distiller(teacher, student, ensemble, settings=distill_settings(s), loop=loop, pool=pool,
+                          input_space=INPUT_SPACE)
     tune = _loader(s, "tune")
     curve, measure_s = [], 0.0
     next_eval = budget / s.curve_points
@@ -275,7 +281,7 @@ def parse(argv=None) -> tuple[Settings, Path]:
         p.error("--minutes must be positive, --warmup-fraction in [0, 1), --student-steps, --curve-points and "
                 "--generators-per-class >= 1")
     try:  # the distillation settings' own checks, before any work
-        DistillSettings(augment=s.augment, mix=s.mix, temperature=s.temperature, lr=s.lr, weight_decay=s.weight_decay)
+        distill_settings(s)
     except ValueError as e:
         p.error(str(e))
     return s, out

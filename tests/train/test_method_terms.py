@@ -173,22 +173,24 @@ def test_distiller_mixes_and_the_teacher_labels_what_the_student_sees(digits_tea
         trainer(digits_teacher, ens, pool=pool).fit(2)
     student = create_model("digits_student", num_classes=10)
     d = Distiller(digits_teacher, student, ens, batch_size=4, pool=pool, progress=False, mix="cutmix",
-                  augment="crop_flip", input_space="minus_one_one")
+                  augment="crop_flip", input_space="minus_one_one", log_every=1, temperature=3.0)
     assert d.config()["mix"] == "cutmix"
     seen_t, seen_s = [], []
     hooks = [digits_teacher.register_forward_hook(lambda _m, a, out: seen_t.append((a[0].clone(), out.clone()))),
-             student.register_forward_pre_hook(lambda _m, a: seen_s.append(a[0].clone()))]
+             student.register_forward_hook(lambda _m, a, out: seen_s.append((a[0].clone(), out.detach().clone())))]
     try:
-        d.fit(3)
+        rows = d.fit(3)
     finally:
         for h in hooks:
             h.remove()
-    assert len(seen_t) == len(seen_s) == 3  # one teacher forward a step, from the pool too
-    for (xt, _), xs in zip(seen_t, seen_s):
+    assert len(seen_t) == len(seen_s) == len(rows) == 3  # one teacher forward a step, from the pool too
+    for (xt, t_out), (xs, s_out), row in zip(seen_t, seen_s, rows):
         assert torch.equal(xt, xs)
+        # the loss is taken against the teacher's logits on the mixed image, not the pool's stored ones
+        assert row["kd"] == pytest.approx(distillation_kl(s_out, t_out, 3.0).item(), rel=1e-5)
     if from_pool:  # some image of each step is a mix, found in no row of the pool
         stored = pool.images[: len(pool)].flatten(1)
-        assert all((torch.cdist(xs.flatten(1), stored).min(1).values > 1e-6).any() for xs in seen_s)
+        assert all((torch.cdist(xs.flatten(1), stored).min(1).values > 1e-6).any() for xs, _ in seen_s)
     with pytest.raises(ValueError, match="mix = .blend.: expected one of none, mixup, cutmix"):
         Distiller(digits_teacher, student, ens, mix="blend", progress=False)
     assert "mix" not in Distiller(digits_teacher, copy.deepcopy(student), ens, progress=False).config()
