@@ -10,19 +10,22 @@ the teacher's weights reach training: its BN running statistics and its predicti
 (files 0000-0499 of each class) scores the time-to-accuracy curve; the held-out half (0500-0999) the final
 figures, once.
 
-The schedule (every setting is a field of :class:`Settings`, and a flag; the defaults are what the studies in
-docs/cifar10.md kept):
+The schedule (every setting is a field of :class:`Settings` and a flag; the student's are one
+:class:`fastdfd.settings.DistillSettings` held whole, ``DISTILL`` by default, each of its fields a flag but
+``generators_per_step`` (pinned) and ``student_bn``; the generators' are the preset's with ``GENERATOR``'s
+overrides and then ``--generator``'s laid over them; the defaults are what the studies in docs/cifar10.md kept):
 
 1. warm-up: ``warmup_fraction`` of the budget trains the class generators alone (``generators_per_class``
    of them for each of the 10 classes; the preset's loss, with per-generator BN statistics by default: each
    generator's batch must carry the whole data's spread);
 2. then rounds until the budget ends: ``gen_steps`` generator steps (with the adversarial and mode-seeking
-   terms when their weights are set), then ``student_steps`` distillation steps. With ``pool`` > 0 the
-   student learns from a pool of the generator steps' own images and the teacher's logits on them
-   (:class:`fastdfd.train.pool.ImagePool`: no teacher pass of its own); with ``pool = 0`` from fresh images
-   of the ensemble as it is. Either way the images get a random crop and flip (``augment``), with ``mix``
-   they are mixed in pairs and the teacher labels the mixes, and the student's SGD rate follows a cosine in
-   *time* over the budget.
+   terms when their weights are set: ``--generator adversarial_weight=...,diversity_weight=...``), then
+   ``student_steps`` distillation steps. With ``pool`` > 0 the student learns from a pool of the generator
+   steps' own images and the teacher's logits on them (:class:`fastdfd.train.pool.ImagePool`: no teacher
+   pass of its own); with ``pool = 0`` from fresh images of the ensemble as it is. Either way the images get
+   a random crop and flip (``distill.augment``), with ``distill.mix`` they are mixed in pairs and the teacher
+   labels the mixes, and the student's rate follows a cosine in *time* over the budget (from ``--lr``; not
+   over steps, whatever ``--lr``'s help says: the step count is not known in advance).
 
 The budget clock counts everything but the curve's evaluations and the final scoring (their seconds are
 reported apart). Writes ``OUT/result.json``, ``OUT/student.pt`` (a state_dict of
@@ -55,9 +58,31 @@ from fastdfd.train.evaluate import evaluate_accuracy
 from fastdfd.train.pool import ImagePool
 from fastdfd.train.quality import generator_quality, write_quality
 from fastdfd.settings import DistillSettings, GeneratorSettings, LoopSettings, preset
+from fastdfd.settings.cli import add_flags, flags_to_settings
 
 INPUT_SPACE = "imagenet"  # what the field's pretrained CIFAR ResNets were trained on
 MILESTONES = (0.5, 0.75, 0.9)  # fractions of the teacher's top-1 whose minutes are reported
+
+
+# the student's settings the studies in docs/cifar10.md kept. Each field is a flag (--temperature, --mix, ...;
+# the batch is --distill-batch) but generators_per_step, pinned here, and student_bn: the pool's draws are not
+# grouped by generator, so per-generator statistics would mean nothing. A step takes 10 generators' worth of
+# images (10 x 13 = 130) however many generators share a class, so its cost is the same whatever
+# generators_per_class.
+DISTILL = DistillSettings(
+    batch_size=13,
+    generators_per_step=10,
+    lr=0.05,  # peak; a cosine in *time* over the budget (run), not over steps
+    weight_decay=5e-4,
+    temperature=20.0,  # CMI's and FastDFKD's; over 3 seeds at 20 minutes +2.31 points against 4
+    augment="crop_flip",
+    mix="cutmix",  # over 3 seeds at 20 minutes +8.37 points against none
+)
+DISTILL_FLAG_NAMES = {"batch_size": "--distill-batch"}  # beside --gen-batch; the rest keep DistillSettings' names
+DISTILL_NOT_FLAGS = ("generators_per_step", "student_bn")
+# the generators' overrides of the preset that the studies kept (per-generator BN statistics: no class collapses);
+# --generator's overrides are laid over these, so "--generator jitter=2" keeps them
+GENERATOR = "scope=generator"
 
 
 @dataclass(frozen=True)
@@ -70,26 +95,19 @@ class Settings:
     minutes: float = 60.0
     seed: int = 0
     preset: str = "default"
-    generator: str = "scope=generator"  # overrides of the preset's fields, "scope=generator,ce_weight=1.0" (one knob at a time)
+    generator: str = ""  # overrides of the preset's fields over GENERATOR's, "ce_weight=1.0" (one knob at a time;
+    #                      the adversarial and mode-seeking weights too; the batch is --gen-batch)
     # generators
     generators_per_class: int = 1  # > 1: several generators share each class (more modes of it); generator k
     #                                serves class k % 10
     gen_batch: int = 16  # images per generator per generator step
     warmup_fraction: float = 0.1  # of the budget, generators alone before the student starts
     gen_steps: int = 1  # generator steps per round
-    adversarial_weight: float = 0.0  # the generators maximise KL(teacher || student) on their images
-    diversity_weight: float = 0.0  # mode seeking
     # student
     student_steps: int = 4  # distillation steps per round
-    distill_batch: int = 13  # a distillation step takes 10 x this many images (130), whatever generators_per_class
     pool: int = 5000  # > 0: the student learns from a pool of this many of the generator steps' images and teacher
     #                logits (no teacher pass of its own); 0: from fresh images of the ensemble
-    lr: float = 0.05
-    weight_decay: float = 5e-4
-    temperature: float = 20.0  # CMI's and FastDFKD's; over 3 seeds at 20 minutes +2.31 points against 4 (docs/cifar10.md)
-    augment: str = "crop_flip"
-    mix: str = "cutmix"  # none | mixup | cutmix: pairs of a step's images mixed, the teacher labelling the mix
-    #                     (DistillSettings.mix); cutmix over 3 seeds at 20 minutes: +8.37 points (docs/cifar10.md)
+    distill: DistillSettings = DISTILL  # the student's loss, optimiser and batches, whole (its fields are flags)
     # measurement
     curve_points: int = 12  # evaluations of the student on the tune half over the budget
     quality_per_class: int = 64
@@ -122,11 +140,13 @@ def overrides(spec: str) -> dict:
     return out
 
 
-def distill_settings(s: Settings) -> DistillSettings:
-    """The student's settings of a run; ValueError (from DistillSettings' own checks) names a bad value.
-    10 generators' worth of images a step, however many generators share a class (see ``run``)."""
-    return DistillSettings(batch_size=s.distill_batch, lr=s.lr, weight_decay=s.weight_decay, temperature=s.temperature,
-                           augment=s.augment, mix=s.mix, generators_per_step=10)
+def generator_settings(s: Settings) -> GeneratorSettings:
+    """The preset's settings with GENERATOR's overrides, then ``s.generator``'s, then the batch; ValueError names
+    a bad key or value (a check across fields too, from the settings' own checks)."""
+    given = {**overrides(GENERATOR), **overrides(s.generator)}
+    if "batch_size" in given:
+        raise ValueError("--generator batch_size: the generators' batch is --gen-batch")
+    return preset(s.preset).replace(batch_size=s.gen_batch, **given)
 
 
 def run(s: Settings, out: Path, verbose: bool = True) -> dict:
@@ -142,11 +162,10 @@ def run(s: Settings, out: Path, verbose: bool = True) -> dict:
     clock = BudgetClock()
     teacher = _teacher(s)
     student = create_model(f"cifar_{s.student}", num_classes=10)
-    g = preset(s.preset).replace(batch_size=s.gen_batch, adversarial_weight=s.adversarial_weight,
-                                 diversity_weight=s.diversity_weight, **overrides(s.generator))
+    g = generator_settings(s)
     a = g.architecture
     # generator k serves class k % 10. A distillation step takes 10 generators' worth of images (130 at
-    # distill_batch 13) however many share a class, so the student's step costs the same; from the pool the
+    # DISTILL.batch_size 13) however many share a class, so the student's step costs the same; from the pool the
     # draw is uniform over what every generator pushed, fresh it is 10 generators visited evenly
     k = 10 * s.generators_per_class
     ensemble = GeneratorEnsemble(k, 10, image_size=32, channels=3, latent_dim=a.latent_dim, widths=a.widths,
@@ -155,7 +174,7 @@ def run(s: Settings, out: Path, verbose: bool = True) -> dict:
     loop = LoopSettings(seed=s.seed, progress=False, log_every=5)
     trainer = GeneratorTrainer(teacher, ensemble, loss=g.loss, optim=g.optimizer, loop=loop, student=student,
                                pool=pool, input_space=INPUT_SPACE)
-    distiller = Distiller(teacher, student, ensemble, settings=distill_settings(s), loop=loop, pool=pool,
+    distiller = Distiller(teacher, student, ensemble, settings=s.distill, loop=loop, pool=pool,
                           input_space=INPUT_SPACE)
     tune = _loader(s, "tune")
     curve, measure_s = [], 0.0
@@ -187,7 +206,7 @@ def run(s: Settings, out: Path, verbose: bool = True) -> dict:
             trainer.fit(s.gen_steps)
         # cosine in time over what the budget leaves the student (the step count is not known in advance)
         frac = min(1.0, (clock.seconds() - start_distill) / max(1e-9, budget - start_distill))
-        distiller.scheduler.base_lrs = [s.lr * 0.5 * (1 + math.cos(math.pi * frac))]
+        distiller.scheduler.base_lrs = [s.distill.lr * 0.5 * (1 + math.cos(math.pi * frac))]
         distiller.fit(s.student_steps)
         if clock.seconds() >= next_eval:
             evaluate_point()
@@ -268,20 +287,29 @@ def parse(argv=None) -> tuple[Settings, Path]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
     for f in fields(Settings):
+        if f.name == "distill":
+            continue
         default = getattr(Settings, f.name)
         p.add_argument("--" + f.name.replace("_", "-"), type=type(default), default=default,
                        **({"choices": ("default", "paper")} if f.name == "preset" else {}))
-    a = vars(p.parse_args(argv))
-    out = a.pop("out")
-    s = Settings(**a)
+    # the student's: one flag per DistillSettings field, parsed and checked by the field's own spec (a bad value
+    # is refused here, before any work); DISTILL_NOT_FLAGS are pinned (see DISTILL)
+    add_flags(p, DistillSettings, base={DistillSettings: DISTILL}, skip=DISTILL_NOT_FLAGS, names=DISTILL_FLAG_NAMES)
+    a = p.parse_args(argv)
+    out = a.out
+    try:
+        distill = flags_to_settings(a, DistillSettings, base=DISTILL)
+    except ValueError as e:  # a check across fields (DistillSettings._check)
+        p.error(str(e))
+    s = Settings(**{f.name: getattr(a, f.name) for f in fields(Settings) if f.name != "distill"}, distill=distill)
     if not (Path(s.data) / "test.tar").is_file():
         p.error(f"--data {s.data} holds no test.tar (the CIFAR-10 JPEG test set)")
     if s.minutes <= 0 or not 0 <= s.warmup_fraction < 1 or min(s.student_steps, s.curve_points,
                                                                  s.generators_per_class) < 1:
         p.error("--minutes must be positive, --warmup-fraction in [0, 1), --student-steps, --curve-points and "
                 "--generators-per-class >= 1")
-    try:  # the distillation settings' own checks, before any work
-        distill_settings(s)
+    try:  # the generators' settings, before any work
+        generator_settings(s)
     except ValueError as e:
         p.error(str(e))
     return s, out

@@ -28,24 +28,32 @@ def _parser(spec: Spec):
 
 
 def add_flags(parser: argparse.ArgumentParser, *classes: type[Settings], base: dict[type, Settings] | None = None,
-              skip: tuple[str, ...] = ()) -> None:
+              skip: tuple[str, ...] = (), names: dict[str, str] | None = None) -> None:
     """Add a flag for every CLI field of ``classes`` (but ``skip``); ``base`` gives the values shown as
-    defaults in the help (default: each class's own)."""
+    defaults in the help (default: each class's own). ``names`` maps a field to a flag other than its own
+    (``{"batch_size": "--distill-batch"}`` beside another batch flag); the value still lands on the field's
+    name, so :func:`flags_to_settings` reads it; ValueError names a key of ``names`` that is no flag here."""
+    flagged = {s.name for cls in classes for s in cls.specs() if s.cli and s.name not in skip}
+    unknown = sorted(set(names or {}) - flagged)
+    if unknown:
+        raise ValueError(f"add_flags(names=...): {', '.join(unknown)} is not a flag of "
+                         f"{', '.join(c.__name__ for c in classes)} (skipped, not a command-line field, or misspelt)")
     for cls in classes:
         shown = (base or {}).get(cls) or cls()
         for spec in cls.specs():
             if not spec.cli or spec.name in skip:
                 continue
+            flag = (names or {}).get(spec.name, spec.flag)
             default = spec.plain(getattr(shown, spec.name))
             help_text = f"{spec.doc} (default: {_show(default)})"
             if spec.kind == "bool":
-                parser.add_argument(spec.flag, dest=spec.name, action=argparse.BooleanOptionalAction, default=None,
+                parser.add_argument(flag, dest=spec.name, action=argparse.BooleanOptionalAction, default=None,
                                     help=help_text)
             elif spec.kind == "switch":  # the bare flag means auto
-                parser.add_argument(spec.flag, dest=spec.name, type=_parser(spec), default=None, nargs="?",
+                parser.add_argument(flag, dest=spec.name, type=_parser(spec), default=None, nargs="?",
                                     const="auto", metavar=_metavar(spec), help=help_text + "; bare: auto")
             else:
-                parser.add_argument(spec.flag, dest=spec.name, type=_parser(spec), default=None,
+                parser.add_argument(flag, dest=spec.name, type=_parser(spec), default=None,
                                     metavar=_metavar(spec), help=help_text)
 
 

@@ -33,13 +33,26 @@ def _argv(data_dir, out, *extra):
             "--quality-per-class", "2", "--out", str(out), *extra]
 
 
-def test_a_toy_run_writes_every_output_with_two_generators_per_class_and_cutmix(data_dir, tmp_path):
+def test_a_toy_run_writes_every_output_with_two_generators_per_class_and_cutmix(data_dir, tmp_path, monkeypatch):
     from benchmarks import cifar10_datafree
+    from fastdfd.train import Distiller
 
+    made = []
+
+    class Spy(Distiller):  # the distiller the run makes, to check it is given the parsed settings whole
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(cifar10_datafree, "Distiller", Spy)
     out = tmp_path / "run"
-    result = cifar10_datafree.main(_argv(data_dir, out, "--generators-per-class", "2", "--mix", "cutmix"))
+    argv = _argv(data_dir, out, "--generators-per-class", "2", "--mix", "cutmix", "--lr", "0.02", "--temperature", "3")
+    result = cifar10_datafree.main(argv)
+    (d,) = made
+    assert d.settings == cifar10_datafree.parse(argv)[0].distill and d.settings.temperature == 3.0
+    assert 0 <= d.scheduler.base_lrs[0] <= 0.02  # the cosine in time starts from --lr
     assert json.loads((out / "result.json").read_text()) == json.loads(json.dumps(result))
-    assert result["settings"]["generators_per_class"] == 2 and result["settings"]["mix"] == "cutmix"
+    assert result["settings"]["generators_per_class"] == 2 and result["settings"]["distill"]["mix"] == "cutmix"
     assert result["generator_steps"] > 0 and result["distill_steps"] > 0
     # every generator step pushes each of the 20 generators' gen_batch images into the pool
     assert result["pool_images_pushed"] == result["generator_steps"] * 20 * 2
@@ -54,7 +67,9 @@ def test_a_toy_run_writes_every_output_with_two_generators_per_class_and_cutmix(
 
 
 @pytest.mark.parametrize("flag, value", [("--generators-per-class", "0"), ("--student-steps", "0"),
-                                         ("--warmup-fraction", "1.0"), ("--mix", "blend")])
+                                         ("--warmup-fraction", "1.0"), ("--mix", "blend"), ("--distill-batch", "0"),
+                                         ("--temperature", "0"), ("--momentum", "1.0"), ("--generator", "bogus=1"),
+                                         ("--generator", "batch_size=4"), ("--generator", "betas=0.5,1.0")])
 def test_bad_flags_are_refused_before_any_work(data_dir, tmp_path, flag, value, capsys):
     from benchmarks import cifar10_datafree
 
@@ -62,6 +77,35 @@ def test_bad_flags_are_refused_before_any_work(data_dir, tmp_path, flag, value, 
         cifar10_datafree.parse(_argv(data_dir, tmp_path / "run", flag, value))
     assert flag.lstrip("-") in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_students_flags_land_on_one_distill_settings_over_the_benchmarks_defaults(data_dir, tmp_path):
+    from benchmarks.cifar10_datafree import DISTILL, Settings, parse
+
+    s, _ = parse(_argv(data_dir, tmp_path / "run", "--temperature", "4", "--mix", "none", "--optimizer", "adam"))
+    # the flags not given keep DISTILL's values, --distill-batch is DistillSettings.batch_size, and the
+    # benchmark keeps no copy of any of them beside s.distill
+    assert s.distill == DISTILL.replace(temperature=4.0, mix="none", optimizer="adam", batch_size=2)
+    copies = {"lr", "temperature", "mix", "augment", "weight_decay", "distill_batch"}
+    assert not copies & set(Settings.__dataclass_fields__)
+    assert parse(["--data", str(data_dir), "--out", str(tmp_path / "run")])[0].distill == DISTILL
+
+
+def test_generator_overrides_lie_over_the_kept_ones_and_the_preset(data_dir, tmp_path):
+    from benchmarks.cifar10_datafree import generator_settings, parse
+    from fastdfd.settings import preset
+
+    def g(*extra):
+        return generator_settings(parse(_argv(data_dir, tmp_path / "run", *extra))[0])
+
+    # one knob keeps the kept per-generator statistics (the preset's own scope is "ensemble")
+    assert preset("default").loss.scope == "ensemble"
+    assert g().loss.scope == "generator" and g().optimizer.batch_size == 2
+    one_knob = g("--generator", "adversarial_weight=0.1")
+    assert one_knob.loss.scope == "generator" and one_knob.loss.adversarial_weight == 0.1
+    assert g("--generator", "scope=ensemble").loss.scope == "ensemble"
+    assert g("--preset", "paper", "--generator", "ce_weight=2") == preset("paper").replace(
+        scope="generator", ce_weight=2.0, batch_size=2)
 
 
 def test_a_generator_override_that_is_not_a_setting_is_named():

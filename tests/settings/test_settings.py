@@ -93,6 +93,21 @@ def test_a_new_field_reaches_every_surface():
         p.parse_args(["--probe-weight", "-1"])
 
 
+def test_a_flag_may_take_another_name_and_still_land_on_its_field():
+    p = argparse.ArgumentParser()
+    add_flags(p, DistillSettings, names={"batch_size": "--distill-batch"})
+    args = p.parse_args(["--distill-batch", "7", "--lr", "0.2"])
+    assert flags_to_settings(args, DistillSettings) == DistillSettings(batch_size=7, lr=0.2)
+    assert "--distill-batch" in p.format_help() and "--batch-size" not in p.format_help()
+    for bad in (["--distill-batch", "0"], ["--batch-size", "7"]):  # checked by the field's spec; the old name is gone
+        with pytest.raises(SystemExit):
+            p.parse_args(bad)
+    with pytest.raises(ValueError, match="batch_sise is not a flag of DistillSettings"):
+        add_flags(argparse.ArgumentParser(), DistillSettings, names={"batch_sise": "--distill-batch"})
+    with pytest.raises(ValueError, match="batch_size is not a flag"):  # a skipped field cannot be renamed
+        add_flags(argparse.ArgumentParser(), DistillSettings, skip=("batch_size",), names={"batch_size": "--b"})
+
+
 def test_values_are_checked_and_normalised():
     assert OptimizerSettings(lr=1, betas=[0.9, 0.99]).betas == (0.9, 0.99)
     assert isinstance(OptimizerSettings(lr=1).lr, float)
