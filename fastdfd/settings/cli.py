@@ -33,8 +33,9 @@ def add_flags(parser: argparse.ArgumentParser, *classes: type[Settings], base: d
     defaults in the help (default: each class's own). ``names`` maps a field to a flag other than its own
     (``{"batch_size": "--distill-batch"}`` beside another batch flag); the value still lands on the field's
     name, so :func:`flags_to_settings` reads it; ValueError names a key of ``names`` that is no flag here."""
+    names = names or {}
     flagged = {s.name for cls in classes for s in cls.specs() if s.cli and s.name not in skip}
-    unknown = sorted(set(names or {}) - flagged)
+    unknown = sorted(set(names) - flagged)
     if unknown:
         raise ValueError(f"add_flags(names=...): {', '.join(unknown)} is not a flag of "
                          f"{', '.join(c.__name__ for c in classes)} (skipped, not a command-line field, or misspelt)")
@@ -43,7 +44,7 @@ def add_flags(parser: argparse.ArgumentParser, *classes: type[Settings], base: d
         for spec in cls.specs():
             if not spec.cli or spec.name in skip:
                 continue
-            flag = (names or {}).get(spec.name, spec.flag)
+            flag = names.get(spec.name, spec.flag)
             default = spec.plain(getattr(shown, spec.name))
             help_text = f"{spec.doc} (default: {_show(default)})"
             if spec.kind == "bool":
