@@ -157,6 +157,13 @@ class CheckpointRotation:
     def step_of(self, path: Path) -> int:
         return int(self.PATTERN.match(Path(path).name).group(1))
 
+    def discard_after(self, step: int) -> None:
+        """Delete the files of steps after ``step`` (and their digests)."""
+        for path in self.paths():
+            if self.step_of(path) > step:
+                path.unlink(missing_ok=True)
+                digest_path(path).unlink(missing_ok=True)
+
     def readable_steps(self, expected_format: str) -> set[int]:
         """Steps whose file loads and holds a ``expected_format`` checkpoint."""
         steps = set()

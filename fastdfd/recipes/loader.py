@@ -23,6 +23,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from ..input_space import InputSpace
 from ..models.zoo import is_zoo_spec
+from ..settings import DISTILL_STAGE, GENERATOR_STAGE, TeacherSettings, TurnsSettings
 from .schema import OPTIONAL_SECTIONS, SECTIONS, TOP, check_value, is_required
 
 BUNDLED = Path(__file__).parent
@@ -184,6 +185,24 @@ def _check_combinations(v: dict[str, Any]) -> None:
     data = v["data"]
     if (data["dataset"] == "digits") != (data["root"] == ""):
         raise ValueError(f"data.root = {data['root']!r}: digits takes root = \"\", every other dataset needs its root")
+    # each table as the settings objects its stage builds: their checks across fields (a momentum below 1, a pool
+    # that some generator step fills, ...) refuse the recipe here, not when the stage starts after hours of another
+    for section, classes in (("generators", GENERATOR_STAGE), ("distill", DISTILL_STAGE),
+                             ("teacher_training", (TeacherSettings,)), ("turns", (TurnsSettings,))):
+        for cls in classes if section in v else ():
+            cls.from_mapping(v[section], section)
+    g = v["generators"]
+    if g.get("adversarial_weight"):
+        raise ValueError(f"generators.adversarial_weight = {g['adversarial_weight']}: a recipe's generators train "
+                         "before the student exists (with [turns] too: their warm-up), so there is no student to play "
+                         "against; set it to 0")
+    if "turns" in v and g["offload"]:
+        raise ValueError("[turns] trains the generators beside the student on the device; generators.offload = true "
+                         "keeps them in host memory between steps: set offload = false or drop [turns]")
+    if "turns" in v and v["turns"]["pool"] and g["cuda_graph"] == "on":
+        raise ValueError("[turns] with turns.pool > 0: each generator step copies its images into the pool, which a "
+                         "CUDA graph cannot capture; set generators.cuda_graph = \"auto\" (the warm-up is still "
+                         "graphed) or \"off\"")
     for section in ("generators", "distill"):
         chunk = v[section]["generators_per_step"]
         if isinstance(chunk, int) and chunk > v["generators"]["num_generators"]:

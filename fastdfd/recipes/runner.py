@@ -6,7 +6,9 @@ generator trainer, the distiller and the evaluation data. The only things
 not in it are where to write (``out``), which device, and whether to resume. All checks
 that can fail run before the first stage (:func:`fastdfd.recipes.preflight.preflight`).
 Stages that finished are skipped by ``--resume``; an interrupted one resumes from its
-own checkpoints. Under torchrun the generator and distillation stages run sharded.
+own checkpoints. Under torchrun the generator and distillation stages run sharded. With a
+``[turns]`` table the generator stage is the generators' warm-up, and they go on training in
+rounds with the student during the distillation stage (:func:`fastdfd.pipeline.distill`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from .. import pipeline
 from ..distributed import init_from_env, local_device
 from ..models.weights import load_weights
 from ..nn import GeneratorEnsemble, load_ensemble
-from ..settings import DistillSettings, ExecutionSettings, LoopSettings, LossSettings, OptimizerSettings, Settings
+from ..settings import (DistillSettings, ExecutionSettings, LoopSettings, LossSettings, OptimizerSettings, Settings,
+                        TurnsSettings)
 from .loader import Recipe
 from .preflight import Prepared, ensemble_from_recipe, preflight
 from .rundir import environment, open_run_dir, write_json, write_run_header
@@ -45,6 +48,14 @@ def _distill_chunk(recipe: Recipe, world: int) -> int | None:
     if chunk % world:
         raise ValueError(f"distill.generators_per_step = {chunk} cannot be split evenly over {world} processes")
     return chunk // world
+
+
+def _check_turns(recipe: Recipe, world: int) -> None:
+    """Under torchrun, [turns] needs a chunk the recipe names: "auto" plans it again when the turns start, with less
+    memory free (the student's), and the warm-up's checkpoint of another chunk would be refused only then."""
+    if recipe.has("turns") and world > 1 and recipe["generators"]["generators_per_step"] == "auto":
+        raise ValueError("[turns] under torchrun with generators.generators_per_step = \"auto\": name the chunk "
+                         "(the turns continue the warm-up's trainer, which must make the same chunk)")
 
 
 def distill_settings(recipe: Recipe, world: int, progress: bool = True) -> dict[str, Settings]:
@@ -81,6 +92,7 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, device: str | t
     out = Path(out) if out is not None else Path("runs") / recipe.name
     prep = preflight(recipe, ctx.world)  # every refusal happens here, before the run directory is touched
     _distill_chunk(recipe, ctx.world)
+    _check_turns(recipe, ctx.world)
     ctx.shard(recipe["generators"]["num_generators"])  # refuses an ensemble that does not split evenly
     failure, status = None, {}
     if ctx.is_main:  # rank 0 owns the directory; every rank learns whether it may go on
@@ -110,22 +122,25 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, device: str | t
     teacher = prep.teacher.to(device).eval()
 
     g = recipe["generators"]
+    turns = TurnsSettings.from_mapping(recipe["turns"], "turns") if recipe.has("turns") else None
     if not status.get("generators", {}).get("done"):
         t = time.perf_counter()
         summary = pipeline.train_generators(
             teacher, _ensemble(recipe), out / "generators", updates_per_generator=g["updates_per_generator"],
             ctx=ctx, device=device, resume=resume, input_space=recipe["teacher"]["input_space"],
-            **generator_settings(recipe, progress))
+            final_checkpoint=turns is not None, **generator_settings(recipe, progress))
         finish("generators", t, final=summary["final"], placement=summary["placement"])
 
     if not status.get("distill", {}).get("done"):
         t = time.perf_counter()
+        in_turns = {} if turns is None else {"turns": turns, "generators": out / "generators",
+                                             "generator_settings": generator_settings(recipe, progress)}
         summary = pipeline.distill(
             teacher, prep.student, load_ensemble(out / "generators" / "generators.pt"), out / "distill",
             steps=recipe["distill"]["steps"], ctx=ctx, device=device, eval_loader=prep.eval_loader,
             resume=resume, input_space=recipe["teacher"]["input_space"],
-            **distill_settings(recipe, ctx.world, progress))
-        finish("distill", t, **{k: v for k, v in summary.items() if k.endswith("accuracy")})
+            **distill_settings(recipe, ctx.world, progress), **in_turns)
+        finish("distill", t, **{k: v for k, v in summary.items() if k.endswith("accuracy") or k == "generator_steps"})
 
     results = {
         "recipe": recipe.name, "paper": recipe["paper"],

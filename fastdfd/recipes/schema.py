@@ -4,17 +4,19 @@ The ``[generators]`` and ``[distill]`` tables are made from the settings classes
 each of their fields with ``recipe=True`` is a key, checked by the field's own spec, so a setting added there
 is a recipe key with no edit here. A recipe names every value the run uses: a key is optional only where its
 field declares the value its absence means (``absent``, the value of runs from before the field existed);
-anything else not in the file is an error, not a silent choice made in code. The only optional table is
+anything else not in the file is an error, not a silent choice made in code. The optional tables are
 ``[teacher_training]``, needed exactly when the teacher is trained first (``teacher.weights`` empty and no
 published weights: ``teacher.pretrained``, ``teacher.weights_enum`` or ``torchvision:NAME:WEIGHTS``) and
-refused otherwise (a table that would be ignored is a mistake).
+refused otherwise (a table that would be ignored is a mistake), and ``[turns]``: with it the generators keep
+training in rounds with the student, which learns from a pool of their images (:class:`fastdfd.settings.TurnsSettings`);
+without it they train first, then the student learns from them frozen.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..settings import DISTILL_STAGE, GENERATOR_STAGE, REQUIRED, Settings, Spec, TeacherSettings
+from ..settings import DISTILL_STAGE, GENERATOR_STAGE, REQUIRED, Settings, Spec, TeacherSettings, TurnsSettings
 
 DATASETS = ("digits", "cifar10", "cifar100", "folder", "cifar10-jpeg-heldout", "cifar10-jpeg-tune")
 
@@ -85,9 +87,10 @@ SECTIONS: dict[str, dict[str, Field]] = {
     },
     "generators": {
         "num_generators": _pos("ensemble size K (the classes are split evenly among them)"),
-        "updates_per_generator": _pos("Adam steps each generator takes; the run's step count follows from the "
-                                      "ensemble (per process) and generators_per_step, so it does not depend on "
-                                      "the number of processes"),
+        "updates_per_generator": _pos("Adam steps each generator takes before the student starts (with [turns] "
+                                      "their warm-up: they go on in turns with the student); the run's step count "
+                                      "follows from the ensemble (per process) and generators_per_step, so it does "
+                                      "not depend on the number of processes"),
         **settings_keys(*GENERATOR_STAGE),
     },
     "student": {
@@ -99,9 +102,11 @@ SECTIONS: dict[str, dict[str, Field]] = {
         # the chunk is global here: the runner splits it among the processes
         **settings_keys(*DISTILL_STAGE, skip=("sample_every",)),
     },
+    # optional: the generators go on training in rounds with the student, which draws from a pool of their images
+    "turns": settings_keys(TurnsSettings),
 }
 
-OPTIONAL_SECTIONS = frozenset({"teacher_training"})
+OPTIONAL_SECTIONS = frozenset({"teacher_training", "turns"})
 
 
 def is_required(spec: Spec) -> bool:

@@ -5,6 +5,7 @@
 - :class:`LoopSettings`: seed, logs, checkpoints, progress (every loop);
 - :class:`DistillSettings`: the student's loss, optimiser and batches;
 - :class:`TeacherSettings`: supervised teacher training on real data;
+- :class:`TurnsSettings`: the generators and the student in turns, sharing a pool of images;
 - :func:`preset`: the paper's generator settings beside the library's.
 
 The CLI flags (:mod:`.cli`), the recipe keys (:mod:`fastdfd.recipes.schema`) and the trainers' ``config()``
@@ -18,6 +19,7 @@ from .generator import NORMALIZATIONS, SCOPES, ArchitectureSettings, LossSetting
 from .loop import LoopSettings
 from .presets import PRESETS, GeneratorSettings, preset, split_settings
 from .teacher import TeacherSettings
+from .turns import TurnsSettings
 
 # the settings of the generator stage (the ensemble's architecture and the trainer's four) and of the
 # distillation stage, in the order the CLI shows them; their field names are disjoint
@@ -28,5 +30,6 @@ __all__ = [
     "AUGMENTS", "DISTILL_OPTIMIZERS", "DISTILL_STAGE", "GENERATOR_STAGE", "MIXES", "NORMALIZATIONS", "PRESETS",
     "REQUIRED", "SCOPES", "STUDENT_BN",
     "ArchitectureSettings", "DistillSettings", "ExecutionSettings", "GeneratorSettings", "LoopSettings",
-    "LossSettings", "OptimizerSettings", "Settings", "Spec", "TeacherSettings", "preset", "setting", "split_settings",
+    "LossSettings", "OptimizerSettings", "Settings", "Spec", "TeacherSettings", "TurnsSettings", "preset", "setting",
+    "split_settings",
 ]

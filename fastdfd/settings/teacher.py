@@ -32,11 +32,13 @@ class TeacherSettings(Settings):
 
     def _check(self) -> None:
         checks = [
-            (self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
-            (not self.nesterov or self.momentum > 0, "nesterov needs momentum > 0"),
+            # "TeacherSettings.<field>": a recipe's loader names its key in their place (teacher_training.<field>)
+            (self.momentum < 1, f"TeacherSettings.momentum must be in [0, 1), got {self.momentum}"),
+            (not self.nesterov or self.momentum > 0, "TeacherSettings.nesterov needs momentum > 0"),
             (self.warmup_epochs < self.epochs,
-             f"warmup_epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs}"),
-            (self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
+             f"TeacherSettings.warmup_epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs}"),
+            (self.label_smoothing < 1,
+             f"TeacherSettings.label_smoothing must be in [0, 1), got {self.label_smoothing}"),
         ]
         for ok, message in checks:
             if not ok:

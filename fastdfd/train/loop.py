@@ -66,6 +66,10 @@ class StepLoop:
         self.checkpoint_every = settings.checkpoint_every if checkpoint_dir is not None else 0
         self.rotation = (CheckpointRotation(checkpoint_dir, settings.keep_checkpoints)
                          if checkpoint_dir is not None else None)
+        self._saved_step: int | None = None  # the step of the last checkpoint this loop saved or loaded
+        # True: each fit closes the log (its TensorBoard events are on disk when fit returns); a caller that
+        # calls fit once a round sets False and closes the log itself, else every round opens a new event file
+        self.close_log_after_fit = True
 
     def _own_stream_per_rank(self) -> None:
         """Give this rank a random stream of its own (different images on every rank)."""
@@ -148,8 +152,33 @@ class StepLoop:
                                              self.rotation.latest() if self.rotation is not None else None)
         finally:
             bar.close()
-            self.log.close()  # flush the TensorBoard events of this fit
+            if self.close_log_after_fit:
+                self.log.close()  # flush the TensorBoard events of this fit
+            else:
+                self.log.flush()
         return self.history[start:]
+
+    def checkpoint(self) -> bool:
+        """Save a checkpoint of this step now, outside ``checkpoint_every``'s period (a stage's final state, which
+        a later stage continues from); nothing when there is no checkpoint directory or this step is saved
+        already. True when one was written. Under torch.distributed every rank must call it (a collective)."""
+        if self.rotation is None or self._saved_step == self.step:  # the same on every rank: no file is read
+            return False
+        self._save_checkpoint()
+        return True
+
+    def discard_checkpoints_after(self, step: int) -> None:
+        """Delete this run's checkpoints of the steps after ``step``: a run that goes on from ``step`` along
+        another path (a resume from an earlier checkpoint than the newest) would otherwise keep them, and the
+        rotation, which keeps the highest steps, would drop the new ones instead. Every rank calls it; rank 0
+        deletes the manifests."""
+        if self.rotation is None:
+            return
+        self.rotation.discard_after(step)
+        if self.dist.world > 1 and self.dist.is_main:
+            for manifest in self.rotation.directory.parent.glob("manifest_step_*.json"):
+                if int(manifest.stem.split("_")[-1]) > step:
+                    manifest.unlink(missing_ok=True)
 
     def _save_checkpoint(self) -> None:
         """This rank's file; under torch.distributed, then rank 0's manifest, written last.
@@ -159,6 +188,7 @@ class StepLoop:
         never resumed from, whatever files exist.
         """
         path = self.rotation.save(self.state_dict(), self.step)
+        self._saved_step = self.step
         if self.dist.world == 1:
             return
         names = self.dist.all_gather_object(f"{path.parent.name}/{path.name}")  # also a barrier
@@ -219,6 +249,7 @@ class StepLoop:
         self.schedule.load_state_dict(state["schedule"])
         self.rng.set_state(state["rng"])
         self.step = int(state["step"])
+        self._saved_step = self.step
         self.history = list(state["history"])
         self.log.truncate_after(self.step)  # the steps after the checkpoint will be logged again
 
@@ -232,12 +263,14 @@ class StepLoop:
         """
         if self.rotation is None:
             return False
-        if self.dist.world > 1 and steps is None:
+        if self.dist.world > 1:  # only steps every rank can read, among ``steps`` when they are given
             mine = self.rotation.readable_steps(self.FORMAT)
             if self.dist.is_main:  # only steps whose manifest was written (every shard was saved)
                 mine &= self._manifested_steps()
+            agreed = None
             for theirs in self.dist.all_gather_object(sorted(mine)):
-                steps = set(theirs) if steps is None else steps & set(theirs)
+                agreed = set(theirs) if agreed is None else agreed & set(theirs)
+            steps = agreed if steps is None else set(steps) & agreed
             if not steps:
                 return False
         for path in reversed(self.rotation.paths()):

@@ -116,6 +116,9 @@ def test_missing_key_or_table_is_named(tmp_path):
                                        r"mean/std but the data's images \(data\.channels = 1\) have 1 channel"),
     ("teacher.input_space='mean=0.5;std=-1'", r"teacher\.input_space = 'mean=0\.5;std=-1': .*std must be positive"),
     ("teacher.input_space=0.5", r"teacher\.input_space = 0\.5: expected a string"),
+    # checks across a table's keys run at load too, not when the stage starts after the ones before it
+    ("distill.momentum=1.0", r"distill\.momentum = 1\.0: must be below 1"),
+    ("teacher_training.warmup_epochs=15", r"teacher_training\.warmup_epochs must be in \[0, epochs=15\)"),
 ])
 def test_bad_values_are_refused_naming_the_key(override, message):
     with pytest.raises(ValueError, match=message):
@@ -245,6 +248,39 @@ def test_digits_recipe_runs_end_to_end_and_describes_itself(tmp_path, capsys):
     assert "seed: 0 -> 1" in text and "student_accuracy" in text
     with pytest.raises(FileNotFoundError, match="not a fastdfd run directory"):
         compare_runs(run, tmp_path)
+
+
+def test_digits_recipe_in_turns_keeps_training_the_generators(tmp_path):
+    turns = ["generators.updates_per_generator=5", "turns.pool=64", "turns.generator_steps=1", "turns.student_steps=2"]
+    assert _run(tmp_path, *[a for s in [*TINY, *turns] for a in ("--set", s)]) == 0
+    run = tmp_path / "run"
+    assert json.loads((run / "resolved.json").read_text())["turns"] == {"pool": 64, "generator_steps": 1,
+                                                                        "student_steps": 2}
+    # the warm-up's last step is saved for the turns to continue from; 2 rounds for the student's 3 steps
+    assert (run / "generators" / "checkpoints" / "step_00000005.pt").is_file()
+    status = json.loads((run / "status.json").read_text())
+    assert status["distill"]["done"] and status["distill"]["generator_steps"] == 5 + 2
+    assert (run / "distill" / "generators.pt").is_file() and (run / "distill" / "student.pt").is_file()
+    rows = (run / "generators" / "metrics.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == list(range(1, 8))
+    # refused before any work: offloaded generators, and a [turns] table that does not name every key
+    with pytest.raises(ValueError, match=r"\[turns\] trains the generators beside the student"):
+        load_recipe("digits", [*turns, "generators.offload=true"])
+    with pytest.raises(ValueError, match="recipe is missing the key turns.student_steps"):
+        load_recipe("digits", turns[:3])
+    with pytest.raises(ValueError, match="needs generator_steps >= 1"):
+        load_recipe("digits", [*turns, "turns.generator_steps=0"])
+    with pytest.raises(ValueError, match=r"CUDA graph cannot capture; set generators\.cuda_graph"):
+        load_recipe("digits", [*turns, "generators.cuda_graph='on'"])
+    with pytest.raises(ValueError, match="no student to play against"):
+        load_recipe("digits", [*turns, "generators.adversarial_weight=0.1"])
+    # under torchrun the turns must make the warm-up's chunk: "auto" would plan it again
+    from fastdfd.recipes.runner import _check_turns
+
+    auto = load_recipe("digits", [*turns, "generators.generators_per_step='auto'"])
+    _check_turns(auto, 1)
+    with pytest.raises(ValueError, match="under torchrun with generators.generators_per_step"):
+        _check_turns(auto, 2)
 
 
 def test_recipe_runs_sharded_under_torchrun(tmp_path, teacher_file):
