@@ -12,15 +12,17 @@ figures, once.
 
 The schedule (every setting is a field of :class:`Settings` and a flag; the student's are one
 :class:`fastdfd.settings.DistillSettings` held whole, ``DISTILL`` by default, each of its fields a flag but
-``generators_per_step`` (pinned) and ``student_bn``; the generators' are the preset's with ``GENERATOR``'s
+``generators_per_step`` (pinned) and ``student_bn``; the generators' are the preset's with ``KEPT``'s
 overrides and then ``--generator``'s laid over them; the defaults are what the studies in docs/cifar10.md kept):
 
 1. warm-up: ``warmup_fraction`` of the budget trains the class generators alone (``generators_per_class``
    of them for each of the 10 classes; the preset's loss, with per-generator BN statistics by default: each
    generator's batch must carry the whole data's spread);
-2. then rounds until the budget ends: ``gen_steps`` generator steps (with the adversarial and mode-seeking
-   terms when their weights are set: ``--generator adversarial_weight=...,diversity_weight=...``), then
-   ``student_steps`` distillation steps. With ``pool`` > 0 the student learns from a pool of the generator
+2. then rounds until the budget ends (``turns``, one :class:`fastdfd.settings.TurnsSettings` held whole, as a
+   recipe's ``[turns]`` table: flags ``--gen-steps``, ``--student-steps``, ``--pool``): ``generator_steps``
+   generator steps (with the adversarial and mode-seeking terms when their weights are set:
+   ``--generator adversarial_weight=...,diversity_weight=...``), then ``student_steps`` distillation steps.
+   With ``pool`` > 0 the student learns from a pool of the generator
    steps' own images and the teacher's logits on them (:class:`fastdfd.train.pool.ImagePool`: no teacher
    pass of its own); with ``pool = 0`` from fresh images of the ensemble as it is. Either way the images get
    a random crop and flip (``distill.augment``), with ``distill.mix`` they are mixed in pairs and the teacher
@@ -57,7 +59,7 @@ from fastdfd.train import Distiller, GeneratorTrainer
 from fastdfd.train.evaluate import evaluate_accuracy
 from fastdfd.train.pool import ImagePool
 from fastdfd.train.quality import generator_quality, write_quality
-from fastdfd.settings import DistillSettings, GeneratorSettings, LoopSettings, preset
+from fastdfd.settings import DistillSettings, GeneratorSettings, LoopSettings, TurnsSettings, preset
 from fastdfd.settings.cli import add_flags, flags_to_settings
 
 INPUT_SPACE = "imagenet"  # what the field's pretrained CIFAR ResNets were trained on
@@ -80,9 +82,11 @@ DISTILL = DistillSettings(
 )
 DISTILL_FLAG_NAMES = {"batch_size": "--distill-batch"}  # beside --gen-batch; the rest keep DistillSettings' names
 DISTILL_NOT_FLAGS = ("generators_per_step", "student_bn")
-# the generators' overrides of the preset that the studies kept (per-generator BN statistics: no class collapses);
-# --generator's overrides are laid over these, so "--generator jitter=2" keeps them
-GENERATOR = "scope=generator"
+TURNS_FLAG_NAMES = {"generator_steps": "--gen-steps"}  # beside --gen-batch, as the studies' commands name it
+# the generators' overrides of each preset that the studies kept, laid over it before --generator's (so
+# "--generator jitter=2" keeps them): over the library's default preset, per-generator BN statistics (no class
+# collapses) and 16 images per generator a step; the paper's preset runs as the paper has it (64 images)
+KEPT = {"default": "scope=generator,batch_size=16", "paper": ""}
 
 
 @dataclass(frozen=True)
@@ -95,19 +99,17 @@ class Settings:
     minutes: float = 60.0
     seed: int = 0
     preset: str = "default"
-    generator: str = ""  # overrides of the preset's fields over GENERATOR's, "ce_weight=1.0" (one knob at a time;
+    generator: str = ""  # overrides of the preset's fields over KEPT's, "ce_weight=1.0" (one knob at a time;
     #                      the adversarial and mode-seeking weights too; the batch is --gen-batch)
     # generators
     generators_per_class: int = 1  # > 1: several generators share each class (more modes of it); generator k
     #                                serves class k % 10
-    gen_batch: int = 16  # images per generator per generator step
+    gen_batch: int = 0  # images per generator per generator step; 0: the preset's with KEPT's (default 16, paper 64)
     warmup_fraction: float = 0.1  # of the budget, generators alone before the student starts
-    gen_steps: int = 1  # generator steps per round
+    # the rounds after it: a pool of 5,000, 1 generator step to 8 student steps (TurnsSettings' defaults, which are
+    # these studies'; 8 against 4 steps: +3.13 points over 3 seeds at 20 minutes, docs/cifar10.md)
+    turns: TurnsSettings = TurnsSettings()
     # student
-    student_steps: int = 8  # distillation steps per round; over 3 seeds at 20 minutes +3.13 points against 4
-    #                        (docs/cifar10.md)
-    pool: int = 5000  # > 0: the student learns from a pool of this many of the generator steps' images and teacher
-    #                logits (no teacher pass of its own); 0: from fresh images of the ensemble
     distill: DistillSettings = DISTILL  # the student's loss, optimiser and batches, whole (its fields are flags)
     # measurement
     curve_points: int = 12  # evaluations of the student on the tune half over the budget
@@ -142,12 +144,25 @@ def overrides(spec: str) -> dict:
 
 
 def generator_settings(s: Settings) -> GeneratorSettings:
-    """The preset's settings with GENERATOR's overrides, then ``s.generator``'s, then the batch; ValueError names
-    a bad key or value (a check across fields too, from the settings' own checks)."""
-    given = {**overrides(GENERATOR), **overrides(s.generator)}
+    """The preset's settings with KEPT's overrides for it, then ``s.generator``'s, then ``--gen-batch`` where it is
+    given; ValueError names a bad key or value (a check across fields too, from the settings' own checks)."""
+    given = overrides(s.generator)
     if "batch_size" in given:
         raise ValueError("--generator batch_size: the generators' batch is --gen-batch")
-    return preset(s.preset).replace(batch_size=s.gen_batch, **given)
+    g = preset(s.preset).replace(**{**overrides(KEPT[s.preset]), **given})
+    return g.replace(batch_size=s.gen_batch) if s.gen_batch else g
+
+
+def machine() -> str:
+    """The machine a run's figures belong to: the CPU's model and vector ISA too, since step counts (and so the
+    student's accuracy at a fixed budget) differ between development machines of the same core count."""
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
+        model = f"{platform.machine()} {names[0]}" if names else model
+    return (f"{model} ({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} CPUs, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
 
 
 def run(s: Settings, out: Path, verbose: bool = True) -> dict:
@@ -171,7 +186,7 @@ def run(s: Settings, out: Path, verbose: bool = True) -> dict:
     k = 10 * s.generators_per_class
     ensemble = GeneratorEnsemble(k, 10, image_size=32, channels=3, latent_dim=a.latent_dim, widths=a.widths,
                                  output_bn=a.output_bn, classes=[[g % 10] for g in range(k)])
-    pool = ImagePool(s.pool) if s.pool else None
+    pool = ImagePool(s.turns.pool) if s.turns.pool else None
     loop = LoopSettings(seed=s.seed, progress=False, log_every=5)
     trainer = GeneratorTrainer(teacher, ensemble, loss=g.loss, optim=g.optimizer, loop=loop, student=student,
                                pool=pool, input_space=INPUT_SPACE)
@@ -203,12 +218,12 @@ def run(s: Settings, out: Path, verbose: bool = True) -> dict:
     trainer.loss = g.loss
     start_distill = clock.seconds()
     while clock.seconds() < budget:
-        if s.gen_steps:
-            trainer.fit(s.gen_steps)
+        if s.turns.generator_steps:
+            trainer.fit(s.turns.generator_steps)
         # cosine in time over what the budget leaves the student (the step count is not known in advance)
         frac = min(1.0, (clock.seconds() - start_distill) / max(1e-9, budget - start_distill))
         distiller.scheduler.base_lrs = [s.distill.lr * 0.5 * (1 + math.cos(math.pi * frac))]
-        distiller.fit(s.student_steps)
+        distiller.fit(s.turns.student_steps)
         if clock.seconds() >= next_eval:
             evaluate_point()
     if not curve or curve[-1]["distill_steps"] != distiller.step:
@@ -248,8 +263,7 @@ def run(s: Settings, out: Path, verbose: bool = True) -> dict:
         "real_effective_images_mean": report.to_dict()["diversity"]["reference"]["effective_images_mean"],
         "collapsed_classes": report.collapsed_classes,
         "settings": asdict(s), "generator_settings": asdict(g), "seed": s.seed,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-                   f"{torch.get_num_threads()} threads",
+        "machine": machine(),
     }
     (out / "result.json").write_text(json.dumps(result, indent=2))
     plot_curve(result, out / "curve.png")
@@ -287,28 +301,32 @@ def plot_curve(result: dict, path: Path) -> None:
 def parse(argv=None) -> tuple[Settings, Path]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
+    held_whole = ("distill", "turns")  # settings objects: their fields are the flags
     for f in fields(Settings):
-        if f.name == "distill":
+        if f.name in held_whole:
             continue
         default = getattr(Settings, f.name)
         p.add_argument("--" + f.name.replace("_", "-"), type=type(default), default=default,
                        **({"choices": ("default", "paper")} if f.name == "preset" else {}))
-    # the student's: one flag per DistillSettings field, parsed and checked by the field's own spec (a bad value
+    # the student's and the rounds': one flag per field, parsed and checked by the field's own spec (a bad value
     # is refused here, before any work); DISTILL_NOT_FLAGS are pinned (see DISTILL)
     add_flags(p, DistillSettings, base={DistillSettings: DISTILL}, skip=DISTILL_NOT_FLAGS, names=DISTILL_FLAG_NAMES)
+    add_flags(p, TurnsSettings, names=TURNS_FLAG_NAMES)
     a = p.parse_args(argv)
     out = a.out
-    try:
+    try:  # a check across fields (DistillSettings._check, TurnsSettings._check)
         distill = flags_to_settings(a, DistillSettings, base=DISTILL)
-    except ValueError as e:  # a check across fields (DistillSettings._check)
+        turns = flags_to_settings(a, TurnsSettings)
+    except ValueError as e:
         p.error(str(e))
-    s = Settings(**{f.name: getattr(a, f.name) for f in fields(Settings) if f.name != "distill"}, distill=distill)
+    s = Settings(**{f.name: getattr(a, f.name) for f in fields(Settings) if f.name not in held_whole},
+                 distill=distill, turns=turns)
     if not (Path(s.data) / "test.tar").is_file():
         p.error(f"--data {s.data} holds no test.tar (the CIFAR-10 JPEG test set)")
-    if s.minutes <= 0 or not 0 <= s.warmup_fraction < 1 or min(s.student_steps, s.curve_points,
-                                                                 s.generators_per_class) < 1:
-        p.error("--minutes must be positive, --warmup-fraction in [0, 1), --student-steps, --curve-points and "
-                "--generators-per-class >= 1")
+    if s.minutes <= 0 or not 0 <= s.warmup_fraction < 1 or min(s.curve_points, s.generators_per_class) < 1 \
+            or s.gen_batch < 0:
+        p.error("--minutes must be positive, --warmup-fraction in [0, 1), --curve-points and "
+                "--generators-per-class >= 1, --gen-batch >= 0 (0: the preset's)")
     try:  # the generators' settings, before any work
         generator_settings(s)
     except ValueError as e:

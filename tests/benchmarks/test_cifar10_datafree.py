@@ -57,6 +57,8 @@ def test_a_toy_run_writes_every_output_with_two_generators_per_class_and_cutmix(
     # every generator step pushes each of the 20 generators' gen_batch images into the pool
     assert result["pool_images_pushed"] == result["generator_steps"] * 20 * 2
     assert 0.0 <= result["student_top1_heldout"] <= 1.0 and result["teacher_top1_heldout"] > 0
+    # the CPU's vector ISA is named: step counts at a fixed budget differ between machines of one core count
+    assert f"({torch.backends.cpu.get_cpu_capability()})" in result["machine"]
     assert result["curve"] and result["curve"][-1]["distill_steps"] == result["distill_steps"]
     student = create_model("cifar_resnet20", num_classes=10)
     student.load_state_dict(torch.load(out / "student.pt"))
@@ -69,7 +71,8 @@ def test_a_toy_run_writes_every_output_with_two_generators_per_class_and_cutmix(
 @pytest.mark.parametrize("flag, value", [("--generators-per-class", "0"), ("--student-steps", "0"),
                                          ("--warmup-fraction", "1.0"), ("--mix", "blend"), ("--distill-batch", "0"),
                                          ("--temperature", "0"), ("--momentum", "1.0"), ("--generator", "bogus=1"),
-                                         ("--generator", "batch_size=4"), ("--generator", "betas=0.5,1.0")])
+                                         ("--generator", "batch_size=4"), ("--generator", "betas=0.5,1.0"),
+                                         ("--gen-batch", "-1")])
 def test_bad_flags_are_refused_before_any_work(data_dir, tmp_path, flag, value, capsys):
     from benchmarks import cifar10_datafree
 
@@ -86,9 +89,23 @@ def test_the_students_flags_land_on_one_distill_settings_over_the_benchmarks_def
     # the flags not given keep DISTILL's values, --distill-batch is DistillSettings.batch_size, and the
     # benchmark keeps no copy of any of them beside s.distill
     assert s.distill == DISTILL.replace(temperature=4.0, mix="none", optimizer="adam", batch_size=2)
-    copies = {"lr", "temperature", "mix", "augment", "weight_decay", "distill_batch"}
+    copies = {"lr", "temperature", "mix", "augment", "weight_decay", "distill_batch", "pool", "student_steps",
+              "gen_steps", "generator_steps"}
     assert not copies & set(Settings.__dataclass_fields__)
     assert parse(["--data", str(data_dir), "--out", str(tmp_path / "run")])[0].distill == DISTILL
+
+
+def test_the_rounds_flags_land_on_one_turns_settings(data_dir, tmp_path, capsys):
+    from benchmarks.cifar10_datafree import parse
+    from fastdfd.settings import TurnsSettings
+
+    s, _ = parse(_argv(data_dir, tmp_path / "run", "--gen-steps", "2", "--student-steps", "3"))
+    assert s.turns == TurnsSettings(pool=64, generator_steps=2, student_steps=3)
+    assert parse(["--data", str(data_dir), "--out", str(tmp_path / "run")])[0].turns == TurnsSettings()
+    # a check across the fields: a pool that no round's generator step fills
+    with pytest.raises(SystemExit):
+        parse(_argv(data_dir, tmp_path / "run", "--gen-steps", "0"))
+    assert "pool = 64 needs generator_steps >= 1" in capsys.readouterr().err
 
 
 def test_generator_overrides_lie_over_the_kept_ones_and_the_preset(data_dir, tmp_path):
@@ -106,6 +123,19 @@ def test_generator_overrides_lie_over_the_kept_ones_and_the_preset(data_dir, tmp
     assert g("--generator", "scope=ensemble").loss.scope == "ensemble"
     assert g("--preset", "paper", "--generator", "ce_weight=2") == preset("paper").replace(
         scope="generator", ce_weight=2.0, batch_size=2)
+
+
+def test_without_gen_batch_the_kept_batch_serves_the_default_preset_and_the_papers_its_own(data_dir, tmp_path):
+    from benchmarks.cifar10_datafree import generator_settings, parse
+    from fastdfd.settings import preset
+
+    def g(*extra):
+        argv = ["--data", str(data_dir), "--out", str(tmp_path / "run"), *extra]
+        return generator_settings(parse(argv)[0])
+
+    assert g().optimizer.batch_size == 16 and preset("default").optimizer.batch_size != 16
+    assert g("--preset", "paper") == preset("paper") and preset("paper").optimizer.batch_size == 64
+    assert g("--preset", "paper", "--gen-batch", "16").optimizer.batch_size == 16
 
 
 def test_a_generator_override_that_is_not_a_setting_is_named():
