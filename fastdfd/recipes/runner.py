@@ -123,18 +123,19 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, device: str | t
 
     g = recipe["generators"]
     turns = TurnsSettings.from_mapping(recipe["turns"], "turns") if recipe.has("turns") else None
+    generator = generator_settings(recipe, progress)  # the warm-up's, and the turns' that continue it
     if not status.get("generators", {}).get("done"):
         t = time.perf_counter()
         summary = pipeline.train_generators(
             teacher, _ensemble(recipe), out / "generators", updates_per_generator=g["updates_per_generator"],
             ctx=ctx, device=device, resume=resume, input_space=recipe["teacher"]["input_space"],
-            final_checkpoint=turns is not None, **generator_settings(recipe, progress))
+            final_checkpoint=turns is not None, **generator)
         finish("generators", t, final=summary["final"], placement=summary["placement"])
 
     if not status.get("distill", {}).get("done"):
         t = time.perf_counter()
         in_turns = {} if turns is None else {"turns": turns, "generators": out / "generators",
-                                             "generator_settings": generator_settings(recipe, progress)}
+                                             "generator_settings": generator}
         summary = pipeline.distill(
             teacher, prep.student, load_ensemble(out / "generators" / "generators.pt"), out / "distill",
             steps=recipe["distill"]["steps"], ctx=ctx, device=device, eval_loader=prep.eval_loader,

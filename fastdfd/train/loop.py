@@ -176,9 +176,9 @@ class StepLoop:
             return
         self.rotation.discard_after(step)
         if self.dist.world > 1 and self.dist.is_main:
-            for manifest in self.rotation.directory.parent.glob("manifest_step_*.json"):
-                if int(manifest.stem.split("_")[-1]) > step:
-                    manifest.unlink(missing_ok=True)
+            root = self.rotation.directory.parent
+            for later in (s for s in self._manifested_steps() if s > step):
+                (root / f"manifest_step_{later:08d}.json").unlink(missing_ok=True)
 
     def _save_checkpoint(self) -> None:
         """This rank's file; under torch.distributed, then rank 0's manifest, written last.
