@@ -180,9 +180,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             "noise_floor": "floor_*: the untapped run again with the input of every BN-like layer times "
                            "(1 + u * N(0, 1)), u = 2^-24 (fp32 unit roundoff), handed on in fp32 (under autocast "
                            "the next op rounds it): how far a BN computed in fp32 by a formula not bit-identical "
-                           "to torch's moves this teacher (one sample); floor_*_rel_err against the untapped run "
-                           "(elementwise, as *_rel_err), floor_*_norm_err_vs_ref64 against ref64 (as the rule); "
-                           "reported, not asserted",
+                           "to torch's moves this teacher (the first sample, seed 4); floor_*_rel_err against the "
+                           "untapped run (elementwise, as *_rel_err), floor_*_norm_err_vs_ref64 against ref64 (as "
+                           "the rule). The rule's bound takes the floor where it exceeds the untapped run's error; "
+                           "where the first sample leaves the tapped run outside it, 16 more are drawn and the "
+                           "largest error is the floor (*_floor_samples: how many)",
             "tolerances": {"float64": zoo.FP64_RTOL, "rule_factor": zoo.RULE_FACTOR,
                            "rule_atol_fp32": zoo.FP32_RULE_ATOL,
                            "rule_atol_autocast": {str(k): v for k, v in zoo.AUTOCAST_RULE_ATOL.items()},
