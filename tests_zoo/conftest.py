@@ -130,7 +130,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                   "||a-ref64||/||ref64|| (asserted: tap <= 2 x max(untap, floor) + atol)")
     tr.write_line("el-lg/gr: elementwise max|tapped-untapped|/max|untapped| in fp32 (autocast); 'el<=1e-5': within "
                   "1e-5 elementwise (autocast: the dtype's tolerance), reported, not asserted; floor: the untapped "
-                  "run with each BN input perturbed by one fp32 rounding, same measure as el")
+                  "run with each BN input perturbed by one fp32 rounding, same measure as el (the first sample; "
+                  "the rule draws 16 more where the tapped run is outside the first's bound)")
     header = " ".join(f"{h:>{w}s}" for h, w, _ in COLUMNS)
     tr.write_line(f"{'case':58s} {header} {'el<=1e-5':>8s} {'layers':>7s}  result  BN flavours")
     for r in rows:
@@ -167,8 +168,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                            "statistics after the run; asserted <= float64 tolerance (not run under autocast)",
                 "rule": "*_norm_err_{tapped,untapped}_vs_ref64: the fp32 (autocast) run against the untapped "
                         "teacher in float64 (ref64; under autocast: without autocast), ||a - ref64||_2 / "
-                        "||ref64||_2 over the whole tensor; asserted: tapped <= rule_factor x max(untapped, floor_*_norm_err_vs_ref64) + rule_atol "
-                        "(*_rule_bound, *_rule_ok)",
+                        "||ref64||_2 over the whole tensor; asserted: tapped <= rule_factor x max(untapped, *_rule_floor) + "
+                        "rule_atol (*_rule_bound, *_rule_ok); *_rule_floor: the largest floor error of the "
+                        "*_floor_samples drawn (see noise_floor)",
                 "elementwise": "logit_rel_err / input_grad_rel_err: max |tapped - untapped| / max |untapped| in fp32 "
                                "(autocast: in the autocast dtype); within_elementwise: |a - b| <= tol (|b| + max |b|) "
                                "everywhere for both, tol = elementwise_tol (1e-5 fp32, the dtype's under autocast); "

@@ -12,7 +12,8 @@ the matcher tapped;
   tapped <= 2 x max(untapped, noise floor) + atol;
 - the strict elementwise figure, max |tapped - untapped| / max |untapped| in fp32, and whether
   it is within 1e-5 elementwise (autocast: the dtype's tolerance): reported, not asserted;
-- the noise floor (untapped, every BN input perturbed by one fp32 rounding);
+- the noise floor (untapped, every BN input perturbed by one fp32 rounding; the first sample, and
+  16 more where the tapped run is outside the first's bound);
 - the moment loss against a float64 hook reference, each check's outcome and pass/fail.
 The printed table (pytest's terminal summary) has the same columns in short.
 """
