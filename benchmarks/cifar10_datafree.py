@@ -41,8 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -50,6 +48,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.clock import BudgetClock
+from benchmarks.machine import machine
 from fastdfd.data import CIFAR10_CLASSES, CIFAR10JPEG, make_eval_loader
 from fastdfd.models import create_model
 from fastdfd.models.weights import load_weights
@@ -151,18 +150,6 @@ def generator_settings(s: Settings) -> GeneratorSettings:
         raise ValueError("--generator batch_size: the generators' batch is --gen-batch")
     g = preset(s.preset).replace(**{**overrides(KEPT[s.preset]), **given})
     return g.replace(batch_size=s.gen_batch) if s.gen_batch else g
-
-
-def machine() -> str:
-    """The machine a run's figures belong to: the CPU's model and vector ISA too, since step counts (and so the
-    student's accuracy at a fixed budget) differ between development machines of the same core count."""
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
-        model = f"{platform.machine()} {names[0]}" if names else model
-    return (f"{model} ({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} CPUs, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads")
 
 
 def run(s: Settings, out: Path, verbose: bool = True) -> dict:

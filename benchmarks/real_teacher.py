@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -36,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.cifar10_datafree import overrides  # noqa: E402
 from benchmarks.efficientnet_lite import load_efficientnet_lite  # noqa: E402
+from benchmarks.machine import machine  # noqa: E402
 from fastdfd.data import imagenet_class_names  # noqa: E402
 from fastdfd.nn import GeneratorEnsemble  # noqa: E402
 from fastdfd.train import GeneratorTrainer  # noqa: E402
@@ -135,7 +134,7 @@ def run(s: Settings, teacher=None, out_dir: Path | None = None, time_limit_s: fl
         "collapsed_classes": report.collapsed_classes,
         "targets": targets(report),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "machine": machine(),
     }
     if out_dir is not None:
         write_quality(report, out_dir, {"step": trainer.step})
