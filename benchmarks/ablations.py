@@ -18,8 +18,6 @@ import datetime
 import json
 import math
 import multiprocessing
-import os
-import platform
 import statistics
 import sys
 import time
@@ -28,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.machine import machine
 from fastdfd.cli.demo import INPUT_SPACE, NUM_CLASSES, DemoSettings, _data_free_student, train_digits_teacher
 from fastdfd.data import load_digits_split
 from fastdfd.models import create_model
@@ -201,7 +200,7 @@ def run_ablations(out: str | Path = "runs/ablations", seeds: int = 3, quick: boo
         "teachers": teachers, "runs": runs, "summary": summarize(runs, todo),
         "seconds": time.perf_counter() - start,
         "torch": torch.__version__,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "machine": machine(),
     }
     table = format_table(results)
     (out / "results.json").write_text(json.dumps(results, indent=1))

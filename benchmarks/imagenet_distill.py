@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
 import torch
 
 from benchmarks.efficientnet_lite import INPUT_SPACE, NAMES, load_efficientnet_lite
+from benchmarks.machine import machine
 from fastdfd.input_space import InputSpace
 from fastdfd.models import create_model
 from fastdfd.nn import GeneratorEnsemble
@@ -186,7 +185,7 @@ def main(argv=None) -> dict:
     record = distill(load_efficientnet_lite(args.teacher).to(args.device),
                      load_ensemble(args.ensemble, map_location=args.device), args, args.out)
     record.update({"ensemble": str(args.ensemble), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                   "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"})
+                   "machine": machine()})
     (args.out / "distill.json").write_text(json.dumps(record, indent=1))
     return record
 

@@ -35,7 +35,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import random
 import resource
 import time
@@ -45,6 +44,7 @@ import torch
 
 from benchmarks.clock import BudgetClock
 from benchmarks.efficientnet_lite import INPUT_SPACE, NAMES, load_efficientnet_lite
+from benchmarks.machine import machine
 from benchmarks.imagenet_distill import add_distill_flags, distill
 from fastdfd.data import imagenet_class_names
 from fastdfd.nn import GeneratorEnsemble
@@ -348,7 +348,7 @@ def main(argv=None) -> dict:
         record["distill"] = distill(run["teacher"], run["ensemble"], args, out)
     record.update({"seconds_wall": round(time.perf_counter() - started, 1), "torch": torch.__version__,
                    "threads": torch.get_num_threads(),
-                   "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+                   "machine": machine(),
                    "command": "python -m benchmarks.imagenet_ensemble " + " ".join(argv or __import__("sys").argv[1:])})
     (out / "result.json").write_text(json.dumps(record, indent=1))
     m = record["memory"]

@@ -14,6 +14,7 @@ import json
 import os
 import time
 import warnings
+from pathlib import Path
 from typing import ContextManager
 
 import torch
@@ -176,9 +177,8 @@ class StepLoop:
             return
         self.rotation.discard_after(step)
         if self.dist.world > 1 and self.dist.is_main:
-            root = self.rotation.directory.parent
             for later in (s for s in self._manifested_steps() if s > step):
-                (root / f"manifest_step_{later:08d}.json").unlink(missing_ok=True)
+                self._manifest_path(later).unlink(missing_ok=True)
 
     def _save_checkpoint(self) -> None:
         """This rank's file; under torch.distributed, then rank 0's manifest, written last.
@@ -197,9 +197,12 @@ class StepLoop:
             manifest = {"step": self.step, "world": self.dist.world, "format": self.FORMAT, "shards": names}
             tmp = root / f".manifest_step_{self.step:08d}.json.tmp"
             tmp.write_text(json.dumps(manifest, indent=1))
-            os.replace(tmp, root / f"manifest_step_{self.step:08d}.json")
+            os.replace(tmp, self._manifest_path(self.step))
             for old in sorted(root.glob("manifest_step_*.json"))[: -self.rotation.keep]:
                 old.unlink(missing_ok=True)
+
+    def _manifest_path(self, step: int) -> Path:
+        return self.rotation.directory.parent / f"manifest_step_{step:08d}.json"
 
     def _manifested_steps(self) -> set[int]:
         root = self.rotation.directory.parent
