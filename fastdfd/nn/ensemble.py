@@ -122,33 +122,18 @@ class GeneratorEnsemble(nn.Module):
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """The distribution of K freshly built standalone generators (PyTorch default inits)."""
+        fc_fan_in = self.spec.latent_dim + self.classes_per_generator
         for name, p in self.named_parameters():
-            self._init_(name, p, generator)
-
-    @torch.no_grad()
-    def reset_rows(self, rows: list[int], generator: torch.Generator | None = None) -> None:
-        """Re-initialise generators ``rows`` (indices into this ensemble) as :meth:`reset_parameters` would, the
-        others untouched; ``generator`` (on this ensemble's device) draws the new weights."""
-        if not rows or not all(0 <= r < self.num_generators for r in rows):
-            raise ValueError(f"rows {rows} must be a non-empty list of generator indices in [0, {self.num_generators})")
-        index = torch.tensor(rows, dtype=torch.long, device=self.fc_z.device)
-        for name, p in self.named_parameters():
-            fresh = p.new_empty((len(rows), *p.shape[1:]))
-            self._init_(name, fresh, generator)
-            p.index_copy_(0, index, fresh)
-
-    def _init_(self, name: str, p: torch.Tensor, generator: torch.Generator | None) -> None:
-        """PyTorch's default init of parameter ``name`` ([k, ...], any k), in place."""
-        if name in ("fc_z", "fc_y"):
-            uniform_fan_in_(p, self.spec.latent_dim + self.classes_per_generator, generator)
-        elif name.startswith("conv") or name == "out_weight":
-            uniform_fan_in_(p, p.shape[2] * 9, generator)
-        elif name == "out_bias":
-            uniform_fan_in_(p, self.spec.widths[-1] * 9, generator)
-        elif name.startswith("bn") and name.endswith("_bias"):
-            nn.init.zeros_(p)
-        else:  # BN weights and the output scale
-            nn.init.ones_(p)
+            if name in ("fc_z", "fc_y"):
+                uniform_fan_in_(p, fc_fan_in, generator)
+            elif name.startswith("conv") or name == "out_weight":
+                uniform_fan_in_(p, p.shape[2] * 9, generator)
+            elif name == "out_bias":
+                uniform_fan_in_(p, self.spec.widths[-1] * 9, generator)
+            elif name.startswith("bn") and name.endswith("_bias"):
+                nn.init.zeros_(p)
+            else:  # BN weights and the output scale
+                nn.init.ones_(p)
 
     def config(self) -> dict:
         """Everything that fixes the parameter layout (compared when loading checkpoints)."""

@@ -75,21 +75,12 @@ class LossSettings(Settings):
 
 @dataclass(frozen=True)
 class OptimizerSettings(Settings):
-    """Adam per generator (:class:`fastdfd.train.optim.StackedAdam`), the images each step gives each, and the
-    restart of a generator that fails whole (:mod:`fastdfd.train.restarts`)."""
+    """Adam per generator (:class:`fastdfd.train.optim.StackedAdam`) and the images each step gives each."""
 
     lr: float = setting(1e-2, "Adam learning rate (one Adam per generator)", kind="float", above=0)
     betas: tuple[float, float] = setting((0.5, 0.999), "Adam's beta1, beta2", kind="floats", length=2, minimum=0)
     batch_size: int = setting(32, "images per generator per step", kind="int", minimum=1)
-    restart_below: float = setting(0.0, "re-initialise a generator (fresh weights and Adam state) whose teacher "
-                                        "top-1 on its own images, a running mean over its last ~10 steps, is below "
-                                        "this after restart_after steps of its own (fastdfd.train.restarts); 0: never",
-                                   kind="float", minimum=0, absent=0.0)
-    restart_after: int = setting(150, "a generator's own steps before restart_below judges it (counted again from "
-                                      "each restart)", kind="int", minimum=1, absent=150)
 
     def _check(self) -> None:
         if not all(b < 1 for b in self.betas):
             raise ValueError(f"OptimizerSettings.betas = {self.betas}: each must be in [0, 1)")
-        if self.restart_below > 1:
-            raise ValueError(f"OptimizerSettings.restart_below = {self.restart_below}: a top-1 accuracy, in [0, 1]")

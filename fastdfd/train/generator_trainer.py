@@ -60,7 +60,7 @@ from .optim import StackedAdam
 from .plan import ExecutionPlan, graph_obstacles, plan_chunk, resolve_graph
 from .pool import ImagePool
 from .schedule import ChunkSchedule
-from .restarts import GeneratorRestarts
+from .generator_top1 import RunningTop1
 from .probe import as_logits, check_ensemble_classes, check_finite_weights, check_placement, probe_teacher
 from .quality import QualityReport, generator_quality
 
@@ -74,10 +74,8 @@ class GeneratorTrainer(StepLoop):
             ``layer_weights``, ``first_layer_multiplier``) and the weights of every term. Default scope
             ``"ensemble"``: one set of statistics over every generator's images, the class mixture the running
             statistics describe. ``adversarial_weight`` needs ``student``; ``diversity_weight`` a batch of >= 2.
-        optim: :class:`~fastdfd.settings.OptimizerSettings`: Adam's ``lr`` and ``betas`` (one Adam per generator),
-            ``batch_size``, the images per generator per step, and ``restart_below`` / ``restart_after``: a
-            generator whose running teacher top-1 stays below the floor is re-initialised, judged every ``log_every``
-            steps (:mod:`fastdfd.train.restarts`; the events in ``trainer.restarts.events``).
+        optim: :class:`~fastdfd.settings.OptimizerSettings`: Adam's ``lr`` and ``betas`` (one Adam per generator)
+            and ``batch_size``, the images per generator per step.
         execution: :class:`~fastdfd.settings.ExecutionSettings`: ``generators_per_step`` (an integer, None for
             all, or ``"auto"``: the largest chunk the memory planner fits; a configuration that cannot fit is
             refused before the first step, with the figures), ``offload``, ``autocast``, ``channels_last`` and
@@ -199,10 +197,7 @@ class GeneratorTrainer(StepLoop):
         self.plan = ExecutionPlan(device=device, compute_device=compute_device, chunk=self.schedule.chunk,
                                   num_generators=ensemble.num_generators, memory=memory, cuda_graph=graph,
                                   graph_reason=why, settings=ex)
-        # each generator's running teacher top-1, and the restart of one that fails whole (off at restart_below 0)
-        self.restarts = GeneratorRestarts(ensemble, self.optimizer, below=self.optim.restart_below,
-                                          after=self.optim.restart_after, seed=self.seed,
-                                          offset=self.dist.rank * ensemble.num_generators, device=compute_device)
+        self.running_top1 = RunningTop1(ensemble.num_generators, self.optimizer, compute_device)  # which class fails
         self._capture = cuda_capture  # the seam tests replace (graphed_step.direct_capture on a CPU)
         self._graphs: dict[int, GraphedStep] = {}
 
@@ -317,7 +312,7 @@ class GeneratorTrainer(StepLoop):
         grads = torch.autograd.grad(total, list(params.values()))
         self.optimizer.step(dict(zip(params, grads)), rows)
         hits = (logits.argmax(1) == y.reshape(-1)).float().view(k, -1).mean(1)  # each generator's top-1 this step
-        self.restarts.update(rows, hits)
+        self.running_top1.update(rows, hits)
         return torch.stack([total.detach() / k, moment.detach().mean(), ce.detach().mean(), tv.detach().mean(),
                             hits.mean()])
 
@@ -354,13 +349,12 @@ class GeneratorTrainer(StepLoop):
         return world.view(k * self.dist.world, n, 3)[self.dist.rank * k:(self.dist.rank + 1) * k].reshape(-1, 3)
 
     def generator_top1(self) -> list[float]:
-        """Each generator's running teacher top-1 on its own training images (a mean over about its last 10 steps,
-        :class:`fastdfd.train.restarts.GeneratorRestarts`), this rank's generators in order; a host sync."""
-        return self.restarts.top1().tolist()
+        """Each generator's running teacher top-1 on its own training images, in [0, 1]: a mean over about its last
+        10 steps, bias-corrected (:mod:`fastdfd.train.generator_top1`); this rank's generators in order, 0 for one
+        that has not trained yet. A host sync: call it between fits."""
+        return self.running_top1.value().tolist()
 
     def _after_step(self) -> None:
-        if self.optim.restart_below and self.step % self.log_every == 0:  # judged where the loop syncs anyway
-            self.restarts.check(self.step)
         if self.loop.sample_every and self.step % self.loop.sample_every == 0 and self.dist.is_main:
             rows = list(range(min(16, self.ensemble.num_generators)))
             # a private RNG: writing samples must not change the training stream
@@ -383,7 +377,7 @@ class GeneratorTrainer(StepLoop):
             "ensemble_config": self.ensemble.config(),
             "ensemble": {k: v.detach().cpu().clone() for k, v in self.ensemble.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
-            "restarts": self.restarts.state_dict(),
+            "running_top1": self.running_top1.state_dict(),
         }
 
     def _adopt_saved_choices(self, state: dict, path) -> None:
@@ -407,8 +401,8 @@ class GeneratorTrainer(StepLoop):
             for name, p in self.ensemble.named_parameters():
                 p.copy_(state["ensemble"][name])
         self.optimizer.load_state_dict(state["optimizer"])
-        if "restarts" in state:  # checkpoints written before restarts existed had none (and restarts off)
-            self.restarts.load_state_dict(state["restarts"])
+        if "running_top1" in state:  # checkpoints written before it existed: it starts again from 0
+            self.running_top1.load_state_dict(state["running_top1"])
 
     def quality(self, n_per_class: int = 32, *, verifier: nn.Module | None = None,
                 verifier_input_space: str | InputSpace | None = None, seed: int | None = None,

@@ -108,15 +108,6 @@ class StackedAdam:
                 else:
                     table.index_copy_(0, rows_host, new.to(host))
 
-    @torch.no_grad()
-    def reset_rows(self, rows: list[int]) -> None:
-        """Forget the moments and step counts of ``rows``: their next step is a fresh Adam's first step."""
-        index = torch.tensor(rows, dtype=torch.long)
-        for table in (self.exp_avg, self.exp_avg_sq):
-            for t in table.values():
-                t.index_fill_(0, index.to(t.device), 0)
-        self.steps.index_fill_(0, index.to(self.steps.device), 0)
-
     def state_dict(self) -> dict:
         return {
             "exp_avg": {n: t.clone() for n, t in self.exp_avg.items()},
