@@ -105,7 +105,7 @@ def run(s: Settings, teacher=None, out_dir: Path | None = None, time_limit_s: fl
     trainer = GeneratorTrainer(teacher, ensemble, **settings, seed=s.seed, progress=progress, log_every=5,
                                input_space="minus_one_one")
     start = time.perf_counter()
-    per_class = []  # each generator's running teacher top-1 every 25 steps: which class fails, and when
+    per_class = []  # each generator's running teacher top-1 every 25 steps and at the end: which class fails, when
     while trainer.step < s.steps and time.perf_counter() - start < time_limit_s:
         rows = trainer.fit(min(5, s.steps - trainer.step))
         if trainer.step % 25 == 0:
@@ -115,6 +115,8 @@ def run(s: Settings, teacher=None, out_dir: Path | None = None, time_limit_s: fl
             print(f"step {r['step']}: moment {r['moment']:.4g} ce {r['ce']:.3g} teacher_acc {r['teacher_acc']:.2f} "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
     train_s = time.perf_counter() - start
+    if not per_class or per_class[-1]["step"] != trainer.step:  # the final state, where the clock stopped the run
+        per_class.append({"step": trainer.step, "top1": [round(a, 3) for a in trainer.generator_top1()]})
     verifier = None if s.verifier == "none" else load_efficientnet_lite(s.verifier)  # after the clock: not training
     report = generator_quality(teacher, ensemble, n_per_class=s.quality_per_class, input_space="minus_one_one",
                                kind=s.kind, seed=s.seed, class_names=imagenet_class_names(), verifier=verifier,

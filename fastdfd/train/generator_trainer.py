@@ -23,8 +23,9 @@ given is this rank's shard; scope="ensemble" statistics are those of the global 
 (one all-reduce of the packed sums per step), and N processes reproduce the 1-process run.
 
 With ``cuda_graph`` on, each step's work after the draws (gathering the chunk's parameters,
-the ensemble forward, the tapped teacher forward, the loss, the backward and the StackedAdam
-update) is captured once into a CUDA graph and replayed (:mod:`fastdfd.train.graphed_step`).
+the ensemble forward, the tapped teacher forward, the loss, the backward, the StackedAdam
+update and each generator's running teacher top-1) is captured once into a CUDA graph and
+replayed (:mod:`fastdfd.train.graphed_step`).
 The step reads its inputs from static buffers: the chunk's rows, latents and labels are drawn
 exactly as in eager mode (same private RNG, same order, so runs and resumes are reproducible
 and match eager ones) and copied into the buffers before each replay. Adam's step counts live
@@ -50,6 +51,7 @@ from ..rundir import fingerprint
 from ..nn.matcher import MomentMatcher
 from ..settings import ExecutionSettings, LoopSettings, LossSettings, OptimizerSettings, split_settings
 from .augment import draw_jitter_flip, jitter_flip
+from .generator_top1 import RunningTop1
 from .graphed_step import GraphedStep, cuda_capture
 from .images import grid, save_png
 from .loop import StepLoop
@@ -60,7 +62,6 @@ from .optim import StackedAdam
 from .plan import ExecutionPlan, graph_obstacles, plan_chunk, resolve_graph
 from .pool import ImagePool
 from .schedule import ChunkSchedule
-from .generator_top1 import RunningTop1
 from .probe import as_logits, check_ensemble_classes, check_finite_weights, check_placement, probe_teacher
 from .quality import QualityReport, generator_quality
 
@@ -197,7 +198,7 @@ class GeneratorTrainer(StepLoop):
         self.plan = ExecutionPlan(device=device, compute_device=compute_device, chunk=self.schedule.chunk,
                                   num_generators=ensemble.num_generators, memory=memory, cuda_graph=graph,
                                   graph_reason=why, settings=ex)
-        self.running_top1 = RunningTop1(ensemble.num_generators, self.optimizer, compute_device)  # which class fails
+        self.running_top1 = RunningTop1(ensemble.num_generators, compute_device)  # which class generator fails
         self._capture = cuda_capture  # the seam tests replace (graphed_step.direct_capture on a CPU)
         self._graphs: dict[int, GraphedStep] = {}
 
@@ -331,7 +332,8 @@ class GeneratorTrainer(StepLoop):
             graphed = self._graphs[k] = GraphedStep(
                 lambda: self._train_step(matcher, bufs["rows"], bufs["z"], bufs["y"], bufs["local"],
                                          bufs["augment"]), bufs,
-                state=self.optimizer.state_tensors(), warmup=self.GRAPH_WARMUP, capture=self._capture)
+                state=[*self.optimizer.state_tensors(), *self.running_top1.tensors()], warmup=self.GRAPH_WARMUP,
+                capture=self._capture)
         return graphed(rows=rows, z=z, y=y, local=local, augment=augment)
 
     def _draw_augment(self, k: int) -> torch.Tensor | None:
@@ -401,7 +403,7 @@ class GeneratorTrainer(StepLoop):
             for name, p in self.ensemble.named_parameters():
                 p.copy_(state["ensemble"][name])
         self.optimizer.load_state_dict(state["optimizer"])
-        if "running_top1" in state:  # checkpoints written before it existed: it starts again from 0
+        if "running_top1" in state:  # a checkpoint written before it existed: it starts anew, counting from 0
             self.running_top1.load_state_dict(state["running_top1"])
 
     def quality(self, n_per_class: int = 32, *, verifier: nn.Module | None = None,

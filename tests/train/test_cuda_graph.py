@@ -49,7 +49,7 @@ def _state(tr):
     opt = tr.optimizer
     return {**{n: p.detach() for n, p in tr.ensemble.named_parameters()},
             **{f"m.{n}": t for n, t in opt.exp_avg.items()}, **{f"v.{n}": t for n, t in opt.exp_avg_sq.items()},
-            "steps": opt.steps}
+            "steps": opt.steps, "running_top1": tr.running_top1.running, "running_top1_count": tr.running_top1.count}
 
 
 def _assert_same(a, b):
