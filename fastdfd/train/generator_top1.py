@@ -29,7 +29,9 @@ class RunningTop1:
 
     def __init__(self, num_generators: int, device: torch.device):
         self.running = torch.zeros(num_generators, dtype=torch.float32, device=device)  # not bias-corrected
-        self.count = torch.zeros(num_generators, dtype=torch.float32, device=device)  # steps averaged, per generator
+        # steps averaged, per generator: its own, not StackedAdam's per-row counts, which a checkpoint written before
+        # this figure existed restores without a running mean to match (and which live on the host under offload)
+        self.count = torch.zeros(num_generators, dtype=torch.float32, device=device)
 
     def tensors(self) -> list[torch.Tensor]:
         """What :meth:`update` writes in place (a CUDA-graph capture's persistent state)."""
