@@ -36,9 +36,10 @@ from ..nn.ensemble import GeneratorEnsemble
 from ..rundir import fingerprint
 from ..settings import DistillSettings, LoopSettings, split_settings
 from .evaluate import evaluate_accuracy
-from .modes import frozen, in_mode
+from .modes import channels_last_params, frozen, in_mode
 from .loop import StepLoop
 from .augment import mix_pairs, random_crop_flip
+from .labeller import TeacherLabeller
 from .losses import distillation_kl
 from .pool import ImagePool
 from .probe import (as_logits, check_ensemble_classes, check_finite_weights, check_placement, check_student,
@@ -58,7 +59,12 @@ class Distiller(StepLoop):
             a random crop, black padding of ``image_size // 8`` pixels, and a horizontal flip before the teacher
             and the student see them, :func:`fastdfd.train.augment.random_crop_flip`) and ``mix`` (``"none"``,
             ``"mixup"`` or ``"cutmix"``: after ``augment``, each image is mixed with another of its step, and the
-            teacher labels the mixed image, :func:`fastdfd.train.augment.mix_pairs`).
+            teacher labels the mixed image, :func:`fastdfd.train.augment.mix_pairs`) and ``fold_teacher``
+            (True: the teacher's labels come from a traced copy with its eval BatchNorms folded into their
+            convolutions, :class:`fastdfd.train.labeller.TeacherLabeller`; ``self.labeller.reason`` says why
+            the teacher answered as it is where no copy could be made) and ``channels_last`` (the student's 4-D
+            weights and each step's images channels_last inside each fit, the values kept and the format
+            restored after: a faster layout for oneDNN's convolutions; single process only).
         loop: :class:`~fastdfd.settings.LoopSettings`, as for :class:`GeneratorTrainer` (``sample_every`` must be 0).
         **overrides: any field of those two by name, laid over them.
 
@@ -122,6 +128,9 @@ class Distiller(StepLoop):
         check_ensemble_classes(ensemble, self.teacher_probe)
         check_student(teacher, student, self.teacher_probe, spec.channels, spec.image_size, self.input_space)
         self.temperature, self.batch_size = d.temperature, d.batch_size
+        # the step's labels: the teacher's logits from its BN-folded copy (docs/cifar10.md: a third off the
+        # teacher's forward on the CPU), the teacher itself where no copy can be made (labeller.reason)
+        self.labeller = TeacherLabeller(teacher, d.fold_teacher)
         params = [p for p in student.parameters() if p.requires_grad]
         if d.optimizer == "sgd":
             self.optimizer = torch.optim.SGD(params, lr=d.lr, momentum=d.momentum, weight_decay=d.weight_decay,
@@ -142,6 +151,8 @@ class Distiller(StepLoop):
             if d.student_bn != "mixed":  # DDP expects one forward per backward
                 raise ValueError("student_bn='per_generator' runs one student forward per generator: "
                                  "single process only")
+            if d.channels_last:  # DDP's gradient buckets view the parameters as they were wrapped
+                raise ValueError("channels_last converts the student's weights for each fit: single process only")
             from torch.nn.parallel import DistributedDataParallel
 
             self._own_stream_per_rank()
@@ -158,7 +169,8 @@ class Distiller(StepLoop):
 
     @contextlib.contextmanager
     def _run(self) -> Iterator[None]:
-        with in_mode(self.student, True), frozen(self.teacher):
+        with in_mode(self.student, True), frozen(self.teacher), \
+                channels_last_params(self.student, self.settings.channels_last):
             yield None
 
     def _step(self, _ctx) -> torch.Tensor:
@@ -171,7 +183,7 @@ class Distiller(StepLoop):
         x = mix_pairs(x, self.mix, self.rng)  # before the teacher: it labels what the student sees
         x = self.input_space.from_generator(x)  # pixels, normalised as the teacher (and so the student) expects
         with torch.no_grad():
-            t_logits = as_logits(self.teacher(x), self.teacher_probe.probabilities)
+            t_logits = as_logits(self.labeller(x), self.teacher_probe.probabilities)
         return self._learn(x, t_logits)
 
     def _pool_step(self) -> torch.Tensor:
@@ -182,7 +194,7 @@ class Distiller(StepLoop):
         if self.mix != "none":  # no stored logits fit a mixed image: the teacher labels it
             x = mix_pairs(x, self.mix, self.rng)
             with torch.no_grad():
-                t_logits = as_logits(self.teacher(x), self.teacher_probe.probabilities)
+                t_logits = as_logits(self.labeller(x), self.teacher_probe.probabilities)
         return self._learn(x, t_logits)
 
     def _learn(self, x: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
@@ -198,6 +210,8 @@ class Distiller(StepLoop):
 
     def student_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The student's logits on a step's generator-major images, BN statistics per ``student_bn``."""
+        if self.settings.channels_last:  # the student's weights are, inside a fit (_run)
+            x = x.contiguous(memory_format=torch.channels_last)
         if self.student_bn == "mixed":
             return self.model(x)
         return torch.cat([self.model(block) for block in x.split(self.batch_size)])

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-__all__ = ["channels_last_weights", "frozen", "in_mode"]
+__all__ = ["channels_last_params", "channels_last_weights", "frozen", "in_mode"]
 
 
 @contextlib.contextmanager
@@ -60,3 +60,24 @@ def channels_last_weights(model: nn.Module, enabled: bool = True) -> Iterator[nn
         with torch.no_grad():
             for t, data in saved:
                 t.data = data
+
+
+@contextlib.contextmanager
+def channels_last_params(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
+    """The model's 4-D parameters and buffers channels_last inside, for a model that trains inside (a student):
+    after the block each holds its values as they are then, in the contiguous format it came in with. The
+    Parameter objects stay the same (an optimizer's references hold; its state keeps the layout it was made in).
+    """
+    if not enabled:
+        yield model
+        return
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.dim() == 4 and t.is_contiguous()]
+    with torch.no_grad():
+        for t in tensors:
+            t.data = t.data.contiguous(memory_format=torch.channels_last)
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for t in tensors:
+                t.data = t.data.contiguous()

@@ -1,0 +1,207 @@
+"""The distiller's labels from a BN-folded copy of the teacher (fastdfd.train.labeller): the copy against the
+float64 teacher, what makes it follow the teacher, the teachers it must leave alone, and the distiller's use."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from fastdfd import Distiller
+from fastdfd.models import create_model
+from fastdfd.train.labeller import TeacherLabeller, fold_batchnorms
+
+from ..conftest import randomize_bn_stats
+from .test_trainer import small_ensemble
+
+
+def _cifar_teacher(seed=0):
+    torch.manual_seed(seed)
+    return randomize_bn_stats(create_model("cifar_resnet20", num_classes=10)).eval().requires_grad_(False)
+
+
+def _rel(a, b):
+    return float((a.double() - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("shape", [(7, 3, 32, 32), (2, 3, 19, 23), (1, 3, 8, 8)])
+def test_folded_copy_is_within_fp32_rounding_of_the_float64_teacher(shape):
+    teacher = _cifar_teacher()
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    reference = copy.deepcopy(teacher).double()(x.double())
+    labeller = TeacherLabeller(teacher)
+    got = labeller(x)
+    assert labeller.folded and labeller.reason == ""
+    assert not got.requires_grad
+    plain = teacher(x)
+    # the copy's error against float64 is of the size of the plain fp32 teacher's (folding rounds the weights once)
+    assert _rel(got, reference) <= 10 * _rel(plain, reference) + 1e-6
+    assert _rel(got, reference) < 1e-4
+
+
+def test_every_conv_bn_pair_is_folded_and_cpu_weights_are_channels_last():
+    teacher = _cifar_teacher()
+    folded, reason = fold_batchnorms(teacher, channels_last=True)
+    assert reason == ""
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())  # every BN follows a conv alone
+    convs = [m for m in folded.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    assert all(m.bias is not None for m in convs)  # the BN's shift lives in the bias
+    # the teacher itself is untouched: its BN layers, contiguous weights
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in teacher.modules()) == len(convs)
+    assert all(m.weight.is_contiguous() for m in teacher.modules() if isinstance(m, nn.Conv2d))
+
+
+def test_the_copy_follows_the_teachers_weights_modes_and_hooks():
+    teacher = _cifar_teacher()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    labeller = TeacherLabeller(teacher)
+    labeller(x)
+    first = labeller._copy
+    labeller(x)
+    assert labeller._copy is first  # nothing changed: the copy is kept, not traced again
+    bn = next(m for m in teacher.modules() if isinstance(m, nn.BatchNorm2d))
+    with torch.no_grad():
+        bn.running_var.mul_(4.0)  # in place: a new version of the buffer
+    assert torch.allclose(labeller(x), teacher(x), atol=1e-4) and labeller._copy is not first
+    with torch.no_grad():
+        bn.weight = nn.Parameter(bn.weight * 0.5, requires_grad=False)  # replaced
+    assert torch.allclose(labeller(x), teacher(x), atol=1e-4)
+    seen = []
+    handle = bn.register_forward_hook(lambda *_: seen.append(1))
+    labeller(x)
+    assert seen and not labeller.folded and "hooks" in labeller.reason  # the hook is called, so no copy
+    handle.remove()
+    labeller(x)
+    assert labeller.folded
+    teacher.train()
+    out = labeller(x)
+    assert not labeller.folded and "training mode" in labeller.reason
+    assert torch.equal(out, teacher(x))  # answered by the teacher (in eval its BN would differ)
+    teacher.eval()
+
+
+class _Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        h = self.bn(self.conv(x))
+        if h.mean() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            h = h.relu()
+        return self.fc(h.mean((2, 3)))
+
+
+class _PreActivation(nn.Module):
+    """BN before the convolution, and a BN whose convolution also feeds a skip: neither may be folded."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn0, self.conv0 = nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1)
+        self.conv1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        h = self.conv0(self.bn0(x))
+        c = self.conv1(h)
+        return self.fc((self.bn1(c) + c).mean((2, 3)))
+
+
+def test_teachers_it_cannot_fold_answer_as_they_are():
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    teacher = randomize_bn_stats(_Untraceable()).eval()
+    labeller = TeacherLabeller(teacher)
+    assert torch.equal(labeller(x), teacher(x))
+    assert not labeller.folded and "torch.fx could not trace _Untraceable.forward" in labeller.reason
+    own = randomize_bn_stats(_PreActivation()).eval()
+    own.forward = own.forward  # a forward on the instance
+    labeller = TeacherLabeller(own)
+    assert torch.equal(labeller(x), own(x)) and "forward of its own" in labeller.reason
+    off = TeacherLabeller(_cifar_teacher(), enabled=False)
+    assert not off.folded and off.reason == "fold_teacher is off"
+
+
+def test_a_bn_that_cannot_fold_is_kept():
+    teacher = randomize_bn_stats(_PreActivation()).eval()
+    folded, reason = fold_batchnorms(teacher)
+    assert reason == ""
+    kept = {type(m) for m in folded.modules()}
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) == 2  # bn0 before a conv, bn1 beside c
+    assert nn.Conv2d in kept
+    x = torch.randn(5, 3, 9, 7, generator=torch.Generator().manual_seed(4))
+    assert torch.allclose(TeacherLabeller(teacher)(x), teacher(x), atol=1e-5)
+
+
+def test_fold_refuses_a_teacher_in_training_mode():
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorms(create_model("cifar_resnet20", num_classes=10).train())
+
+
+@pytest.mark.parametrize("from_pool", [False, True])
+def test_distiller_labels_with_the_folded_copy_and_learns_as_with_the_teacher(from_pool):
+    from fastdfd.train.pool import ImagePool
+
+    from .test_trainer import trainer
+
+    teacher = randomize_bn_stats(create_model("digits_teacher", num_classes=10))
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    n_bn, mode = sum(isinstance(m, nn.BatchNorm2d) for m in teacher.modules()), teacher.training
+    ens = small_ensemble(k=2, num_classes=10)
+    pool = None
+    if from_pool:
+        pool = ImagePool(64)
+        trainer(teacher, ens, pool=pool).fit(2)
+    runs = {}
+    for fold in (True, False):
+        torch.manual_seed(5)
+        student = create_model("digits_student", num_classes=10)
+        d = Distiller(teacher, student, ens, batch_size=4, pool=copy.deepcopy(pool), progress=False,
+                      mix="cutmix", input_space="minus_one_one", log_every=1, seed=7, fold_teacher=fold)
+        runs[fold] = (d.fit(3), d)
+        assert "fold_teacher" not in d.config()  # rounding only: not part of what a checkpoint must match
+    assert runs[True][1].labeller.folded and not runs[False][1].labeller.folded
+    for a, b in zip(runs[True][0], runs[False][0]):
+        assert a["kd"] == pytest.approx(b["kd"], rel=1e-4, abs=1e-6)
+    # the teacher leaves the runs as it came in: its BN layers, mode and weights
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in teacher.modules()) == n_bn and teacher.training == mode
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+
+
+def test_channels_last_student_learns_as_the_contiguous_one_and_leaves_its_format():
+    teacher = randomize_bn_stats(create_model("digits_teacher", num_classes=10))
+    ens = small_ensemble(k=2, num_classes=10)
+    runs = {}
+    for cl in (False, True):
+        torch.manual_seed(6)
+        student = create_model("digits_student", num_classes=10)
+        params = list(student.parameters())
+        d = Distiller(teacher, student, ens, batch_size=4, progress=False, augment="crop_flip", mix="cutmix",
+                      input_space="minus_one_one", log_every=1, seed=8, channels_last=cl)
+        seen = []
+        # a weight whose layouts differ (one input channel would be both); the images have one channel, so any
+        # layout reads as channels_last: the weight alone tells
+        weight = next(p for p in student.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] > 1)
+        handle = student.register_forward_pre_hook(
+            lambda m, a: seen.append(weight.is_contiguous(memory_format=torch.channels_last)
+                                     and not weight.is_contiguous()))
+        rows = d.fit(2) + d.fit(2)  # two fits: the format goes in and out twice, the optimiser's state stays
+        handle.remove()
+        assert seen and all(seen) == cl and any(seen) == cl
+        # after the fits: the same Parameter objects (the optimiser's), contiguous, with the trained values
+        assert all(p is q for p, q in zip(student.parameters(), params))
+        assert all(p.is_contiguous() for p in student.parameters())
+        runs[cl] = (rows, student.state_dict())
+    for a, b in zip(runs[False][0], runs[True][0]):
+        assert a["kd"] == pytest.approx(b["kd"], rel=1e-4, abs=1e-6)
+    for k, v in runs[False][1].items():
+        assert torch.allclose(v.float(), runs[True][1][k].float(), rtol=1e-4, atol=1e-5), k
+
+
+def test_layout_knobs_default_and_stay_out_of_a_checkpoints_config():
+    from fastdfd.settings import DistillSettings
+
+    assert DistillSettings().channels_last is False and DistillSettings().fold_teacher is True
+    assert "channels_last" not in DistillSettings(channels_last=True).config()
+    assert "fold_teacher" not in DistillSettings(fold_teacher=False).config()
