@@ -6,9 +6,9 @@ in one process: the teacher's labels from its BN-folded copy (``DistillSettings.
 
 The step is the one :mod:`benchmarks.cifar10_datafree` runs by default: 130 images drawn from a pool the
 generators filled, crop and flip, CutMix, the pretrained ResNet-56 labelling the mixes, a ResNet-20 student's
-forward, backward and SGD update. Both distillers share one pool (filled by a few generator steps first) and
-start from one student; each round times ``--steps`` steps of each in turn, so a drift of the machine's speed
-reaches all alike. Prints the medians per step and their ratios to the first; ``--json`` writes them.
+forward, backward and SGD update. The distillers share one pool (filled by a few generator steps first) and
+start from one student; each round times ``--steps`` steps of each in turn, the order rotated round by round, so
+a drift of the machine's speed reaches all alike. Prints the medians per step and their ratios to the first; ``--json`` writes them.
 """
 
 from __future__ import annotations
@@ -58,8 +58,10 @@ def measure(data: str, rounds: int, steps: int, fill_steps: int = 4, verbose: bo
     for d in distillers.values():
         d.fit(2)  # warm: the folded copy is traced on its first call
     times = {name: [] for name in CASES}
-    for _ in range(rounds):
-        for name, d in distillers.items():
+    names = list(CASES)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            d = distillers[name]
             t0 = time.perf_counter()
             d.fit(steps)
             times[name].append((time.perf_counter() - t0) / steps)

@@ -36,10 +36,11 @@ class DistillSettings(Settings):
     mix: str = setting("none", "after augment, each image mixed with another of its step (mixup: a blend, cutmix: a "
                                "pasted box) and labelled by the teacher on the mixed image: one teacher forward a "
                                "step, from a pool too", kind="str", choices=MIXES, absent="none")
-    fold_teacher: bool = setting(True, "label with a traced copy of the teacher whose eval BatchNorms are folded "
-                                       "into their convolutions (channels_last on the CPU); its logits match the "
-                                       "teacher's to fp32 rounding, and the teacher answers as it is where it "
-                                       "cannot be traced", kind="bool", absent=True, config=False)
+    fold_teacher: bool = setting(True, "on the CPU, label with a traced copy of the teacher whose eval BatchNorms "
+                                       "are folded into their convolutions (channels_last weights); its logits "
+                                       "match the teacher's to fp32 rounding, and the teacher answers as it is "
+                                       "(with a warning) where it cannot be traced", kind="bool", absent=True,
+                                 config=False)
     channels_last: bool = setting(False, "the student's weights and each step's images channels_last inside a fit "
                                          "(the weights' values kept, their format restored after; single process "
                                          "only)", kind="bool", absent=False, config=False)

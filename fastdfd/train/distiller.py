@@ -60,9 +60,9 @@ class Distiller(StepLoop):
             and the student see them, :func:`fastdfd.train.augment.random_crop_flip`) and ``mix`` (``"none"``,
             ``"mixup"`` or ``"cutmix"``: after ``augment``, each image is mixed with another of its step, and the
             teacher labels the mixed image, :func:`fastdfd.train.augment.mix_pairs`) and ``fold_teacher``
-            (True: the teacher's labels come from a traced copy with its eval BatchNorms folded into their
-            convolutions, :class:`fastdfd.train.labeller.TeacherLabeller`; ``self.labeller.reason`` says why
-            the teacher answered as it is where no copy could be made) and ``channels_last`` (the student's 4-D
+            (True: on the CPU the teacher's labels come from a traced copy with its eval BatchNorms folded into
+            their convolutions, :class:`fastdfd.train.labeller.TeacherLabeller`, checked against the teacher once
+            a fit; ``self.labeller.reason`` says why the teacher answered as it is where no copy could be made) and ``channels_last`` (the student's 4-D
             weights and each step's images channels_last inside each fit, the values kept and the format
             restored after: a faster layout for oneDNN's convolutions; single process only).
         loop: :class:`~fastdfd.settings.LoopSettings`, as for :class:`GeneratorTrainer` (``sample_every`` must be 0).
@@ -128,8 +128,8 @@ class Distiller(StepLoop):
         check_ensemble_classes(ensemble, self.teacher_probe)
         check_student(teacher, student, self.teacher_probe, spec.channels, spec.image_size, self.input_space)
         self.temperature, self.batch_size = d.temperature, d.batch_size
-        # the step's labels: the teacher's logits from its BN-folded copy (docs/cifar10.md: a third off the
-        # teacher's forward on the CPU), the teacher itself where no copy can be made (labeller.reason)
+        # the step's labels: the teacher's logits from its BN-folded copy on the CPU (the CIFAR-10 step 1.07x,
+        # docs/cifar10.md), the teacher itself where no copy can be made (labeller.reason); checked once a fit
         self.labeller = TeacherLabeller(teacher, d.fold_teacher)
         params = [p for p in student.parameters() if p.requires_grad]
         if d.optimizer == "sgd":
@@ -169,7 +169,7 @@ class Distiller(StepLoop):
 
     @contextlib.contextmanager
     def _run(self) -> Iterator[None]:
-        with in_mode(self.student, True), frozen(self.teacher), \
+        with in_mode(self.student, True), frozen(self.teacher), self.labeller.held(), \
                 channels_last_params(self.student, self.settings.channels_last):
             yield None
 

@@ -5,60 +5,74 @@ forward with no gradient and no BN statistics to tap. In eval mode a BatchNorm a
 affine map of that convolution's output, so it folds into the convolution's weight and bias (Ioffe and
 Szegedy 2015, sec. 3.1: inference BN is a linear transform; the fold is ``torch.nn.utils.fusion``'s
 ``fuse_conv_bn_eval``), and the forward skips one read and one write of every BN layer's activations. On the
-CPU the copy also keeps its weights channels_last (oneDNN's faster layout for these convolutions). Pretrained
-CIFAR ResNet-56, 130 images of 32 px, 2-core AMD EPYC (AVX2), torch 2.13: 466 ms a forward as it is, 340 ms
-folded, 297 ms folded and channels_last (docs/cifar10.md).
+CPU the copy also keeps its weights channels_last (oneDNN's faster layout for these convolutions). The
+CIFAR-10 benchmark's distillation step (pretrained ResNet-56 labelling 130 CutMix images, a ResNet-20 update),
+2-core AMD EPYC (AVX2): 615 ms as before, 574 ms with these labels (``python -m benchmarks.distill_step``,
+docs/cifar10.md).
 
-The copy is traced with ``torch.fx`` (``torch.fx.experimental.optimization.fuse``, which folds only a
-BatchNorm whose convolution feeds it alone, and only the exact ``nn.Conv*d`` / ``nn.BatchNorm*d`` types:
-timm's ``BatchNormAct2d`` and fastdfd's taps stay as they are). Where the teacher cannot be traced, carries
-hooks a trace would lose, or the copy's logits on a probe batch differ from the teacher's by more than fp32
-rounding, the teacher answers as it is and :attr:`TeacherLabeller.reason` says why. The copy is made again
-whenever a parameter or buffer of the teacher was changed or replaced (their version counters), a module's
-mode changed or a hook was added or removed, so it never answers for weights the teacher no longer has. A
-forward that reads a plain Python attribute (a float set on a module) is traced with the value it had: change
-such an attribute and the copy does not follow (``fold_teacher=False`` then).
+The copy is made by ``torch.fx.experimental.optimization.fuse``: it traces the teacher and folds a
+``nn.BatchNorm*d`` into the ``nn.Conv*d`` (or a ``nn.BatchNorm1d`` into the ``nn.Linear``) before it when that
+layer's output is read by the BatchNorm alone, exact types only (timm's ``BatchNormAct2d`` and fastdfd's taps
+stay as they are). The copy is used on the CPU only (on a card it would hold a second teacher in memory, and
+its speed there is unmeasured). Where the teacher's forward takes optional or keyword arguments (a trace would
+fix them), cannot be traced, carries hooks a trace would skip, or where the copy fails or disagrees with the
+teacher on a probe batch, the teacher answers as it is, :attr:`TeacherLabeller.reason` says why, and a
+warning says it once.
+
+What the copy is checked against: the teacher's state_dict, byte for byte (:func:`fastdfd.rundir.fingerprint`),
+its modules (identity and type), their plain Python attributes (the mode, flags a ``forward`` may branch on),
+their hook counts and the global module hooks. Outside :meth:`TeacherLabeller.held` every call checks them;
+inside it (the distiller holds the teacher frozen for a fit) the first call does.
 """
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
+from ..nn.epilogue import _has_hooks, _module_state, _positional_only_signature
+from ..rundir import fingerprint
+
 __all__ = ["TeacherLabeller", "fold_batchnorms"]
 
-# the copy's logits may differ from the teacher's by fp32 rounding of the folded weights; more than this,
-# relative to the logits' scale, means the trace froze something the teacher's forward decides at run time
-_PROBE_RTOL = 1e-3
-
-
-def _has_hooks(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or getattr(m, "_backward_hooks", None)
-                or getattr(m, "_backward_pre_hooks", None))
+# the copy's output may differ from the teacher's by the rounding of the folded weights; more than this many
+# units of the dtype's rounding (and at least 1e-3), relative to the output's scale, means the trace froze
+# something the teacher's forward decides at run time (a module called at two sites, one before a BN)
+_PROBE_ULPS, _PROBE_RTOL_MIN = 64, 1e-3
+_PROBE_IMAGES = 8
 
 
 def fold_batchnorms(teacher: nn.Module, channels_last: bool = False) -> tuple[nn.Module | None, str]:
-    """A traced copy of ``teacher`` (in eval mode) with each BatchNorm folded into the convolution that alone
-    feeds it; its 4-D weights channels_last when asked. Returns ``(copy, "")``, or ``(None, reason)`` where the
-    teacher cannot be folded this way (never raises for a teacher it cannot trace). The teacher is not changed.
+    """A traced copy of ``teacher`` (in eval mode) with each BatchNorm folded into the convolution or linear
+    layer before it, where that layer's output is read by the BatchNorm alone; its 4-D weights channels_last when
+    asked. Returns ``(copy, "")``, or ``(None, reason)`` where the teacher cannot be copied this way (never
+    raises for a teacher it cannot trace). The teacher is not changed.
 
-    The copy answers with no gradient only (its weights are detached copies): use it for labels, never to train.
-    Raises ValueError if the teacher is in training mode (its BN layers would normalise by the batch)."""
-    if teacher.training or any(m.training for m in teacher.modules()):
+    The copy's tensors are its own, without gradient: use it for labels, never to train.
+    Raises ValueError if a module of the teacher is in training mode (its BN would normalise by the batch)."""
+    if any(m.training for m in teacher.modules()):
         raise ValueError("fold_batchnorms: the teacher must be in eval mode (a BN layer in training mode "
                          "normalises by the batch, which no folded weight can)")
     if "forward" in teacher.__dict__:
         return None, "the teacher has a forward of its own on the instance, which a trace would not follow"
+    if _positional_only_signature(teacher) is None:
+        return None, (f"{type(teacher).__name__}.forward takes optional, keyword or variable arguments, which a "
+                      "trace would fix")
     hooked = next((name or type(teacher).__name__ for name, m in teacher.named_modules() if _has_hooks(m)), None)
     if hooked is not None:
         return None, f"module {hooked!r} carries hooks, which a traced copy would not call"
     from torch.fx.experimental.optimization import fuse
 
     try:
-        folded = fuse(teacher)  # deep-copies the teacher before tracing it
-    except Exception as exc:  # noqa: BLE001 (any tracing failure: the teacher answers as it is)
+        folded = fuse(teacher)  # deep-copies the teacher, then traces the copy
+    except Exception as exc:  # noqa: BLE001 (a copy or trace that fails: the teacher answers as it is)
         first = str(exc).splitlines()[0] if str(exc) else ""
-        return None, f"torch.fx could not trace {type(teacher).__name__}.forward ({type(exc).__name__}: {first})"
+        return None, (f"{type(teacher).__name__} could not be copied and traced by torch.fx "
+                      f"({type(exc).__name__}: {first})")
     folded.eval().requires_grad_(False)
     if channels_last:
         folded = folded.to(memory_format=torch.channels_last)
@@ -66,68 +80,115 @@ def fold_batchnorms(teacher: nn.Module, channels_last: bool = False) -> tuple[nn
 
 
 def _state_key(model: nn.Module) -> tuple:
-    """What a folded copy depends on: each tensor's storage and version (changed in place or replaced), each
-    module's mode, and which modules carry hooks."""
-    modules = tuple((m.training, _has_hooks(m)) for m in model.modules())
-    return modules, tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
+    """What a folded copy depends on: the state_dict's bytes, the modules (identity, type), their plain
+    attributes and hook counts, and the global hooks."""
+    modules = list(model.modules())
+    return fingerprint(model), tuple((id(m), type(m)) for m in modules), _module_state(modules)
+
+
+def _probe_tolerance(dtype: torch.dtype) -> float:
+    return max(_PROBE_RTOL_MIN, _PROBE_ULPS * torch.finfo(dtype).eps) if dtype.is_floating_point else 0.0
 
 
 class TeacherLabeller:
-    """The frozen teacher's logits for a distillation step, from its folded copy where one can be made.
+    """The frozen teacher's output for a distillation step, from its BN-folded copy where one can be made.
 
     Args:
-        teacher: the teacher; it must be in eval mode whenever the labeller is called (the distiller holds it
-            frozen for its run).
+        teacher: the teacher; in eval mode whenever the labeller is called (the distiller holds it frozen).
         enabled: False: always the teacher as it is (``DistillSettings.fold_teacher``).
 
-    Call it with images ``x`` ``[N, C, H, W]`` in the teacher's input space, of the teacher's dtype and on its
-    device; it returns what the teacher returns on them (logits, or probabilities for a teacher that outputs
-    them), computed without gradient. The copy and the teacher agree to fp32 rounding: a probe batch of the
-    first call's shape is checked against the teacher before the copy is used.
+    Call it with images ``x`` ``[N, C, H, W]`` in the teacher's input space, of its dtype and on its device;
+    it returns what the teacher returns on them (``[N, classes]`` logits, or probabilities for a teacher that
+    outputs them), computed without gradient. Before a copy answers, it is checked against the teacher on the
+    first 8 images of the call that made it: within fp32 rounding (64 units of the dtype's rounding, at least
+    1e-3, relative to the largest output).
     """
 
     def __init__(self, teacher: nn.Module, enabled: bool = True):
         self.teacher, self.enabled = teacher, enabled
         self.reason = "" if enabled else "fold_teacher is off"
         self._copy: nn.Module | None = None
+        self._channels_last = False
         self._key: tuple | None = None
+        self._holding = self._checked = False
+        self._warned: set[str] = set()
 
     @property
     def folded(self) -> bool:
-        """Whether the last call answered from the folded copy."""
+        """Whether the copy answers (as of the last check)."""
         return self._copy is not None
 
+    @contextlib.contextmanager
+    def held(self) -> Iterator["TeacherLabeller"]:
+        """Inside, the teacher is taken not to change (a distiller's fit holds it frozen): the copy is checked
+        against it on the first call only, not on each."""
+        self._holding, self._checked = True, False
+        try:
+            yield self
+        finally:
+            self._holding = False
+
     def _refresh(self, x: torch.Tensor) -> None:
-        key = _state_key(self.teacher)
+        if x.device.type != "cpu":
+            self._copy, self._key = None, None
+            self.reason = "the folded copy runs on the CPU only (on a card it would hold a second teacher)"
+            return
+        try:
+            key = _state_key(self.teacher)
+        except Exception as exc:  # noqa: BLE001 (a tensor whose bytes cannot be read: no copy is checked)
+            self._copy, self._key = None, None
+            self._fall_back(f"the teacher's state cannot be fingerprinted ({type(exc).__name__}: {exc})")
+            return
         if key == self._key:
             return
         self._key, self._copy = key, None
-        if any(training for training, _ in key[0]):
+        if any(m.training for m in self.teacher.modules()):
             self.reason = "the teacher is in training mode (its BN layers normalise by the batch)"
             return
-        channels_last = x.device.type == "cpu" and x.dim() == 4
-        folded, self.reason = fold_batchnorms(self.teacher, channels_last=channels_last)
-        if folded is None:
-            return
-        probe = x[: min(len(x), 8)]
-        want = self.teacher(probe)
-        got = folded(probe.contiguous(memory_format=torch.channels_last) if channels_last else probe)
+        # channels_last first where it applies; a forward that .view()s its activations refuses that layout,
+        # so a copy that fails in it is tried again in the teacher's own
+        failure = ""
+        for channels_last in ((True, False) if x.dim() == 4 else (False,)):
+            folded, reason = fold_batchnorms(self.teacher, channels_last=channels_last)
+            if folded is None:
+                self._fall_back(reason)
+                return
+            failure = self._probe(folded, x[:_PROBE_IMAGES], channels_last)
+            if not failure:
+                self._copy, self._channels_last, self.reason = folded, channels_last, ""
+                return
+        self._fall_back(failure)
+
+    def _probe(self, folded: nn.Module, probe: torch.Tensor, channels_last: bool) -> str:
+        """Why the copy does not answer as the teacher on ``probe`` ("" when it does)."""
+        try:
+            want = self.teacher(probe)
+            got = folded(probe.contiguous(memory_format=torch.channels_last) if channels_last else probe)
+        except Exception as exc:  # noqa: BLE001 (e.g. a .view that channels_last activations refuse)
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            return f"the folded copy fails on a probe batch ({type(exc).__name__}: {first})"
         if not isinstance(want, torch.Tensor) or not isinstance(got, torch.Tensor) or got.shape != want.shape:
-            self.reason = "the folded copy does not return the teacher's tensor"
-            return
-        scale = want.abs().max().clamp_min(1.0)
-        err = (got - want).abs().max()
-        if not bool(torch.isfinite(err)) or float(err) > _PROBE_RTOL * float(scale):
-            self.reason = (f"the folded copy's output differs from the teacher's by {float(err):.3g} on a probe "
-                           "batch (a forward that a trace cannot stand for)")
-            return
-        self._copy, self._channels_last = folded, channels_last
+            return "the folded copy does not return the teacher's tensor"
+        err = float((got.float() - want.float()).abs().max())
+        scale = max(1.0, float(want.float().abs().max()))
+        if not err <= _probe_tolerance(want.dtype) * scale:  # also NaN
+            return (f"the folded copy's output differs from the teacher's by {err:.3g} on a probe batch (a forward "
+                    "that a trace cannot stand for)")
+        return ""
+
+    def _fall_back(self, reason: str) -> None:
+        self.reason = reason
+        if reason not in self._warned:
+            self._warned.add(reason)
+            warnings.warn(f"fastdfd: the distiller's teacher labels without a folded copy: {reason}", stacklevel=4)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return self.teacher(x)
-        self._refresh(x)
+        if not (self._holding and self._checked):
+            self._refresh(x)
+            self._checked = self._holding
         if self._copy is None:
             return self.teacher(x)
         return self._copy(x.contiguous(memory_format=torch.channels_last) if self._channels_last else x)

@@ -2,6 +2,7 @@
 float64 teacher, what makes it follow the teacher, the teachers it must leave alone, and the distiller's use."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -52,7 +53,7 @@ def test_every_conv_bn_pair_is_folded_and_cpu_weights_are_channels_last():
     assert all(m.weight.is_contiguous() for m in teacher.modules() if isinstance(m, nn.Conv2d))
 
 
-def test_the_copy_follows_the_teachers_weights_modes_and_hooks():
+def test_the_copy_follows_the_teachers_weights_modules_modes_and_hooks():
     teacher = _cifar_teacher()
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     labeller = TeacherLabeller(teacher)
@@ -62,14 +63,15 @@ def test_the_copy_follows_the_teachers_weights_modes_and_hooks():
     assert labeller._copy is first  # nothing changed: the copy is kept, not traced again
     bn = next(m for m in teacher.modules() if isinstance(m, nn.BatchNorm2d))
     with torch.no_grad():
-        bn.running_var.mul_(4.0)  # in place: a new version of the buffer
+        bn.running_var.data.mul_(4.0)  # through .data: no version counter sees it, the bytes do
     assert torch.allclose(labeller(x), teacher(x), atol=1e-4) and labeller._copy is not first
     with torch.no_grad():
         bn.weight = nn.Parameter(bn.weight * 0.5, requires_grad=False)  # replaced
-    assert torch.allclose(labeller(x), teacher(x), atol=1e-4)
+    assert torch.allclose(labeller(x), teacher(x), atol=1e-4) and labeller.folded
     seen = []
     handle = bn.register_forward_hook(lambda *_: seen.append(1))
-    labeller(x)
+    with pytest.warns(UserWarning, match="carries hooks"):
+        labeller(x)
     assert seen and not labeller.folded and "hooks" in labeller.reason  # the hook is called, so no copy
     handle.remove()
     labeller(x)
@@ -79,6 +81,41 @@ def test_the_copy_follows_the_teachers_weights_modes_and_hooks():
     assert not labeller.folded and "training mode" in labeller.reason
     assert torch.equal(out, teacher(x))  # answered by the teacher (in eval its BN would differ)
     teacher.eval()
+
+
+def test_a_swapped_module_and_a_changed_attribute_are_seen():
+    teacher = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(5))
+    x = torch.randn(3, 3, 6, 6, generator=torch.Generator().manual_seed(9))
+    teacher(x)  # materialise the lazy layer
+    teacher = randomize_bn_stats(teacher).eval()
+    labeller = TeacherLabeller(teacher)
+    labeller(x)
+    assert labeller.folded
+    teacher[2] = nn.Tanh().eval()  # no tensor changes: the module's identity and type do
+    assert torch.allclose(labeller(x), teacher(x), atol=1e-5) and labeller.folded
+    teacher[2].inplace = True  # a plain attribute a forward may read
+    first = labeller._copy
+    labeller(x)
+    assert labeller._copy is not first
+
+
+def test_inside_held_the_teacher_is_checked_on_the_first_call_only():
+    teacher = _cifar_teacher()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    labeller = TeacherLabeller(teacher)
+    with labeller.held():
+        labeller(x)
+        first = labeller._copy
+        with torch.no_grad():
+            next(teacher.parameters()).mul_(2.0)  # a distiller's fit never does this: not looked for inside
+        labeller(x)
+        assert labeller._copy is first
+    assert torch.allclose(labeller(x), teacher(x), atol=1e-4) and labeller._copy is not first  # outside: seen
+    with labeller.held():
+        second = labeller._copy
+        with torch.no_grad():
+            next(teacher.parameters()).mul_(0.5)
+        assert torch.allclose(labeller(x), teacher(x), atol=1e-4) and labeller._copy is not second  # first call
 
 
 class _Untraceable(nn.Module):
@@ -92,6 +129,37 @@ class _Untraceable(nn.Module):
         if h.mean() > 0:  # data-dependent control flow: torch.fx cannot trace it
             h = h.relu()
         return self.fc(h.mean((2, 3)))
+
+
+class _OptionalArgument(_Untraceable):
+    def forward(self, x, scale=None):  # a trace would make scale a Proxy and fix the branch taken
+        h = self.bn(self.conv(x))
+        return self.fc((h if scale is None else h * scale).mean((2, 3)))
+
+
+class _Flattens(nn.Module):
+    """LeNet's flatten by .view, which channels_last activations refuse: the copy runs in the teacher's layout."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 8 * 8, 5)
+
+    def forward(self, x):
+        return self.fc(self.bn(self.conv(x)).relu().view(x.shape[0], -1))
+
+
+class _SharedConv(nn.Module):
+    """One convolution called at two sites, a BN after one of them: torch.fx's fold changes the module, and
+    so both calls. Only the probe can see it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+        self.fc = nn.Linear(3, 5)
+
+    def forward(self, x):
+        return self.fc((self.bn(self.conv(x)) + self.conv(x)).mean((2, 3)))
 
 
 class _PreActivation(nn.Module):
@@ -109,18 +177,50 @@ class _PreActivation(nn.Module):
         return self.fc((self.bn1(c) + c).mean((2, 3)))
 
 
-def test_teachers_it_cannot_fold_answer_as_they_are():
+@pytest.mark.parametrize("make, why", [
+    (_Untraceable, "could not be copied and traced by torch.fx"),
+    (_OptionalArgument, "optional, keyword or variable arguments"),
+    (_SharedConv, "differs from the teacher's"),
+])
+def test_teachers_it_cannot_fold_answer_as_they_are(make, why):
     x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(3))
-    teacher = randomize_bn_stats(_Untraceable()).eval()
+    teacher = randomize_bn_stats(make()).eval()
     labeller = TeacherLabeller(teacher)
-    assert torch.equal(labeller(x), teacher(x))
-    assert not labeller.folded and "torch.fx could not trace _Untraceable.forward" in labeller.reason
+    with pytest.warns(UserWarning, match=why):
+        assert torch.equal(labeller(x), teacher(x))
+    assert not labeller.folded and why in labeller.reason
+
+
+def test_a_forward_on_the_instance_or_the_switch_off_keep_the_teacher():
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(3))
     own = randomize_bn_stats(_PreActivation()).eval()
     own.forward = own.forward  # a forward on the instance
     labeller = TeacherLabeller(own)
-    assert torch.equal(labeller(x), own(x)) and "forward of its own" in labeller.reason
+    with pytest.warns(UserWarning, match="forward of its own"):
+        assert torch.equal(labeller(x), own(x))
     off = TeacherLabeller(_cifar_teacher(), enabled=False)
+    assert torch.equal(off(torch.ones(1, 3, 32, 32)), off.teacher(torch.ones(1, 3, 32, 32)))
     assert not off.folded and off.reason == "fold_teacher is off"
+
+
+def test_a_view_in_the_forward_gets_a_copy_in_the_teachers_layout():
+    teacher = randomize_bn_stats(_Flattens()).eval()
+    x = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    labeller = TeacherLabeller(teacher)
+    assert torch.allclose(labeller(x), teacher(x), atol=1e-5)
+    assert labeller.folded and not labeller._channels_last
+
+
+def test_an_inference_mode_teacher_is_labelled():
+    with torch.inference_mode():
+        teacher = randomize_bn_stats(_PreActivation()).eval()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(6))
+    labeller = TeacherLabeller(teacher)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # folded or, with the reason, not: either way the teacher's answer
+        got = labeller(x)
+    with torch.inference_mode():
+        assert torch.allclose(got, teacher(x), atol=1e-5)
 
 
 def test_a_bn_that_cannot_fold_is_kept():
@@ -131,7 +231,8 @@ def test_a_bn_that_cannot_fold_is_kept():
     assert sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) == 2  # bn0 before a conv, bn1 beside c
     assert nn.Conv2d in kept
     x = torch.randn(5, 3, 9, 7, generator=torch.Generator().manual_seed(4))
-    assert torch.allclose(TeacherLabeller(teacher)(x), teacher(x), atol=1e-5)
+    labeller = TeacherLabeller(teacher)
+    assert torch.allclose(labeller(x), teacher(x), atol=1e-5) and labeller.folded
 
 
 def test_fold_refuses_a_teacher_in_training_mode():
@@ -205,3 +306,26 @@ def test_layout_knobs_default_and_stay_out_of_a_checkpoints_config():
     assert DistillSettings().channels_last is False and DistillSettings().fold_teacher is True
     assert "channels_last" not in DistillSettings(channels_last=True).config()
     assert "fold_teacher" not in DistillSettings(fold_teacher=False).config()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_copy_outlives_the_generators_turns(channels_last):
+    """In turns, the generator trainer taps the teacher (and may convert its weights) between two fits of the
+    distiller: the teacher comes back as it was, so the copy is not traced again."""
+    from fastdfd.train.pool import ImagePool
+
+    from .test_trainer import trainer
+
+    teacher = randomize_bn_stats(create_model("digits_teacher", num_classes=10))
+    ens = small_ensemble(k=2, num_classes=10)
+    pool = ImagePool(64)
+    gen = trainer(teacher, ens, pool=pool, channels_last=channels_last)
+    gen.fit(1)
+    d = Distiller(teacher, create_model("digits_student", num_classes=10), ens, batch_size=4, pool=pool,
+                  progress=False, mix="cutmix", input_space="minus_one_one", log_every=1)
+    d.fit(1)
+    first = d.labeller._copy
+    assert first is not None
+    gen.fit(2)
+    d.fit(1)
+    assert d.labeller._copy is first
