@@ -22,7 +22,9 @@ warning says it once.
 What the copy is checked against: the teacher's state_dict, byte for byte (:func:`fastdfd.rundir.fingerprint`),
 its modules (identity and type), their plain Python attributes (the mode, flags a ``forward`` may branch on),
 their hook counts and the global module hooks. Outside :meth:`TeacherLabeller.held` every call checks them;
-inside it (the distiller holds the teacher frozen for a fit) the first call does.
+inside it (the distiller holds the teacher frozen for a fit) the first call does. A forward's Python side
+effects (a wrapper that records its input in a dict) happen once, while tracing, and never in the copy: such a
+teacher wants ``fold_teacher=False``.
 """
 
 from __future__ import annotations
