@@ -62,9 +62,10 @@ class Distiller(StepLoop):
             teacher labels the mixed image, :func:`fastdfd.train.augment.mix_pairs`) and ``fold_teacher``
             (True: on the CPU the teacher's labels come from a traced copy with its eval BatchNorms folded into
             their convolutions, :class:`fastdfd.train.labeller.TeacherLabeller`, checked against the teacher once
-            a fit; ``self.labeller.reason`` says why the teacher answered as it is where no copy could be made) and ``channels_last`` (the student's 4-D
-            weights and each step's images channels_last inside each fit, the values kept and the format
-            restored after: a faster layout for oneDNN's convolutions; single process only).
+            a fit; ``self.labeller.reason`` says why the teacher answered as it is where no copy could be made)
+            and ``channels_last`` (the student's 4-D weights and each step's images channels_last inside each
+            fit, the values kept and the format restored after: a faster layout for oneDNN's convolutions; single
+            process only).
         loop: :class:`~fastdfd.settings.LoopSettings`, as for :class:`GeneratorTrainer` (``sample_every`` must be 0).
         **overrides: any field of those two by name, laid over them.
 
