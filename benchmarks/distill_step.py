@@ -8,7 +8,8 @@ The step is the one :mod:`benchmarks.cifar10_datafree` runs by default: 130 imag
 generators filled, crop and flip, CutMix, the pretrained ResNet-56 labelling the mixes, a ResNet-20 student's
 forward, backward and SGD update. The distillers share one pool (filled by a few generator steps first) and
 start from one student; each round times ``--steps`` steps of each in turn, the order rotated round by round, so
-a drift of the machine's speed reaches all alike. Prints the medians per step and their ratios to the first; ``--json`` writes them.
+a drift of the machine's speed reaches all alike. Prints the medians per step and their ratios to the first;
+``--json`` writes them.
 """
 
 from __future__ import annotations
