@@ -11,6 +11,12 @@ quantities, so that results can be checked against each other before they are ti
   MomentMatcher on that backend (one tap per BN layer, one packed finalize).
 - ``fastdfd-cpp-compiled`` (generator step only): the same under ``torch.compile``, so that the
   teacher's convolutions are compiled as they are for ``hooks-compiled``.
+- any generator-step provider with ``-cl`` appended (``hooks-compiled-cl``, ``fastdfd-cpp-cl``, ...): the same
+  with the teacher's 4-D weights and the generated images channels_last (``ExecutionSettings.channels_last``:
+  oneDNN's faster convolution layout on the CPU, cuDNN's on a card), so that a layout is compared with a layout.
+- any fastdfd generator-step provider with ``-gen`` appended (before ``-cl`` where both are): the generators on
+  fastdfd's own dispatch (the ``cpp`` kernels on the CPU, the library's default there) instead of the grouped
+  convolutions every other provider shares: the step as a fastdfd user runs it.
 
 Two workloads: one BN layer forward+backward (the upstream gradient dy of the BN output
 is given, as inside a network), and a whole generator-training step (ensemble -> teacher
@@ -164,8 +170,18 @@ def generator_step(provider: str, teacher: nn.Module, ensemble: GeneratorEnsembl
     that every provider computes the same number. The teacher is frozen, as in training.
     ``generator_backend`` runs the K generators: ``torch`` (grouped convolutions, the same
     for every provider, so that the moment loss is what differs) or ``triton`` (step 4's kernels).
+    A provider ending in ``-cl`` converts ``teacher``'s 4-D weights to channels_last, in place; a fastdfd
+    provider ending in ``-gen`` (before any ``-cl``) runs the generators on fastdfd's dispatch instead.
     """
     teacher.eval().requires_grad_(False)
+    channels_last = provider.endswith("-cl")
+    provider = provider.removesuffix("-cl")
+    if provider.endswith("-gen"):
+        if not provider.startswith("fastdfd-"):
+            raise ValueError(f"{provider}-gen: only a fastdfd provider runs fastdfd's generators")
+        provider, generator_backend = provider.removesuffix("-gen"), None
+    if channels_last:  # as GeneratorTrainer does with ExecutionSettings.channels_last: weights once, images each step
+        teacher.to(memory_format=torch.channels_last)
     gen = torch.Generator(device=ensemble.fc_z.device).manual_seed(seed)
     z, y, local = ensemble.draw(batch, None, gen)
     params = ensemble.stacked()
@@ -175,7 +191,8 @@ def generator_step(provider: str, teacher: nn.Module, ensemble: GeneratorEnsembl
     def images():
         with fastdfd.backend(generator_backend):
             x = ensemble_forward(params, ensemble.spec, z, local)
-        return x.reshape(k * batch, *x.shape[2:])
+        x = x.reshape(k * batch, *x.shape[2:])
+        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
     if provider.startswith("hooks"):
         hooks = HookLoss(teacher)
