@@ -24,10 +24,23 @@
 // g_pad @ Weff[tap]^T into dact_pad[rows + shift] (g is zero at padding rows, so garbage
 // never leaks in); that is the conv's and the upsample's backward in one, followed by the
 // prologue's backward.
+//
+// A narrow output (COUT < kNarrow: the image layer, 1-3 channels) takes another path. There a
+// GEMM of N = COUT runs at a few percent of the machine's rate, and the transposes into and out
+// of the channels-last grid (CIN values per pixel, for 3 outputs) cost more than the products:
+// measured on 2 cores, 64 -> 3 at 32 px, 10 x 25 images, 188 ms forward and 414 ms backward,
+// the generator's slowest layer. The narrow path stays in NCHW: per image, one GEMM
+// P = Wall^T @ a, Wall^T [taps * COUT, CIN] every tap's weights stacked and a [CIN, h * w] the
+// activated input, gives every tap's product at every pixel; the output is the shifted sum
+// out[co, i, j] = sum_t P[t, co, i + dy_t, j + dx_t] over the taps inside the image (outside,
+// the zero padding contributes nothing). The backward stacks the shifted output gradient,
+// G[t, co, i, j] = g[co, i - dy_t, j - dx_t] (zero outside), and needs two GEMMs per image:
+// dWall^T += G @ a^T and da += Wall @ G. The same products, summed in another order (fp32).
 #include "generator_cpu.h"
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -60,10 +73,22 @@ AxisTaps axis_taps(int64_t up) {
   return t;
 }
 
+// LeakyReLU and its derivative without a branch: the signs of a generator's activations are a coin toss, and
+// the branch that `v > 0 ? v : v * slope` compiled to was mispredicted about half the time (measured: the
+// prologue of the 64 -> 3 layer took longer than its GEMMs). Exact: one of the two terms is zero.
+inline float leaky(float v, float slope) { return std::max(v, 0.f) + slope * std::min(v, 0.f); }
+inline float leaky_slope(float v, float slope) { return v > 0.f ? 1.f : slope; }
+
+// Below this many output channels a layer takes the narrow path (see the top of the file).
+constexpr int64_t kNarrow = 16;
+// Channels per block of the NCHW <-> channels-last transposes: 16 floats, one 64-byte cache line.
+constexpr int64_t kChannelBlock = 16;
+
 struct Geometry {
   int64_t K, B, CIN, COUT, h, w, up, H, W;
   AxisTaps ax;
   int64_t taps() const { return int64_t(ax.n) * ax.n; }
+  bool narrow() const { return COUT < kNarrow; }
   // The grid: per image, h + 1 lines of w + 1 columns; line 0 and column 0 hold zeros and
   // serve as the padding on *both* sides (a neighbour past the last column is the next
   // line's column 0; past the last line, the next image's line 0, or the margin).
@@ -125,19 +150,27 @@ Geometry geometry(const torch::Tensor& x, const torch::Tensor& weight, int64_t u
 // prologue of generator k into the padded channels-last grid act [margin + rows + margin, CIN]
 // (everything outside the image stays zero: the conv's zero padding, after the activation)
 void activate(const Geometry& g, const float* x, const float* scale, const float* shift, double slope, float* act) {
+  // a transpose (NCHW planes -> channels-last rows), in blocks of kChannelBlock channels so that each
+  // write fills whole cache lines of the grid instead of one float per line
   const int64_t hw = g.h * g.w;
   const float sl = float(slope);
   float* grid = act + g.margin() * g.CIN;
   for (int64_t b = 0; b < g.B; ++b) {
-    for (int64_t c = 0; c < g.CIN; ++c) {
-      const float* src = x + (b * g.CIN + c) * hw;
-      const float sc = scale ? scale[c] : 1.f, sh = shift ? shift[c] : 0.f;
+    for (int64_t c0 = 0; c0 < g.CIN; c0 += kChannelBlock) {
+      const int64_t c1 = std::min(g.CIN, c0 + kChannelBlock);
       for (int64_t i = 0; i < g.h; ++i) {
-        float* dst = grid + g.pad_row(b, i, 0) * g.CIN + c;
+        const float* src = x + (b * g.CIN) * hw + i * g.w;
+        float* dst = grid + g.pad_row(b, i, 0) * g.CIN;
         for (int64_t j = 0; j < g.w; ++j) {
-          const float xv = src[i * g.w + j];
-          const float v = xv * sc + sh;
-          dst[j * g.CIN] = scale == nullptr ? xv : (v > 0.f ? v : v * sl);
+          for (int64_t c = c0; c < c1; ++c) {
+            const float xv = src[c * hw + j];
+            if (scale == nullptr) {
+              dst[j * g.CIN + c] = xv;
+            } else {
+              const float v = xv * scale[c] + shift[c];
+              dst[j * g.CIN + c] = leaky(v, sl);
+            }
+          }
         }
       }
     }
@@ -203,6 +236,164 @@ void expect_shape(const torch::Tensor& t, at::IntArrayRef shape, const char* wha
 
 }  // namespace
 
+namespace {
+
+// the narrow path's stacked weights: weff [taps * CIN, COUT] (row (tap, ci)) -> wallt [taps * COUT, CIN]
+void stack_taps(const Geometry& g, const float* weff, float* wallt) {
+  for (int64_t t = 0; t < g.taps(); ++t)
+    for (int64_t ci = 0; ci < g.CIN; ++ci)
+      for (int64_t co = 0; co < g.COUT; ++co)
+        wallt[(t * g.COUT + co) * g.CIN + ci] = weff[(t * g.CIN + ci) * g.COUT + co];
+}
+
+// the prologue in NCHW, in place of a transpose: a [B, CIN, h * w] = leaky(x * scale + shift), or x
+void activate_nchw(const Geometry& g, const float* x, const float* scale, const float* shift, double slope,
+                   float* a) {
+  const int64_t hw = g.h * g.w;
+  const float sl = float(slope);
+  for (int64_t b = 0; b < g.B; ++b) {
+    for (int64_t c = 0; c < g.CIN; ++c) {
+      const float* src = x + (b * g.CIN + c) * hw;
+      float* dst = a + (b * g.CIN + c) * hw;
+      if (scale == nullptr) {
+        std::copy(src, src + hw, dst);
+        continue;
+      }
+      const float sc = scale[c], sh = shift[c];
+      for (int64_t e = 0; e < hw; ++e) {
+        const float v = src[e] * sc + sh;
+        dst[e] = leaky(v, sl);
+      }
+    }
+  }
+}
+
+// The narrow path's forward for generator k (see the top of the file): y [B, COUT, H, W] and the double sums
+// of y and y^2 per output channel. Scratch: a [B, CIN, hw], weff, wallt [TC, CIN], prod [TC, hw].
+void narrow_forward(const Geometry& g, const float* xk, const float* sck, const float* shk, double slope,
+                    const float* wk, const float* bk, bool tanh_out, float* yk, double* a1, double* a2, float* a,
+                    float* weff, float* wallt, float* prod) {
+  const int64_t hw = g.h * g.w, TC = g.taps() * g.COUT;
+  activate_nchw(g, xk, sck, shk, slope, a);
+  for (int p = 0; p < g.up; ++p) {
+    for (int q = 0; q < g.up; ++q) {
+      phase_weights(g, wk, p, q, weff);
+      stack_taps(g, weff, wallt);
+      for (int64_t b = 0; b < g.B; ++b) {
+        gemm_rm(false, false, TC, hw, g.CIN, wallt, g.CIN, a + b * g.CIN * hw, hw, 0.f, prod, hw);
+        for (int64_t co = 0; co < g.COUT; ++co) {
+          const float bias_v = bk ? bk[co] : 0.f;
+          double t1 = 0, t2 = 0;
+          for (int64_t i = 0; i < g.h; ++i) {
+            float* dst = yk + ((b * g.COUT + co) * g.H + i * g.up + p) * g.W + q;
+            for (int64_t j = 0; j < g.w; ++j) {
+              float v = 0.f;
+              for (int ta = 0; ta < g.ax.n; ++ta) {
+                const int64_t ii = i + g.ax.off[p][ta];
+                if (ii < 0 || ii >= g.h) continue;
+                for (int tb = 0; tb < g.ax.n; ++tb) {
+                  const int64_t jj = j + g.ax.off[q][tb];
+                  if (jj < 0 || jj >= g.w) continue;
+                  v += prod[((ta * g.ax.n + tb) * g.COUT + co) * hw + ii * g.w + jj];
+                }
+              }
+              v += bias_v;
+              if (tanh_out) v = std::tanh(v);
+              dst[j * g.up] = v;
+              t1 += v;
+              t2 += double(v) * v;
+            }
+          }
+          a1[co] += t1;
+          a2[co] += t2;
+        }
+      }
+    }
+  }
+}
+
+// The narrow path's backward for generator k: dx [B, CIN, h, w], dscale and dshift [CIN] (with a prologue),
+// dW[k] accumulated. Scratch: a and da [B, CIN, hw], weff, dweff [CIN, COUT], wallt and dwallt [TC, CIN],
+// gsh [TC, hw].
+void narrow_backward(const Geometry& g, const float* xk, const float* sck, const float* shk, double slope,
+                     const float* wk, const float* tk, const float* dyk, const float* d1k, const float* d2k,
+                     bool tanh_out, float* dxk, float* dsck, float* dshk, float* dwk, float* a, float* da,
+                     float* weff, float* dweff, float* wallt, float* dwallt, float* gsh) {
+  const int64_t hw = g.h * g.w, TC = g.taps() * g.COUT;
+  const bool prologue = sck != nullptr;
+  activate_nchw(g, xk, sck, shk, slope, a);
+  std::fill(da, da + g.B * g.CIN * hw, 0.f);
+  for (int p = 0; p < g.up; ++p) {
+    for (int q = 0; q < g.up; ++q) {
+      phase_weights(g, wk, p, q, weff);
+      stack_taps(g, weff, wallt);
+      std::fill(dwallt, dwallt + TC * g.CIN, 0.f);
+      for (int64_t b = 0; b < g.B; ++b) {
+        // gsh[t, co, i', j'] = g[co, i' - dy_t, j' - dx_t], g = (dy + dS1 + 2 y dS2) * tanh' at this phase's pixels
+        std::fill(gsh, gsh + TC * hw, 0.f);
+        for (int64_t co = 0; co < g.COUT; ++co) {
+          const float c1 = d1k[co], c2 = 2.f * d2k[co];
+          for (int64_t i = 0; i < g.h; ++i) {
+            const int64_t base = ((b * g.COUT + co) * g.H + i * g.up + p) * g.W + q;
+            for (int64_t j = 0; j < g.w; ++j) {
+              const float tv = tk[base + j * g.up];
+              float gv = dyk[base + j * g.up] + c1 + c2 * tv;
+              if (tanh_out) gv *= 1.f - tv * tv;
+              for (int ta = 0; ta < g.ax.n; ++ta) {
+                const int64_t ii = i + g.ax.off[p][ta];
+                if (ii < 0 || ii >= g.h) continue;
+                for (int tb = 0; tb < g.ax.n; ++tb) {
+                  const int64_t jj = j + g.ax.off[q][tb];
+                  if (jj < 0 || jj >= g.w) continue;
+                  gsh[((ta * g.ax.n + tb) * g.COUT + co) * hw + ii * g.w + jj] = gv;
+                }
+              }
+            }
+          }
+        }
+        const float* ab = a + b * g.CIN * hw;
+        gemm_rm(false, true, TC, g.CIN, hw, gsh, hw, ab, hw, 1.f, dwallt, g.CIN);      // dWall^T += G @ a^T
+        gemm_rm(true, false, g.CIN, hw, TC, wallt, g.CIN, gsh, hw, 1.f, da + b * g.CIN * hw, hw);  // da += Wall @ G
+      }
+      for (int ta = 0; ta < g.ax.n; ++ta) {
+        for (int tb = 0; tb < g.ax.n; ++tb) {
+          const int64_t t = ta * g.ax.n + tb;
+          for (int64_t ci = 0; ci < g.CIN; ++ci)
+            for (int64_t co = 0; co < g.COUT; ++co) dweff[ci * g.COUT + co] = dwallt[(t * g.COUT + co) * g.CIN + ci];
+          phase_tap_backward(g, dweff, p, q, ta, tb, dwk);
+        }
+      }
+    }
+  }
+  // the prologue's backward, contiguous in NCHW: dv = da * leaky'(v), dx = dv * scale, dscale = sum dv x,
+  // dshift = sum dv (one image row in float, rows summed in double)
+  for (int64_t c = 0; c < g.CIN; ++c) {
+    const float sc = prologue ? sck[c] : 1.f, sh = prologue ? shk[c] : 0.f, sl = prologue ? float(slope) : 1.f;
+    double acc_s = 0, acc_b = 0;
+    for (int64_t b = 0; b < g.B; ++b) {
+      for (int64_t i = 0; i < g.h; ++i) {
+        const int64_t off = (b * g.CIN + c) * hw + i * g.w;
+        float t_s = 0.f, t_b = 0.f;
+        for (int64_t j = 0; j < g.w; ++j) {
+          const float xv = xk[off + j];
+          const float dv = da[off + j] * leaky_slope(xv * sc + sh, sl);
+          dxk[off + j] = dv * sc;
+          t_s += dv * xv;
+          t_b += dv;
+        }
+        acc_s += t_s;
+        acc_b += t_b;
+      }
+    }
+    if (prologue) {
+      dsck[c] = float(acc_s);
+      dshk[c] = float(acc_b);
+    }
+  }
+}
+
+}  // namespace
+
 std::vector<torch::Tensor> generator_conv_forward(const torch::Tensor& x_in, const c10::optional<torch::Tensor>& scale_in,
                                                   const c10::optional<torch::Tensor>& shift_in,
                                                   const torch::Tensor& weight_in,
@@ -227,6 +418,26 @@ std::vector<torch::Tensor> generator_conv_forward(const torch::Tensor& x_in, con
   float *yp = y.data_ptr<float>(), *s1p = s1.data_ptr<float>(), *s2p = s2.data_ptr<float>();
   const int64_t in_size = g.B * g.CIN * g.h * g.w, out_size = g.B * g.COUT * g.H * g.W;
   const int64_t width = g.taps() * g.CIN, act_rows = g.rows() + 2 * g.margin();
+
+  if (g.narrow()) {
+    const int64_t hw = g.h * g.w, TC = g.taps() * g.COUT;
+    at::parallel_for(0, g.K, 1, [&](int64_t k0, int64_t k1) {
+      std::vector<float> a(in_size), weff(width * g.COUT), wallt(TC * g.CIN), prod(TC * hw);
+      std::vector<double> a1(g.COUT), a2(g.COUT);
+      for (int64_t k = k0; k < k1; ++k) {
+        std::fill(a1.begin(), a1.end(), 0.0);
+        std::fill(a2.begin(), a2.end(), 0.0);
+        narrow_forward(g, xp + k * in_size, scp ? scp + k * g.CIN : nullptr, shp ? shp + k * g.CIN : nullptr, slope,
+                       wp + k * g.COUT * g.CIN * 9, bp ? bp + k * g.COUT : nullptr, tanh_out, yp + k * out_size,
+                       a1.data(), a2.data(), a.data(), weff.data(), wallt.data(), prod.data());
+        for (int64_t co = 0; co < g.COUT; ++co) {
+          s1p[k * g.COUT + co] = float(a1[co]);
+          s2p[k * g.COUT + co] = float(a2[co]);
+        }
+      }
+    });
+    return {y, s1, s2};
+  }
 
   at::parallel_for(0, g.K, 1, [&](int64_t k0, int64_t k1) {
     std::vector<float> act(act_rows * g.CIN), weff(width * g.COUT), out(g.rows() * g.COUT);
@@ -315,9 +526,26 @@ std::vector<torch::Tensor> generator_conv_backward(const torch::Tensor& x_in, co
   const int64_t in_size = g.B * g.CIN * g.h * g.w, out_size = g.B * g.COUT * g.H * g.W, hw = g.h * g.w;
   const int64_t width = g.taps() * g.CIN, act_rows = g.rows() + 2 * g.margin();
 
+  if (g.narrow()) {
+    const int64_t TC = g.taps() * g.COUT;
+    at::parallel_for(0, g.K, 1, [&](int64_t k0, int64_t k1) {
+      std::vector<float> a(in_size), da(in_size), weff(width * g.COUT), dweff(g.CIN * g.COUT), wallt(TC * g.CIN),
+          dwallt(TC * g.CIN), gsh(TC * hw);
+      for (int64_t k = k0; k < k1; ++k) {
+        narrow_backward(g, xp + k * in_size, scp ? scp + k * g.CIN : nullptr, shp ? shp + k * g.CIN : nullptr, slope,
+                        wp + k * g.COUT * g.CIN * 9, tp + k * out_size, dyp + k * out_size, d1p + k * g.COUT,
+                        d2p + k * g.COUT, tanh_out, dxp + k * in_size, dscp ? dscp + k * g.CIN : nullptr,
+                        dshp ? dshp + k * g.CIN : nullptr, dwp + k * g.COUT * g.CIN * 9, a.data(), da.data(),
+                        weff.data(), dweff.data(), wallt.data(), dwallt.data(), gsh.data());
+      }
+    });
+    return {dx, dscale, dshift, dweight};
+  }
+
   at::parallel_for(0, g.K, 1, [&](int64_t k0, int64_t k1) {
     std::vector<float> act(act_rows * g.CIN), dact(act_rows * g.CIN), weff(width * g.COUT),
         dweff(g.CIN * g.COUT), gpad(g.rows() * g.COUT);
+    std::vector<double> acc_s(g.CIN), acc_b(g.CIN);
     for (int64_t k = k0; k < k1; ++k) {
       const float* xk = xp + k * in_size;
       const float* sck = scp ? scp + k * g.CIN : nullptr;
@@ -363,31 +591,41 @@ std::vector<torch::Tensor> generator_conv_backward(const torch::Tensor& x_in, co
           }
         }
       }
-      // the prologue's backward: dv = da * leaky'(v), dx = dv * scale, dscale = sum dv x, dshift = sum dv
+      // the prologue's backward: dv = da * leaky'(v), dx = dv * scale, dscale = sum dv x, dshift = sum dv; the
+      // channels-last dact read back into NCHW in blocks of channels (as activate writes it)
       float* dxk = dxp + k * in_size;
-      for (int64_t c = 0; c < g.CIN; ++c) {
-        const float sc = prologue ? sck[c] : 1.f, sh = prologue ? shk[c] : 0.f, sl = prologue ? float(slope) : 1.f;
-        double acc_s = 0, acc_b = 0;
-        for (int64_t b = 0; b < g.B; ++b) {
+      const float sl = prologue ? float(slope) : 1.f;
+      std::fill(acc_s.begin(), acc_s.end(), 0.0);
+      std::fill(acc_b.begin(), acc_b.end(), 0.0);
+      for (int64_t b = 0; b < g.B; ++b) {
+        for (int64_t c0 = 0; c0 < g.CIN; c0 += kChannelBlock) {
+          const int64_t c1 = std::min(g.CIN, c0 + kChannelBlock);
           for (int64_t i = 0; i < g.h; ++i) {
-            const int64_t off = (b * g.CIN + c) * hw + i * g.w;
-            const float* drow = dgrid + g.pad_row(b, i, 0) * g.CIN + c;
-            float t_s = 0.f, t_b = 0.f;
+            const int64_t base = b * g.CIN * hw + i * g.w;
+            const float* drow = dgrid + g.pad_row(b, i, 0) * g.CIN;
+            float t_s[kChannelBlock] = {}, t_b[kChannelBlock] = {};
             for (int64_t j = 0; j < g.w; ++j) {
-              const float xv = xk[off + j];
-              const float d = drow[j * g.CIN];
-              const float dv = (xv * sc + sh > 0.f) ? d : d * sl;
-              dxk[off + j] = dv * sc;
-              t_s += dv * xv;
-              t_b += dv;
+              for (int64_t c = c0; c < c1; ++c) {
+                const float sc = prologue ? sck[c] : 1.f, sh = prologue ? shk[c] : 0.f;
+                const float xv = xk[base + c * hw + j];
+                const float d = drow[j * g.CIN + c];
+                const float dv = d * leaky_slope(xv * sc + sh, sl);
+                dxk[base + c * hw + j] = dv * sc;
+                t_s[c - c0] += dv * xv;
+                t_b[c - c0] += dv;
+              }
             }
-            acc_s += t_s;  // one image row in float, rows summed in double
-            acc_b += t_b;
+            for (int64_t c = c0; c < c1; ++c) {  // one image row in float, rows summed in double
+              acc_s[c] += t_s[c - c0];
+              acc_b[c] += t_b[c - c0];
+            }
           }
         }
-        if (prologue) {
-          dscp[k * g.CIN + c] = float(acc_s);
-          dshp[k * g.CIN + c] = float(acc_b);
+      }
+      if (prologue) {
+        for (int64_t c = 0; c < g.CIN; ++c) {
+          dscp[k * g.CIN + c] = float(acc_s[c]);
+          dshp[k * g.CIN + c] = float(acc_b[c]);
         }
       }
     }

@@ -51,6 +51,9 @@ CONV_CASES = [
     (2, 3, 33, 40, 3, 2, False, True, False),  # more than one channel block
     (3, 3, 19, 3, 8, 1, True, True, True),  # the output layer: tanh, bias, 3 channels
     (2, 3, 7, 1, 5, 1, False, False, True),  # no prologue, one output channel
+    # cpp: fewer than 16 output channels take the narrow path (one GEMM over every tap, then a shifted sum)
+    (2, 3, 9, 15, 5, 2, False, True, True),  # narrow after the x2 upsample, four phases
+    (3, 2, 24, 16, 6, 1, True, True, True),  # the first width on the wide path
 ]
 
 
