@@ -85,7 +85,11 @@ def test_bn_layer_memory_floor(benchmark, channels, size, outputs):
     benchmark(step, x, dy)
 
 
-@pytest.mark.parametrize("provider", CPU_PROVIDERS + ["fastdfd-cpp-compiled"])
+# the whole step as a fastdfd user runs it on the CPU: its own generator kernels, the teacher channels_last
+WHOLE_STEP_PROVIDERS = CPU_PROVIDERS + ["fastdfd-cpp-compiled", "fastdfd-cpp-gen-cl"]
+
+
+@pytest.mark.parametrize("provider", WHOLE_STEP_PROVIDERS)
 def test_generator_training_step(benchmark, provider):
     """Digits teacher, 10 generators x 16 images at 16 px: moment loss + CE -> generator grads."""
     step, cleanup = whole_step("digits", provider)
@@ -119,7 +123,7 @@ def _need(teacher_name: str) -> None:
         pytest.importorskip("efficientnet_lite_pytorch", reason="pip install efficientnet-lite-pytorch")
 
 
-@pytest.mark.parametrize("provider", CPU_PROVIDERS + ["fastdfd-cpp-compiled"])
+@pytest.mark.parametrize("provider", WHOLE_STEP_PROVIDERS)
 @pytest.mark.parametrize("teacher_name", REAL_TEACHERS)
 def test_generator_training_step_real_teacher(benchmark, teacher_name, provider):
     """The whole generator step on real teachers (issue 22): the pretrained CIFAR ResNet-56 at 32 px, 10 generators
