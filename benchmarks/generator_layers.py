@@ -64,7 +64,7 @@ def measure(case: str, repeats: int = 10, backend: str = "cpp", seed: int = 0) -
         x = torch.randn(k, b, cin, side, side, generator=g)
         scale, shift = 0.5 + torch.rand(k, cin, generator=g), 0.1 * torch.randn(k, cin, generator=g)
         weight = torch.randn(k, cout, cin, 3, 3, generator=g) / (3 * cin**0.5)
-        bias = torch.randn(k, cout, generator=g)
+        bias = torch.randn(k, cout, generator=g) if layer["tanh"] else None  # only the image layer has one
         flags = (up, LEAKY_SLOPE, layer["tanh"])
         y, _, _ = launch["conv_forward"](x, scale, shift, weight, bias, *flags, True)
         dy, d1, d2 = torch.randn(y.shape, generator=g), torch.randn(k, cout, generator=g), torch.zeros(k, cout)

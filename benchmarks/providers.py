@@ -25,6 +25,7 @@ is given, as inside a network), and a whole generator-training step (ensemble ->
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 from unittest import mock
 
@@ -35,6 +36,7 @@ from torch import nn
 import fastdfd
 from fastdfd import GeneratorEnsemble, MomentMatcher
 from fastdfd.nn import ensemble_forward, epilogue
+from fastdfd.train.modes import channels_last_weights
 
 PROVIDERS = ("hooks", "hooks-compiled", "fastdfd-torch", "fastdfd-triton", "fastdfd-cpp", "fastdfd-cuda")
 
@@ -170,8 +172,10 @@ def generator_step(provider: str, teacher: nn.Module, ensemble: GeneratorEnsembl
     that every provider computes the same number. The teacher is frozen, as in training.
     ``generator_backend`` runs the K generators: ``torch`` (grouped convolutions, the same
     for every provider, so that the moment loss is what differs) or ``triton`` (step 4's kernels).
-    A provider ending in ``-cl`` converts ``teacher``'s 4-D weights to channels_last, in place; a fastdfd
-    provider ending in ``-gen`` (before any ``-cl``) runs the generators on fastdfd's dispatch instead.
+    A provider ending in ``-cl`` holds ``teacher``'s 4-D weights channels_last until ``cleanup`` puts the
+    original tensors back (``fastdfd.train.modes.channels_last_weights``, as the generator trainer does); a
+    fastdfd provider ending in ``-gen`` (before any ``-cl``) runs the generators on fastdfd's automatic dispatch
+    instead (the ``cpp`` kernels on the CPU, unless ``FASTDFD_BACKEND`` forces another).
     """
     teacher.eval().requires_grad_(False)
     channels_last = provider.endswith("-cl")
@@ -180,8 +184,9 @@ def generator_step(provider: str, teacher: nn.Module, ensemble: GeneratorEnsembl
         if not provider.startswith("fastdfd-"):
             raise ValueError(f"{provider}-gen: only a fastdfd provider runs fastdfd's generators")
         provider, generator_backend = provider.removesuffix("-gen"), None
-    if channels_last:  # as GeneratorTrainer does with ExecutionSettings.channels_last: weights once, images each step
-        teacher.to(memory_format=torch.channels_last)
+    # as GeneratorTrainer with ExecutionSettings.channels_last: the weights once, the images at each step
+    layout = contextlib.ExitStack()
+    layout.enter_context(channels_last_weights(teacher, channels_last))
     gen = torch.Generator(device=ensemble.fc_z.device).manual_seed(seed)
     z, y, local = ensemble.draw(batch, None, gen)
     params = ensemble.stacked()
@@ -203,7 +208,7 @@ def generator_step(provider: str, teacher: nn.Module, ensemble: GeneratorEnsembl
 
         if provider == "hooks-compiled":
             forward = torch.compile(forward)
-        cleanup = hooks.remove
+        remove = hooks.remove
     else:
         matcher, backend = _matcher(provider, teacher)
 
@@ -214,7 +219,11 @@ def generator_step(provider: str, teacher: nn.Module, ensemble: GeneratorEnsembl
 
         if provider.endswith("-compiled"):  # the fused ops are custom ops: one graph, the teacher compiled around them
             forward = torch.compile(forward)
-        cleanup = matcher.remove
+        remove = matcher.remove
+
+    def cleanup():
+        remove()
+        layout.close()
 
     def step():
         loss = forward()

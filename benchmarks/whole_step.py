@@ -4,7 +4,8 @@
 
 One step: the ensemble, the teacher, DeepInversion's moment loss plus cross-entropy, gradients of
 every generator parameter (:func:`benchmarks.providers.generator_step`; the generators on grouped
-convolutions for every provider). Teachers: ``digits`` (the digits CNN, 10 generators x 16 images
+convolutions for every provider, except the fastdfd ones named ``...-gen[-cl]``, which run fastdfd's own
+generator kernels, the step as a fastdfd user runs it; ``-cl``: the teacher channels_last). Teachers: ``digits`` (the digits CNN, 10 generators x 16 images
 at 16 px), ``resnet56`` (the pretrained CIFAR ResNet-56 where ``../shared/data/cifar10`` has it,
 10 x 25 at 32 px), ``lite0`` (EfficientNet-Lite0, 10 x 8 at 64 px). Every provider is built and
 warmed (compiled) first; then each round times one step of every provider in turn, so a drift of

@@ -28,7 +28,7 @@
 // A narrow output (COUT < kNarrow: the image layer, 1-3 channels) takes another path. There a
 // GEMM of N = COUT runs at a few percent of the machine's rate, and the transposes into and out
 // of the channels-last grid (CIN values per pixel, for 3 outputs) cost more than the products:
-// measured on 2 cores, 64 -> 3 at 32 px, 10 x 25 images, 188 ms forward and 414 ms backward,
+// measured on 2 cores, 64 -> 3 at 32 px, 10 x 25 images, 212-232 ms forward and 468-481 ms backward,
 // the generator's slowest layer. The narrow path stays in NCHW: per image, one GEMM
 // P = Wall^T @ a, Wall^T [taps * COUT, CIN] every tap's weights stacked and a [CIN, h * w] the
 // activated input, gives every tap's product at every pixel; the output is the shifted sum

@@ -6,11 +6,21 @@ from unittest import mock
 import pytest
 import torch
 
-from benchmarks.providers import whole_step, whole_step_models, generator_step
+from benchmarks.providers import generator_step, whole_step, whole_step_models
+from fastdfd.ops.dispatch import unavailable
 from fastdfd.ops.generator import api as generator_api
+
 
 VARIANTS = ["hooks-cl", "fastdfd-cpp", "fastdfd-cpp-cl", "fastdfd-cpp-gen", "fastdfd-cpp-gen-cl",
             "fastdfd-torch-gen-cl"]
+
+
+@pytest.fixture
+def cpp():
+    """The -gen and fastdfd-cpp variants run the cpp kernels: built on first use, absent where no compiler is."""
+    why = unavailable("ensemble_forward", "cpp", torch.empty(0))
+    if why:
+        pytest.skip(f"the cpp backend is unavailable here: {why}")
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +32,7 @@ def reference():
 
 
 @pytest.mark.parametrize("provider", VARIANTS)
-def test_each_variant_computes_the_hooks_step(reference, provider):
+def test_each_variant_computes_the_hooks_step(cpp, reference, provider):
     step, cleanup = whole_step("digits", provider)
     loss, grads = step()
     cleanup()
@@ -35,13 +45,24 @@ def test_each_variant_computes_the_hooks_step(reference, provider):
 
 
 def _run(provider):
-    """(teacher, the activations a convolution of it saw, the generator backends resolved) of one step of
-    ``provider``."""
-    teacher, ens, batch = whole_step_models("digits")
-    seen, backends = [], []
-    # the first convolution that reads more than one channel (a 1-channel tensor is both layouts at once)
-    conv = next(m for m in teacher.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
-    handle = conv.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    """(whether the teacher's 4-D weights were channels_last during the step, the images it was fed, the
+    activations a convolution of it saw, the generator backends resolved) of one step of ``provider``, on a small
+    3-channel case (a 1-channel tensor is both layouts at once): ResNet-20, 2 generators x 2 images at 32 px."""
+    from benchmarks.providers import randomize_bn
+    from fastdfd import GeneratorEnsemble
+    from fastdfd.models import create_model
+
+    torch.manual_seed(0)
+    teacher = randomize_bn(create_model("cifar_resnet20", num_classes=10))
+    ens = GeneratorEnsemble(2, 10, image_size=32, channels=3, latent_dim=8, widths=(8, 4), output_bn=False)
+    batch = 2
+    images, seen, backends = [], [], []
+    conv = [m for m in teacher.modules() if isinstance(m, torch.nn.Conv2d)][1]  # one inside the network
+    weights_cl = []
+    handles = [teacher.register_forward_pre_hook(lambda m, args: images.append(args[0])),
+               teacher.register_forward_pre_hook(lambda m, args: weights_cl.append(all(
+                   p.is_contiguous(memory_format=torch.channels_last) for p in m.parameters() if p.dim() == 4))),
+               conv.register_forward_pre_hook(lambda m, args: seen.append(args[0]))]
     real_resolve = generator_api.resolve
 
     def resolve(op, x):
@@ -53,19 +74,39 @@ def _run(provider):
         step, cleanup = generator_step(provider, teacher, ens, batch=batch)
         step()
     cleanup()
-    handle.remove()
-    return teacher, seen[0], backends
+    for h in handles:
+        h.remove()
+    return weights_cl[0], images[0], seen[0], backends
 
 
-def test_cl_puts_weights_and_images_channels_last_and_gen_runs_fastdfds_generators():
-    teacher, x, backends = _run("fastdfd-cpp-gen-cl")
-    cl = torch.channels_last
-    assert x.is_contiguous(memory_format=cl) and not x.is_contiguous()
-    assert all(p.is_contiguous(memory_format=cl) for p in teacher.parameters() if p.dim() == 4)
+def test_cl_puts_weights_and_images_channels_last_and_gen_runs_fastdfds_generators(cpp, monkeypatch):
+    monkeypatch.delenv("FASTDFD_BACKEND", raising=False)  # -gen takes the automatic choice, which this would force
+    weights_cl, images, x, backends = _run("fastdfd-cpp-gen-cl")
+    assert images.shape[1] == 3 and images.is_contiguous(memory_format=torch.channels_last)
+    assert not images.is_contiguous()
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    assert weights_cl and backends == ["cpp"]
+
+    weights_cl, images, x, backends = _run("fastdfd-cpp")
+    assert not weights_cl and images.is_contiguous() and x.is_contiguous()
+    assert backends == ["torch"]  # the grouped convolutions every provider shares
+
+    # -gen is the generators' own choice, not the matcher's backend: the torch tap with the cpp generators
+    _, _, _, backends = _run("fastdfd-torch-gen")
     assert backends == ["cpp"]
 
-    teacher, x, backends = _run("fastdfd-cpp")
-    assert x.is_contiguous() and backends == ["torch"]  # the grouped convolutions every provider shares
+
+def test_cl_puts_the_teachers_tensors_back_at_cleanup():
+    teacher, ens, batch = whole_step_models("digits")
+    def storage():
+        return {name: (p.data_ptr(), p.stride()) for name, p in teacher.named_parameters()}
+
+    before = storage()
+    step, cleanup = generator_step("hooks-cl", teacher, ens, batch=batch)
+    step()
+    assert storage() != before  # converted inside
+    cleanup()
+    assert storage() == before  # the very tensors put back
 
 
 def test_gen_on_the_hooks_is_refused():

@@ -53,7 +53,9 @@ CONV_CASES = [
     (2, 3, 7, 1, 5, 1, False, False, True),  # no prologue, one output channel
     # cpp: fewer than 16 output channels take the narrow path (one GEMM over every tap, then a shifted sum)
     (2, 3, 9, 15, 5, 2, False, True, True),  # narrow after the x2 upsample, four phases
+    (2, 3, 9, 3, 5, 2, True, False, False),  # narrow, x2 upsample, tanh, no prologue
     (3, 2, 24, 16, 6, 1, True, True, True),  # the first width on the wide path
+    (2, 3, 7, 17, 5, 1, False, False, True),  # the wide path without a prologue
 ]
 
 
