@@ -37,11 +37,13 @@ class LossSettings(Settings):
     """The generator loss of one step (docs/method.md section 5): per generator k,
 
         L_k = moment_weight * D_k + ce_weight * CE_k + tv_weight * TV_k + l2_weight * mean(x_k^2)
-              - adversarial_weight * KL(T(x_k) || S(x_k)) + diversity_weight * MS_k
+              - adversarial_weight * KL(T(x_k) || S(x_k)) [* agree] + diversity_weight * MS_k
 
     with D the weighted moment distance over the teacher's BN layers (:class:`fastdfd.nn.MomentMatcher`),
     every term on the teacher's input x_k: the generator's images, jittered and flipped when ``jitter`` /
-    ``flip`` are set (:func:`fastdfd.train.augment.jitter_flip`).
+    ``flip`` are set (:func:`fastdfd.train.augment.jitter_flip`). ``agree`` is 1 on an image whose top class the
+    student shares with the teacher and 0 elsewhere when ``adversarial_mask`` is set (Fang et al. 2021, CMI;
+    Fang et al. 2022, FastDFKD), 1 everywhere when not (DFAD's unbounded term).
     Every weight is >= 0."""
 
     kind: str = setting("kl", "moment distance (docs/method.md section 3)", kind="str", choices=tuple(KINDS))
@@ -59,6 +61,10 @@ class LossSettings(Settings):
                                     "(DeepInversion's)", kind="float", minimum=0, absent=0.0)
     adversarial_weight: float = setting(0.0, "weight of the student's disagreement with the teacher, maximised "
                                              "(DFAD / CMI; needs a student)", kind="float", minimum=0, absent=0.0)
+    adversarial_mask: bool = setting(False, "count the disagreement only on images whose top class the student still "
+                                            "shares with the teacher (CMI's and FastDFKD's mask): the term stops "
+                                            "pushing an image once the student gets it wrong, so it cannot drag the "
+                                            "images away from the teacher's classes", kind="bool", absent=False)
     diversity_weight: float = setting(0.0, "weight of the mode-seeking term against collapse (Mao et al. 2019; "
                                            "needs batch_size >= 2)", kind="float", minimum=0, absent=0.0)
     jitter: int = setting(0, "DeepInversion's random shift of the teacher's input: each image rolled cyclically by up "

@@ -274,7 +274,12 @@ class GeneratorTrainer(StepLoop):
         if L.l2_weight:
             rest = rest + L.l2_weight * x.float().pow(2).reshape(k, -1).mean(1)
         if L.adversarial_weight:
-            disagreement = distillation_kl(self.student(x), logits, 1.0, reduction="none").view(k, b).mean(1)
+            student_logits = self.student(x)
+            disagreement = distillation_kl(student_logits, logits, 1.0, reduction="none")
+            if L.adversarial_mask:  # CMI / FastDFKD: no push on an image the student already gets wrong (bounded)
+                agree = student_logits.argmax(1) == logits.argmax(1)
+                disagreement = disagreement * agree.to(disagreement.dtype)
+            disagreement = disagreement.view(k, b).mean(1)
             rest = rest - L.adversarial_weight * disagreement
         if seeking is not None:
             rest = rest + L.diversity_weight * seeking

@@ -74,6 +74,44 @@ def test_adversarial_and_mode_seeking_terms_enter_the_loss_exactly(digits_teache
     assert all(p.requires_grad for p in student.parameters())
 
 
+class _HalfWrong(torch.nn.Module):
+    """A student close to the teacher that gets every second image's top class wrong (its logits rolled by one
+    class there): a fixed mix of agreeing and disagreeing images, where random networks agree on all or none."""
+
+    def __init__(self, teacher):
+        super().__init__()
+        self.net = copy.deepcopy(teacher)
+        with torch.no_grad():
+            for p in self.net.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+
+    def forward(self, x):
+        out = self.net(x)
+        odd = (torch.arange(len(x)) % 2 == 1)[:, None]
+        return torch.where(odd, out.roll(1, dims=1), out)
+
+
+def test_masked_adversarial_term_counts_only_images_the_student_still_agrees_on(digits_teacher):
+    student = _HalfWrong(digits_teacher)
+    ens = small_ensemble(k=3, num_classes=10)
+    plain = trainer(digits_teacher, ens, scope="generator")
+    masked = trainer(digits_teacher, ens, scope="generator", adversarial_weight=0.5, adversarial_mask=True,
+                     student=student)
+    z, y, local = ens.draw(8, None, torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        x = masked.input_space.from_generator(ensemble_forward(ens.stacked(), ens.spec, z, local).flatten(0, 1))
+        s, t = student.eval()(x), digits_teacher.eval()(x)
+        agree = s.argmax(1) == t.argmax(1)
+        kl = distillation_kl(s, t, 1.0, reduction="none")
+    # the case the mask exists for: some images agree and some do not, else it would be all or nothing
+    assert 0 < int(agree.sum()) < agree.numel()
+    want = _objective(plain, z, y, local) - 0.5 * (kl * agree).view(3, 8).mean(1).sum()
+    assert float(_objective(masked, z, y, local).detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+    assert masked.config()["adversarial_mask"] is True and "adversarial_mask" not in plain.config()
+    # the gradient reaches the generators only through the agreeing images' KL (and the plain terms)
+    masked.fit(1)
+
+
 def test_bad_method_settings_are_refused(digits_teacher):
     ens = small_ensemble()
     with pytest.raises(ValueError, match="needs the student"):
