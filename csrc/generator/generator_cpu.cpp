@@ -78,6 +78,15 @@ AxisTaps axis_taps(int64_t up) {
 // prologue of the 64 -> 3 layer took longer than its GEMMs). Exact: one of the two terms is zero.
 inline float leaky(float v, float slope) { return std::max(v, 0.f) + slope * std::min(v, 0.f); }
 inline float leaky_slope(float v, float slope) { return v > 0.f ? 1.f : slope; }
+// The output epilogue both forward paths share: the bias, the optional tanh, and the pixel's share of its
+// channel's sums (double: the sums run over every image of the generator)
+inline float epilogue(float v, float bias, bool tanh_out, double& t1, double& t2) {
+  v += bias;
+  if (tanh_out) v = std::tanh(v);
+  t1 += v;
+  t2 += double(v) * v;
+  return v;
+}
 
 // Below this many output channels a layer takes the narrow path (see the top of the file).
 constexpr int64_t kNarrow = 16;
@@ -297,11 +306,7 @@ void narrow_forward(const Geometry& g, const float* xk, const float* sck, const 
                   v += prod[((ta * g.ax.n + tb) * g.COUT + co) * hw + ii * g.w + jj];
                 }
               }
-              v += bias_v;
-              if (tanh_out) v = std::tanh(v);
-              dst[j * g.up] = v;
-              t1 += v;
-              t2 += double(v) * v;
+              dst[j * g.up] = epilogue(v, bias_v, tanh_out, t1, t2);
             }
           }
           a1[co] += t1;
@@ -469,11 +474,7 @@ std::vector<torch::Tensor> generator_conv_forward(const torch::Tensor& x_in, con
                 float* dst = yk + ((b * g.COUT + co) * g.H + i * g.up + p) * g.W + q;
                 const float* src = o + g.pad_row(b, i, 0) * g.COUT + co;
                 for (int64_t j = 0; j < g.w; ++j) {
-                  float v = src[j * g.COUT] + bias_v;
-                  if (tanh_out) v = std::tanh(v);
-                  dst[j * g.up] = v;
-                  t1 += v;
-                  t2 += double(v) * v;
+                  dst[j * g.up] = epilogue(src[j * g.COUT], bias_v, tanh_out, t1, t2);
                 }
               }
               a1[co] += t1;
