@@ -200,7 +200,7 @@ def run(s: Settings, out: Path, verbose: bool = True) -> dict:
         clock.resume()
 
     # 1. generators alone (the student is untrained: no adversarial term yet)
-    trainer.loss = g.loss.replace(adversarial_weight=0.0)
+    trainer.loss = g.loss.replace(adversarial_weight=0.0, adversarial_mask=False)
     while clock.seconds() < s.warmup_fraction * budget:
         trainer.fit(5)
     # 2. rounds: generators against the student, then the student on the generators' images

@@ -64,7 +64,8 @@ class LossSettings(Settings):
     adversarial_mask: bool = setting(False, "count the disagreement only on images whose top class the student still "
                                             "shares with the teacher (CMI's and FastDFKD's mask): the term stops "
                                             "pushing an image once the student gets it wrong, so it cannot drag the "
-                                            "images away from the teacher's classes", kind="bool", absent=False)
+                                            "images away from the teacher's classes; nothing without "
+                                            "adversarial_weight", kind="bool", absent=False)
     diversity_weight: float = setting(0.0, "weight of the mode-seeking term against collapse (Mao et al. 2019; "
                                            "needs batch_size >= 2)", kind="float", minimum=0, absent=0.0)
     jitter: int = setting(0, "DeepInversion's random shift of the teacher's input: each image rolled cyclically by up "

@@ -5,7 +5,7 @@ Per step, for the k generators of this step (all, or a chunk of ``generators_per
     x      = ensemble(z, y)                       one batched pass, [k*B, C, S, S]
     logits = teacher(x)                           BN layers tapped by a MomentMatcher
     L_k    = moment_weight * D_k + ce_weight * CE_k + tv_weight * TV_k + l2_weight * mean(x_k^2)
-             - adversarial_weight * KL(T(x_k) || S(x_k)) + diversity_weight * MS_k
+             - adversarial_weight * KL(T(x_k) || S(x_k)) [* agree] + diversity_weight * MS_k
     loss   = sum_k L_k                            (scope="generator": D_k from generator k's images)
              k * moment_weight * D + sum_k (...)  (scope="ensemble": one D over the whole batch)
 
