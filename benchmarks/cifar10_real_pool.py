@@ -5,14 +5,15 @@
 A diagnostic, not a data-free method: the benchmark's student (``benchmarks.cifar10_datafree``'s ``DISTILL``:
 the same loss, rate, crop and flip, CutMix labelled by the teacher, 130 images a step) learns from a pool of the
 5,000 real images of the **tune** half, labelled by the teacher (their true labels are never read), for the number
-of student steps a data-free run makes (a 20-minute run on the 2-core CPU makes 1,300-1,400; a 60-minute one
-3,300-3,900). Its rate decays by a cosine over those steps, as the data-free run's decays over its time. The
-held-out half scores it, as it scores the data-free student.
+of student steps a data-free run makes (on the 2-core CPU a 20-minute run of the benchmark's defaults makes
+1,300-1,400, a 60-minute one 3,300-3,900). Its rate decays by a cosine over those steps, as the data-free run's decays over its time. The
+held-out half scores it, as it scores the data-free student. The images are test images, of the distribution the
+student is scored on: an optimistic bound on what any generated pool of 5,000 could teach in as many steps.
 
 Where this run's student ends far above the data-free one at the same step count, the generated images are what
 holds the data-free student back; where it ends near it, the student's steps are (a faster step or a longer
 budget would pay, better images would not). Writes ``OUT/result.json`` (held-out and tune top-1, steps, seconds,
-settings, machine).
+the student's settings, machine).
 """
 
 from __future__ import annotations
@@ -35,14 +36,19 @@ from fastdfd.ops import extensions
 from fastdfd.settings import LoopSettings
 from fastdfd.train import Distiller
 from fastdfd.train.evaluate import evaluate_accuracy
+from fastdfd.train.modes import in_mode
 from fastdfd.train.pool import ImagePool
 
 
 def real_pool(s: Settings, teacher: torch.nn.Module) -> ImagePool:
-    """The tune half's 5,000 images, normalised as the teacher expects, with the teacher's logits on them."""
+    """The tune half of ``s.data``'s ``test.tar`` as an :class:`ImagePool`: its images float32 [5000, 3, 32, 32],
+    normalised as the teacher expects (``INPUT_SPACE``), beside the teacher's logits on them, float32 [5000, 10]
+    (``teacher`` run in eval mode, its mode restored after). The distiller's pool step uses the stored logits
+    only without ``mix``; with ``DISTILL``'s CutMix the teacher labels each step's mixes. FileNotFoundError /
+    ValueError as :class:`fastdfd.data.CIFAR10JPEG` (no tar, a tar of another layout)."""
     pixels = CIFAR10JPEG(s.data, split="tune", normalize=False).pixels()
     x = InputSpace.parse(INPUT_SPACE).normalize(pixels)
-    with torch.no_grad():
+    with torch.no_grad(), in_mode(teacher, False):  # its running statistics, as the distiller labels
         logits = torch.cat([teacher(b) for b in x.split(500)])
     pool = ImagePool(len(x))
     pool.push(x, logits)
@@ -50,6 +56,7 @@ def real_pool(s: Settings, teacher: torch.nn.Module) -> ImagePool:
 
 
 def run(s: Settings, steps: int, out: Path) -> dict:
+    """``steps`` student steps on the real pool, then the held-out scoring; writes and returns the result."""
     if s.threads:
         torch.set_num_threads(s.threads)
     torch.manual_seed(s.seed)
@@ -58,7 +65,9 @@ def run(s: Settings, steps: int, out: Path) -> dict:
     teacher = _teacher(s)
     student = create_model(f"cifar_{s.student}", num_classes=10)
     pool = real_pool(s, teacher)
-    # the distiller takes its images' shape and the teacher's classes from an ensemble; none is sampled here
+    # the distiller takes its images' shape and the teacher's classes from an ensemble, none of which is sampled
+    # here; 10 generators because a step draws DISTILL.batch_size x generators_per_step (13 x 10 = 130) images,
+    # as the data-free run's step does
     ensemble = GeneratorEnsemble(10, 10, image_size=32, channels=3)
     distiller = Distiller(teacher, student, ensemble, settings=s.distill, total_steps=steps, pool=pool,
                           loop=LoopSettings(seed=s.seed, progress=False, log_every=50), input_space=INPUT_SPACE)
@@ -71,14 +80,16 @@ def run(s: Settings, steps: int, out: Path) -> dict:
         "student_top1_tune_trained_on": evaluate_accuracy(student, tune, "cpu"),
         "teacher_top1_heldout": evaluate_accuracy(teacher, held, "cpu"),
         "distill_steps": distiller.step, "seconds": round(seconds, 1),
-        "settings": asdict(s), "seed": s.seed, "machine": machine(),
+        "teacher": s.teacher, "student": s.student, "distill": asdict(s.distill), "seed": s.seed,
+        "machine": machine(),
     }
     (out / "result.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: v for k, v in result.items() if k != "settings"}, indent=1), flush=True)
+    print(json.dumps({k: v for k, v in result.items() if k != "distill"}, indent=1), flush=True)
     return result
 
 
 def main(argv=None) -> dict:
+    """The command line (module docstring); a non-positive ``--steps`` is refused before any work."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=Settings.data)
     p.add_argument("--teacher", default=Settings.teacher)

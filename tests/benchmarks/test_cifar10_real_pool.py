@@ -11,35 +11,59 @@ import torch
 from .test_cifar10_datafree import data_dir  # noqa: F401  (the fixture: a synthetic tar and a teacher)
 
 
-def test_the_pool_holds_the_tune_half_with_the_teachers_logits_not_the_labels(data_dir):  # noqa: F811
-    from benchmarks.cifar10_datafree import INPUT_SPACE, Settings, _teacher
+def test_the_pool_holds_the_tune_half_with_the_eval_teachers_logits_not_the_labels(data_dir):  # noqa: F811
+    from benchmarks.cifar10_datafree import Settings, _loader, _teacher
     from benchmarks.cifar10_real_pool import real_pool
-    from fastdfd.data import CIFAR10JPEG
-    from fastdfd.input_space import InputSpace
 
     s = Settings(data=str(data_dir), teacher="resnet20")
-    teacher = _teacher(s)
+    teacher = _teacher(s).train()  # real_pool must label in eval mode whatever mode it is handed
     pool = real_pool(s, teacher)
-    tune = CIFAR10JPEG(data_dir, split="tune", normalize=False)
-    assert len(pool) == len(tune) == 20  # two tune images per class; the held-out one is not in it
-    x, logits = pool.draw(200, torch.Generator().manual_seed(0))
-    expected = InputSpace.parse(INPUT_SPACE).normalize(tune.pixels())
-    # every drawn row is one of the tune images, normalised as the teacher expects, beside the teacher's logits
-    match = (x.flatten(1)[:, None] - expected.flatten(1)[None]).abs().amax(2).argmin(1)
-    torch.testing.assert_close(x, expected[match])
+    assert teacher.training  # its mode is restored
+    # the images the benchmark scores the tune half with (its loader, in the teacher's input space): all 20 tune
+    # images (two a class), in order, and none of the held-out ones
+    expected = torch.cat([x for x, _ in _loader(s, "tune")])
+    assert len(pool) == pool.pushed == 20
+    torch.testing.assert_close(pool.images, expected)
     with torch.no_grad():
-        torch.testing.assert_close(logits, teacher(expected)[match])
+        torch.testing.assert_close(pool.logits, _teacher(s).eval()(expected))
 
 
-def test_a_toy_run_writes_its_result_and_spends_exactly_its_steps(data_dir, tmp_path):  # noqa: F811
+def test_a_toy_run_learns_from_the_real_pool_for_exactly_its_steps(data_dir, tmp_path, monkeypatch):  # noqa: F811
     from benchmarks import cifar10_real_pool
+    from benchmarks.cifar10_datafree import DISTILL
+    from fastdfd.train import Distiller
 
+    made, order = [], []
+
+    class Spy(Distiller):  # the distiller the run makes: the real pool, the benchmark's settings, the schedule
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+        def fit(self, steps):
+            order.append("fit")
+            return super().fit(steps)
+
+    real_loader = cifar10_real_pool._loader
+
+    def loader(s, split):  # the held-out half is read only after training
+        order.append(split)
+        return real_loader(s, split)
+
+    monkeypatch.setattr(cifar10_real_pool, "Distiller", Spy)
+    monkeypatch.setattr(cifar10_real_pool, "_loader", loader)
     out = tmp_path / "run"
     result = cifar10_real_pool.main(["--data", str(data_dir), "--teacher", "resnet20", "--steps", "3",
                                      "--out", str(out)])
+    (d,) = made
+    assert d.settings == DISTILL and d.total_steps == 3 and len(d.pool) == 20 and d.step == 3
+    assert d.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # the cosine ends at zero
+    assert order[0] == "fit" and "heldout" in order
     assert json.loads((out / "result.json").read_text()) == json.loads(json.dumps(result))
-    assert result["distill_steps"] == 3 and result["settings"]["distill"]["mix"] == "cutmix"
-    assert 0.0 <= result["student_top1_heldout"] <= 1.0 and result["teacher_top1_heldout"] >= 0.0
+    assert result["distill_steps"] == 3 and result["distill"]["mix"] == "cutmix" and result["teacher"] == "resnet20"
+    s = cifar10_real_pool.Settings(data=str(data_dir), teacher="resnet20")
+    assert result["teacher_top1_heldout"] == cifar10_real_pool.evaluate_accuracy(
+        cifar10_real_pool._teacher(s), real_loader(s, "heldout"), "cpu")
     assert f"({torch.backends.cpu.get_cpu_capability()})" in result["machine"]
 
 
