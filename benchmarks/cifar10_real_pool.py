@@ -1,6 +1,7 @@
 """The student's budget spent on real images: how much of the CIFAR-10 benchmark's gap is the generated images.
 
     python -m benchmarks.cifar10_real_pool --data ../shared/data/cifar10 --steps 1350 --out runs/real-pool [--seed N]
+        [--per-class K]
 
 A diagnostic, not a data-free method: the benchmark's student (``benchmarks.cifar10_datafree``'s ``DISTILL``:
 the same loss, rate, crop and flip, CutMix labelled by the teacher, 130 images a step) learns from a pool of the
@@ -9,6 +10,11 @@ of student steps a data-free run makes (on the 2-core CPU a 20-minute run of the
 1,300-1,400, a 60-minute one 3,300-3,900). Its rate decays by a cosine over those steps, as the data-free run's decays over its time. The
 held-out half scores it, as it scores the data-free student. The images are test images, of the distribution the
 student is scored on: an optimistic bound on what any generated pool of 5,000 could teach in as many steps.
+
+``--per-class K`` keeps K of the 500 tune images of each class (drawn by ``--seed``; the true labels choose the
+subset only, the teacher still labels it): a pool of 10 x K real images, to ask whether the generated pool lacks
+realism or variety. Where a few real images per class teach nearly as well as 500, variety is not what the
+generated images lack.
 
 Where this run's student ends far above the data-free one at the same step count, the generated images are what
 holds the data-free student back; where it ends near it, the student's steps are (a faster step or a longer
@@ -40,13 +46,20 @@ from fastdfd.train.modes import in_mode
 from fastdfd.train.pool import ImagePool
 
 
-def real_pool(s: Settings, teacher: torch.nn.Module) -> ImagePool:
-    """The tune half of ``s.data``'s ``test.tar`` as an :class:`ImagePool`: its images float32 [5000, 3, 32, 32],
-    normalised as the teacher expects (``INPUT_SPACE``), beside the teacher's logits on them, float32 [5000, 10]
-    (``teacher`` run in eval mode, its mode restored after). The distiller's pool step uses the stored logits
-    only without ``mix``; with ``DISTILL``'s CutMix the teacher labels each step's mixes. FileNotFoundError /
-    ValueError as :class:`fastdfd.data.CIFAR10JPEG` (no tar, a tar of another layout)."""
-    pixels = CIFAR10JPEG(s.data, split="tune", normalize=False).pixels()
+def real_pool(s: Settings, teacher: torch.nn.Module, per_class: int = 0) -> ImagePool:
+    """The tune half of ``s.data``'s ``test.tar`` as an :class:`ImagePool`: its images float32 [N, 3, 32, 32]
+    (N = 5000 on the real tar), normalised as the teacher expects (``INPUT_SPACE``), beside the teacher's logits
+    on them, float32 [N, 10] (``teacher`` run in eval mode, its mode restored after). The distiller's pool step
+    uses the stored logits only without ``mix``; with ``DISTILL``'s CutMix the teacher labels each step's mixes.
+
+    ``per_class`` > 0 keeps that many images of each class, drawn without replacement by a generator seeded with
+    ``s.seed`` (in the tar's class-major order; the true labels pick the subset and are not stored).
+    ValueError where ``per_class`` is negative or more than a class holds; FileNotFoundError / ValueError as
+    :class:`fastdfd.data.CIFAR10JPEG` (no tar, a tar of another layout)."""
+    data = CIFAR10JPEG(s.data, split="tune", normalize=False)
+    pixels = data.pixels()
+    if per_class:
+        pixels = pixels[_per_class_subset(torch.as_tensor(data.labels), per_class, s.seed)]
     x = InputSpace.parse(INPUT_SPACE).normalize(pixels)
     with torch.no_grad(), in_mode(teacher, False):  # its running statistics, as the distiller labels
         logits = torch.cat([teacher(b) for b in x.split(500)])
@@ -55,7 +68,21 @@ def real_pool(s: Settings, teacher: torch.nn.Module) -> ImagePool:
     return pool
 
 
-def run(s: Settings, steps: int, out: Path) -> dict:
+def _per_class_subset(labels: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """Indices (int64, sorted) of ``k`` items of each class in ``labels`` (int64 [N]), drawn by ``seed``."""
+    if k < 0:
+        raise ValueError(f"per_class must be >= 0, got {k}")
+    g = torch.Generator().manual_seed(seed)
+    keep = []
+    for c in labels.unique():
+        members = (labels == c).nonzero().flatten()
+        if k > len(members):
+            raise ValueError(f"per_class={k}, but class {int(c)} holds {len(members)} tune images")
+        keep.append(members[torch.randperm(len(members), generator=g)[:k]])
+    return torch.cat(keep).sort().values
+
+
+def run(s: Settings, steps: int, out: Path, per_class: int = 0) -> dict:
     """``steps`` student steps on the real pool, then the held-out scoring; writes and returns the result."""
     if s.threads:
         torch.set_num_threads(s.threads)
@@ -64,7 +91,7 @@ def run(s: Settings, steps: int, out: Path) -> dict:
     extensions.load("cpu")
     teacher = _teacher(s)
     student = create_model(f"cifar_{s.student}", num_classes=10)
-    pool = real_pool(s, teacher)
+    pool = real_pool(s, teacher, per_class)
     # the distiller takes its images' shape and the teacher's classes from an ensemble, none of which is sampled
     # here; 10 generators because a step draws DISTILL.batch_size x generators_per_step (13 x 10 = 130) images,
     # as the data-free run's step does
@@ -79,7 +106,8 @@ def run(s: Settings, steps: int, out: Path) -> dict:
         "student_top1_heldout": evaluate_accuracy(student, held, "cpu"),
         "student_top1_tune_trained_on": evaluate_accuracy(student, tune, "cpu"),
         "teacher_top1_heldout": evaluate_accuracy(teacher, held, "cpu"),
-        "distill_steps": distiller.step, "seconds": round(seconds, 1),
+        "distill_steps": distiller.step, "seconds": round(seconds, 1), "pool_images": len(pool),
+        "per_class": per_class or None,
         "teacher": s.teacher, "student": s.student, "distill": asdict(s.distill), "seed": s.seed,
         "machine": machine(),
     }
@@ -96,13 +124,17 @@ def main(argv=None) -> dict:
     p.add_argument("--student", default=Settings.student)
     p.add_argument("--steps", type=int, default=1350, help="student steps (a 20-minute data-free run's count)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--per-class", type=int, default=0,
+                   help="keep this many tune images of each class (0: all 500)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
     if a.steps < 1:
         p.error(f"--steps must be positive, got {a.steps}")
+    if a.per_class < 0:
+        p.error(f"--per-class must be >= 0, got {a.per_class}")
     s = Settings(data=a.data, teacher=a.teacher, student=a.student, seed=a.seed, threads=a.threads, distill=DISTILL)
-    return run(s, a.steps, a.out)
+    return run(s, a.steps, a.out, a.per_class)
 
 
 if __name__ == "__main__":

@@ -74,3 +74,42 @@ def test_a_step_count_that_is_not_positive_is_refused(data_dir, tmp_path, steps,
     with pytest.raises(SystemExit):
         cifar10_real_pool.main(["--data", str(data_dir), "--steps", steps, "--out", str(tmp_path / "x")])
     assert "--steps must be positive" in capsys.readouterr().err
+
+
+def test_per_class_keeps_that_many_images_of_every_class_drawn_by_the_seed(data_dir):  # noqa: F811
+    from benchmarks.cifar10_datafree import Settings, _loader, _teacher
+    from benchmarks.cifar10_real_pool import real_pool
+
+    tune = list(_loader(Settings(data=str(data_dir), teacher="resnet20"), "tune"))
+    images, labels = torch.cat([x for x, _ in tune]), torch.cat([y for _, y in tune])
+    picks = []
+    for seed in range(6):
+        s = Settings(data=str(data_dir), teacher="resnet20", seed=seed)
+        pool = real_pool(s, _teacher(s), per_class=1)
+        assert len(pool) == 10
+        # each kept image is one of the tune half's, and the ten are one of each class
+        match = (pool.images[:, None] == images[None]).flatten(2).all(-1)
+        assert (match.sum(1) == 1).all()
+        index = match.float().argmax(1)
+        assert sorted(labels[index].tolist()) == list(range(10))
+        assert real_pool(s, _teacher(s), per_class=1).images.equal(pool.images)  # the seed fixes the draw
+        picks.append(tuple(index.tolist()))
+    assert len(set(picks)) > 1  # and another seed draws another subset (two images a class to choose from)
+
+
+@pytest.mark.parametrize("k", [-1, 3])
+def test_per_class_out_of_range_is_refused(data_dir, k):  # noqa: F811
+    from benchmarks.cifar10_datafree import Settings, _teacher
+    from benchmarks.cifar10_real_pool import real_pool
+
+    s = Settings(data=str(data_dir), teacher="resnet20")
+    with pytest.raises(ValueError, match="per_class"):
+        real_pool(s, _teacher(s), per_class=k)  # the toy tar holds two tune images a class
+
+
+def test_a_negative_per_class_flag_is_refused(data_dir, tmp_path, capsys):  # noqa: F811
+    from benchmarks import cifar10_real_pool
+
+    with pytest.raises(SystemExit):
+        cifar10_real_pool.main(["--data", str(data_dir), "--per-class", "-2", "--out", str(tmp_path / "x")])
+    assert "--per-class must be >= 0" in capsys.readouterr().err
