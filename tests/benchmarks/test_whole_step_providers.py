@@ -11,7 +11,7 @@ from fastdfd.ops.dispatch import unavailable
 from fastdfd.ops.generator import api as generator_api
 
 
-VARIANTS = ["hooks-cl", "fastdfd-cpp", "fastdfd-cpp-cl", "fastdfd-cpp-gen", "fastdfd-cpp-gen-cl",
+VARIANTS = ["fastdfd-cpp", "fastdfd-cpp-cl", "fastdfd-cpp-gen", "fastdfd-cpp-gen-cl",
             "fastdfd-torch-gen-cl"]
 
 
@@ -25,23 +25,41 @@ def cpp():
 
 @pytest.fixture(scope="module")
 def reference():
-    step, cleanup = whole_step("digits", "hooks")
-    loss, grads = step()
-    cleanup()
-    return loss, grads
+    """The eager hooks' step in each layout: {"contiguous": (loss, grads), "channels_last": (loss, grads)}."""
+    out = {}
+    for layout, provider in (("contiguous", "hooks"), ("channels_last", "hooks-cl")):
+        step, cleanup = whole_step("digits", provider)
+        out[layout] = step()
+        cleanup()
+    return out
 
 
-@pytest.mark.parametrize("provider", VARIANTS)
-def test_each_variant_computes_the_hooks_step(cpp, reference, provider):
-    step, cleanup = whole_step("digits", provider)
-    loss, grads = step()
-    cleanup()
-    ref_loss, ref_grads = reference
+def _assert_same_step(got, want, rel):
+    (loss, grads), (ref_loss, ref_grads) = got, want
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
     assert len(grads) == len(ref_grads)
     for g, r in zip(grads, ref_grads):
-        # fp32 sums in another order (layout, generator kernels): a tolerance on the tensor's scale
-        assert (g - r).abs().max() <= 1e-4 * r.abs().max() + 1e-7
+        # fp32 sums in another order (generator kernels): a tolerance on the tensor's scale
+        assert (g - r).abs().max() <= rel * r.abs().max() + 1e-7
+
+
+def test_the_channels_last_hooks_step_is_the_contiguous_one_to_pytorchs_rounding(reference):
+    # PyTorch's own channels_last convolutions sum in another order; on an AVX-512 CPU (oneDNN) the step's
+    # gradients move by up to 2.5e-3 norm-wise and 1.3% of a tensor's scale element-wise against the contiguous
+    # step (on the AVX2 CPU within 1e-4), in the plain hooks as in every fastdfd -cl variant alike: so the
+    # variants are held to the hooks of their own layout below, and the layouts to each other here, loosely
+    (loss, grads), (ref_loss, ref_grads) = reference["channels_last"], reference["contiguous"]
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
+    for g, r in zip(grads, ref_grads):
+        assert (g - r).norm() <= 1e-2 * r.norm() and (g - r).abs().max() <= 5e-2 * r.abs().max() + 1e-7
+
+
+@pytest.mark.parametrize("provider", VARIANTS)  # hooks-cl is the channels_last reference itself
+def test_each_variant_computes_the_hooks_step(cpp, reference, provider):
+    step, cleanup = whole_step("digits", provider)
+    got = step()
+    cleanup()
+    _assert_same_step(got, reference["channels_last" if provider.endswith("-cl") else "contiguous"], 1e-4)
 
 
 def _run(provider):
