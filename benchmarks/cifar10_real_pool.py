@@ -19,7 +19,8 @@ generated images lack.
 Where this run's student ends far above the data-free one at the same step count, the generated images are what
 holds the data-free student back; where it ends near it, the student's steps are (a faster step or a longer
 budget would pay, better images would not). Writes ``OUT/result.json`` (held-out and tune top-1, steps, seconds,
-the student's settings, machine).
+the pool's size and ``per_class``, the student's settings, machine). The tune top-1 covers the whole tune half,
+also with ``--per-class``, where the student learned from only part of it.
 """
 
 from __future__ import annotations
@@ -69,7 +70,9 @@ def real_pool(s: Settings, teacher: torch.nn.Module, per_class: int = 0) -> Imag
 
 
 def _per_class_subset(labels: torch.Tensor, k: int, seed: int) -> torch.Tensor:
-    """Indices (int64, sorted) of ``k`` items of each class in ``labels`` (int64 [N]), drawn by ``seed``."""
+    """Indices (int64 [C * k], sorted, so the tar's class-major order stays) of ``k`` items of each of the C classes
+    present in ``labels`` (int64 [N]), drawn without replacement by a generator seeded with ``seed`` (the global
+    RNG is not touched). ``k = 0`` gives no index. ValueError where ``k`` < 0 or a class holds fewer than ``k``."""
     if k < 0:
         raise ValueError(f"per_class must be >= 0, got {k}")
     g = torch.Generator().manual_seed(seed)
@@ -83,7 +86,8 @@ def _per_class_subset(labels: torch.Tensor, k: int, seed: int) -> torch.Tensor:
 
 
 def run(s: Settings, steps: int, out: Path, per_class: int = 0) -> dict:
-    """``steps`` student steps on the real pool, then the held-out scoring; writes and returns the result."""
+    """``steps`` student steps on the real pool (``per_class`` > 0: that many tune images a class, as
+    :func:`real_pool`), then the held-out scoring; writes and returns the result."""
     if s.threads:
         torch.set_num_threads(s.threads)
     torch.manual_seed(s.seed)
