@@ -121,6 +121,11 @@ def test_generator_overrides_lie_over_the_kept_ones_and_the_preset(data_dir, tmp
     one_knob = g("--generator", "adversarial_weight=0.1")
     assert one_knob.loss.scope == "generator" and one_knob.loss.adversarial_weight == 0.1
     assert g("--generator", "scope=ensemble").loss.scope == "ensemble"
+    # and DeepInversion's weight on the first BN layer (the preset's own is 1), which a knob can set back
+    assert preset("default").loss.first_layer_multiplier == 1.0
+    assert g().loss.first_layer_multiplier == one_knob.loss.first_layer_multiplier == 10.0
+    assert g("--generator", "first_layer_multiplier=1").loss.first_layer_multiplier == 1.0
+    assert g("--preset", "paper").loss.first_layer_multiplier == 1.0  # the paper's generators as it has them
     assert g("--preset", "paper", "--generator", "ce_weight=2") == preset("paper").replace(
         scope="generator", ce_weight=2.0, batch_size=2)
 
