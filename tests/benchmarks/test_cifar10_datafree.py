@@ -126,6 +126,11 @@ def test_generator_overrides_lie_over_the_kept_ones_and_the_preset(data_dir, tmp
     assert g().loss.first_layer_multiplier == one_knob.loss.first_layer_multiplier == 10.0
     assert g("--generator", "first_layer_multiplier=1").loss.first_layer_multiplier == 1.0
     assert g("--preset", "paper").loss.first_layer_multiplier == 1.0  # the paper's generators as it has them
+    # and DeepInversion's L2 image prior (the preset has none), which a knob can set back too
+    assert preset("default").loss.l2_weight == 0.0 and preset("paper").loss.l2_weight == 0.0
+    assert g().loss.l2_weight == one_knob.loss.l2_weight == 1.0
+    assert g("--generator", "l2_weight=0.3").loss.l2_weight == 0.3
+    assert g("--preset", "paper").loss.l2_weight == 0.0
     assert g("--preset", "paper", "--generator", "ce_weight=2") == preset("paper").replace(
         scope="generator", ce_weight=2.0, batch_size=2)
 
