@@ -81,7 +81,9 @@ DISTILL = DistillSettings(
     channels_last=True,  # the student's step 1.09x faster on the 2-core CPU (benchmarks.distill_step); the
     #                      teacher's labels come from its BN-folded copy by the library's default (1.07x more)
 )
-DISTILL_FLAG_NAMES = {"batch_size": "--distill-batch"}  # beside --gen-batch; the rest keep DistillSettings' names
+# beside --gen-batch; autocast is the teacher's labelling forward only (the generators' step stays fp32 here);
+# the rest keep DistillSettings' names
+DISTILL_FLAG_NAMES = {"batch_size": "--distill-batch", "autocast": "--label-autocast"}
 DISTILL_NOT_FLAGS = ("generators_per_step", "student_bn")
 TURNS_FLAG_NAMES = {"generator_steps": "--gen-steps"}  # beside --gen-batch, as the studies' commands name it
 # the generators' overrides of each preset that the studies kept, laid over it before --generator's (so

@@ -1,6 +1,8 @@
-"""The CIFAR-10 benchmark's distillation step as the library ran it before and with its two layout knobs, interleaved
+"""The CIFAR-10 benchmark's distillation step as the library ran it before and with its speed knobs, interleaved
 in one process: the teacher's labels from its BN-folded copy (``DistillSettings.fold_teacher``,
-:mod:`fastdfd.train.labeller`), then the student channels_last too (``DistillSettings.channels_last``).
+:mod:`fastdfd.train.labeller`), then the student channels_last too (``DistillSettings.channels_last``), then
+that labelling forward under bf16 autocast too (``DistillSettings.autocast``; a speed-up only where the CPU
+computes in bf16: AVX-512 BF16 or AMX, which ``machine`` in the output names as AVX512 or not).
 
     python -m benchmarks.distill_step --data ../shared/data/cifar10 [--rounds 7] [--steps 4] [--json OUT]
 
@@ -36,7 +38,8 @@ from fastdfd.train.pool import ImagePool
 # each case: DistillSettings fields laid over the benchmark's DISTILL; the first is the anchor of the ratios
 CASES = {"as_is": {"fold_teacher": False, "channels_last": False},
          "folded": {"fold_teacher": True, "channels_last": False},
-         "folded_channels_last": {"fold_teacher": True, "channels_last": True}}
+         "folded_channels_last": {"fold_teacher": True, "channels_last": True},
+         "folded_channels_last_bf16_labels": {"fold_teacher": True, "channels_last": True, "autocast": True}}
 
 
 def measure(data: str, rounds: int, steps: int, fill_steps: int = 4, verbose: bool = True) -> dict:

@@ -41,6 +41,9 @@ class DistillSettings(Settings):
                                        "match the teacher's to fp32 rounding, and the teacher answers as it is "
                                        "(with a warning) where it cannot be traced", kind="bool", absent=True,
                                  config=False)
+    autocast: bool = setting(False, "the teacher's labelling forward under bf16 autocast, its logits returned as "
+                                    "fp32 (the student's step stays fp32; a speed-up where the CPU computes in "
+                                    "bf16, AVX-512 BF16 or AMX)", kind="bool", absent=False, config=False)
     channels_last: bool = setting(False, "the student's weights and each step's images channels_last inside a fit "
                                          "(the weights' values kept, their format restored after; single process "
                                          "only)", kind="bool", absent=False, config=False)

@@ -63,7 +63,8 @@ class Distiller(StepLoop):
             (True: on the CPU the teacher's labels come from a traced copy with its eval BatchNorms folded into
             their convolutions, :class:`fastdfd.train.labeller.TeacherLabeller`, checked against the teacher once
             a fit; ``self.labeller.reason`` says why the teacher answered as it is where no copy could be made)
-            and ``channels_last`` (the student's 4-D weights and each step's images channels_last inside each
+            and ``autocast`` (True: that labelling forward, folded copy or teacher, under bf16 autocast, its
+            logits returned as fp32; the student's forward and backward stay fp32) and ``channels_last`` (the student's 4-D weights and each step's images channels_last inside each
             fit, the values kept and the format restored after: a faster layout for oneDNN's convolutions; single
             process only).
         loop: :class:`~fastdfd.settings.LoopSettings`, as for :class:`GeneratorTrainer` (``sample_every`` must be 0).
@@ -131,7 +132,7 @@ class Distiller(StepLoop):
         self.temperature, self.batch_size = d.temperature, d.batch_size
         # the step's labels: the teacher's logits from its BN-folded copy on the CPU (the CIFAR-10 step 1.07x,
         # docs/cifar10.md), the teacher itself where no copy can be made (labeller.reason); checked once a fit
-        self.labeller = TeacherLabeller(teacher, d.fold_teacher)
+        self.labeller = TeacherLabeller(teacher, d.fold_teacher, autocast=d.autocast)
         params = [p for p in student.parameters() if p.requires_grad]
         if d.optimizer == "sgd":
             self.optimizer = torch.optim.SGD(params, lr=d.lr, momentum=d.momentum, weight_decay=d.weight_decay,

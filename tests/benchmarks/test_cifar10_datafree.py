@@ -154,3 +154,11 @@ def test_a_generator_override_that_is_not_a_setting_is_named():
     assert overrides("scope=ensemble") == {"scope": "ensemble"}
     with pytest.raises(ValueError, match="'no_such_knob' is not a generator setting"):
         overrides("no_such_knob=1")
+
+
+def test_label_autocast_is_the_distill_settings_autocast(data_dir, tmp_path):
+    from benchmarks.cifar10_datafree import DISTILL, parse
+
+    assert DISTILL.autocast is False
+    assert parse(_argv(data_dir, tmp_path / "run", "--label-autocast"))[0].distill.autocast is True
+    assert parse(_argv(data_dir, tmp_path / "run"))[0].distill.autocast is False

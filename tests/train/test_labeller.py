@@ -329,3 +329,39 @@ def test_the_copy_outlives_the_generators_turns(channels_last):
     gen.fit(2)
     d.fit(1)
     assert d.labeller._copy is first
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_bf16_labels_are_fp32_within_bf16_rounding_of_the_float64_teacher(fold):
+    """DistillSettings.autocast: the answering forward runs in bf16 (its output differs from the fp32 one), the
+    logits come back fp32, within bf16's rounding of the float64 teacher; the fold's fp32 check still passes."""
+    teacher = _cifar_teacher()
+    x = torch.randn(9, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    reference = copy.deepcopy(teacher).double()(x.double())
+    fp32 = TeacherLabeller(teacher, enabled=fold)(x)
+    labeller = TeacherLabeller(teacher, enabled=fold, autocast=True)
+    got = labeller(x)
+    assert labeller.folded == fold and labeller.reason == ("" if fold else "fold_teacher is off")
+    assert got.dtype == torch.float32 and not got.requires_grad and got.shape == reference.shape
+    assert not torch.equal(got, fp32)  # bf16 did run
+    assert _rel(got, reference) < 5e-2  # bf16 keeps 8 bits of mantissa; 20 layers of it
+    assert _rel(fp32, reference) < 1e-4
+
+
+def test_distiller_with_bf16_labels_learns_as_with_fp32_ones():
+    teacher = randomize_bn_stats(create_model("digits_teacher", num_classes=10))
+    ens = small_ensemble(k=2, num_classes=10)
+    runs = {}
+    for bf16 in (False, True):
+        torch.manual_seed(9)
+        student = create_model("digits_student", num_classes=10)
+        d = Distiller(teacher, student, ens, batch_size=4, progress=False, mix="cutmix",
+                      input_space="minus_one_one", log_every=1, seed=3, autocast=bf16)
+        runs[bf16] = d.fit(3)
+        assert d.labeller.autocast == bf16 and d.labeller.folded
+        assert "autocast" not in d.config()  # rounding only: not part of what a checkpoint must match
+    for a, b in zip(runs[False], runs[True]):
+        assert a["kd"] == pytest.approx(b["kd"], rel=5e-2, abs=1e-4)
+    from fastdfd.settings import DistillSettings
+
+    assert DistillSettings().autocast is False
