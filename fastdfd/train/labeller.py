@@ -101,7 +101,7 @@ class TeacherLabeller:
         teacher: the teacher; in eval mode whenever the labeller is called (the distiller holds it frozen).
         enabled: False: always the teacher as it is (``DistillSettings.fold_teacher``).
         autocast: True: the answering forward (the copy's, or the teacher's) runs under bf16 autocast on the
-            images' device type and its float output is returned as fp32 (``DistillSettings.autocast``). The
+            images' device type and a bf16 output is returned as fp32 (``DistillSettings.autocast``). The
             probe that checks the copy against the teacher runs in fp32 either way: the check is of the fold,
             not of bf16's rounding (about 3 significant digits in each logit).
 
@@ -195,7 +195,7 @@ class TeacherLabeller:
         if self.enabled and not (self._holding and self._checked):
             self._refresh(x)  # in fp32, outside the autocast below
             self._checked = self._holding
-        if self._copy is None:  # also when not enabled (_refresh never ran, so no copy was made)
+        if not self.enabled or self._copy is None:
             model = self.teacher
         else:
             model = self._copy
@@ -205,4 +205,6 @@ class TeacherLabeller:
             return model(x)
         with torch.autocast(x.device.type, torch.bfloat16):
             out = model(x)
-        return out.float() if isinstance(out, torch.Tensor) and out.is_floating_point() else out
+        # autocast's low-precision outputs back to fp32; a float64 teacher's (autocast leaves it alone) stay as they are
+        low = isinstance(out, torch.Tensor) and out.dtype in (torch.bfloat16, torch.float16)
+        return out.float() if low else out

@@ -340,7 +340,15 @@ def test_bf16_labels_are_fp32_within_bf16_rounding_of_the_float64_teacher(fold):
     reference = copy.deepcopy(teacher).double()(x.double())
     fp32 = TeacherLabeller(teacher, enabled=fold)(x)
     labeller = TeacherLabeller(teacher, enabled=fold, autocast=True)
+    probe, probed_under_autocast = labeller._probe, []
+
+    def recording_probe(*args):
+        probed_under_autocast.append(torch.is_autocast_enabled("cpu"))
+        return probe(*args)
+
+    labeller._probe = recording_probe
     got = labeller(x)
+    assert probed_under_autocast == ([False] if fold else [])  # the fold is checked in fp32
     assert labeller.folded == fold and labeller.reason == ("" if fold else "fold_teacher is off")
     assert got.dtype == torch.float32 and not got.requires_grad and got.shape == reference.shape
     assert not torch.equal(got, fp32)  # bf16 did run
@@ -362,6 +370,7 @@ def test_distiller_with_bf16_labels_learns_as_with_fp32_ones():
         assert "autocast" not in d.config()  # rounding only: not part of what a checkpoint must match
     for a, b in zip(runs[False], runs[True]):
         assert a["kd"] == pytest.approx(b["kd"], rel=5e-2, abs=1e-4)
+    assert any(a["kd"] != b["kd"] for a, b in zip(runs[False], runs[True]))  # the labels did run in bf16
     from fastdfd.settings import DistillSettings
 
     assert DistillSettings().autocast is False
