@@ -6,7 +6,8 @@ computes in bf16: AVX-512 BF16 or AMX, which ``machine`` in the output names as 
 
     python -m benchmarks.distill_step --data ../shared/data/cifar10 [--rounds 7] [--steps 4] [--json OUT]
 
-The step is the one :mod:`benchmarks.cifar10_datafree` runs by default: 130 images drawn from a pool the
+The last case is the step :mod:`benchmarks.cifar10_datafree` runs by default (its labels in bf16 since the
+thirteenth knob of docs/cifar10.md): 130 images drawn from a pool the
 generators filled, crop and flip, CutMix, the pretrained ResNet-56 labelling the mixes, a ResNet-20 student's
 forward, backward and SGD update. The distillers share one pool (filled by a few generator steps first) and
 start from one student; each round times ``--steps`` steps of each in turn, the order rotated round by round, so
@@ -36,9 +37,10 @@ from fastdfd.train import Distiller, GeneratorTrainer
 from fastdfd.train.pool import ImagePool
 
 # each case: DistillSettings fields laid over the benchmark's DISTILL; the first is the anchor of the ratios
-CASES = {"as_is": {"fold_teacher": False, "channels_last": False},
-         "folded": {"fold_teacher": True, "channels_last": False},
-         "folded_channels_last": {"fold_teacher": True, "channels_last": True},
+# (every field a case names is named in each, so a change of DISTILL's defaults cannot merge two cases)
+CASES = {"as_is": {"fold_teacher": False, "channels_last": False, "autocast": False},
+         "folded": {"fold_teacher": True, "channels_last": False, "autocast": False},
+         "folded_channels_last": {"fold_teacher": True, "channels_last": True, "autocast": False},
          "folded_channels_last_bf16_labels": {"fold_teacher": True, "channels_last": True, "autocast": True}}
 
 
