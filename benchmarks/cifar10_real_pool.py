@@ -7,10 +7,11 @@ A diagnostic, not a data-free method: the benchmark's student (``benchmarks.cifa
 the same loss, rate, crop and flip, CutMix labelled by the teacher, 130 images a step) learns from a pool of the
 5,000 real images of the **tune** half, labelled by the teacher (their true labels are never read), for the number
 of student steps a data-free run makes (on the 2-core CPU a 20-minute run of the benchmark's defaults made
-1,300-1,400 and a 60-minute one 3,300-3,900 on the AVX2 machine of 2026-12-06; 1,584-2,264 and 5,376-5,672 on
+1,300-1,400 and a 60-minute one 3,300-3,900 on the AVX2 machine of 2026-12-06; 1,584-2,264 and 5,376-7,472 on
 the AVX-512 one of 2026-12-07). ``DISTILL`` is taken whole, so since the thirteenth knob of docs/cifar10.md the
-teacher labels in bf16 here too; the records of 2026-12-06 labelled in fp32. Its rate decays by a cosine over those steps, as the data-free run's decays over its time. The
-held-out half scores it, as it scores the data-free student. The images are test images, of the distribution the
+teacher labels in bf16 here too; the records of 2026-12-06 labelled in fp32. Its rate decays by a cosine over
+those steps, as the data-free run's decays over its time. The held-out half scores it, as it scores the
+data-free student. The images are test images, of the distribution the
 student is scored on: an optimistic bound on what any generated pool of 5,000 could teach in as many steps.
 
 ``--per-class K`` keeps K of the 500 tune images of each class (drawn by ``--seed``; the true labels choose the
