@@ -68,6 +68,17 @@ def test_a_toy_run_writes_every_output_with_two_generators_per_class_and_cutmix(
     assert sorted(map(int, per_class)) == list(range(10)) and {c["images"] for c in per_class.values()} == {4}
 
 
+def test_a_budget_shorter_than_the_setup_still_runs_one_warm_up_fit_and_one_round(data_dir, tmp_path):
+    from benchmarks import cifar10_datafree
+
+    argv = _argv(data_dir, tmp_path / "run", "--minutes", "0.0001")  # 6 ms: the teacher's load alone takes longer
+    s = cifar10_datafree.parse(argv)[0]
+    result = cifar10_datafree.main(argv)
+    assert result["generator_steps"] == 5 + s.turns.generator_steps  # one warm-up fit of 5, then one round
+    assert result["distill_steps"] == s.turns.student_steps
+    assert len(result["curve"]) == 1 and result["curve"][0]["distill_steps"] == s.turns.student_steps
+
+
 @pytest.mark.parametrize("flag, value", [("--generators-per-class", "0"), ("--student-steps", "0"),
                                          ("--warmup-fraction", "1.0"), ("--mix", "blend"), ("--distill-batch", "0"),
                                          ("--temperature", "0"), ("--momentum", "1.0"), ("--generator", "bogus=1"),
@@ -121,9 +132,9 @@ def test_generator_overrides_lie_over_the_kept_ones_and_the_preset(data_dir, tmp
     one_knob = g("--generator", "adversarial_weight=0.1")
     assert one_knob.loss.scope == "generator" and one_knob.loss.adversarial_weight == 0.1
     assert g("--generator", "scope=ensemble").loss.scope == "ensemble"
-    # and DeepInversion's weight on the first BN layer (the preset's own is 1), which a knob can set back
+    # and a weight of 30 on the first BN layer (the preset's own is 1), which a knob can set back
     assert preset("default").loss.first_layer_multiplier == 1.0
-    assert g().loss.first_layer_multiplier == one_knob.loss.first_layer_multiplier == 10.0
+    assert g().loss.first_layer_multiplier == one_knob.loss.first_layer_multiplier == 30.0
     assert g("--generator", "first_layer_multiplier=1").loss.first_layer_multiplier == 1.0
     assert g("--preset", "paper").loss.first_layer_multiplier == 1.0  # the paper's generators as it has them
     # and DeepInversion's L2 image prior (the preset has none), which a knob can set back too
