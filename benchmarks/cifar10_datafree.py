@@ -15,12 +15,12 @@ The schedule (every setting is a field of :class:`Settings` and a flag; the stud
 ``generators_per_step`` (pinned) and ``student_bn``; the generators' are the preset's with ``KEPT``'s
 overrides and then ``--generator``'s laid over them; the defaults are what the studies in docs/cifar10.md kept):
 
-1. warm-up: ``warmup_fraction`` of the budget trains the class generators alone (``generators_per_class``
-   of them for each of the 10 classes; the preset's loss, with per-generator BN statistics by default: each
-   generator's batch must carry the whole data's spread);
-2. then rounds until the budget ends (``turns``, one :class:`fastdfd.settings.TurnsSettings` held whole, as a
-   recipe's ``[turns]`` table: flags ``--gen-steps``, ``--student-steps``, ``--pool``): ``generator_steps``
-   generator steps (with the adversarial and mode-seeking terms when their weights are set:
+1. warm-up: ``warmup_fraction`` of the budget (at least 5 steps unless it is 0) trains the class generators
+   alone (``generators_per_class`` of them for each of the 10 classes; the preset's loss, with per-generator BN
+   statistics by default: each generator's batch must carry the whole data's spread);
+2. then rounds until the budget ends, at least one (``turns``, one :class:`fastdfd.settings.TurnsSettings` held
+   whole, as a recipe's ``[turns]`` table: flags ``--gen-steps``, ``--student-steps``, ``--pool``):
+   ``generator_steps`` generator steps (with the adversarial and mode-seeking terms when their weights are set:
    ``--generator adversarial_weight=...,diversity_weight=...``), then ``student_steps`` distillation steps.
    With ``pool`` > 0 the student learns from a pool of the generator
    steps' own images and the teacher's logits on them (:class:`fastdfd.train.pool.ImagePool`: no teacher
@@ -93,7 +93,7 @@ TURNS_FLAG_NAMES = {"generator_steps": "--gen-steps"}  # beside --gen-batch, as 
 # "--generator jitter=2" keeps them): over the library's default preset, per-generator BN statistics (no class
 # collapses), 16 images per generator a step, a weight of 30 on the teacher's first BN layer (docs/cifar10.md:
 # DeepInversion's 10 against 1, the eleventh knob, +5.15 points over 3 seeds at 20 minutes; then 30 against 10,
-# the fifteenth, +2.23 more, every seed up) and DeepInversion's L2 image prior at weight 1 (the twelfth knob:
+# the fifteenth, +2.23 against 10, every seed up) and DeepInversion's L2 image prior at weight 1 (the twelfth knob:
 # +2.51 points over 3 seeds at 20 minutes, every seed up); the paper's preset runs as the paper has it (64 images)
 KEPT = {"default": "scope=generator,batch_size=16,first_layer_multiplier=30,l2_weight=1", "paper": ""}
 
@@ -207,11 +207,13 @@ def run(s: Settings, out: Path, verbose: bool = True) -> dict:
         next_eval += budget / s.curve_points
         clock.resume()
 
-    # 1. generators alone (the student is untrained: no adversarial term yet). Each phase runs at least once
-    # (a check at the end, not the start), so that a budget shorter than the setup (the teacher, the tars) still
-    # gives a student and a curve: at 20 or 60 minutes it changes nothing
+    # 1. generators alone (the student is untrained: no adversarial term yet). Each phase takes steps at least
+    # once (the warm-up one fit of 5 unless warmup_fraction is 0, then one round; the budget checked after, not
+    # before), so that a budget shorter than the setup (the teacher, the tars) still trains something; the
+    # student's rate is by then at the cosine's end, 0 after its first step. At 20 or 60 minutes nothing changes
     trainer.loss = g.loss.replace(adversarial_weight=0.0, adversarial_mask=False)
-    trainer.fit(5)
+    if s.warmup_fraction > 0:
+        trainer.fit(5)
     while clock.seconds() < s.warmup_fraction * budget:
         trainer.fit(5)
     # 2. rounds: generators against the student, then the student on the generators' images
