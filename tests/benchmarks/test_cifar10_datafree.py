@@ -68,13 +68,17 @@ def test_a_toy_run_writes_every_output_with_two_generators_per_class_and_cutmix(
     assert sorted(map(int, per_class)) == list(range(10)) and {c["images"] for c in per_class.values()} == {4}
 
 
-def test_a_budget_shorter_than_the_setup_still_runs_one_warm_up_fit_and_one_round(data_dir, tmp_path):
+@pytest.mark.parametrize("warmup, warmup_steps", [("0.1", 5), ("0", 0)])
+def test_a_budget_shorter_than_the_setup_still_runs_one_warm_up_fit_and_one_round(data_dir, tmp_path, warmup,
+                                                                                 warmup_steps):
     from benchmarks import cifar10_datafree
 
-    argv = _argv(data_dir, tmp_path / "run", "--minutes", "0.0001")  # 6 ms: the teacher's load alone takes longer
+    # 6 ms: the teacher's load alone takes longer
+    argv = _argv(data_dir, tmp_path / "run", "--minutes", "0.0001", "--warmup-fraction", warmup)
     s = cifar10_datafree.parse(argv)[0]
     result = cifar10_datafree.main(argv)
-    assert result["generator_steps"] == 5 + s.turns.generator_steps  # one warm-up fit of 5, then one round
+    # one warm-up fit of 5 (none when there is no warm-up), then one round
+    assert result["generator_steps"] == warmup_steps + s.turns.generator_steps
     assert result["distill_steps"] == s.turns.student_steps
     assert len(result["curve"]) == 1 and result["curve"][0]["distill_steps"] == s.turns.student_steps
 
