@@ -163,6 +163,19 @@ def test_without_gen_batch_the_kept_batch_serves_the_default_preset_and_the_pape
     assert g("--preset", "paper", "--gen-batch", "16").optimizer.batch_size == 16
 
 
+def test_the_recipe_trains_its_generators_with_the_loss_the_benchmark_kept():
+    # KEPT and the cifar10_resnet56_resnet20 recipe both write the studies' choices (the first-layer weight, the
+    # L2 prior, the scope): one changed without the other fails here. Batches, rates and the student's settings
+    # are the card's own in the recipe, so only the loss is compared.
+    from benchmarks.cifar10_datafree import Settings, generator_settings
+    from fastdfd.recipes import load_recipe
+    from fastdfd.recipes.runner import generator_settings as recipe_generator_settings
+
+    recipe = recipe_generator_settings(load_recipe("cifar10_resnet56_resnet20"))
+    assert recipe["loss"] == generator_settings(Settings()).loss
+    assert recipe["loss"].first_layer_multiplier == 30.0
+
+
 def test_a_generator_override_that_is_not_a_setting_is_named():
     from benchmarks.cifar10_datafree import overrides
 
