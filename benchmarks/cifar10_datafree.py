@@ -55,6 +55,7 @@ from fastdfd.models.weights import load_weights
 from fastdfd.nn import GeneratorEnsemble
 from fastdfd.ops import extensions
 from fastdfd.train import Distiller, GeneratorTrainer
+from fastdfd.train.bf16 import cpu_computes_bf16
 from fastdfd.train.evaluate import evaluate_accuracy
 from fastdfd.train.pool import ImagePool
 from fastdfd.train.quality import generator_quality, write_quality
@@ -80,9 +81,11 @@ DISTILL = DistillSettings(
     mix="cutmix",  # over 3 seeds at 20 minutes +8.37 points against none
     channels_last=True,  # the student's step 1.09x faster on the 2-core CPU (benchmarks.distill_step); the
     #                      teacher's labels come from its BN-folded copy by the library's default (1.07x more)
-    autocast=True,  # the teacher's labels in bf16: the step 1.24x faster on the AVX-512 CPU, and over 3 seeds at
-    #                 20 minutes +2.35 points (more student steps in the same minutes); on a CPU without bf16
-    #                 instructions (AVX2) unmeasured and likely slower: --no-label-autocast labels in fp32
+    # the teacher's labels in bf16 where the CPU computes in bf16: there the step is 1.24x faster (AVX-512) and over
+    # 3 seeds at 20 minutes +2.35 points (more student steps in the same minutes); on a CPU without bf16
+    # instructions (AVX2) the step is 4.6x *slower* (fastdfd.train.bf16), so there the labels stay fp32.
+    # --label-autocast / --no-label-autocast choose either way; result.json's settings say which ran
+    autocast=cpu_computes_bf16(),
 )
 # beside --gen-batch; autocast is the teacher's labelling forward only (the generators' step stays fp32 here);
 # the rest keep DistillSettings' names

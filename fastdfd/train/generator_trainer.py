@@ -51,6 +51,7 @@ from ..rundir import fingerprint
 from ..nn.matcher import MomentMatcher
 from ..settings import ExecutionSettings, LoopSettings, LossSettings, OptimizerSettings, split_settings
 from .augment import draw_jitter_flip, jitter_flip
+from .bf16 import warn_if_bf16_is_slow
 from .generator_top1 import RunningTop1
 from .graphed_step import GraphedStep, cuda_capture
 from .images import grid, save_png
@@ -168,6 +169,8 @@ class GeneratorTrainer(StepLoop):
         check_ensemble_classes(ensemble, self.teacher_probe)
         device = ensemble.fc_z.device
         compute_device = next(teacher.parameters()).device if ex.offload else device  # where the step runs
+        if ex.autocast:
+            warn_if_bf16_is_slow(compute_device, "the generators' teacher forward")
         if compute_device != device and compute_device.type == "cuda" and device.type == "cpu":
             with torch.no_grad():
                 for p in ensemble.parameters():

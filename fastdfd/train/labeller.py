@@ -10,7 +10,7 @@ CIFAR-10 benchmark's distillation step (pretrained ResNet-56 labelling 130 CutMi
 2-core AMD EPYC (AVX2): 615 ms as before, 574 ms with these labels (``python -m benchmarks.distill_step``,
 docs/cifar10.md). With ``autocast`` the answering forward runs in bf16: on a 2-core AMD EPYC with AVX-512 BF16 the
 same step (the student channels_last too) took 306 ms against 381 ms (1.24x, interleaved, 2026-12-07); where the
-CPU has no bf16 instructions oneDNN converts rather than computes faster (not measured here).
+CPU has no bf16 instructions it is 4.6x slower instead (AVX2, :mod:`fastdfd.train.bf16`), and the labeller warns.
 
 The copy is made by ``torch.fx.experimental.optimization.fuse``: it traces the teacher and folds a
 ``nn.BatchNorm*d`` into the ``nn.Conv*d`` (or a ``nn.BatchNorm1d`` into the ``nn.Linear``) before it when that
@@ -40,6 +40,7 @@ from torch import nn
 
 from ..nn.epilogue import _has_hooks, _module_state, _positional_only_signature
 from ..rundir import fingerprint
+from .bf16 import warn_if_bf16_is_slow
 
 __all__ = ["TeacherLabeller", "fold_batchnorms"]
 
@@ -203,6 +204,9 @@ class TeacherLabeller:
                 x = x.contiguous(memory_format=torch.channels_last)
         if not self.autocast:
             return model(x)
+        if "bf16" not in self._warned:  # once: asked for speed, on a CPU where bf16 is the slow path
+            self._warned.add("bf16")
+            warn_if_bf16_is_slow(x.device, "the distiller's teacher labelling forward", stacklevel=4)
         with torch.autocast(x.device.type, torch.bfloat16):
             out = model(x)
         # autocast's low-precision outputs back to fp32; a float64 teacher's (autocast leaves it alone) stay as they are

@@ -187,8 +187,31 @@ def test_a_generator_override_that_is_not_a_setting_is_named():
 def test_label_autocast_is_the_distill_settings_autocast(data_dir, tmp_path):
     from benchmarks.cifar10_datafree import DISTILL, parse
 
-    # on by default since the thirteenth knob (docs/cifar10.md); --no-label-autocast runs the labels in fp32
-    assert DISTILL.autocast is True
-    assert parse(_argv(data_dir, tmp_path / "run"))[0].distill.autocast is True
+    from fastdfd.train.bf16 import cpu_computes_bf16
+
+    # on by default where the CPU computes in bf16 (the thirteenth knob, docs/cifar10.md), off where bf16 is the
+    # slow path; --no-label-autocast / --label-autocast choose either way
+    assert DISTILL.autocast is cpu_computes_bf16()
+    assert parse(_argv(data_dir, tmp_path / "run"))[0].distill.autocast is cpu_computes_bf16()
     assert parse(_argv(data_dir, tmp_path / "run", "--no-label-autocast"))[0].distill.autocast is False
     assert parse(_argv(data_dir, tmp_path / "run", "--label-autocast"))[0].distill.autocast is True
+
+
+@pytest.mark.parametrize("computes_bf16", [True, False])
+def test_the_default_labels_follow_whether_the_cpu_computes_bf16(monkeypatch, computes_bf16):
+    """The benchmark's DISTILL reads the check when it is imported: a fresh import under either answer."""
+    import importlib
+    import sys
+
+    import benchmarks
+    import benchmarks.cifar10_datafree as imported
+    import fastdfd.train.bf16 as bf16
+
+    monkeypatch.setattr(bf16, "cpu_computes_bf16", lambda: computes_bf16)
+    # the module as imported is restored after, in sys.modules and on its package: other tests keep theirs
+    monkeypatch.delitem(sys.modules, "benchmarks.cifar10_datafree")
+    monkeypatch.setattr(benchmarks, "cifar10_datafree", imported)
+    fresh = importlib.import_module("benchmarks.cifar10_datafree")
+    assert fresh is not imported
+    assert fresh.DISTILL.autocast is computes_bf16
+    assert fresh.Settings().distill.autocast is computes_bf16

@@ -332,6 +332,7 @@ def test_the_copy_outlives_the_generators_turns(channels_last):
     assert d.labeller._copy is first
 
 
+@pytest.mark.filterwarnings("ignore:fastdfd.*bf16 autocast on a CPU without:UserWarning")  # asked for here
 @pytest.mark.parametrize("fold", [True, False])
 def test_bf16_labels_are_fp32_within_bf16_rounding_of_the_float64_teacher(fold):
     """DistillSettings.autocast: the answering forward runs in bf16 (its output differs from the fp32 one), the
@@ -357,6 +358,7 @@ def test_bf16_labels_are_fp32_within_bf16_rounding_of_the_float64_teacher(fold):
     assert _rel(fp32, reference) < 1e-4
 
 
+@pytest.mark.filterwarnings("ignore:fastdfd.*bf16 autocast on a CPU without:UserWarning")  # asked for here
 def test_distiller_with_bf16_labels_learns_as_with_fp32_ones():
     teacher = randomize_bn_stats(create_model("digits_teacher", num_classes=10))
     ens = small_ensemble(k=2, num_classes=10)
