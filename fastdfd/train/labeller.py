@@ -206,6 +206,7 @@ class TeacherLabeller:
             return model(x)
         if "bf16" not in self._warned:  # once: asked for speed, on a CPU where bf16 is the slow path
             self._warned.add("bf16")
+            # 4: past this call and torch.no_grad's wrapper, the line that called the labeller
             warn_if_bf16_is_slow(x.device, "the distiller's teacher labelling forward", stacklevel=4)
         with torch.autocast(x.device.type, torch.bfloat16):
             out = model(x)

@@ -23,22 +23,41 @@ def has_bf16(monkeypatch):
     monkeypatch.setattr(bf16, "cpu_computes_bf16", lambda: True)
 
 
-def test_the_check_is_oneDNNs_and_falls_back_to_the_capability_name(monkeypatch):
+class _Mkldnn:  # a stand-in for torch.ops.mkldnn: with oneDNN's bf16 check answering `answer`, or without it
+    def __init__(self, answer):
+        if answer is not None:
+            self._is_mkldnn_bf16_supported = lambda: answer
+
+
+@pytest.mark.parametrize("built, check, machine, capabilities, expected", [
+    (True, True, "x86_64", {"avx512_bf16": True}, True),   # the AVX-512 BF16 EPYC where bf16 was 1.24x faster
+    (True, True, "x86_64", {"amx_tile": True}, True),
+    (True, True, "x86_64", {"avx512_f": True}, False),     # AVX-512 without BF16: software conversion, unmeasured
+    (True, False, "x86_64", {}, False),                    # the AVX2 EPYC where bf16 was 4.6x slower
+    (True, None, "x86_64", {"avx512_bf16": True}, False),  # no such check in this build
+    (False, True, "x86_64", {"avx512_bf16": True}, False),  # no oneDNN: bf16 never reaches it
+    (True, True, "aarch64", {}, True),                     # Arm: oneDNN's answer alone
+    (True, False, "aarch64", {}, False),
+])
+def test_the_check(monkeypatch, built, check, machine, capabilities, expected):
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: built)
+    monkeypatch.setattr(torch.ops, "mkldnn", _Mkldnn(check))
+    monkeypatch.setattr(bf16.platform, "machine", lambda: machine)
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
     bf16.cpu_computes_bf16.cache_clear()
     try:
-        assert bf16.cpu_computes_bf16() is bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-        class NoCheck:  # a build whose mkldnn namespace lacks the check
-            pass
-
-        monkeypatch.setattr(torch.ops, "mkldnn", NoCheck())
-        for name, expected in (("AVX2", False), ("AVX512", True), ("DEFAULT", False)):
-            bf16.cpu_computes_bf16.cache_clear()
-            monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda name=name: name)
-            assert bf16.cpu_computes_bf16() is expected, name
+        assert bf16.cpu_computes_bf16() is expected
     finally:
         monkeypatch.undo()
         bf16.cpu_computes_bf16.cache_clear()
+
+
+def test_the_check_on_this_cpu():
+    caps = torch.cpu.get_capabilities()
+    x86 = bf16.platform.machine().lower() in bf16._X86
+    if x86 and not any(caps.get(f, False) for f in ("avx512_bf16", "amx_bf16", "amx_tile", "avx512_f")):
+        assert bf16.cpu_computes_bf16() is False  # an x86 CPU without AVX-512 at all (the AVX2 EPYC): fp32
+    assert isinstance(bf16.cpu_computes_bf16(), bool)
 
 
 def test_warns_on_a_cpu_without_bf16_only(no_bf16):
