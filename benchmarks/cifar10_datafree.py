@@ -140,11 +140,21 @@ def _loader(s: Settings, split: str):
 
 def overrides(spec: str) -> dict:
     """``"key=value,..."`` -> generator settings fields (:class:`fastdfd.settings.GeneratorSettings`), each value
-    parsed and checked by its field's spec; ValueError names a key that is not a field."""
+    parsed and checked by its field's spec. A list value keeps its commas: a part without ``=`` continues the
+    value before it (``"widths=64,32,lr=0.01"``). ValueError names a key that is not a field, or a first part
+    without ``=``."""
+    items: list[list[str]] = []
+    for part in filter(None, (part.strip() for part in spec.split(","))):
+        if "=" in part:
+            items.append(list(part.partition("=")[::2]))
+        elif items:
+            items[-1][1] += "," + part
+        else:
+            raise ValueError(f"--generator {spec!r}: {part!r} is not key=value")
     out = {}
     classes = GeneratorSettings.CLASSES
-    for item in filter(None, (part.strip() for part in spec.split(","))):
-        key, _, value = item.partition("=")
+    for key, value in items:
+        item = f"{key}={value}"
         key = key.strip()
         owner = next((cls for cls in classes if key in cls.field_names()), None)
         if owner is None:

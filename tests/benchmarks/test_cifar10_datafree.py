@@ -184,6 +184,18 @@ def test_a_generator_override_that_is_not_a_setting_is_named():
         overrides("no_such_knob=1")
 
 
+def test_a_list_valued_generator_override_keeps_its_commas():
+    # "widths=64,32" names one field: the parts without "=" belong to the value before them
+    from benchmarks.cifar10_datafree import overrides
+
+    assert overrides("widths=64,32") == {"widths": (64, 32)}
+    assert overrides("lr=0.02,widths=96,48,32,jitter=2") == {"lr": 0.02, "widths": (96, 48, 32), "jitter": 2}
+    with pytest.raises(ValueError, match="'64' is not key=value"):
+        overrides("64,widths=32")
+    with pytest.raises(ValueError, match="widths"):
+        overrides("widths=64,x")  # "64,x" is not a list of integers
+
+
 def test_label_autocast_is_the_distill_settings_autocast(data_dir, tmp_path):
     from benchmarks.cifar10_datafree import DISTILL, parse
 
