@@ -138,30 +138,36 @@ def _loader(s: Settings, split: str):
     return make_eval_loader(f"cifar10-jpeg-{split}:{s.data}", input_space=INPUT_SPACE, batch_size=500)[0]
 
 
+# the kinds of field whose value is a comma-separated list on the command line (fastdfd.settings.field)
+LIST_KINDS = ("ints", "floats", "layer_weights")
+
+
 def overrides(spec: str) -> dict:
     """``"key=value,..."`` -> generator settings fields (:class:`fastdfd.settings.GeneratorSettings`), each value
-    parsed and checked by its field's spec. A list value keeps its commas: a part without ``=`` continues the
-    value before it (``"widths=64,32,lr=0.01"``). ValueError names a key that is not a field, or a first part
-    without ``=``."""
-    items: list[list[str]] = []
+    parsed and checked by its field's spec. A list-valued field keeps its commas: a part that does not start a
+    field's ``key=`` continues the list before it (``"widths=64,32,lr=0.01"``,
+    ``"layer_weights=conv1.bn=10,layer1.0.bn1=2"``). ValueError names a key that is not a field, a part that is
+    not ``key=value`` where no list is open, and a key given twice."""
+    classes = GeneratorSettings.CLASSES
+    owners = {name: cls for cls in classes for name in cls.field_names()}
+    items: list[list[str]] = []  # [key, value text] in the order given
     for part in filter(None, (part.strip() for part in spec.split(","))):
-        if "=" in part:
-            items.append(list(part.partition("=")[::2]))
-        elif items:
+        key, sep, value = (t.strip() for t in part.partition("="))
+        if sep and key in owners:
+            if any(k == key for k, _ in items):
+                raise ValueError(f"--generator {spec!r}: {key!r} is given twice")
+            items.append([key, value])
+        elif items and owners[items[-1][0]].spec(items[-1][0]).kind in LIST_KINDS:
             items[-1][1] += "," + part
+        elif sep:
+            known = ", ".join(owners)
+            raise ValueError(f"--generator {part!r}: {key!r} is not a generator setting ({known})")
         else:
             raise ValueError(f"--generator {spec!r}: {part!r} is not key=value")
     out = {}
-    classes = GeneratorSettings.CLASSES
     for key, value in items:
-        item = f"{key}={value}"
-        key = key.strip()
-        owner = next((cls for cls in classes if key in cls.field_names()), None)
-        if owner is None:
-            known = ", ".join(n for cls in classes for n in cls.field_names())
-            raise ValueError(f"--generator {item!r}: {key!r} is not a generator setting ({known})")
-        spec_ = owner.spec(key)
-        out[key] = spec_.check(spec_.parse(value.strip()), f"--generator {key}")
+        spec_ = owners[key].spec(key)
+        out[key] = spec_.check(spec_.parse(value), f"--generator {key}")
     return out
 
 

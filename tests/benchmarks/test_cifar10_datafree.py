@@ -185,15 +185,24 @@ def test_a_generator_override_that_is_not_a_setting_is_named():
 
 
 def test_a_list_valued_generator_override_keeps_its_commas():
-    # "widths=64,32" names one field: the parts without "=" belong to the value before them
+    # "widths=64,32" names one field: the parts that start no field belong to the list before them
     from benchmarks.cifar10_datafree import overrides
 
     assert overrides("widths=64,32") == {"widths": (64, 32)}
-    assert overrides("lr=0.02,widths=96,48,32,jitter=2") == {"lr": 0.02, "widths": (96, 48, 32), "jitter": 2}
+    assert overrides("lr=0.02,widths=96, 48,32,jitter=2,") == {"lr": 0.02, "widths": (96, 48, 32), "jitter": 2}
+    assert overrides("betas=0.5,0.99") == {"betas": (0.5, 0.99)}
+    assert overrides("layer_weights=0.5,1,1") == {"layer_weights": (0.5, 1.0, 1.0)}
+    named = overrides("layer_weights=conv1.bn=10,layer1.0.bn1=2,ce_weight=1")
+    assert dict(named["layer_weights"]) == {"conv1.bn": 10.0, "layer1.0.bn1": 2.0} and named["ce_weight"] == 1.0
     with pytest.raises(ValueError, match="'64' is not key=value"):
         overrides("64,widths=32")
-    with pytest.raises(ValueError, match="widths"):
-        overrides("widths=64,x")  # "64,x" is not a list of integers
+    # a scalar's value takes no second part: the forgotten "=value" is named, not read into the flag before it
+    with pytest.raises(ValueError, match="'jitter' is not key=value"):
+        overrides("flip=true,jitter")
+    with pytest.raises(ValueError, match=r"--generator widths = '64,x'"):
+        overrides("widths=64,x")  # not a list of integers
+    with pytest.raises(ValueError, match="'lr' is given twice"):
+        overrides("lr=0.1,lr=0.2")
 
 
 def test_label_autocast_is_the_distill_settings_autocast(data_dir, tmp_path):
